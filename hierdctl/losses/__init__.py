@@ -1,0 +1,1 @@
+"""Distillation losses: pure math in `functional`, one small module per method."""
