@@ -1,0 +1,154 @@
+"""Image decoding (PIL only) and the views a teacher saw, reapplicable at any resolution.
+
+Every stage decodes images through `decode_rgb`, so the teacher and the student see the
+same pixels: grayscale, palette, CMYK, alpha and 16-bit images are converted to 8-bit
+RGB the same way everywhere (alpha is composited over white). Undecodable, truncated or
+over-large images raise `BadImage` with a reason that the stages count.
+
+A *view* is how a training image was cut: view 0 is the model's own eval preprocessing
+(resize the shorter side, centre crop); other views are RandomResizedCrop + flip whose
+box is stored in original-pixel coordinates, so a student at another resolution can
+reapply exactly the crop the teacher saw (as Apple's DataCompDR does).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (~ 0.25 GB RGB)
+
+
+class BadImage(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason, self.detail = reason, detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, str | None]:
+    """Decode to 8-bit RGB. Returns (image, original mode if it was converted, else None)."""
+    if not data:
+        raise BadImage("empty_image")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except (Image.UnidentifiedImageError, OSError, ValueError) as e:
+        raise BadImage("corrupt_image", str(e)[:200]) from None
+    w, h = img.size
+    if w * h > max_pixels:  # checked before any pixel is decoded
+        raise BadImage("decompression_bomb", f"{w}x{h} > {max_pixels} pixels")
+    if w < 1 or h < 1:
+        raise BadImage("corrupt_image", f"size {w}x{h}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+    except Image.DecompressionBombWarning as e:
+        raise BadImage("decompression_bomb", str(e)[:200]) from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        reason = "truncated_image" if "truncated" in str(e) else "corrupt_image"
+        raise BadImage(reason, str(e)[:200]) from None
+    mode = img.mode
+    if mode == "RGB":
+        return img, None
+    return _to_rgb(img), mode
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16/32-bit grayscale: scale the full range to 8 bits instead of clipping.
+        a = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        a = np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or img.mode in ("RGBA", "LA"):
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, img).convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+@dataclass(frozen=True)
+class View:
+    """kind 'eval': the model's eval preprocessing; 'crop': box (x, y, w, h) in original pixels + flip."""
+
+    kind: str
+    box: tuple[int, int, int, int]
+    flip: bool = False
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "box": list(self.box), "flip": self.flip}
+
+    @staticmethod
+    def from_json(d: dict) -> "View":
+        return View(d["kind"], tuple(int(v) for v in d["box"]), bool(d.get("flip", False)))
+
+
+def eval_box(w: int, h: int) -> tuple[int, int, int, int]:
+    """The original-pixel region that resize-shorter-side + centre-crop keeps (square images)."""
+    s = min(w, h)
+    return ((w - s) // 2, (h - s) // 2, s, s)
+
+
+def random_resized_crop_box(rng: np.random.Generator, w: int, h: int, scale, ratio) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params, drawn from a numpy Generator."""
+    area = w * h
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw = int(round(math.sqrt(target * aspect)))
+        ch = int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return (int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1)), cw, ch)
+    # Fallback: the largest centred crop within the ratio range.
+    in_ratio = w / h
+    if in_ratio < min(ratio):
+        cw, ch = w, int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        ch, cw = h, int(round(h * max(ratio)))
+    else:
+        cw, ch = w, h
+    return ((w - cw) // 2, (h - ch) // 2, cw, ch)
+
+
+def sample_views(rng: np.random.Generator, w: int, h: int, n_views: int, scale, ratio, flip_p: float) -> list[View]:
+    views = [View("eval", eval_box(w, h), False)]
+    for _ in range(n_views - 1):
+        box = random_resized_crop_box(rng, w, h, scale, ratio)
+        views.append(View("crop", box, bool(rng.random() < flip_p)))
+    return views
+
+
+def to_tensor(img: Image.Image, mean, std):
+    """(3,H,W) float32, normalised. Same arithmetic as torchvision's ToTensor + Normalize."""
+    import torch
+
+    t = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (t - m) / s
+
+
+def apply_crop(img: Image.Image, view: View, size: int, mean, std):
+    """Cut a 'crop' view out of the original image at `size`×`size` pixels."""
+    assert view.kind == "crop", view
+    x, y, w, h = view.box
+    out = img.resize((size, size), Image.BICUBIC, box=(x, y, x + w, y + h))
+    if view.flip:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return to_tensor(out, mean, std)
+
+
+def apply_view(img: Image.Image, view: View, size: int, mean, std, eval_transform):
+    """A view as a tensor: eval views go through the model's own eval transform."""
+    if view.kind == "eval":
+        return eval_transform(img)
+    return apply_crop(img, view, size, mean, std)

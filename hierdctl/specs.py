@@ -1,0 +1,317 @@
+"""The model-spec grammar, shared by teachers, students and evaluation.
+
+    open_clip:ARCH                 open_clip architecture, random init (students)
+    open_clip:ARCH/TAG             open_clip pretrained tag (downloaded through open_clip's cache)
+    open_clip:ARCH/PATH            open_clip architecture + a checkpoint file (.pt/.bin/.safetensors)
+    open_clip:CONFIG.json[/W]      a custom open_clip model-config JSON, random init or weights W
+    open_clip:hf-hub:ORG/REPO      open_clip's own hf-hub: loading
+    local-dir:PATH                 open_clip's `open_clip_config.json` + `open_clip_model.safetensors`
+    hf:REPO_OR_PATH                a Hugging Face transformers CLIPModel
+
+`load_encoder(spec)` returns a `ClipEncoder`: one frozen-inference interface over both
+back ends, exposing the pooled embedding, the patch tokens projected into the joint
+space, the preprocessing and the logit scale. Heavy libraries are imported lazily.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import UserError
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    raw: str
+    kind: str  # "open_clip" | "local-dir" | "hf"
+    arch: str | None = None  # open_clip model name, "hf-hub:..." or a config JSON path
+    weights: str | None = None  # pretrained tag or checkpoint path (open_clip only)
+    path: str | None = None  # local-dir path or hf repo/path
+
+    @property
+    def is_random_init(self) -> bool:
+        return self.kind == "open_clip" and self.weights is None and not (self.arch or "").startswith("hf-hub:")
+
+
+def parse_spec(text: str, where: str = "--model") -> ModelSpec:
+    """Parse a model spec; a malformed one is a UserError naming `where`."""
+    if not text or ":" not in text:
+        raise UserError(
+            f"model spec {text!r} has no scheme; use open_clip:ARCH[/TAG|/CKPT], "
+            "open_clip:CONFIG.json[/CKPT], local-dir:PATH or hf:REPO_OR_PATH",
+            where,
+        )
+    scheme, rest = text.split(":", 1)
+    if not rest:
+        raise UserError(f"model spec {text!r} names nothing after '{scheme}:'", where)
+    if scheme == "local-dir":
+        p = Path(rest)
+        if not (p / "open_clip_config.json").is_file():
+            raise UserError(f"{rest} is not an open_clip local dir (no open_clip_config.json)", where)
+        return ModelSpec(text, "local-dir", path=str(p))
+    if scheme == "hf":
+        return ModelSpec(text, "hf", path=rest)
+    if scheme == "open_clip":
+        if rest.startswith("hf-hub:"):
+            return ModelSpec(text, "open_clip", arch=rest)
+        if ".json" in rest:  # a custom model-config file, maybe followed by /WEIGHTS
+            cut = rest.index(".json") + len(".json")
+            arch, weights = rest[:cut], rest[cut:].lstrip("/") or None
+            if not Path(arch).is_file():
+                raise UserError(f"model config {arch} does not exist", where)
+        elif "/" in rest:
+            arch, weights = rest.split("/", 1)
+        else:
+            arch, weights = rest, None
+        if weights and (weights.endswith(CHECKPOINT_SUFFIXES) or os.sep in weights) and not Path(weights).is_file():
+            raise UserError(f"checkpoint {weights} does not exist", where)
+        return ModelSpec(text, "open_clip", arch=arch, weights=weights)
+    raise UserError(f"unknown model-spec scheme {scheme!r} in {text!r} (open_clip, local-dir, hf)", where)
+
+
+def fingerprint_state_dict(state_dict) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name]
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------
+# open_clip construction (also used for students)
+# ----------------------------------------------------------------------------------
+
+
+def _register_config(open_clip, path: str) -> str:
+    """Register a model-config JSON with open_clip under a name of its own; return that name."""
+    cfg = json.loads(Path(path).read_text())
+    if "vision_cfg" not in cfg or "text_cfg" not in cfg:
+        raise UserError(f"{path} is not an open_clip model config (needs vision_cfg and text_cfg)", "--model")
+    name = "hierdctl-" + Path(path).stem
+    open_clip.factory._MODEL_CONFIGS[name] = cfg
+    return name
+
+
+def create_open_clip(spec: ModelSpec, device: str = "cpu", where: str = "--model"):
+    """(model, eval_preprocess, tokenizer, model_name) for an open_clip or local-dir spec."""
+    from .tv_shim import import_open_clip
+
+    open_clip = import_open_clip()
+    if spec.kind == "local-dir":
+        name, pretrained = f"local-dir:{spec.path}", None
+    elif spec.arch.endswith(".json"):
+        name, pretrained = _register_config(open_clip, spec.arch), spec.weights
+    else:
+        name, pretrained = spec.arch, spec.weights
+        if not name.startswith("hf-hub:") and name not in open_clip.list_models():
+            raise UserError(f"unknown open_clip architecture {name!r} (see open_clip.list_models())", where)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+        tokenizer = open_clip.get_tokenizer(name)
+    except (RuntimeError, FileNotFoundError, ValueError, OSError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot load {spec.raw}: {msg}", where) from e
+    return model, preprocess, tokenizer, name
+
+
+# ----------------------------------------------------------------------------------
+# A uniform frozen encoder
+# ----------------------------------------------------------------------------------
+
+
+class ClipEncoder:
+    """Frozen inference over an open_clip or transformers CLIP model.
+
+    encode_image(x (B,3,H,W)) -> (emb (B,D) L2-normalised, patch (B,G,D) or None)
+        `patch` are the final-layer patch tokens (after the final norm) multiplied by the
+        visual projection, so they live in the joint space; unnormalised.
+    encode_text(tokens) -> (emb (B,D) L2-normalised, token features (B,L,W) or None)
+    """
+
+    backend: str
+    embed_dim: int
+    image_size: int
+    patch_grid: tuple[int, int] | None
+    logit_scale: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    eval_transform: Callable  # PIL.Image (RGB) -> (3,S,S) float tensor
+    tokenize: Callable  # list[str] -> tensor (B,L) or (B,2,L) (ids, mask) for hf
+
+    def __init__(self, spec: ModelSpec, model, device: str):
+        self.spec, self.model, self.device = spec, model, device
+        self.model.eval().requires_grad_(False)
+
+    def fingerprint(self) -> str:
+        return fingerprint_state_dict(self.model.state_dict())
+
+    def describe(self) -> dict:
+        return {
+            "spec": self.spec.raw,
+            "backend": self.backend,
+            "embed_dim": self.embed_dim,
+            "image_size": self.image_size,
+            "patch_grid": list(self.patch_grid) if self.patch_grid else None,
+            "logit_scale": self.logit_scale,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+
+class OpenClipEncoder(ClipEncoder):
+    backend = "open_clip"
+
+    def __init__(self, spec: ModelSpec, device: str, where: str):
+        model, preprocess, tokenizer, self.model_name = create_open_clip(spec, device, where)
+        super().__init__(spec, model, device)
+        v = model.visual
+        size = v.image_size
+        self.image_size = size[0] if isinstance(size, (tuple, list)) else int(size)
+        self.eval_transform = preprocess
+        self.tokenize = tokenizer
+        pp = getattr(v, "preprocess_cfg", {}) or {}
+        self.mean = tuple(pp.get("mean", (0.48145466, 0.4578275, 0.40821073)))
+        self.std = tuple(pp.get("std", (0.26862954, 0.26130258, 0.27577711)))
+        self.logit_scale = float(model.logit_scale.exp().item())
+        # Patch tokens exist for open_clip's own VisionTransformer (class token + grid).
+        vit = all(hasattr(v, a) for a in ("_embeds", "transformer", "_pool", "grid_size"))
+        self.patch_grid = tuple(v.grid_size) if vit and getattr(v, "attn_pool", None) is None else None
+        with __import__("torch").no_grad():  # the joint width, whatever the projection's form
+            self.embed_dim = int(model.encode_text(tokenizer(["a"]).to(device)).shape[-1])
+
+    def encode_image(self, x, want_patches: bool = False):
+        import torch.nn.functional as F
+
+        v = self.model.visual
+        if not want_patches or self.patch_grid is None:
+            return F.normalize(self.model.encode_image(x), dim=-1), None
+        # The same computation as VisionTransformer.forward, keeping the tokens.
+        h = v.transformer(v._embeds(x))
+        pooled, tokens = v._pool(h)
+        if v.proj is not None:
+            pooled, tokens = pooled @ v.proj, tokens @ v.proj
+        return F.normalize(pooled, dim=-1), tokens
+
+    def encode_text(self, tokens, want_tokens: bool = False):
+        import torch
+        import torch.nn.functional as F
+
+        if not want_tokens:
+            return F.normalize(self.model.encode_text(tokens), dim=-1), None
+        t = self.model.text if hasattr(self.model, "text") else None
+        if t is not None:  # CustomTextCLIP
+            was = t.output_tokens
+            t.output_tokens = True
+            try:
+                pooled, tok = t(tokens)
+            finally:
+                t.output_tokens = was
+            return F.normalize(pooled, dim=-1), tok
+        # CLIP.encode_text, keeping the per-token features after the final norm.
+        from open_clip.transformer import text_global_pool
+
+        m = self.model
+        cast = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tokens).to(cast) + m.positional_embedding.to(cast)
+        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))  # (B,L,W)
+        pooled = text_global_pool(x, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
+        pooled = m.text_projection(pooled) if isinstance(m.text_projection, torch.nn.Linear) else pooled @ m.text_projection
+        return F.normalize(pooled, dim=-1), x
+
+
+class HFClipEncoder(ClipEncoder):
+    backend = "hf"
+
+    def __init__(self, spec: ModelSpec, device: str, where: str):
+        import torch
+
+        try:
+            from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+        except ImportError as e:
+            raise UserError("hf: specs need transformers (pip install 'hierdctl[hf]')", where) from e
+        try:
+            model = CLIPModel.from_pretrained(spec.path).to(device)
+            proc = CLIPImageProcessor.from_pretrained(spec.path)
+            tok = AutoTokenizer.from_pretrained(spec.path)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load {spec.raw}: {str(e).splitlines()[0]}", where) from e
+        super().__init__(spec, model, device)
+        crop = proc.crop_size
+        self.image_size = int(crop["height"] if isinstance(crop, dict) else crop)
+        short = proc.size.get("shortest_edge", self.image_size) if isinstance(proc.size, dict) else int(proc.size)
+        self.mean, self.std = tuple(proc.image_mean), tuple(proc.image_std)
+        self.eval_transform = _pil_eval_transform(short, self.image_size, self.mean, self.std)
+        vc = model.config.vision_config
+        g = vc.image_size // vc.patch_size
+        self.patch_grid = (g, g)
+        self.embed_dim = int(model.config.projection_dim)
+        self.logit_scale = float(model.logit_scale.exp().item())
+        ctx = int(model.config.text_config.max_position_embeddings)
+
+        def tokenize(texts):
+            enc = tok(list(texts), padding="max_length", truncation=True, max_length=ctx, return_tensors="pt")
+            return torch.stack([enc["input_ids"], enc["attention_mask"]], dim=1)  # (B,2,L)
+
+        self.tokenize = tokenize
+
+    def encode_image(self, x, want_patches: bool = False):
+        import torch.nn.functional as F
+
+        m = self.model
+        out = m.vision_model(pixel_values=x)
+        pooled = m.visual_projection(out.pooler_output)
+        patches = None
+        if want_patches:
+            patches = m.visual_projection(m.vision_model.post_layernorm(out.last_hidden_state[:, 1:]))
+        return F.normalize(pooled, dim=-1), patches
+
+    def encode_text(self, tokens, want_tokens: bool = False):
+        import torch.nn.functional as F
+
+        m = self.model
+        out = m.text_model(input_ids=tokens[:, 0], attention_mask=tokens[:, 1])
+        emb = F.normalize(m.text_projection(out.pooler_output), dim=-1)
+        return emb, (out.last_hidden_state if want_tokens else None)
+
+
+def _pil_eval_transform(short: int, crop: int, mean, std):
+    """Resize the shorter side (bicubic), centre-crop, normalise: CLIP's eval preprocessing."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    m = torch.tensor(mean).view(3, 1, 1)
+    s = torch.tensor(std).view(3, 1, 1)
+
+    def tf(img):
+        w, h = img.size
+        r = short / min(w, h)
+        img = img.resize((max(crop, round(w * r)), max(crop, round(h * r))), Image.BICUBIC)
+        w, h = img.size
+        x0, y0 = int(round((w - crop) / 2.0)), int(round((h - crop) / 2.0))
+        img = img.crop((x0, y0, x0 + crop, y0 + crop))
+        t = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+        return (t - m) / s
+
+    return tf
+
+
+def load_encoder(text: str, device: str = "cpu", where: str = "--model") -> ClipEncoder:
+    spec = parse_spec(text, where)
+    if spec.kind == "hf":
+        return HFClipEncoder(spec, device, where)
+    return OpenClipEncoder(spec, device, where)

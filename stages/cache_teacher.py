@@ -1,0 +1,475 @@
+"""Stage 1, `hierdctl cache-teacher`: run a frozen teacher once and store what it knows.
+
+Per sample and view: the global image embedding, K clusters of the patch tokens
+(assignment map + cluster embeddings in the joint space), and per caption the text
+embedding plus its noun phrases and their embeddings. See hierdctl/schema.py for the
+exact members and docs/cache-format.md for sizes.
+
+Work is split into units (one input shard, or a chunk of table rows); unit u becomes
+OUT/shard-u.tar, written under a temporary name, renamed, then marked done. A rerun
+skips done units, so a killed run resumes; ranks take units u ≡ rank (mod world).
+
+Data flow: DataLoader workers decode images, cut the views, tokenize captions and chunk
+phrases (CPU work); the main process batches samples across units, runs the teacher
+and k-means on the device, and writes each unit's shard once its last sample is back.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hierdctl import __version__
+from hierdctl import dist as D
+from hierdctl import schema
+from hierdctl.console import console, progress
+from hierdctl.errors import UserError, require
+from hierdctl.sources import SourceOptions, open_source
+
+
+@dataclass
+class CacheTeacherConfig:
+    source: str
+    out: Path
+    teacher: str
+    source_options: SourceOptions = field(default_factory=SourceOptions)
+    views: int = 2
+    clusters: int = 8
+    cluster_iters: int = 10
+    cluster_pos_weight: float = 0.0
+    max_phrases: int = 4
+    chunker: str = "auto"
+    store: str = "clusters"  # "clusters" | "tokens"
+    store_images: bool = True
+    dtype: str = "fp16"
+    crop_scale: tuple[float, float] = (0.9, 1.0)  # open_clip's training default
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    seed: int = 0
+    max_pixels: int = 89_478_485
+    batch_size: int = 64
+    device: str = "auto"
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast on GPU)
+    workers: int = -1  # -1: min(8, cpus - 1)
+    log_skipped: Path | None = None
+    overwrite: bool = False
+    rank: int | None = None
+    world_size: int | None = None
+    quiet: bool = False
+
+    def validate(self) -> None:
+        require(self.views >= 1, "must be at least 1", "--views")
+        require(0 <= self.clusters <= 255, "must be within 0..255 (assignments are uint8)", "--clusters")
+        require(self.cluster_iters >= 1, "must be at least 1", "--cluster-iters")
+        require(self.cluster_pos_weight >= 0, "must be ≥ 0", "--cluster-pos-weight")
+        require(0 <= self.max_phrases <= 64, "must be within 0..64", "--max-phrases")
+        require(self.store in ("clusters", "tokens"), "must be 'clusters' or 'tokens'", "--store")
+        require(self.dtype in schema.STORE_DTYPES, f"must be one of {', '.join(schema.STORE_DTYPES)}", "--dtype")
+        require(0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "must be 0 < lo ≤ hi ≤ 1", "--crop-scale")
+        require(0 < self.crop_ratio[0] <= self.crop_ratio[1], "must be 0 < lo ≤ hi", "--crop-ratio")
+        require(0 <= self.flip_p <= 1, "must be within [0, 1]", "--flip-p")
+        require(self.batch_size >= 1, "must be at least 1", "--batch-size")
+        require(self.precision in ("auto", "fp32", "bf16", "fp16"), "must be auto, fp32, bf16 or fp16", "--precision")
+        require(self.max_pixels > 0, "must be positive", "--max-pixels")
+        require(self.source_options.rows_per_unit >= 1, "must be at least 1", "--rows-per-shard")
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError(f"{self.out} exists and is not a directory", "--out")
+
+    def identity(self) -> dict:
+        """Everything that decides the cache's bytes; a rerun must match it to resume."""
+        o = self.source_options
+        return {
+            "source": self.source,
+            "source_options": {"image_col": o.image_col, "caption_col": o.caption_col, "split": o.split,
+                               "image_root": o.image_root, "rows_per_unit": o.rows_per_unit},
+            "teacher": self.teacher,
+            "views": self.views,
+            "clusters": {"k": self.clusters, "iters": self.cluster_iters, "pos_weight": self.cluster_pos_weight,
+                         "algorithm": "spherical-kmeans/farthest-point-seeding"},
+            "phrases": {"max_phrases": self.max_phrases, "chunker": self.chunker},
+            "store": self.store,
+            "store_images": self.store_images,
+            "dtype": self.dtype,
+            "augment": {"crop_scale": list(self.crop_scale), "crop_ratio": list(self.crop_ratio), "flip_p": self.flip_p},
+            "seed": self.seed,
+            "max_pixels": self.max_pixels,
+        }
+
+
+# ----------------------------------------------------------------------------------
+# Worker side: decode, cut views, tokenize, chunk
+# ----------------------------------------------------------------------------------
+
+
+class _UnitStream:
+    """Iterable over the units of this rank; each DataLoader worker takes every W-th unit."""
+
+    def __init__(self, source, units, cfg: CacheTeacherConfig, enc_info: dict, eval_transform, tokenize):
+        self.source, self.units, self.cfg = source, units, cfg
+        self.enc_info, self.eval_transform, self.tokenize = enc_info, eval_transform, tokenize
+
+    def __iter__(self):
+        import torch
+        from torch.utils.data import get_worker_info
+
+        from hierdctl.images import BadImage, apply_view, decode_rgb, sample_views
+        from hierdctl.phrases import Chunker
+
+        wi = get_worker_info()
+        units = self.units if wi is None else self.units[wi.id :: wi.num_workers]
+        cfg, info = self.cfg, self.enc_info
+        chunker = Chunker(cfg.chunker) if cfg.max_phrases > 0 else None
+        for unit in units:
+            pos = 0
+            for rec in self.source.iter_unit(unit):
+                if not hasattr(rec, "image"):  # a Skip from the source
+                    yield {"type": "skip", "unit": unit.index, "key": rec.key, "reason": rec.reason, "detail": rec.detail}
+                    continue
+                try:
+                    img, converted = decode_rgb(rec.image, cfg.max_pixels)
+                except BadImage as e:
+                    yield {"type": "skip", "unit": unit.index, "key": rec.key, "reason": e.reason, "detail": e.detail}
+                    continue
+                digest = schema.sha256(rec.image)
+                # Views depend only on (seed, image bytes): the same on any rank, worker or rerun.
+                rng = np.random.default_rng([cfg.seed, int(digest[:16], 16)])
+                views = sample_views(rng, img.width, img.height, cfg.views, cfg.crop_scale, cfg.crop_ratio, cfg.flip_p)
+                pixels = torch.stack(
+                    [apply_view(img, v, info["image_size"], info["mean"], info["std"], self.eval_transform) for v in views]
+                )
+                phrases = [chunker(c, cfg.max_phrases) for c in rec.captions] if chunker else [[] for _ in rec.captions]
+                flat = [p for ps in phrases for p in ps]
+                yield {
+                    "type": "sample",
+                    "unit": unit.index,
+                    "pos": pos,
+                    "meta": {
+                        "key": rec.key,
+                        "sha256": digest,
+                        "captions": rec.captions,
+                        "phrases": phrases,
+                        "size": [img.width, img.height],
+                        "views": [v.to_json() for v in views],
+                        "converted_from": converted,
+                        "image_ext": rec.image_ext,
+                    },
+                    "image": rec.image if cfg.store_images else None,
+                    "pixels": pixels,  # (V,3,S,S)
+                    "cap_tok": self.tokenize(rec.captions),  # (C,L) or (C,2,L)
+                    "phr_tok": self.tokenize(flat) if flat else None,
+                }
+                pos += 1
+            yield {"type": "end", "unit": unit.index, "label": unit.label}
+
+
+def _identity_collate(x):
+    return x
+
+
+# ----------------------------------------------------------------------------------
+# Main process: teacher forward, clustering, shard writing
+# ----------------------------------------------------------------------------------
+
+
+class _Teacher:
+    def __init__(self, enc, cfg: CacheTeacherConfig, device: str):
+        import torch
+
+        self.enc, self.cfg, self.device = enc, cfg, device
+        self.want_patches = cfg.clusters > 0 or cfg.store == "tokens"
+        if self.want_patches and enc.patch_grid is None:
+            raise UserError(
+                f"teacher {cfg.teacher} exposes no patch tokens (not a plain ViT): use --clusters 0 and --store clusters",
+                "--clusters",
+            )
+        prec = cfg.precision
+        if prec == "auto":
+            prec = "bf16" if device.startswith("cuda") else "fp32"
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
+        self.precision = prec
+
+    def _autocast(self):
+        import contextlib
+
+        import torch
+
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.split(":")[0], dtype=self.autocast_dtype)
+
+    def text(self, tokens):
+        """(T,L) tokens -> (T,D) embeddings and optionally token features, in chunks."""
+        import torch
+
+        embs, toks = [], []
+        for i in range(0, tokens.shape[0], 512):
+            with torch.no_grad(), self._autocast():
+                e, t = self.enc.encode_text(tokens[i : i + 512].to(self.device), want_tokens=self.cfg.store == "tokens")
+            embs.append(e.float())
+            if t is not None:
+                toks.append(t.float())
+        return torch.cat(embs), (torch.cat(toks) if toks else None)
+
+    def process(self, items: list[dict]) -> list[dict]:
+        """Teacher features for a batch of worker items -> per-item arrays (float32 numpy)."""
+        import torch
+
+        from hierdctl.cluster import pool_clusters, spherical_kmeans
+
+        cfg, V, K = self.cfg, self.cfg.views, self.cfg.clusters
+        pixels = torch.cat([it["pixels"] for it in items]).to(self.device, non_blocking=True)  # (B·V,3,S,S)
+        with torch.no_grad(), self._autocast():
+            img_emb, patches = self.enc.encode_image(pixels, want_patches=self.want_patches)
+        img_emb = img_emb.float()
+        out: dict[str, torch.Tensor] = {"img_emb": img_emb.view(len(items), V, -1)}
+        if K > 0:
+            patches = patches.float()
+            assign, counts = spherical_kmeans(patches, K, self.enc.patch_grid, cfg.cluster_iters, cfg.cluster_pos_weight)
+            gh, gw = self.enc.patch_grid
+            out["clu_emb"] = pool_clusters(patches, assign, K).view(len(items), V, K, -1)
+            out["clu_assign"] = assign.view(len(items), V, gh, gw)
+            out["clu_count"] = counts.view(len(items), V, K)
+        if cfg.store == "tokens":
+            out["img_tok"] = patches.float().view(len(items), V, patches.shape[1], -1)
+        out = {k: v.cpu().numpy() for k, v in out.items()}
+
+        cap_tok = torch.cat([it["cap_tok"] for it in items])
+        txt_emb, txt_tok = self.text(cap_tok)
+        txt_emb, txt_tok = txt_emb.cpu().numpy(), (txt_tok.cpu().numpy() if txt_tok is not None else None)
+        phr = [it["phr_tok"] for it in items if it["phr_tok"] is not None]
+        phr_emb = self.text(torch.cat(phr))[0].cpu().numpy() if phr else None
+
+        results, c0, p0 = [], 0, 0
+        D_ = txt_emb.shape[1]
+        for i, it in enumerate(items):
+            meta = it["meta"]
+            C = len(meta["captions"])
+            arrays = {k: v[i] for k, v in out.items()}
+            arrays["txt_emb"] = txt_emb[c0 : c0 + C]
+            if txt_tok is not None:
+                arrays["txt_tok"] = txt_tok[c0 : c0 + C]
+            c0 += C
+            if cfg.max_phrases > 0:
+                P = cfg.max_phrases
+                pe = np.zeros((C, P, D_), np.float32)
+                pm = np.zeros((C, P), np.uint8)
+                for c, ps in enumerate(meta["phrases"]):
+                    n = len(ps)
+                    pe[c, :n] = phr_emb[p0 : p0 + n]
+                    pm[c, :n] = 1
+                    p0 += n
+                arrays["phr_emb"], arrays["phr_mask"] = pe, pm
+            results.append({"unit": it["unit"], "pos": it["pos"], "meta": meta, "image": it["image"], "arrays": arrays})
+        assert c0 == txt_emb.shape[0], (c0, txt_emb.shape)
+        return results
+
+
+def _prepare_out(cfg: CacheTeacherConfig, identity: dict, env: D.DistEnv) -> None:
+    """Create OUT, or check that it holds a cache of this very configuration."""
+    out = cfg.out
+    cpath = out / schema.CONFIG_NAME
+    if env.is_main:
+        if cfg.overwrite and out.exists():
+            for p in out.iterdir():
+                if p.name.startswith("shard-") or p.name in (schema.CONFIG_NAME, schema.MANIFEST_NAME):
+                    p.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        if not cpath.exists():
+            schema.write_json_atomic(cpath, {"format": schema.FORMAT_NAME, "schema_version": schema.SCHEMA_VERSION,
+                                             "config": identity})
+    D.barrier(env)
+    if not cpath.exists():  # a job-array rank that started before rank 0
+        out.mkdir(parents=True, exist_ok=True)
+        schema.write_json_atomic(cpath, {"format": schema.FORMAT_NAME, "schema_version": schema.SCHEMA_VERSION,
+                                         "config": identity})
+    have = json.loads(cpath.read_text())
+    if have.get("schema_version") != schema.SCHEMA_VERSION:
+        raise UserError(f"{out} holds a cache of schema version {have.get('schema_version')}; use --overwrite", "--out")
+    old = have.get("config", {})
+    diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+    if diff:
+        detail = "; ".join(f"{k}: cache has {old.get(k)!r}, this run {identity.get(k)!r}" for k in diff[:4])
+        raise UserError(f"{out} holds a cache made with another configuration ({detail}). "
+                        "Use another --out, or --overwrite to start over", "--out")
+
+
+def _finish_unit(cfg, index: int, label: str, records: list[dict], skips: list[dict]) -> dict:
+    members = []
+    for r in sorted(records, key=lambda r: r["pos"]):
+        key = schema.sample_key(index, r["pos"])
+        members += schema.encode_sample(key, r["meta"], r["image"], r["arrays"], cfg.dtype)
+    nbytes = schema.write_tar_atomic(cfg.out / schema.shard_name(index), members)
+    stats = {
+        "index": index,
+        "name": schema.shard_name(index),
+        "label": label,
+        "samples": len(records),
+        "captions": sum(len(r["meta"]["captions"]) for r in records),
+        "phrases": sum(len(p) for r in records for p in r["meta"]["phrases"]),
+        "skipped": dict(collections.Counter(s["reason"] for s in skips)),
+        "skipped_samples": skips,
+        "converted": dict(collections.Counter(r["meta"]["converted_from"] for r in records if r["meta"]["converted_from"])),
+        "bytes": nbytes,
+    }
+    schema.write_json_atomic(cfg.out / schema.done_name(index), stats)  # the done-marker, last
+    return stats
+
+
+def _done_stats(out: Path, index: int) -> dict | None:
+    """A unit's stats if it finished (done-marker present and its shard intact)."""
+    p = out / schema.done_name(index)
+    if not p.exists():
+        return None
+    try:
+        st = json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return None
+    shard = out / schema.shard_name(index)
+    return st if shard.exists() and shard.stat().st_size == st.get("bytes") else None
+
+
+def _write_manifest(cfg, identity, teacher_info, source, started: float) -> dict:
+    stats = [_done_stats(cfg.out, u.index) for u in source.units]
+    done = [s for s in stats if s is not None]
+    skipped: collections.Counter = collections.Counter()
+    converted: collections.Counter = collections.Counter()
+    for s in done:
+        skipped.update(s["skipped"])
+        converted.update(s["converted"])
+    samples = sum(s["samples"] for s in done)
+    total_bytes = sum(s["bytes"] for s in done)
+    manifest = {
+        "format": schema.FORMAT_NAME,
+        "schema_version": schema.SCHEMA_VERSION,
+        "created_by": f"hierdctl {__version__}",
+        "config": identity,
+        "teacher": teacher_info,
+        "source": source.describe(),
+        "samples": samples,
+        "captions": sum(s["captions"] for s in done),
+        "phrases": sum(s["phrases"] for s in done),
+        "skipped": dict(sorted(skipped.items())),
+        "skipped_total": sum(skipped.values()),
+        "converted": dict(sorted(converted.items())),
+        "bytes": total_bytes,
+        "bytes_per_sample": (total_bytes / samples) if samples else None,
+        "shards_total": len(source.units),
+        "shards_done": len(done),
+        "complete": len(done) == len(source.units),
+        "shards": [{k: s[k] for k in ("name", "label", "samples", "captions", "bytes", "skipped")} for s in done],
+        "wall_seconds_last_run": round(time.time() - started, 3),
+    }
+    schema.write_json_atomic(cfg.out / schema.MANIFEST_NAME, manifest)
+    if cfg.log_skipped:
+        with open(cfg.log_skipped, "w") as f:
+            for s in done:
+                for sk in s["skipped_samples"]:
+                    f.write(json.dumps({"shard": s["name"], **sk}) + "\n")
+    return manifest
+
+
+def run(cfg: CacheTeacherConfig) -> dict:
+    """Cache the teacher's features for `cfg.source` into `cfg.out`. Returns the manifest."""
+    import torch
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from hierdctl.specs import load_encoder
+
+    cfg.validate()
+    started = time.time()
+    env = D.resolve(cfg.rank, cfg.world_size)
+    device = D.resolve_device(cfg.device, env)
+    D.init_process_group(env, device)
+    try:
+        source = open_source(cfg.source, cfg.source_options)
+        enc = load_encoder(cfg.teacher, device, where="--teacher")
+        teacher = _Teacher(enc, cfg, device)
+        teacher_info = enc.describe() | {"fingerprint": enc.fingerprint(), "precision": teacher.precision}
+        identity = cfg.identity() | {"teacher_fingerprint": teacher_info["fingerprint"], "precision": teacher.precision}
+        _prepare_out(cfg, identity, env)
+
+        mine = [u for u in source.units if u.index % env.world_size == env.rank]
+        todo = [u for u in mine if _done_stats(cfg.out, u.index) is None]
+        for u in todo:  # leftovers of a killed run
+            for p in cfg.out.glob(schema.shard_name(u.index) + ".tmp*"):
+                p.unlink()
+        workers = cfg.workers if cfg.workers >= 0 else min(8, max(0, (os.cpu_count() or 1) - 1))
+        workers = min(workers, len(todo))
+        enc_info = {"image_size": enc.image_size, "mean": enc.mean, "std": enc.std}
+
+        class _DS(IterableDataset):
+            def __init__(self, stream):
+                self.stream = stream
+
+            def __iter__(self):
+                return iter(self.stream)
+
+        loader = DataLoader(
+            _DS(_UnitStream(source, todo, cfg, enc_info, enc.eval_transform, enc.tokenize)),
+            batch_size=None,
+            num_workers=workers,
+            collate_fn=_identity_collate,
+            pin_memory=device.startswith("cuda"),
+            prefetch_factor=4 if workers else None,
+        )
+        pending: list[dict] = []
+        records: dict[int, list[dict]] = collections.defaultdict(list)
+        skips: dict[int, list[dict]] = collections.defaultdict(list)
+        n_samples = n_skipped = units_done = 0
+        est_total = sum(source.unit_rows(u) for u in todo) if hasattr(source, "unit_rows") else None
+
+        def flush():
+            nonlocal pending
+            if pending:
+                for r in teacher.process(pending):
+                    records[r["unit"]].append(r)
+                pending = []
+
+        with progress(cfg.quiet or not env.is_main) as bar:
+            task = bar.add_task("cache-teacher", total=est_total, unit="samples", info="")
+            for item in loader:
+                kind = item["type"]
+                if kind == "sample":
+                    pending.append(item)
+                    if len(pending) >= cfg.batch_size:
+                        n = len(pending)
+                        flush()
+                        n_samples += n
+                        bar.advance(task, n)
+                elif kind == "skip":
+                    skips[item["unit"]].append({k: item[k] for k in ("key", "reason", "detail")})
+                    n_skipped += 1
+                    if est_total is not None:
+                        bar.advance(task, 1)
+                else:  # a unit ended: everything of it must be through the teacher
+                    n = len(pending)
+                    flush()
+                    n_samples += n
+                    bar.advance(task, n)
+                    u = item["unit"]
+                    _finish_unit(cfg, u, item["label"], records.pop(u, []), skips.pop(u, []))
+                    units_done += 1
+                    if est_total is None and units_done:  # shards: extrapolate from finished ones
+                        bar.update(task, total=int((n_samples + n_skipped) / units_done * len(todo)))
+                    bar.update(task, info=f"shards {units_done}/{len(todo)} skipped {n_skipped}")
+        D.barrier(env)
+        manifest = None
+        if env.is_main or not env.torchrun:
+            manifest = _write_manifest(cfg, identity, teacher_info, source, started)
+        manifest = D.broadcast_object(env, manifest)
+        if manifest["complete"] and manifest["samples"] == 0:
+            raise UserError(
+                f"no valid sample in {cfg.source} (skipped: {manifest['skipped'] or 'nothing found'})", "SOURCE"
+            )
+        manifest["this_run"] = {"samples": n_samples, "skipped": n_skipped, "shards": len(todo),
+                                "shards_resumed": len(mine) - len(todo), "seconds": round(time.time() - started, 3),
+                                "rank": env.rank, "world_size": env.world_size}
+        return manifest
+    finally:
+        D.destroy(env)
