@@ -158,10 +158,71 @@ def cache_info(
 # ----------------------------------------------------------------------------------
 
 
-@app.command("distill", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def distill(ctx: typer.Context):
-    """Train a small open_clip student offline from a teacher cache (arrives with issue 3)."""
-    _fail(UserError("distill is not available in this version yet"))
+@app.command("distill")
+def distill(
+    cache: Optional[str] = typer.Argument(None, help="A teacher cache written by cache-teacher."),
+    student: Optional[str] = typer.Option(None, help="Student: an open_clip architecture (ViT-T-16 ships), open_clip:CFG.json, or any model spec to start from weights."),
+    recipe: Optional[str] = typer.Option(None, help="A shipped recipe name (see --list-recipes) or a recipe YAML file."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory (config, metrics, checkpoints, loss curves)."),
+    epochs: Optional[float] = typer.Option(None, help="Epochs over the cache (fractions allowed)."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps (wins over --epochs)."),
+    batch_size: Optional[int] = typer.Option(None, help="Global batch size, over all processes [256]."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate [1e-3]."),
+    warmup: Optional[int] = typer.Option(None, help="Linear warm-up steps before the cosine decay [10000]."),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (not on gains, biases, scales) [0.1]."),
+    grad_clip: Optional[float] = typer.Option(None, help="Gradient-norm clipping [1.0]."),
+    precision: Optional[str] = typer.Option(None, help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
+    seed: Optional[int] = typer.Option(None, help="Seed of initialisation, data order, views and masks [0]."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader workers (-1: automatic)."),
+    save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps [1000]."),
+    log_every: Optional[int] = typer.Option(None, help="Write metrics every N steps [10]."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its latest checkpoint."),
+    overwrite: bool = typer.Option(False, help="Discard the run in --out and start over."),
+    config: Optional[str] = typer.Option(None, help="A YAML file of settings (command-line options win)."),
+    set_: List[str] = typer.Option([], "--set", help="key=value override of any setting (repeatable; unknown keys are errors)."),
+    list_recipes: bool = typer.Option(False, "--list-recipes", help="List the shipped recipes and exit."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+):
+    """Train a small open_clip student offline from a teacher cache; the teacher is never loaded."""
+    if list_recipes:
+        from rich.table import Table
+
+        from .console import console
+        from .losses.registry import list_recipes as _list
+
+        t = Table("recipe", "description", title="shipped recipes")
+        for name, desc in _list():
+            t.add_row(name, desc)
+        console.print(t)
+        return
+    try:
+        from hierdctl.stages.distill import TrainingDiverged, resolve_config, run
+
+        cli = dict(cache=cache, student=student, recipe=recipe, out=out, epochs=epochs, steps=steps,
+                   batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip,
+                   precision=precision, device=device, seed=seed, workers=workers, save_every=save_every,
+                   log_every=log_every, resume=resume or None, overwrite=overwrite or None, quiet=quiet or None)
+        cfg = resolve_config(cli, config, set_)
+        summary = run(cfg)
+    except UserError as e:
+        _fail(e)
+    except TrainingDiverged as e:
+        from .console import console
+
+        console.print(f"[bold red]training stopped:[/] {_escape(str(e))}")
+        raise typer.Exit(1)
+    from rich.table import Table
+
+    from .console import console
+
+    t = Table(title=f"distill {summary['out']}", show_header=False)
+    t.add_row("recipe", summary["recipe"])
+    t.add_row("steps", f"{summary['steps']:,} (resumed from {summary['resumed_from']:,})" if summary["resumed_from"] else f"{summary['steps']:,}")
+    t.add_row("throughput", f"{summary['samples_per_s']:,.1f} samples/s over {summary['seconds']:.1f} s")
+    t.add_row("final loss", "  ".join(f"{k} {v:.4g}" for k, v in summary["final"].items()))
+    t.add_row("checkpoint", summary["checkpoint"])
+    console.print(t)
 
 
 @app.command("export", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -117,6 +117,9 @@ def create_open_clip(spec: ModelSpec, device: str = "cpu", where: str = "--model
         name, pretrained = _register_config(open_clip, spec.arch), spec.weights
     else:
         name, pretrained = spec.arch, spec.weights
+        shipped = Path(__file__).parent / "model_configs" / f"{name}.json"
+        if name not in open_clip.list_models() and shipped.is_file():  # ViT-T-16 (CLIP-RD's student), tiny-test
+            open_clip.factory._MODEL_CONFIGS[name] = json.loads(shipped.read_text())
         if not name.startswith("hf-hub:") and name not in open_clip.list_models():
             raise UserError(f"unknown open_clip architecture {name!r} (see open_clip.list_models())", where)
     try:
