@@ -1,0 +1,330 @@
+"""Pure loss math. Every function takes tensors and returns a scalar tensor.
+
+Shapes: N = batch, D = joint width, K = clusters per image, P = phrases per caption,
+M = entries a row's distribution runs over.
+
+Conventions, shared by every function below:
+- Arguments named `*_s` are raw student embeddings: they are L2-normalised here.
+- Arguments named `*_t` are teacher embeddings (already normalised): they are
+  detached here, so no gradient can ever reach a teacher tensor.
+- `KL(Y ; Z)` of the method notes is `kl_rows(Y, Z)`: mean over rows of
+  KL(softmax(Z_i) ‖ softmax(Y_i)), Z the detached target, temperature 1.
+- softmax / log_softmax always run in float32 (logits are cast first), so the
+  losses are safe under fp16/bf16 autocast.
+- Scales (s, s_T, κ) are effective values, multiplied in directly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Scale = Tensor | float
+
+
+# --- small helpers ---------------------------------------------------------------
+
+
+def unit(x: Tensor) -> Tensor:
+    """L2-normalise the last dim of a student tensor, in float32. (..., D) -> (..., D)."""
+    return F.normalize(x.float(), dim=-1)
+
+
+def frozen(x: Tensor) -> Tensor:
+    """A teacher tensor as a float32 constant (detached). (..., D) -> (..., D)."""
+    return x.detach().float()
+
+
+# --- row-wise distribution losses ------------------------------------------------
+
+
+def ce_diag(logits: Tensor) -> Tensor:
+    """Cross-entropy with the labels on the diagonal.
+
+    logits: (N, M), M ≥ N; row i's positive is column i.
+    Returns () = mean_i −log softmax(logits_i)_i.
+    """
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return F.cross_entropy(logits.float(), labels)
+
+
+def kl_rows(logits: Tensor, target_logits: Tensor) -> Tensor:
+    """Mean over rows of KL(softmax(target_i) ‖ softmax(logits_i)); the target is detached.
+
+    logits, target_logits: (R, M). Returns ().
+    """
+    log_q = F.log_softmax(logits.float(), dim=-1)  # (R, M) student
+    log_p = F.log_softmax(target_logits.detach().float(), dim=-1)  # (R, M) target
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+def soft_ce(logits: Tensor, target_probs: Tensor) -> Tensor:
+    """Soft cross-entropy: mean over rows of −Σ_j p_ij log softmax(logits_i)_j.
+
+    logits, target_probs: (R, M), rows of target_probs sum to 1 (detached). Returns ().
+    """
+    log_q = F.log_softmax(logits.float(), dim=-1)
+    return -(target_probs.detach().float() * log_q).sum(-1).mean()
+
+
+def masked_kl_rows(logits: Tensor, target_logits: Tensor, mask: Tensor) -> Tensor:
+    """`kl_rows` over rows whose entries are partly invalid.
+
+    logits, target_logits: (..., M); mask: (..., M) bool, True = valid entry.
+    Invalid entries get −inf logits on both sides (probability 0). Rows with fewer
+    than 2 valid entries carry no distribution worth matching and are excluded from
+    the mean. Returns () = mean over the remaining rows; 0 (still attached to the
+    graph of `logits`) when no row remains.
+    """
+    logits = logits.flatten(0, -2).float()  # (R, M)
+    target = target_logits.detach().flatten(0, -2).float()  # (R, M)
+    mask = mask.flatten(0, -2)  # (R, M)
+
+    row_ok = mask.sum(-1) >= 2  # (R,)
+    # Excluded rows are computed over all their entries instead: a fully masked row
+    # would give NaN in log_softmax, and NaN leaks into gradients even through where().
+    mask = mask | ~row_ok[:, None]
+    log_q = F.log_softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+    log_p = F.log_softmax(target.masked_fill(~mask, float("-inf")), dim=-1)
+    # Masked entries: p = 0 and (−inf) − (−inf) = NaN, so select 0 there explicitly.
+    per_entry = torch.where(mask, log_p.exp() * (log_p - log_q), 0.0)  # (R, M)
+    per_row = torch.where(row_ok, per_entry.sum(-1), 0.0)  # (R,)
+    return per_row.sum() / row_ok.sum().clamp(min=1)
+
+
+# --- CLIP task loss ----------------------------------------------------------------
+
+
+def contrastive(img: Tensor, txt: Tensor, scale: Scale) -> Tensor:
+    """Symmetric InfoNCE on embeddings used as given (no normalisation here).
+
+    img, txt: (N, D); scale: () or float. Returns () = ½[CE(s·I·Tᵀ) + CE(s·T·Iᵀ)].
+    """
+    logits = scale * img @ txt.T  # (N, N) image -> text
+    return 0.5 * (ce_diag(logits) + ce_diag(logits.T))
+
+
+def clip_loss(img_s: Tensor, txt_s: Tensor, scale: Scale) -> Tensor:
+    """CLIP loss on student embeddings. img_s, txt_s: (N, D) raw; scale: s. Returns ()."""
+    return contrastive(unit(img_s), unit(txt_s), scale)
+
+
+# --- CLIP-KD (Yang et al., CVPR 2024) ----------------------------------------------
+
+
+def fd(img_s: Tensor, txt_s: Tensor, img_t: Tensor, txt_t: Tensor) -> Tensor:
+    """Feature distillation: MSE(vs, vt) + MSE(ts, tt), element mean.
+
+    img_s, txt_s: (N, D) raw student; img_t, txt_t: (N, D) teacher. Returns ().
+    MFD is this same function with the masked-image student embedding as img_s.
+    """
+    return F.mse_loss(unit(img_s), frozen(img_t)) + F.mse_loss(unit(txt_s), frozen(txt_t))
+
+
+def crd(
+    img_s: Tensor, txt_s: Tensor, img_t: Tensor, txt_t: Tensor, scale_s: Scale, scale_t: Scale
+) -> Tensor:
+    """Contrastive relational distillation: ½[KL(s·vs·tsᵀ ; s_T·vt·ttᵀ) + transposes].
+
+    img_s, txt_s: (N, D) raw student; img_t, txt_t: (N, D) teacher;
+    scale_s: s, scale_t: s_T. Returns ().
+    """
+    logits_s = scale_s * unit(img_s) @ unit(txt_s).T  # (N, N) student image -> text
+    logits_t = scale_t * frozen(img_t) @ frozen(txt_t).T  # (N, N) teacher image -> text
+    return 0.5 * (kl_rows(logits_s, logits_t) + kl_rows(logits_s.T, logits_t.T))
+
+
+def icl(img_s: Tensor, txt_s: Tensor, img_t: Tensor, txt_t: Tensor, kappa_x: Scale) -> Tensor:
+    """Interactive contrastive learning: ½[CE(κx·vs·ttᵀ) + CE(κx·ts·vtᵀ)].
+
+    Student anchors, teacher positives/negatives. img_s, txt_s: (N, D) raw student;
+    img_t, txt_t: (N, D) teacher; kappa_x: (). Returns ().
+    """
+    vs, ts = unit(img_s), unit(txt_s)
+    vt, tt = frozen(img_t), frozen(txt_t)
+    return 0.5 * (ce_diag(kappa_x * vs @ tt.T) + ce_diag(kappa_x * ts @ vt.T))
+
+
+def gd(
+    img_s: Tensor, txt_s: Tensor, img_t: Tensor, txt_t: Tensor, scale_s: Scale, scale_t: Scale
+) -> Tensor:
+    """Gradient distillation: MSE(∂L/∂vs, ∂L/∂vt) + MSE(∂L/∂ts, ∂L/∂tt), element mean.
+
+    L is the symmetric contrastive loss `contrastive`, taken w.r.t. the normalised
+    embeddings: at scale s for the student, s_T for the teacher. The student's
+    gradients are built with create_graph=True, so this term trains the student;
+    the teacher's are constants.
+    img_s, txt_s: (N, D) raw student; img_t, txt_t: (N, D) teacher. Returns ().
+    """
+    # enable_grad: the term must also be computable under torch.no_grad() (validation).
+    with torch.enable_grad():
+        vs, ts = unit(img_s), unit(txt_s)
+        if not vs.requires_grad:  # student features came without a graph (eval)
+            vs = vs.detach().requires_grad_()
+        if not ts.requires_grad:
+            ts = ts.detach().requires_grad_()
+        g_vs, g_ts = torch.autograd.grad(contrastive(vs, ts, scale_s), (vs, ts), create_graph=True)
+
+        vt = frozen(img_t).requires_grad_()  # fresh leaves: the cached tensors stay untouched
+        tt = frozen(txt_t).requires_grad_()
+        scale_t = scale_t.detach() if isinstance(scale_t, Tensor) else scale_t
+        g_vt, g_tt = torch.autograd.grad(contrastive(vt, tt, scale_t), (vt, tt))
+    return F.mse_loss(g_vs, g_vt) + F.mse_loss(g_ts, g_tt)
+
+
+# --- TinyCLIP (Wu et al., ICCV 2023) -----------------------------------------------
+
+
+def affinity(
+    img_s: Tensor, txt_s: Tensor, img_t: Tensor, txt_t: Tensor, scale_s: Scale, scale_t: Scale
+) -> Tensor:
+    """Affinity mimicking: ½[softCE(s·vs·tsᵀ, softmax(s_T·vt·ttᵀ)) + transposes].
+
+    Equals `crd` plus the mean teacher row entropy (same gradients for the student).
+    img_s, txt_s: (N, D) raw student; img_t, txt_t: (N, D) teacher. Returns ().
+    """
+    logits_s = scale_s * unit(img_s) @ unit(txt_s).T  # (N, N)
+    logits_t = scale_t * frozen(img_t) @ frozen(txt_t).T  # (N, N)
+    p_i2t = F.softmax(logits_t.float(), dim=-1)  # teacher image -> text
+    p_t2i = F.softmax(logits_t.T.float(), dim=-1)  # teacher text -> image
+    return 0.5 * (soft_ce(logits_s, p_i2t) + soft_ce(logits_s.T, p_t2i))
+
+
+# --- CLIP-RD (Chung et al., 2026) --------------------------------------------------
+
+
+def vrd(
+    img_s: Tensor, txt_s: Tensor, img_t: Tensor, txt_t: Tensor, kappa_v: Scale, kappa_t: Scale
+) -> Tensor:
+    """Vertical relational distillation.
+
+    A_v = κv·vt·vsᵀ, A_t = κt·tt·tsᵀ, B_v = A_vᵀ, B_t = A_tᵀ (all (N, N)):
+      ½[KL(A_v ; A_t) + KL(B_v ; B_t)]     text side is the target: stop-gradient,
+                                           deliberately asymmetric (as published)
+    + ½[CE(A_v) + CE(B_v)]                 image teacher<->student InfoNCE
+    + ½[CE(A_t) + CE(B_t)]                 text teacher<->student InfoNCE
+    img_s, txt_s: (N, D) raw student; img_t, txt_t: (N, D) teacher; κv, κt: (). Returns ().
+    """
+    a_v = kappa_v * frozen(img_t) @ unit(img_s).T  # (N, N) rows: teacher images
+    a_t = kappa_t * frozen(txt_t) @ unit(txt_s).T  # (N, N) rows: teacher texts
+    b_v, b_t = a_v.T, a_t.T  # rows: student images / texts
+    consistency = 0.5 * (kl_rows(a_v, a_t) + kl_rows(b_v, b_t))
+    nce_v = 0.5 * (ce_diag(a_v) + ce_diag(b_v))
+    nce_t = 0.5 * (ce_diag(a_t) + ce_diag(b_t))
+    return consistency + nce_v + nce_t
+
+
+def xrd(img_s: Tensor, txt_s: Tensor, img_t: Tensor, txt_t: Tensor, kappa_x: Scale) -> Tensor:
+    """Cross relational distillation: symmetry of cross-modal teacher–student similarity.
+
+    C = κx·vt·tsᵀ, D = κx·tt·vsᵀ, E = Dᵀ, F = Cᵀ (all (N, N)):
+      ¼[KL(C ; D) + KL(D ; C) + KL(F ; E) + KL(E ; F)]
+    img_s, txt_s: (N, D) raw student; img_t, txt_t: (N, D) teacher; κx: (). Returns ().
+    """
+    c = kappa_x * frozen(img_t) @ unit(txt_s).T  # (N, N) teacher image -> student text
+    d = kappa_x * frozen(txt_t) @ unit(img_s).T  # (N, N) teacher text -> student image
+    e, f = d.T, c.T
+    return 0.25 * (kl_rows(c, d) + kl_rows(d, c) + kl_rows(f, e) + kl_rows(e, f))
+
+
+# --- HieRD (our reconstruction, see docs/hierd.md) ---------------------------------
+# Parts are clusters (K per image) or phrases (P per caption); `mask` (N, K) marks the
+# valid ones. Invalid parts are zeroed before normalising, so whatever the padding
+# holds (even NaN) never reaches a value or a gradient.
+
+
+def masked_parts(parts: Tensor, mask: Tensor, student: bool) -> Tensor:
+    """Zero the invalid parts, then normalise (student) or detach (teacher).
+
+    parts: (N, K, D); mask: (N, K) bool. Returns (N, K, D) float32.
+    """
+    parts = torch.where(mask[..., None], parts, 0.0)
+    return unit(parts) if student else frozen(parts)
+
+
+def part_relation(
+    parts_s: Tensor, parts_t: Tensor, mask: Tensor, scale_s: Scale, scale_t: Scale
+) -> Tensor:
+    """Within one sample: each part's distribution over the sample's other parts.
+
+    parts_s: (N, K, D) raw student; parts_t: (N, K, D) teacher; mask: (N, K) bool.
+    Logits (N, K, K) = scale·part·partᵀ, diagonal excluded. Returns ().
+    """
+    ps, pt = masked_parts(parts_s, mask, True), masked_parts(parts_t, mask, False)
+    logits_s = scale_s * ps @ ps.transpose(1, 2)  # (N, K, K)
+    logits_t = scale_t * pt @ pt.transpose(1, 2)  # (N, K, K)
+    eye = torch.eye(mask.shape[1], dtype=torch.bool, device=mask.device)
+    pair_mask = mask[:, :, None] & mask[:, None, :] & ~eye  # (N, K, K) valid row & column, off-diagonal
+    return masked_kl_rows(logits_s, logits_t, pair_mask)
+
+
+def part_given_global(
+    parts_s: Tensor,
+    parts_t: Tensor,
+    mask: Tensor,
+    glob_s: Tensor,
+    glob_t: Tensor,
+    scale_s: Scale,
+    scale_t: Scale,
+) -> Tensor:
+    """Within one sample: the global embedding's distribution over the sample's parts.
+
+    parts_s: (N, K, D) raw student; parts_t: (N, K, D) teacher; mask: (N, K) bool;
+    glob_s: (N, D) raw student image/caption; glob_t: (N, D) teacher.
+    Logits (N, K) = scale·⟨global_n, part_nk⟩; one row per sample. Returns ().
+    """
+    ps, pt = masked_parts(parts_s, mask, True), masked_parts(parts_t, mask, False)
+    logits_s = scale_s * torch.einsum("nkd,nd->nk", ps, unit(glob_s))  # (N, K)
+    logits_t = scale_t * torch.einsum("nkd,nd->nk", pt, frozen(glob_t))  # (N, K)
+    return masked_kl_rows(logits_s, logits_t, mask)
+
+
+def cluster_phrase(
+    clu_s: Tensor,
+    clu_t: Tensor,
+    clu_mask: Tensor,
+    phr_s: Tensor,
+    phr_t: Tensor,
+    phr_mask: Tensor,
+    scale_s: Scale,
+    scale_t: Scale,
+) -> Tensor:
+    """Within one pair: cluster↔phrase affinity, KL over rows and over columns, averaged.
+
+    clu_*: (N, K, D), clu_mask: (N, K); phr_*: (N, P, D), phr_mask: (N, P).
+    Logits (N, K, P) = scale·clu·phrᵀ; rows = cluster -> phrases,
+    columns = phrase -> clusters. Returns () = ½[KL_rows + KL_cols].
+    """
+    cs, ct = masked_parts(clu_s, clu_mask, True), masked_parts(clu_t, clu_mask, False)
+    ps, pt = masked_parts(phr_s, phr_mask, True), masked_parts(phr_t, phr_mask, False)
+    logits_s = scale_s * cs @ ps.transpose(1, 2)  # (N, K, P)
+    logits_t = scale_t * ct @ pt.transpose(1, 2)  # (N, K, P)
+    pair_mask = clu_mask[:, :, None] & phr_mask[:, None, :]  # (N, K, P)
+    rows = masked_kl_rows(logits_s, logits_t, pair_mask)
+    cols = masked_kl_rows(
+        logits_s.transpose(1, 2), logits_t.transpose(1, 2), pair_mask.transpose(1, 2)
+    )
+    return 0.5 * (rows + cols)
+
+
+def part_to_batch(
+    parts_s: Tensor,
+    parts_t: Tensor,
+    mask: Tensor,
+    other_s: Tensor,
+    other_t: Tensor,
+    scale_s: Scale,
+    scale_t: Scale,
+) -> Tensor:
+    """In batch: every valid part's distribution over the N global embeddings of the other modality.
+
+    parts_s: (N, K, D) raw student; parts_t: (N, K, D) teacher; mask: (N, K) bool;
+    other_s: (N, D) raw student; other_t: (N, D) teacher.
+    Logits (N, K, N) = scale·part·otherᵀ; invalid parts are dropped rows. Returns ().
+    """
+    ps, pt = masked_parts(parts_s, mask, True), masked_parts(parts_t, mask, False)
+    logits_s = scale_s * ps @ unit(other_s).T  # (N, K, N)
+    logits_t = scale_t * pt @ frozen(other_t).T  # (N, K, N)
+    row_mask = mask[:, :, None].expand_as(logits_s)  # (N, K, N): whole row valid or not
+    return masked_kl_rows(logits_s, logits_t, row_mask)
