@@ -212,6 +212,8 @@ def distill(
 
         console.print(f"[bold red]training stopped:[/] {_escape(str(e))}")
         raise typer.Exit(1)
+    if summary["rank"] != 0:
+        return
     from rich.table import Table
 
     from .console import console

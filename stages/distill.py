@@ -625,7 +625,7 @@ def run(cfg: DistillConfig) -> dict:
                 if env.is_main and (step % cfg.log_every == 0 or step == total or step == start + 1):
                     now = time.time()
                     rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr, **last,
-                           "logit_scale": float(wrapper.student.logit_scale.exp()),
+                           "logit_scale": float(wrapper.student.logit_scale.detach().exp()),
                            "samples_per_s": round(n_log / max(now - t_log, 1e-9), 2)}
                     mf.write(json.dumps(rec) + "\n")
                     mf.flush()
@@ -645,6 +645,7 @@ def run(cfg: DistillConfig) -> dict:
             "samples_per_epoch": len(spans), "steps_per_epoch": steps_per_epoch,
             "seconds": round(seconds, 2), "samples_per_s": round((step - start) * cfg.batch_size / max(seconds, 1e-9), 2),
             "checkpoint": str(_ckpt_dir(out) / f"step-{step:07d}.safetensors"), "notes": notes,
+            "rank": env.rank,
         }
     finally:
         D.destroy(env)
