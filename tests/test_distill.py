@@ -1,0 +1,225 @@
+"""distill end to end on a tiny cache: every recipe trains, resume equals no interruption,
+torchrun with 2 processes equals 1 process, and every pre-flight check fails cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import make_shards
+from hierdctl.cli import app
+from hierdctl.errors import UserError
+from hierdctl.stages import distill as S
+from hierdctl.stages.cache_teacher import CacheTeacherConfig
+from hierdctl.stages.cache_teacher import run as cache_run
+
+RECIPES = ["clip", "clip-kd", "tinyclip", "clip-rd", "hierd", "hierd+rd"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, tiny_teacher) -> Path:
+    d = tmp_path_factory.mktemp("distill")
+    src = make_shards(d / "data", n_shards=2, per_shard=8)
+    cache_run(CacheTeacherConfig(source=src, out=d / "cache", teacher=tiny_teacher, views=2, clusters=4,
+                                 max_phrases=3, workers=0, quiet=True))
+    return d / "cache"
+
+
+def _cfg(cache: Path, out: Path, **kw) -> S.DistillConfig:
+    base = dict(cache=str(cache), student="tiny-test", recipe="clip-rd", out=str(out), steps=6, batch_size=8,
+                lr=1e-3, warmup=1, workers=0, quiet=True, log_every=1, seed=1)
+    return S.resolve_config(base | kw)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_trains_and_its_loss_falls(cache, tmp_path, recipe):
+    # One global batch = the whole (16-sample) cache, so every step sees the same pairs
+    # and the weighted loss must go down.
+    out = tmp_path / recipe
+    summary = S.run(_cfg(cache, out, recipe=recipe, steps=15, batch_size=16, lr=2e-3, warmup=1))
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 16))
+    assert rows[-1]["loss"] < rows[0]["loss"], (recipe, rows[0]["loss"], rows[-1]["loss"])
+    terms = {k for k in rows[0] if k.endswith("_loss")}
+    from hierdctl.losses.registry import load_recipe
+
+    assert terms == {t.key for t in load_recipe(recipe).terms}
+    assert (out / "loss_curves.png").stat().st_size > 1000
+    assert (out / "config.resolved.yaml").exists()
+    assert Path(summary["checkpoint"]).exists()
+
+
+def test_student_equal_to_teacher_gives_zero_relational_terms(cache, tmp_path):
+    # The tiny teacher is tiny-test initialised with seed 0: with seed 0 the student starts
+    # as an exact copy, so at step 1 every teacher-matching term is zero (to fp16 storage).
+    out = tmp_path / "same"
+    S.run(_cfg(cache, out, recipe="hierd+rd", steps=1, seed=0))
+    first = _metrics(out)[0]
+    for term in ("crd_loss", "fd_loss", "hierd_clu_clu_loss", "hierd_clu_img_loss", "hierd_phr_phr_loss",
+                 "hierd_phr_cap_loss", "hierd_clu_phr_loss", "hierd_phr_img_loss", "hierd_clu_cap_loss"):
+        assert abs(first[term]) < 2e-3, (term, first[term])
+    # XRD compares C = κ·vt·tsᵀ with D = κ·tt·vsᵀ = Cᵀ here: zero only for a symmetric C.
+    assert first["xrd_loss"] > 1e-3
+    assert first["clip_loss"] > 0.1  # the task loss is not a teacher-matching term
+
+
+def test_resume_reproduces_the_uninterrupted_run(cache, tmp_path, monkeypatch):
+    full, part = tmp_path / "full", tmp_path / "part"
+    S.run(_cfg(cache, full, steps=10, save_every=4))
+    real_save = S.save_checkpoint
+
+    def save_then_die(out, step, *a, **k):
+        path = real_save(out, step, *a, **k)
+        if step == 4:
+            raise KeyboardInterrupt  # as if killed right after the step-4 checkpoint
+        return path
+
+    monkeypatch.setattr(S, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        S.run(_cfg(cache, part, steps=10, save_every=4))
+    monkeypatch.setattr(S, "save_checkpoint", real_save)
+    summary = S.run(_cfg(cache, part, steps=10, save_every=4, resume=True))
+    assert summary["resumed_from"] == 4
+    a, b = _metrics(full), _metrics(part)
+    assert [r["step"] for r in b] == list(range(1, 11))
+    np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=0, atol=1e-6)
+    from safetensors.torch import load_file
+
+    wa = load_file(str(full / "checkpoints" / "step-0000010.safetensors"))
+    wb = load_file(str(part / "checkpoints" / "step-0000010.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_checkpoints_are_atomic_and_pruned(cache, tmp_path):
+    out = tmp_path / "ck"
+    S.run(_cfg(cache, out, steps=7, save_every=2, keep_checkpoints=2))
+    d = out / "checkpoints"
+    assert json.loads((d / "latest.json").read_text())["step"] == 7
+    assert sorted(p.name for p in d.glob("step-*.json")) == ["step-0000006.json", "step-0000007.json"]
+    assert not list(d.glob(".*tmp"))
+    meta = json.loads((d / "step-0000007.json").read_text())
+    assert meta["model_cfg"]["embed_dim"] == 32 and meta["recipe"] == "clip-rd" and meta["step"] == 7
+    state = torch.load(d / "step-0000007.state.pt", weights_only=True)  # loadable without pickle code
+    assert state["step"] == 7
+
+
+def test_existing_run_needs_resume_or_overwrite(cache, tmp_path):
+    out = tmp_path / "again"
+    S.run(_cfg(cache, out, steps=2))
+    with pytest.raises(UserError, match="--resume"):
+        S.run(_cfg(cache, out, steps=2))
+    with pytest.raises(UserError, match="lr"):
+        S.run(_cfg(cache, out, steps=4, lr=5e-4, resume=True))
+    assert S.run(_cfg(cache, out, steps=2, overwrite=True))["steps"] == 2
+
+
+def test_projector_when_widths_differ(cache, tmp_path):
+    cfg_path = tmp_path / "wide.json"
+    cfg = json.loads((Path(S.__file__).parents[1] / "hierdctl" / "model_configs" / "tiny-test.json").read_text())
+    cfg["embed_dim"] = 48
+    cfg_path.write_text(json.dumps(cfg))
+    summary = S.run(_cfg(cache, tmp_path / "proj", student=f"open_clip:{cfg_path}", recipe="hierd", steps=2))
+    assert any("projector" in n for n in summary["notes"])
+    from safetensors.torch import load_file
+
+    w = load_file(summary["checkpoint"])
+    assert w["img_proj.weight"].shape == (32, 48) and w["txt_proj.weight"].shape == (32, 48)
+
+
+def test_nan_loss_stops_naming_the_term(cache, tmp_path, monkeypatch):
+    from hierdctl.losses import clipkd
+
+    real = clipkd.ClipKDLoss.forward
+
+    def poisoned(self, f):
+        out = real(self, f)
+        if "fd_loss" in out:
+            out["fd_loss"] = out["fd_loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(clipkd.ClipKDLoss, "forward", poisoned)
+    with pytest.raises(S.TrainingDiverged, match="fd_loss"):
+        S.run(_cfg(cache, tmp_path / "nan", recipe="clip-kd", steps=3))
+
+
+def test_global_batch_sampler_partitions_each_global_batch():
+    one = list(S.GlobalBatchSampler(20, 8, 0, 1, seed=3, start_step=0, total_steps=5))
+    r0 = list(S.GlobalBatchSampler(20, 8, 0, 2, seed=3, start_step=0, total_steps=5))
+    r1 = list(S.GlobalBatchSampler(20, 8, 1, 2, seed=3, start_step=0, total_steps=5))
+    assert [a + b for a, b in zip(r0, r1)] == one
+    assert len({i for i, _ in one[0] + one[1]}) == 16  # an epoch has no repeats (2 steps/epoch)
+    assert [e for _, e in one[2]][0] == 1  # step 2 starts epoch 1
+    assert list(S.GlobalBatchSampler(20, 8, 0, 1, seed=3, start_step=3, total_steps=5)) == one[3:]
+
+
+def test_config_file_and_set_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("lr: 0.01\nbatch-size: 32\nview_policy: sequential\n")
+    cfg = S.resolve_config(dict(cache="c", student="s", recipe="clip", out="o", steps=3, lr=0.02), str(f),
+                           ["warmup=5", "exp_scales=true"])
+    assert (cfg.lr, cfg.batch_size, cfg.warmup, cfg.exp_scales, cfg.view_policy) == (0.02, 32, 5, True, "sequential")
+    with pytest.raises(UserError, match="unknown setting 'learning_rate'"):
+        S.resolve_config(dict(cache="c", student="s", recipe="clip", out="o", steps=3), None, ["learning_rate=1"])
+    with pytest.raises(UserError, match="--steps"):
+        S.resolve_config(dict(cache="c", student="s", recipe="clip", out="o"))
+
+
+def _cli(*args):
+    return CliRunner().invoke(app, list(args))
+
+
+def test_cli_preflight_errors_exit_2(cache, tmp_path):
+    base = ["distill", str(cache), "--out", str(tmp_path / "r"), "--steps", "2", "--batch-size", "8", "--quiet"]
+    r = _cli(*base, "--student", "tiny-test", "--recipe", "no-such-recipe")
+    assert r.exit_code == 2 and "no-such-recipe" in r.output
+    r = _cli(*base, "--student", "NoSuchArch-99", "--recipe", "clip")
+    assert r.exit_code == 2 and "--student" in r.output
+    r = _cli(*base, "--student", "tiny-test", "--recipe", "clip", "--set", "nonsense=1")
+    assert r.exit_code == 2 and "nonsense" in r.output
+    r = _cli("distill", str(tmp_path), "--out", str(tmp_path / "r"), "--steps", "2", "--student", "tiny-test", "--recipe", "clip")
+    assert r.exit_code == 2 and "not a hierdctl teacher cache" in r.output
+    r = _cli(*base, "--student", "tiny-test", "--recipe", "clip", "--batch-size", "64")
+    assert r.exit_code == 2 and "fewer than one global batch" in r.output
+    r = _cli("distill", "--list-recipes")
+    assert r.exit_code == 0 and "clip-rd" in r.output and "hierd" in r.output
+
+
+def test_recipe_needing_what_the_cache_lacks(tmp_path, tiny_teacher):
+    src = make_shards(tmp_path / "data", n_shards=1, per_shard=8)
+    cache_run(CacheTeacherConfig(source=src, out=tmp_path / "flat", teacher=tiny_teacher, clusters=0, max_phrases=0,
+                                 workers=0, quiet=True))
+    with pytest.raises(UserError, match="clusters.*phrases|--clusters"):
+        S.run(_cfg(tmp_path / "flat", tmp_path / "r", recipe="hierd"))
+    manifest = json.loads((tmp_path / "flat" / "manifest.json").read_text())
+    manifest["schema_version"] = 999
+    (tmp_path / "flat" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="schema version 999"):
+        S.run(_cfg(tmp_path / "flat", tmp_path / "r", recipe="clip"))
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(cache, tmp_path):
+    args = ["distill", str(cache), "--student", "tiny-test", "--recipe", "hierd+rd", "--steps", "4", "--batch-size", "8",
+            "--lr", "1e-3", "--warmup", "1", "--workers", "0", "--log-every", "1", "--seed", "1", "--quiet"]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HIERDCTL_NO_PROGRESS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "hierdctl.cli"]
+    p = subprocess.run(cmd + args + ["--out", str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    S.run(_cfg(cache, tmp_path / "one", recipe="hierd+rd", steps=4))
+    a, b = _metrics(tmp_path / "ddp"), _metrics(tmp_path / "one")
+    np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-4)
+    for k in (k for k in a[-1] if k.endswith("_loss")):
+        assert a[-1][k] == pytest.approx(b[-1][k], rel=1e-3, abs=1e-5), k
