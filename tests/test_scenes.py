@@ -1,0 +1,349 @@
+"""Scenes benchmark: captions are true, negatives false, images match the scene graph,
+shards are deterministic and readable, Fashion-MNIST is read from IDX files."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hierdctl import scenes as S
+from hierdctl.errors import UserError
+
+DEBIAN_FASHION = Path(S.DEFAULT_FASHION_DIRS[0])
+
+
+def _scenes(cfg: S.ScenesConfig, n: int, split_id: int = 1):
+    """n (scene, rng) pairs, the rng positioned after make_scene as in make_sample."""
+    for i in range(n):
+        rng = np.random.default_rng([cfg.seed, split_id, i])
+        yield S.make_scene(rng, cfg), rng
+
+
+def _tar_members(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def _all_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data, mtime=0) if compress else data)
+
+
+def _fake_fashion(folder: Path) -> Path:
+    """A tiny Fashion-MNIST: three 28x28 photos per class, each a bright block with a
+    darker stripe (so shading varies). Train files gzipped, test files plain."""
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    for split, compress in (("train", True), ("t10k", False)):
+        labels = np.repeat(np.arange(10), 3)
+        images = np.zeros((len(labels), 28, 28), np.uint8)
+        for k in range(len(labels)):
+            h, w = rng.integers(10, 25, size=2)
+            top, left = (28 - h) // 2, (28 - w) // 2
+            images[k, top : top + h, left : left + w] = rng.integers(150, 256)
+            images[k, top + h // 2, left : left + w] = 90
+        suffix = ".gz" if compress else ""
+        _write_idx(folder / f"{split}-images-idx3-ubyte{suffix}", images, compress)
+        _write_idx(folder / f"{split}-labels-idx1-ubyte{suffix}", labels, compress)
+    return folder
+
+
+def _shape_colour_check(image: np.ndarray, scene: S.Scene) -> None:
+    """Every object's exact colour covers a good part of its box, and appears nowhere
+    outside the boxes of the objects that have that colour."""
+    for obj in scene.objects:
+        x0, y0, x1, y1 = obj.bbox
+        colour = np.array(S.COLOURS[obj.colour])
+        close = np.abs(image.astype(int) - colour).max(axis=2) <= 8
+        inside = close[y0:y1, x0:x1].sum()
+        assert inside >= 0.1 * (x1 - x0) * (y1 - y0), (obj, inside)
+        outside = close.copy()
+        for other in scene.objects:
+            if other.colour == obj.colour:
+                ox0, oy0, ox1, oy1 = other.bbox
+                outside[oy0:oy1, ox0:ox1] = False
+        assert not outside.any(), obj
+
+
+def _tint_check(image: np.ndarray, scene: S.Scene) -> None:
+    """Fashion items are their colour scaled by a 70–100% shade: enough pixels in each
+    box must lie on that colour's ray within the shade range."""
+    for obj in scene.objects:
+        x0, y0, x1, y1 = obj.bbox
+        c = np.array(S.COLOURS[obj.colour], float)
+        px = image[y0:y1, x0:x1].reshape(-1, 3).astype(float)
+        shade = px @ c / (c @ c)
+        on_ray = (np.abs(px - shade[:, None] * c).max(axis=1) <= 6) & (shade >= 0.65) & (shade <= 1.02)
+        assert on_ray.sum() >= 5, (obj, on_ray.sum())
+
+
+# --------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "field, value, flag",
+    [
+        ("flavour", "mnist", "--flavour"),
+        ("n_train", -1, "--n-train"),
+        ("n_test", 1.5, "--n-test"),
+        ("n_train", 10**9, "--n-train"),
+        ("image_size", 16, "--image-size"),
+        ("shard_size", 0, "--shard-size"),
+        ("seed", -3, "--seed"),
+        ("min_objects", 0, "--min-objects"),
+        ("max_objects", 5, "--max-objects"),
+        ("captions_per_image", 0, "--captions-per-image"),
+        ("negatives_per_kind", 9, "--negatives-per-kind"),
+        ("image_format", "webp", "--image-format"),
+        ("textured_fraction", 1.5, "--textured-fraction"),
+        ("out_dir", "", "--out"),
+    ],
+)
+def test_bad_config_raises_user_error(field, value, flag):
+    cfg = S.ScenesConfig(**{field: value})
+    with pytest.raises(UserError) as err:
+        cfg.validate()
+    assert err.value.where == flag
+
+
+def test_bad_config_combinations(tmp_path):
+    with pytest.raises(UserError, match="--max-objects"):
+        S.ScenesConfig(min_objects=3, max_objects=2).validate()
+    with pytest.raises(UserError, match="--n-train"):
+        S.ScenesConfig(n_train=0, n_test=0).validate()
+    with pytest.raises(UserError, match="--fashion-path"):  # shapes never read Fashion-MNIST
+        S.ScenesConfig(fashion_path=tmp_path).validate()
+    with pytest.raises(UserError, match="--fashion-path"):
+        S.ScenesConfig(flavour="fashion", fashion_path=tmp_path / "missing").validate()
+    with pytest.raises(UserError, match="no train-images-idx3-ubyte"):  # an empty folder
+        S.ScenesConfig(flavour="fashion", fashion_path=tmp_path).validate()
+    with pytest.raises(UserError, match="no t10k-images-idx3-ubyte"):  # only the split in use is needed
+        S.ScenesConfig(flavour="fashion", fashion_path=tmp_path, n_train=0).validate()
+    assert S.ScenesConfig().validate().flavour == "shapes"
+
+
+def test_out_dir_guard_and_stale_shards(tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError) as err:
+        S.run(S.ScenesConfig(out_dir=tmp_path / "busy", n_train=1, n_test=1))
+    assert err.value.where == "--out"
+
+    out = tmp_path / "o"
+    S.run(S.ScenesConfig(out_dir=out, n_train=9, n_test=1, shard_size=3))
+    assert len(list((out / "train").glob("*.tar"))) == 3
+    # Regenerating smaller over it drops the shards that no longer belong.
+    summary = S.run(S.ScenesConfig(out_dir=out, n_train=4, n_test=1, shard_size=3, image_format="jpg"))
+    assert sorted(p.name for p in (out / "train").glob("*.tar")) == ["00000.tar", "00001.tar"]
+    assert summary["counts"] == {"train": 4, "test": 1}
+    assert "000000003.jpg" in _tar_members(out / "train" / "00001.tar")
+
+
+# --------------------------------------------------------------------------- captions
+
+
+def test_checker_on_hand_made_scene():
+    left = S.SceneObject("circle", "red", "small", (4, 20, 17, 33))
+    right = S.SceneObject("square", "blue", "large", (36, 2, 58, 24))
+    scene = S.Scene([left, right], 64, "shapes", (220, 220, 220), None, 8.0)
+    assert S.relations(scene) == [(0, "left of", 1), (0, "below", 1), (1, "right of", 0), (1, "above", 0)]
+    true = [
+        "a small red circle to the left of a large blue square",
+        "a large blue square is right of a small red circle",
+        "two objects: a red circle and a blue square",
+        "there is a red circle below a blue square, and a blue square is above a red circle",
+        "A picture of a small red circle.",
+    ]
+    false = [
+        "a small blue circle to the left of a large red square",  # swapped colours
+        "a large red circle left of a small blue square",  # swapped sizes
+        "a small red circle to the right of a large blue square",  # flipped relation
+        "a large blue square is left of a small red circle",  # swapped order
+        "a small red star to the left of a large blue square",  # replaced object
+        "one object: a red circle",  # wrong count
+        "three objects: a red circle, a blue square and a blue square",
+        "a red circle left of a blue square, and a red circle above a blue square",
+    ]
+    for caption in true:
+        assert S.scene_satisfies(scene, caption), caption
+    for caption in false:
+        assert not S.scene_satisfies(scene, caption), caption
+    for garbage in ("a red blob left of a blue square", "red circle", "two objects: a red circle"):
+        with pytest.raises(ValueError):
+            S.scene_satisfies(scene, garbage)
+
+
+def test_captions_true_and_negatives_false():
+    cfg = S.ScenesConfig()
+    kinds_seen = {k: 0 for k in S.NEGATIVE_KINDS}
+    for scene, rng in _scenes(cfg, 300):
+        caps = S.captions(scene, rng, 5)
+        assert len(caps) == len(set(caps)) == 5
+        for caption in caps:
+            assert S.scene_satisfies(scene, caption), (caption, scene)
+        negs = S.hard_negatives(scene, rng, 3)
+        assert set(negs) == set(S.NEGATIVE_KINDS)
+        for kind, captions in negs.items():
+            assert len(captions) == len(set(captions)) <= 3
+            kinds_seen[kind] += len(captions)
+            for caption in captions:
+                assert not S.scene_satisfies(scene, caption), (kind, caption, scene)
+        assert negs["replace_object"]
+        if len(scene.objects) == 1:
+            assert negs["swap_attribute"] == negs["swap_relation"] == []
+        else:
+            assert negs["swap_relation"]
+    assert all(n > 100 for n in kinds_seen.values()), kinds_seen
+
+
+def test_scene_rules_make_relations_unambiguous():
+    cfg = S.ScenesConfig(min_objects=2)
+    for scene, _rng in _scenes(cfg, 200):
+        objs = scene.objects
+        assert len({(o.colour, o.shape) for o in objs}) == len(objs)  # "colour shape" names one object
+        for i, a in enumerate(objs):
+            assert 0 <= a.bbox[0] < a.bbox[2] <= 64 and 0 <= a.bbox[1] < a.bbox[3] <= 64
+            for j in range(i + 1, len(objs)):
+                assert S._pair_relations(scene, i, j), "every pair is clearly related"
+        for i, rel, j in S.relations(scene):
+            assert not S.holds(scene, i, S.FLIPPED[rel], j)
+            (xi, yi), (xj, yj) = objs[i].centre, objs[j].centre
+            assert max(abs(xi - xj), abs(yi - yj)) >= scene.margin
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def test_render_puts_each_colour_in_its_box():
+    for size in (64, 96):
+        cfg = S.ScenesConfig(image_size=size)
+        assets = S.load_assets(cfg)
+        for scene, _rng in _scenes(cfg, 60):
+            image = np.asarray(S.render(scene, cfg, assets))
+            assert image.shape == (size, size, 3)
+            _shape_colour_check(image, scene)
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def test_run_is_deterministic_and_independent_of_sharding(tmp_path):
+    def cfg(out, shard_size):
+        return S.ScenesConfig(out_dir=tmp_path / out, n_train=23, n_test=11, shard_size=shard_size, seed=7)
+
+    S.run(cfg("a", 8))
+    S.run(cfg("b", 8))
+    files_a, files_b = _all_files(tmp_path / "a"), _all_files(tmp_path / "b")
+    assert sorted(files_a) == ["scenes.json", "test/00000.tar", "test/00001.tar", "test/stats.json",
+                               "train/00000.tar", "train/00001.tar", "train/00002.tar", "train/stats.json"]  # fmt: skip
+    assert files_a == files_b
+
+    S.run(cfg("c", 5))
+    for split in ("train", "test"):
+        samples = [{}, {}]
+        for k, root in enumerate((tmp_path / "a", tmp_path / "c")):
+            for shard in sorted((root / split).glob("*.tar")):
+                samples[k].update(_tar_members(shard))
+        assert samples[0] == samples[1]
+
+    # Train and test draw from disjoint seeds: same keys, different scenes.
+    train = _tar_members(tmp_path / "a" / "train" / "00000.tar")
+    test = _tar_members(tmp_path / "a" / "test" / "00000.tar")
+    assert train["000000000.png"] != test["000000000.png"]
+    assert json.loads(train["000000000.json"])["seed"] == [7, 0, 0]
+    assert json.loads(test["000000000.json"])["seed"] == [7, 1, 0]
+
+
+def test_shards_read_back_with_webdataset_and_tarfile(tmp_path):
+    wds = pytest.importorskip("webdataset")
+    out = tmp_path / "o"
+    summary = S.run(S.ScenesConfig(out_dir=out, n_train=10, n_test=6, shard_size=4, captions_per_image=3))
+    assert summary["counts"] == {"train": 10, "test": 6}
+    manifest = json.loads((out / "scenes.json").read_text())
+    assert manifest["version"] == S.GENERATOR_VERSION and manifest["config"]["seed"] == 0
+    stats = json.loads((out / "test" / "stats.json").read_text())
+    assert stats["count"] == 6 and sum(stats["objects_per_image"].values()) == 6
+
+    for split, n in (("train", 10), ("test", 6)):
+        last = len(summary["stats"][split]["shards"]) - 1
+        url = str(out / split / ("{00000..%05d}.tar" % last))
+        rows = list(wds.WebDataset(url, shardshuffle=False))
+        assert [r["__key__"] for r in rows] == [f"{i:09d}" for i in range(n)]
+        for row in rows:
+            meta = json.loads(row["json"])
+            assert set(meta) >= {"key", "captions", "objects", "relations", "flavour", "seed"}
+            assert meta["key"] == row["__key__"] and meta["flavour"] == "shapes"
+            assert row["txt"].decode() == meta["captions"][0] and len(meta["captions"]) == 3
+            assert ("hard_negatives" in meta) == (split == "test")
+            assert Image.open(io.BytesIO(row["png"])).size == (64, 64)
+            for obj in meta["objects"]:
+                assert set(obj) == {"shape", "colour", "size", "bbox"} and len(obj["bbox"]) == 4
+            for i, rel, j in meta["relations"]:
+                assert rel in S.RELATIONS and 0 <= i < len(meta["objects"]) and 0 <= j < len(meta["objects"])
+
+    with tarfile.open(out / "test" / "00000.tar") as tar:
+        members = tar.getmembers()
+        assert [m.name for m in members[:3]] == ["000000000.png", "000000000.txt", "000000000.json"]
+        assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 for m in members)
+    assert not list(out.rglob("*.tmp"))
+
+
+# --------------------------------------------------------------------------- fashion
+
+
+def test_read_idx_plain_gzip_and_broken(tmp_path):
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    _write_idx(tmp_path / "plain", arr, compress=False)
+    _write_idx(tmp_path / "packed.gz", arr, compress=True)
+    assert np.array_equal(S.read_idx(tmp_path / "plain"), arr)
+    assert np.array_equal(S.read_idx(tmp_path / "packed.gz"), arr)
+    (tmp_path / "bad").write_bytes(b"PNG\x89not idx")
+    (tmp_path / "short").write_bytes((tmp_path / "plain").read_bytes()[:-5])
+    for name in ("bad", "short"):
+        with pytest.raises(UserError) as err:
+            S.read_idx(tmp_path / name)
+        assert err.value.where == "--fashion-path"
+
+
+def test_fashion_flavour_from_fake_idx(tmp_path):
+    folder = _fake_fashion(tmp_path / "fmnist")
+    cfg = S.ScenesConfig(out_dir=tmp_path / "o", flavour="fashion", fashion_path=folder, n_train=6, n_test=6, shard_size=4)
+    summary = S.run(cfg)
+    assert summary["config"]["fashion_path"] == str(folder)
+    assert summary["vocabulary"]["shapes"] == list(S.FASHION_ITEMS)
+    meta = json.loads(_tar_members(tmp_path / "o" / "test" / "00000.tar")["000000000.json"])
+    assert meta["flavour"] == "fashion" and meta["objects"][0]["shape"] in S.FASHION_ITEMS
+
+    for split, split_id in (("train", 0), ("test", 1)):
+        assets = S.load_assets(cfg, split)
+        assert len(assets.fashion_images) == 30
+        for scene, rng in _scenes(cfg, 40, split_id):
+            _tint_check(np.asarray(S.render(scene, cfg, assets)), scene)
+            for caption in S.captions(scene, rng, 4):
+                assert S.scene_satisfies(scene, caption)
+            for negs in S.hard_negatives(scene, rng).values():
+                assert not any(S.scene_satisfies(scene, c) for c in negs)
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_flavour_from_debian_package(tmp_path):
+    cfg = S.ScenesConfig(out_dir=tmp_path / "o", flavour="fashion", n_train=3, n_test=3)
+    summary = S.run(cfg)
+    assert summary["config"]["fashion_path"] == str(DEBIAN_FASHION)
+    images, labels = S.load_fashion(DEBIAN_FASHION, "test")
+    assert images.shape == (10_000, 28, 28) and np.bincount(labels).tolist() == [1000] * 10
+    assets = S.Assets("fashion", images, [np.flatnonzero(labels == k) for k in range(10)])
+    for scene, _rng in _scenes(cfg, 20):
+        _tint_check(np.asarray(S.render(scene, cfg, assets)), scene)
