@@ -246,7 +246,7 @@ def parse_recipe(data: object, name: str, where: str) -> Recipe:
         raise UserError(f"unknown key(s) {stray}; a recipe has 'description' and 'terms'", where)
     description = data.get("description", "")
     if not isinstance(description, str):
-        raise UserError("'description' must be one line of text", where)
+        raise UserError("'description' must be text", where)
     entries = data.get("terms")
     if not isinstance(entries, list) or not entries:
         raise UserError("'terms' must be a non-empty list of {name, weight[, args]}", where)
@@ -262,7 +262,8 @@ def parse_recipe(data: object, name: str, where: str) -> Recipe:
             )
         seen[term.name] = i
         terms.append(term)
-    return Recipe(name=name, terms=tuple(terms), description=description.strip())
+    # one line, whatever the YAML folding did: list_recipes() shows it in a table
+    return Recipe(name=name, terms=tuple(terms), description=" ".join(description.split()))
 
 
 def _parse_term(entry: object, at: str, where: str) -> Term:
