@@ -188,6 +188,10 @@ def _recipe_dir():
     return resources.files("hierdctl") / "recipes"
 
 
+def _shipped_names() -> list[str]:
+    return sorted(e.name.removesuffix(".yaml") for e in _recipe_dir().iterdir() if e.name.endswith(".yaml"))
+
+
 def _is_path(name_or_path: str | os.PathLike) -> bool:
     text = os.fspath(name_or_path)
     return (
@@ -217,7 +221,7 @@ def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
         name = os.fspath(name_or_path)
         resource = _recipe_dir() / f"{name}.yaml"
         if not resource.is_file():
-            shipped = ", ".join(n for n, _ in list_recipes())
+            shipped = ", ".join(_shipped_names())
             raise UserError(
                 f"unknown recipe {name!r}; shipped recipes: {shipped} "
                 "(or give the path of a .yaml file)",
@@ -310,12 +314,7 @@ def _parse_term(entry: object, at: str, where: str) -> Term:
 
 def list_recipes() -> list[tuple[str, str]]:
     """(name, one-line description) of every shipped recipe, sorted by name."""
-    out = []
-    for entry in sorted(_recipe_dir().iterdir(), key=lambda e: e.name):
-        if entry.name.endswith(".yaml"):
-            name = entry.name.removesuffix(".yaml")
-            out.append((name, load_recipe(name).description))
-    return out
+    return [(name, load_recipe(name).description) for name in _shipped_names()]
 
 
 # --- building and combining ----------------------------------------------------------
