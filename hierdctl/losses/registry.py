@@ -189,7 +189,8 @@ def _recipe_dir():
 
 
 def _shipped_names() -> list[str]:
-    return sorted(e.name.removesuffix(".yaml") for e in _recipe_dir().iterdir() if e.name.endswith(".yaml"))
+    files = (e.name for e in _recipe_dir().iterdir())
+    return sorted(f.removesuffix(".yaml") for f in files if f.endswith(".yaml"))
 
 
 def _is_path(name_or_path: str | os.PathLike) -> bool:
