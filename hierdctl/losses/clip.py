@@ -27,4 +27,4 @@ class ClipLoss(nn.Module):
             raise ValueError(f"ClipLoss has no term(s) {unknown}; it knows {list(self.TERMS)}")
 
     def forward(self, f: Features) -> dict[str, Tensor]:
-        return {"clip_loss": L.clip_loss(f.img_s, f.txt_s, f.logit_scale_s)} if self.terms else {}
+        return {f"{name}_loss": L.clip_loss(f.img_s, f.txt_s, f.logit_scale_s) for name in self.terms}

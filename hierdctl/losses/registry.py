@@ -188,6 +188,11 @@ def _recipe_dir():
     return resources.files("hierdctl") / "recipes"
 
 
+def _shipped_names() -> list[str]:
+    files = (e.name for e in _recipe_dir().iterdir())
+    return sorted(f.removesuffix(".yaml") for f in files if f.endswith(".yaml"))
+
+
 def _is_path(name_or_path: str | os.PathLike) -> bool:
     text = os.fspath(name_or_path)
     return (
@@ -217,7 +222,7 @@ def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
         name = os.fspath(name_or_path)
         resource = _recipe_dir() / f"{name}.yaml"
         if not resource.is_file():
-            shipped = ", ".join(n for n, _ in list_recipes())
+            shipped = ", ".join(_shipped_names())
             raise UserError(
                 f"unknown recipe {name!r}; shipped recipes: {shipped} "
                 "(or give the path of a .yaml file)",
@@ -246,7 +251,7 @@ def parse_recipe(data: object, name: str, where: str) -> Recipe:
         raise UserError(f"unknown key(s) {stray}; a recipe has 'description' and 'terms'", where)
     description = data.get("description", "")
     if not isinstance(description, str):
-        raise UserError("'description' must be one line of text", where)
+        raise UserError("'description' must be text", where)
     entries = data.get("terms")
     if not isinstance(entries, list) or not entries:
         raise UserError("'terms' must be a non-empty list of {name, weight[, args]}", where)
@@ -262,7 +267,8 @@ def parse_recipe(data: object, name: str, where: str) -> Recipe:
             )
         seen[term.name] = i
         terms.append(term)
-    return Recipe(name=name, terms=tuple(terms), description=description.strip())
+    # one line, whatever the YAML folding did: list_recipes() shows it in a table
+    return Recipe(name=name, terms=tuple(terms), description=" ".join(description.split()))
 
 
 def _parse_term(entry: object, at: str, where: str) -> Term:
@@ -309,12 +315,7 @@ def _parse_term(entry: object, at: str, where: str) -> Term:
 
 def list_recipes() -> list[tuple[str, str]]:
     """(name, one-line description) of every shipped recipe, sorted by name."""
-    out = []
-    for entry in sorted(_recipe_dir().iterdir(), key=lambda e: e.name):
-        if entry.name.endswith(".yaml"):
-            name = entry.name.removesuffix(".yaml")
-            out.append((name, load_recipe(name).description))
-    return out
+    return [(name, load_recipe(name).description) for name in _shipped_names()]
 
 
 # --- building and combining ----------------------------------------------------------

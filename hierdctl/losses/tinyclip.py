@@ -28,8 +28,10 @@ class TinyClipLoss(nn.Module):
             raise ValueError(f"TinyClipLoss has no term(s) {unknown}; it knows {list(self.TERMS)}")
 
     def forward(self, f: Features) -> dict[str, Tensor]:
-        if not self.terms:
-            return {}
         f.need("img_t", "txt_t", "logit_scale_t")
-        loss = L.affinity(f.img_s, f.txt_s, f.img_t, f.txt_t, f.logit_scale_s, f.logit_scale_t)
-        return {"affinity_loss": loss}
+        return {
+            f"{name}_loss": L.affinity(
+                f.img_s, f.txt_s, f.img_t, f.txt_t, f.logit_scale_s, f.logit_scale_t
+            )
+            for name in self.terms
+        }

@@ -1,0 +1,93 @@
+"""Explicit small inputs shared by the loss and recipe tests, as NumPy arrays and as `Features`."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hierdctl.losses.features import Features
+
+
+def np_unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+# --- explicit small inputs -------------------------------------------------------------
+
+# N = 3 pairs, D = 4. Student rows are deliberately not unit-norm.
+IMG_S = [[1.0, 0.5, -0.2, 0.3], [0.1, 1.2, 0.4, -0.5], [-0.6, 0.2, 0.9, 0.7]]
+TXT_S = [[0.8, 0.1, 0.3, -0.1], [0.3, 0.9, -0.2, -0.4], [-0.2, 0.5, 1.1, 0.2]]
+IMG_T = [[0.9, 0.3, 0.0, 0.2], [0.0, 1.0, 0.5, -0.3], [-0.5, 0.0, 0.8, 0.6]]
+TXT_T = [[0.7, 0.2, 0.4, 0.0], [0.4, 0.8, 0.0, -0.5], [-0.1, 0.3, 1.0, 0.4]]
+IMG_S_MASKED = [[0.7, 0.6, -0.1, 0.4], [0.2, 1.0, 0.6, -0.3], [-0.5, 0.4, 0.7, 0.9]]
+IMG_FUSED = [[0.5, -0.2, 0.1, 0.9], [0.3, 0.4, -0.8, 0.1], [-0.7, 0.6, 0.2, 0.0]]
+TXT_FUSED = [[0.4, -0.1, 0.3, 0.8], [0.2, 0.5, -0.6, 0.3], [-0.6, 0.4, 0.1, 0.2]]
+
+# K = 3 clusters, P = 3 phrases per sample. Sample 0: all valid; sample 1: two clusters,
+# three phrases; sample 2: one cluster, two phrases. Padded entries hold junk on purpose.
+CLU_MASK = [[True, True, True], [True, True, False], [True, False, False]]
+PHR_MASK = [[True, True, False], [True, True, True], [True, True, False]]
+CLU_S = [
+    [[1.0, 0.2, 0.0, 0.1], [0.1, 0.9, 0.3, 0.0], [0.0, 0.2, 1.1, 0.4]],
+    [[0.5, 0.5, 0.1, -0.2], [-0.3, 0.2, 0.8, 0.6], [9.0, -9.0, 9.0, -9.0]],
+    [[0.2, -0.4, 0.9, 0.3], [7.0, 7.0, 7.0, 7.0], [-5.0, 3.0, 1.0, 2.0]],
+]
+CLU_T = [
+    [[0.9, 0.3, 0.1, 0.0], [0.0, 1.0, 0.2, 0.1], [0.1, 0.1, 1.0, 0.5]],
+    [[0.6, 0.4, 0.0, -0.1], [-0.2, 0.1, 0.9, 0.5], [4.0, 4.0, -4.0, 4.0]],
+    [[0.1, -0.3, 1.0, 0.2], [3.0, -3.0, 3.0, 3.0], [1.0, 2.0, 3.0, 4.0]],
+]
+PHR_S = [
+    [[0.7, 0.0, 0.3, 0.1], [0.2, 0.6, 0.0, -0.3], [8.0, 8.0, -8.0, 8.0]],
+    [[0.1, 1.0, 0.2, -0.2], [0.4, 0.3, 0.5, 0.0], [-0.2, 0.8, -0.1, -0.6]],
+    [[-0.3, 0.1, 0.9, 0.2], [0.0, 0.4, 0.7, 0.8], [6.0, 0.0, 6.0, 0.0]],
+]
+PHR_T = [
+    [[0.8, 0.1, 0.2, 0.0], [0.1, 0.7, 0.1, -0.2], [2.0, -2.0, 2.0, -2.0]],
+    [[0.0, 0.9, 0.3, -0.1], [0.5, 0.2, 0.4, 0.1], [-0.1, 0.9, 0.0, -0.5]],
+    [[-0.2, 0.0, 1.0, 0.3], [0.1, 0.3, 0.6, 0.9], [5.0, 5.0, 5.0, 5.0]],
+]
+S, S_T = 10.0, 20.0  # student and teacher CLIP scales (small so distributions are not one-hot)
+KAPPA = {"x": 2.659, "v": 3.0, "t": 2.0}
+
+
+def np_inputs():
+    """The explicit inputs as float64 arrays, teacher rows normalised (as the cache stores them)."""
+    a = {k: np.array(v, dtype=np.float64) for k, v in dict(
+        img_s=IMG_S, txt_s=TXT_S, img_t=IMG_T, txt_t=TXT_T, img_s_masked=IMG_S_MASKED,
+        img_fused=IMG_FUSED, txt_fused=TXT_FUSED, clu_s=CLU_S, clu_t=CLU_T, phr_s=PHR_S,
+        phr_t=PHR_T).items()}  # fmt: skip
+    for k in ("img_t", "txt_t", "clu_t", "phr_t"):
+        a[k] = np_unit(a[k])
+    a["clu_mask"], a["phr_mask"] = np.array(CLU_MASK), np.array(PHR_MASK)
+    return a
+
+
+def make_features(grad: bool = True, teacher_grad: bool = False, **override) -> Features:
+    """Features from the explicit inputs (float32). Student tensors are leaves with grad."""
+    a = np_inputs()
+
+    def t(name, requires_grad):
+        return torch.tensor(a[name], dtype=torch.float32, requires_grad=requires_grad)
+
+    f = Features(
+        img_s=t("img_s", grad),
+        txt_s=t("txt_s", grad),
+        logit_scale_s=torch.tensor(S, requires_grad=grad),
+        img_t=t("img_t", teacher_grad),
+        txt_t=t("txt_t", teacher_grad),
+        logit_scale_t=S_T,
+        kappa={k: torch.tensor(v, requires_grad=grad) for k, v in KAPPA.items()},
+        img_s_masked=t("img_s_masked", grad),
+        img_fused=t("img_fused", grad),
+        txt_fused=t("txt_fused", grad),
+        clu_s=t("clu_s", grad),
+        clu_t=t("clu_t", teacher_grad),
+        clu_mask=torch.tensor(a["clu_mask"]),
+        phr_s=t("phr_s", grad),
+        phr_t=t("phr_t", teacher_grad),
+        phr_mask=torch.tensor(a["phr_mask"]),
+    )
+    for k, v in override.items():
+        setattr(f, k, v)
+    return f

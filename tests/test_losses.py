@@ -1,0 +1,445 @@
+"""Every loss term against values computed independently (closed form or NumPy), plus invariants.
+
+The NumPy references below are written from the formulas in method-notes.md, in float64,
+row by row where masks are involved; they never call hierdctl code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hierdctl.losses import functional as L
+from hierdctl.losses.clip import ClipLoss
+from hierdctl.losses.clipkd import ClipKDLoss
+from hierdctl.losses.cliprd import ClipRDLoss
+from hierdctl.losses.features import Features
+from hierdctl.losses.hierd import HieRDLoss
+from hierdctl.losses.tinyclip import TinyClipLoss
+from loss_inputs import KAPPA, S, S_T, make_features, np_inputs, np_unit
+
+HIERD_TERMS = HieRDLoss.TERMS
+KD_TERMS = ClipKDLoss.TERMS
+
+# --- NumPy references ----------------------------------------------------------------
+
+
+def np_log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def np_softmax(z):
+    return np.exp(np_log_softmax(z))
+
+
+def np_ce_diag(z):
+    return -np.mean(np.diag(np_log_softmax(z)))
+
+
+def np_kl(y, z):
+    """mean over rows of KL(softmax(z) || softmax(y)); works on a single row too."""
+    lp, lq = np_log_softmax(np.atleast_2d(z)), np_log_softmax(np.atleast_2d(y))
+    return np.mean((np.exp(lp) * (lp - lq)).sum(-1))
+
+
+def np_entropy_rows(z):
+    p = np_softmax(z)
+    return np.mean(-(p * np.log(p)).sum(-1))
+
+
+def np_contrastive_grads(v, t, s):
+    """Closed-form ∂/∂v, ∂/∂t of ½[CE(s v tᵀ) + CE(s t vᵀ)] (v, t used as given)."""
+    n = v.shape[0]
+    eye = np.eye(n)
+    p = np_softmax(s * v @ t.T)  # image -> text
+    q = np_softmax(s * t @ v.T)  # text -> image
+    g_v = s / (2 * n) * ((p - eye) @ t + (q - eye).T @ t)
+    g_t = s / (2 * n) * ((p - eye).T @ v + (q - eye) @ v)
+    return g_v, g_t
+
+
+def np_masked_mean_kl(rows):
+    """rows: list of (student_logits_1d, teacher_logits_1d) over valid entries only."""
+    kept = [np_kl(y, z) for y, z in rows if len(y) >= 2]
+    return float(np.mean(kept)) if kept else 0.0
+
+
+def all_terms(f: Features) -> dict[str, torch.Tensor]:
+    """Every term of every module on one Features."""
+    modules = [
+        ClipLoss(),
+        ClipKDLoss(KD_TERMS),
+        TinyClipLoss(),
+        ClipRDLoss(("vrd", "xrd")),
+        HieRDLoss(HIERD_TERMS),
+    ]
+    out = {}
+    for m in modules:
+        out |= m(f)
+    return out
+
+
+def swap_modalities(f: Features) -> Features:
+    return make_features(img_s=f.txt_s, txt_s=f.img_s, img_t=f.txt_t, txt_t=f.img_t)
+
+
+# --- primitives by hand ------------------------------------------------------------------
+
+
+def test_ce_diag_by_hand():
+    logits = torch.tensor([[2.0, 0.0], [1.0, 1.0]])
+    expected = 0.5 * (-math.log(math.e**2 / (math.e**2 + 1)) + math.log(2))
+    assert L.ce_diag(logits).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_kl_rows_by_hand_and_direction():
+    # target row softmax([ln 3, 0]) = [3/4, 1/4], student row softmax([0, 0]) = [1/2, 1/2]
+    student, target = torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3), 0.0]])
+    expected = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert L.kl_rows(student, target).item() == pytest.approx(expected, rel=1e-6)
+    # the other direction is a different number: the argument order matters
+    reverse = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    assert L.kl_rows(target, student).item() == pytest.approx(reverse, rel=1e-6)
+
+
+def test_kl_rows_detaches_target():
+    student = torch.tensor([[0.3, -0.2, 0.5]], requires_grad=True)
+    target = torch.tensor([[1.0, 0.0, -1.0]], requires_grad=True)
+    L.kl_rows(student, target).backward()
+    assert target.grad is None
+    assert student.grad is not None and student.grad.abs().sum() > 0
+
+
+def test_soft_ce_by_hand():
+    logits = torch.tensor([[0.0, 0.0], [math.log(3), 0.0]])
+    probs = torch.tensor([[0.25, 0.75], [1.0, 0.0]])
+    expected = 0.5 * (math.log(2) + -math.log(0.75))
+    assert L.soft_ce(logits, probs).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_masked_kl_rows_by_hand():
+    student = torch.tensor([[0.0, 0.0, 5.0], [1.0, 2.0, 3.0], [0.0, 9.0, 9.0]], requires_grad=True)
+    target = torch.tensor([[math.log(3), 0.0, -7.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    mask = torch.tensor([[True, True, False], [True, True, True], [True, False, False]])
+    # row 0: entries 0,1 -> KL([3/4,1/4] || [1/2,1/2]); row 1: KL(uniform || softmax(1,2,3));
+    # row 2: one valid entry -> excluded from the mean.
+    row0 = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    q = np.exp([1.0, 2.0, 3.0]) / np.exp([1.0, 2.0, 3.0]).sum()
+    row1 = float(np.sum(1 / 3 * np.log((1 / 3) / q)))
+    loss = L.masked_kl_rows(student, target, mask)
+    assert loss.item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(student.grad).all()
+    assert student.grad[0, 2] == 0 and (student.grad[2] == 0).all()  # masked / excluded
+
+
+def test_masked_kl_rows_no_valid_row_is_zero_with_graph():
+    student = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    target = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    mask = torch.tensor([[True, False], [False, False]])  # one valid entry, then none
+    loss = L.masked_kl_rows(student, target, mask)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.equal(student.grad, torch.zeros(2, 2))  # finite zeros, no NaN
+
+
+# --- every term against a NumPy reference -------------------------------------------------
+
+
+def np_global_terms(a):
+    vs, ts, vt, tt = np_unit(a["img_s"]), np_unit(a["txt_s"]), a["img_t"], a["txt_t"]
+    kx, kv, kt = KAPPA["x"], KAPPA["v"], KAPPA["t"]
+    out = {}
+    out["clip"] = 0.5 * (np_ce_diag(S * vs @ ts.T) + np_ce_diag(S * ts @ vs.T))
+    out["fd"] = np.mean((vs - vt) ** 2) + np.mean((ts - tt) ** 2)
+    out["mfd"] = np.mean((np_unit(a["img_s_masked"]) - vt) ** 2) + np.mean((ts - tt) ** 2)
+    out["crd"] = 0.5 * (np_kl(S * vs @ ts.T, S_T * vt @ tt.T) + np_kl(S * ts @ vs.T, S_T * tt @ vt.T))
+    out["icl"] = 0.5 * (np_ce_diag(kx * vs @ tt.T) + np_ce_diag(kx * ts @ vt.T))
+    gvs, gts = np_contrastive_grads(vs, ts, S)
+    gvt, gtt = np_contrastive_grads(vt, tt, S_T)
+    out["gd"] = np.mean((gvs - gvt) ** 2) + np.mean((gts - gtt) ** 2)
+    fi, ft = np_unit(a["img_fused"]), np_unit(a["txt_fused"])
+    out["afd"] = 0.5 * (np_ce_diag(S * fi @ ft.T) + np_ce_diag(S * ft @ fi.T))
+
+    def soft_ce(y, z):
+        return np.mean(-(np_softmax(z) * np_log_softmax(y)).sum(-1))
+
+    out["affinity"] = 0.5 * (soft_ce(S * vs @ ts.T, S_T * vt @ tt.T) + soft_ce(S * ts @ vs.T, S_T * tt @ vt.T))
+    a_v, a_t = kv * vt @ vs.T, kt * tt @ ts.T
+    out["vrd"] = (
+        0.5 * (np_kl(a_v, a_t) + np_kl(a_v.T, a_t.T))
+        + 0.5 * (np_ce_diag(a_v) + np_ce_diag(a_v.T))
+        + 0.5 * (np_ce_diag(a_t) + np_ce_diag(a_t.T))
+    )
+    c, d = kx * vt @ ts.T, kx * tt @ vs.T
+    out["xrd"] = 0.25 * (np_kl(c, d) + np_kl(d, c) + np_kl(c.T, d.T) + np_kl(d.T, c.T))
+    return out
+
+
+def np_hierd_terms(a, s_student, s_teacher):
+    """HieRD terms row by row over the valid entries only."""
+    cs, ct = np_unit(a["clu_s"]), a["clu_t"]
+    ps, pt = np_unit(a["phr_s"]), a["phr_t"]
+    vs, ts, vt, tt = np_unit(a["img_s"]), np_unit(a["txt_s"]), a["img_t"], a["txt_t"]
+    cm, pm = a["clu_mask"], a["phr_mask"]
+    n = cs.shape[0]
+
+    def within(xs, xt, m):
+        rows = []
+        for i in range(n):
+            for k in np.flatnonzero(m[i]):
+                others = [j for j in np.flatnonzero(m[i]) if j != k]
+                rows.append((s_student * xs[i, others] @ xs[i, k], s_teacher * xt[i, others] @ xt[i, k]))
+        return np_masked_mean_kl(rows)
+
+    def given_global(xs, xt, m, gs, gt):
+        rows = []
+        for i in range(n):
+            valid = np.flatnonzero(m[i])
+            rows.append((s_student * xs[i, valid] @ gs[i], s_teacher * xt[i, valid] @ gt[i]))
+        return np_masked_mean_kl(rows)
+
+    def to_batch(xs, xt, m, os_, ot):
+        rows = [
+            (s_student * os_ @ xs[i, k], s_teacher * ot @ xt[i, k])
+            for i in range(n)
+            for k in np.flatnonzero(m[i])
+        ]
+        return np_masked_mean_kl(rows)
+
+    rows, cols = [], []
+    for i in range(n):
+        kv, pv = np.flatnonzero(cm[i]), np.flatnonzero(pm[i])
+        for k in kv:
+            rows.append((s_student * ps[i, pv] @ cs[i, k], s_teacher * pt[i, pv] @ ct[i, k]))
+        for p in pv:
+            cols.append((s_student * cs[i, kv] @ ps[i, p], s_teacher * ct[i, kv] @ pt[i, p]))
+    return {
+        "hierd_clu_clu": within(cs, ct, cm),
+        "hierd_clu_img": given_global(cs, ct, cm, vs, vt),
+        "hierd_phr_phr": within(ps, pt, pm),
+        "hierd_phr_cap": given_global(ps, pt, pm, ts, tt),
+        "hierd_clu_phr": 0.5 * (np_masked_mean_kl(rows) + np_masked_mean_kl(cols)),
+        "hierd_phr_img": to_batch(ps, pt, pm, vs, vt),
+        "hierd_clu_cap": to_batch(cs, ct, cm, ts, tt),
+    }
+
+
+GLOBAL_TERMS = ("clip",) + KD_TERMS + ("affinity", "vrd", "xrd")
+
+
+@pytest.mark.parametrize("name", GLOBAL_TERMS)
+def test_global_term_matches_reference(name):
+    expected = np_global_terms(np_inputs())[name]
+    if name == "clip":
+        module = ClipLoss()
+    elif name == "affinity":
+        module = TinyClipLoss()
+    elif name in KD_TERMS:
+        module = ClipKDLoss([name])
+    else:
+        module = ClipRDLoss([name])
+    got = module(make_features())[f"{name}_loss"]
+    assert got.dtype == torch.float32 and got.dim() == 0
+    assert expected > 1e-6  # a reference of 0 would make the comparison toothless
+    assert got.item() == pytest.approx(expected, rel=1e-4, abs=1e-9)
+
+
+@pytest.mark.parametrize("scale", ["teacher", "student", 7.5])
+@pytest.mark.parametrize("name", HIERD_TERMS)
+def test_hierd_term_matches_reference(name, scale):
+    s_student, s_teacher = {"teacher": (S_T, S_T), "student": (S, S_T), 7.5: (7.5, 7.5)}[scale]
+    expected = np_hierd_terms(np_inputs(), s_student, s_teacher)[name]
+    got = HieRDLoss([name], scale={name: scale})(make_features())[f"{name}_loss"]
+    assert expected > 1e-6
+    assert got.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_modules_compute_only_their_terms():
+    f = make_features()
+    assert set(ClipKDLoss(["icl", "fd"])(f)) == {"icl_loss", "fd_loss"}
+    assert set(ClipRDLoss(["xrd"])(f)) == {"xrd_loss"}
+    assert set(HieRDLoss(["hierd_phr_img"])(f)) == {"hierd_phr_img_loss"}
+    with pytest.raises(ValueError, match="no term"):
+        ClipKDLoss(["vrd"])
+    with pytest.raises(ValueError, match="scale"):
+        HieRDLoss(["hierd_clu_clu"], scale={"hierd_clu_clu": "nope"})
+
+
+def test_missing_feature_is_named():
+    f = make_features(clu_s=None)
+    with pytest.raises(AssertionError, match="clu_s"):
+        HieRDLoss(["hierd_clu_clu"])(f)
+    with pytest.raises(AssertionError, match="kappa"):
+        ClipRDLoss(["vrd"])(make_features(kappa={"x": torch.tensor(1.0)}))
+
+
+# --- invariants ------------------------------------------------------------------------------
+
+
+def student_equals_teacher(scale_s: float) -> Features:
+    """Student tensors equal to the teacher's (scaled by 3: normalisation must undo it)."""
+    f = make_features()
+    return make_features(
+        img_s=3 * f.img_t, txt_s=3 * f.txt_t, clu_s=3 * f.clu_t, phr_s=3 * f.phr_t,
+        logit_scale_s=torch.tensor(scale_s),
+    )  # fmt: skip
+
+
+def test_kl_terms_vanish_when_student_equals_teacher():
+    f = student_equals_teacher(S_T)
+    out = ClipKDLoss(["crd"])(f) | HieRDLoss(HIERD_TERMS)(f)
+    out |= HieRDLoss(HIERD_TERMS, scale={n: "student" for n in HIERD_TERMS})(f)  # s == s_T here
+    for key, value in out.items():
+        assert abs(value.item()) < 1e-5, key
+    # ...and do not vanish when the scales differ: the test can tell.
+    g = student_equals_teacher(S)
+    assert ClipKDLoss(["crd"])(g)["crd_loss"].item() > 1e-3
+    scaled = HieRDLoss(HIERD_TERMS, scale={n: "student" for n in HIERD_TERMS})(g)
+    assert all(v.item() > 1e-4 for v in scaled.values())
+
+
+def test_affinity_minus_crd_is_teacher_entropy():
+    a = np_inputs()
+    logits_t = S_T * a["img_t"] @ a["txt_t"].T
+    entropy = 0.5 * (np_entropy_rows(logits_t) + np_entropy_rows(logits_t.T))
+    f = make_features()
+    diff = TinyClipLoss()(f)["affinity_loss"] - ClipKDLoss(["crd"])(f)["crd_loss"]
+    assert entropy > 1e-3
+    assert diff.item() == pytest.approx(entropy, rel=1e-4)
+
+
+def test_affinity_and_crd_have_the_same_student_gradients():
+    f1, f2 = make_features(), make_features()
+    TinyClipLoss()(f1)["affinity_loss"].backward()
+    ClipKDLoss(["crd"])(f2)["crd_loss"].backward()
+    for name in ("img_s", "txt_s", "logit_scale_s"):
+        g1, g2 = getattr(f1, name).grad, getattr(f2, name).grad
+        assert g1.abs().sum() > 0
+        torch.testing.assert_close(g1, g2)
+
+
+def test_no_gradient_reaches_teacher_tensors():
+    f = make_features(teacher_grad=True)
+    total = sum(all_terms(f).values())
+    total.backward()
+    for name in ("img_t", "txt_t", "clu_t", "phr_t"):
+        assert getattr(f, name).grad is None, name
+    # the student does get gradients, so the check above is not vacuous
+    for name in ("img_s", "txt_s", "img_s_masked", "img_fused", "txt_fused", "clu_s", "phr_s"):
+        grad = getattr(f, name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ClipLoss(),
+        lambda: ClipKDLoss(["fd", "crd", "icl", "gd"]),
+        lambda: TinyClipLoss(),
+        lambda: ClipRDLoss(["xrd"]),
+    ],
+)
+def test_symmetric_terms_are_symmetric_under_swapping_modalities(make):
+    f = make_features()
+    before, after = make()(f), make()(swap_modalities(f))
+    for key in before:
+        assert after[key].item() == pytest.approx(before[key].item(), rel=1e-5), key
+
+
+def test_vrd_is_not_symmetric():
+    # Swapping modalities (and κv <-> κt) turns the target side around: VRD must change.
+    f = make_features()
+    g = swap_modalities(f)
+    g.kappa = {"v": f.kappa["t"], "t": f.kappa["v"], "x": f.kappa["x"]}
+    before = ClipRDLoss(["vrd"])(f)["vrd_loss"].item()
+    after = ClipRDLoss(["vrd"])(g)["vrd_loss"].item()
+    assert abs(before - after) > 1e-4
+
+
+def test_vrd_text_side_is_stop_gradient():
+    """VRD's text side gets gradients only from its own InfoNCE, never from the KL."""
+    f = make_features()
+    ClipRDLoss(["vrd"])(f)["vrd_loss"].backward()
+
+    # Reference: just ½[CE(A_t) + CE(A_tᵀ)], written out with F.cross_entropy.
+    ts = make_features().txt_s
+    kt = torch.tensor(KAPPA["t"], requires_grad=True)
+    a_t = kt * f.txt_t @ F.normalize(ts, dim=-1).T
+    labels = torch.arange(3)
+    (0.5 * (F.cross_entropy(a_t, labels) + F.cross_entropy(a_t.T, labels))).backward()
+    torch.testing.assert_close(f.txt_s.grad, ts.grad)
+    torch.testing.assert_close(f.kappa["t"].grad, kt.grad)
+
+    # The image side, by contrast, also learns from the KL: its gradient differs from
+    # that of its InfoNCE alone.
+    vs = make_features().img_s
+    a_v = KAPPA["v"] * f.img_t @ F.normalize(vs, dim=-1).T
+    (0.5 * (F.cross_entropy(a_v, labels) + F.cross_entropy(a_v.T, labels))).backward()
+    assert (f.img_s.grad - vs.grad).abs().max() > 1e-4
+
+
+def test_masked_entries_do_not_affect_hierd():
+    f = make_features()
+    out = HieRDLoss(HIERD_TERMS)(f)
+    sum(out.values()).backward()
+
+    junk = torch.full((3, 3, 4), float("nan"))
+    g = make_features()
+    for name, mask in (("clu_s", g.clu_mask), ("clu_t", g.clu_mask), ("phr_s", g.phr_mask), ("phr_t", g.phr_mask)):
+        with torch.no_grad():
+            getattr(g, name)[~mask] = junk[~mask]  # NaN in every padded slot
+    out_junk = HieRDLoss(HIERD_TERMS)(g)
+    sum(out_junk.values()).backward()
+
+    for key in out:
+        assert out_junk[key].item() == pytest.approx(out[key].item(), rel=1e-6), key
+    for name in ("clu_s", "phr_s", "img_s", "txt_s"):
+        gf, gg = getattr(f, name).grad, getattr(g, name).grad
+        assert torch.isfinite(gg).all(), name
+        torch.testing.assert_close(gg, gf)
+    assert (f.clu_s.grad[~f.clu_mask] == 0).all() and (f.phr_s.grad[~f.phr_mask] == 0).all()
+
+
+def test_hierd_sample_with_too_few_parts_is_excluded():
+    # Sample 2 has a single cluster: its clu_clu / clu_img rows are excluded. Changing
+    # that cluster's student embedding must not move those two terms.
+    f = make_features()
+    g = make_features()
+    with torch.no_grad():
+        g.clu_s[2, 0] = torch.tensor([5.0, -1.0, 0.0, 2.0])
+    terms = ["hierd_clu_clu", "hierd_clu_img", "hierd_clu_cap"]
+    a, b = HieRDLoss(terms)(f), HieRDLoss(terms)(g)
+    assert a["hierd_clu_clu_loss"].item() == pytest.approx(b["hierd_clu_clu_loss"].item())
+    assert a["hierd_clu_img_loss"].item() == pytest.approx(b["hierd_clu_img_loss"].item())
+    # ...but it still counts in batch, where its row runs over all N captions.
+    assert abs(a["hierd_clu_cap_loss"].item() - b["hierd_clu_cap_loss"].item()) > 1e-4
+
+
+def test_gd_trains_the_student():
+    f = make_features()
+    ClipKDLoss(["gd"])(f)["gd_loss"].backward()
+    for grad in (f.img_s.grad, f.txt_s.grad, f.logit_scale_s.grad):
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_gd_under_no_grad_gives_the_same_value():
+    with_grad = ClipKDLoss(["gd"])(make_features())["gd_loss"].item()
+    with torch.no_grad():
+        value = ClipKDLoss(["gd"])(make_features(grad=False))["gd_loss"]
+    assert value.item() == pytest.approx(with_grad, rel=1e-6)
+
+
+def test_all_terms_are_float32_under_bf16_autocast():
+    f = make_features()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = all_terms(f)
+    for key, value in out.items():
+        assert value.dtype == torch.float32 and torch.isfinite(value), key
+    sum(out.values()).backward()
+    assert torch.isfinite(f.img_s.grad).all()

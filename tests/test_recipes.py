@@ -1,0 +1,155 @@
+"""Recipes: every shipped one loads and builds; bad ones fail early with a UserError naming the file."""
+
+from __future__ import annotations
+
+import shutil
+from importlib import resources
+
+import pytest
+import torch
+
+from hierdctl.errors import UserError
+from hierdctl.losses.clipkd import ClipKDLoss
+from hierdctl.losses.hierd import HieRDLoss
+from hierdctl.losses.registry import (
+    TERMS,
+    build_losses,
+    list_recipes,
+    load_recipe,
+    weighted_total,
+)
+
+from loss_inputs import make_features
+
+SHIPPED = {"clip", "clip-kd", "tinyclip", "clip-rd", "hierd", "hierd+rd"}
+
+
+def test_list_recipes_names_every_shipped_recipe_with_a_description():
+    listed = dict(list_recipes())
+    assert set(listed) == SHIPPED
+    assert all(desc and "\n" not in desc for desc in listed.values())
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_recipe_loads_builds_and_runs(name):
+    recipe = load_recipe(name)
+    assert recipe.name == name
+    f = make_features()
+    out = {}
+    for module in build_losses(recipe):
+        out |= module(f)
+    assert set(out) == {f"{t}_loss" for t in recipe.term_names}  # exactly the recipe's terms
+    total = weighted_total(out, recipe)
+    expected = sum(t.weight * out[t.key].item() for t in recipe.terms)
+    assert total.item() == pytest.approx(expected, rel=1e-6)
+    total.backward()
+    assert f.img_s.grad is not None
+
+
+def test_shipped_recipes_have_the_published_terms_and_weights():
+    def weights(name):
+        return {t.name: t.weight for t in load_recipe(name).terms}
+
+    assert weights("clip") == {"clip": 1.0}
+    assert weights("clip-kd") == {"clip": 1.0, "crd": 1.0, "icl": 1.0, "fd": 2000.0}
+    assert weights("clip-rd") == weights("clip-kd") | {"vrd": 1.0, "xrd": 1.0}
+    assert weights("tinyclip") == {"clip": 0.0, "affinity": 1.0}  # α = 1
+    hierd_terms = {n: 1.0 for n in HieRDLoss.TERMS}
+    assert weights("hierd") == {"clip": 1.0, "crd": 1.0} | hierd_terms
+    assert weights("hierd+rd") == weights("clip-rd") | hierd_terms
+
+
+def test_recipe_needs():
+    clip = load_recipe("clip")
+    assert clip.cache_parts == () and not clip.needs_teacher and clip.kappa_keys == ()
+    kd = load_recipe("clip-kd")
+    assert kd.cache_parts == ("global",) and kd.kappa_keys == ("x",) and kd.extras == ()
+    assert {"img_t", "txt_t", "logit_scale_t"} <= set(kd.fields)
+    rd = load_recipe("clip-rd")
+    assert set(rd.kappa_keys) == {"x", "v", "t"}
+    hierd = load_recipe("hierd")
+    assert set(hierd.cache_parts) == {"global", "clusters", "phrases"}
+    assert set(hierd.extras) == {"patch_tokens", "phrase_forward"}
+    assert {"clu_s", "clu_t", "clu_mask", "phr_s", "phr_t", "phr_mask"} <= set(hierd.fields)
+    assert TERMS["mfd"].extras == ("masked_forward",) and TERMS["afd"].extras == ("fusion",)
+
+
+def write(tmp_path, text, name="my.yaml"):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_recipe_from_a_path(tmp_path):
+    src = resources.files("hierdctl") / "recipes" / "clip-kd.yaml"
+    path = tmp_path / "copy.yaml"
+    with resources.as_file(src) as p:
+        shutil.copy(p, path)
+    recipe = load_recipe(str(path))
+    assert recipe.name == "copy" and recipe.terms == load_recipe("clip-kd").terms
+
+
+def test_args_reach_the_module(tmp_path):
+    path = write(
+        tmp_path,
+        "terms:\n"
+        "  - {name: hierd_clu_img, weight: 1.0, args: {scale: student}}\n"
+        "  - {name: hierd_phr_img, weight: 0.5, args: {scale: 30}}\n"
+        "  - {name: gd, weight: 1e8}\n",  # PyYAML reads 1e8 as a string: accepted
+    )
+    recipe = load_recipe(path)
+    assert recipe.terms[2].weight == 1e8
+    modules = build_losses(recipe)
+    hierd = next(m for m in modules if isinstance(m, HieRDLoss))
+    assert hierd.scale == {"hierd_clu_img": "student", "hierd_phr_img": 30}
+    assert any(isinstance(m, ClipKDLoss) and m.terms == ("gd",) for m in modules)
+
+
+BAD = {
+    "unknown term": ("terms:\n  - {name: crdd, weight: 1.0}\n", "unknown term 'crdd' (did you mean 'crd'?)"),
+    "unknown arg": ("terms:\n  - {name: crd, weight: 1.0, args: {scale: teacher}}\n", "unknown arg 'scale'"),
+    "bad scale": ("terms:\n  - {name: hierd_clu_clu, weight: 1, args: {scale: huge}}\n", "scale must be"),
+    "text weight": ("terms:\n  - {name: crd, weight: lots}\n", "weight must be a number"),
+    "bool weight": ("terms:\n  - {name: crd, weight: true}\n", "weight must be a number"),
+    "no weight": ("terms:\n  - {name: crd}\n", "weight must be a number"),
+    "negative weight": ("terms:\n  - {name: crd, weight: -1.0}\n", "≥ 0"),
+    "nan weight": ("terms:\n  - {name: crd, weight: .nan}\n", "finite"),
+    "duplicate": ("terms:\n  - {name: crd, weight: 1}\n  - {name: clip, weight: 1}\n  - {name: crd, weight: 2}\n",
+                  "term 3: 'crd' is already term 1"),
+    "malformed yaml": ("terms:\n  - {name: crd, weight: 1.0\n", "malformed YAML"),
+    "not a mapping": ("- clip\n- crd\n", "a recipe is a mapping"),
+    "empty terms": ("description: nothing\nterms: []\n", "non-empty list"),
+    "stray key": ("terms:\n  - {name: clip, weight: 1}\nweights: {}\n", "unknown key(s) ['weights']"),
+    "stray term key": ("terms:\n  - {name: clip, weight: 1, wieght: 2}\n", "unknown key(s) ['wieght']"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_recipe_is_a_user_error_naming_the_file(tmp_path, case):
+    text, message = BAD[case]
+    path = write(tmp_path, text)
+    with pytest.raises(UserError) as err:
+        load_recipe(path)
+    assert err.value.where == str(path)
+    assert str(path) in str(err.value)
+    assert message in str(err.value)
+
+
+def test_unknown_recipe_name_lists_the_shipped_ones():
+    with pytest.raises(UserError) as err:
+        load_recipe("clip-kdd")
+    assert err.value.where == "clip-kdd"
+    assert "hierd+rd" in str(err.value) and "clip-kd" in str(err.value)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(UserError, match="no such recipe file") as err:
+        load_recipe(tmp_path / "nope.yaml")
+    assert err.value.where == str(tmp_path / "nope.yaml")
+
+
+def test_weighted_total_needs_every_term():
+    recipe = load_recipe("clip-kd")
+    with pytest.raises(KeyError, match="fd_loss"):
+        weighted_total({"clip_loss": torch.tensor(1.0), "crd_loss": torch.tensor(1.0),
+                        "icl_loss": torch.tensor(1.0)}, recipe)  # fmt: skip
