@@ -53,7 +53,7 @@ def test_shipped_recipes_have_the_published_terms_and_weights():
     assert weights("clip") == {"clip": 1.0}
     assert weights("clip-kd") == {"clip": 1.0, "crd": 1.0, "icl": 1.0, "fd": 2000.0}
     assert weights("clip-rd") == weights("clip-kd") | {"vrd": 1.0, "xrd": 1.0}
-    assert weights("tinyclip") == {"clip": 0.0, "affinity": 1.0}  # α = 1
+    assert weights("tinyclip") == {"clip": 0.5, "affinity": 0.5}  # α = 0.5: a real mix
     hierd_terms = {n: 1.0 for n in HieRDLoss.TERMS}
     assert weights("hierd") == {"clip": 1.0, "crd": 1.0} | hierd_terms
     assert weights("hierd+rd") == weights("clip-rd") | hierd_terms
