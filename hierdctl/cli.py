@@ -29,7 +29,7 @@ app = typer.Typer(
 def _fail(e: UserError) -> None:
     from .console import console
 
-    console.print(f"[bold red]error:[/] {_escape(str(e))}")
+    console.print(f"[bold red]error:[/] {_escape(str(e))}", soft_wrap=True)  # one line, never wrapped
     raise typer.Exit(2)
 
 
@@ -210,7 +210,7 @@ def distill(
     except TrainingDiverged as e:
         from .console import console
 
-        console.print(f"[bold red]training stopped:[/] {_escape(str(e))}")
+        console.print(f"[bold red]training stopped:[/] {_escape(str(e))}", soft_wrap=True)
         raise typer.Exit(1)
     if summary["rank"] != 0:
         return
