@@ -36,8 +36,8 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image
         raise BadImage("empty_image")
     try:
         img = Image.open(io.BytesIO(data))
-    except (Image.UnidentifiedImageError, OSError, ValueError) as e:
-        raise BadImage("corrupt_image", str(e)[:200]) from None
+    except (Image.UnidentifiedImageError, OSError, ValueError) as e:  # a cut inside the header lands here
+        raise BadImage(_failure_reason(e), str(e)[:200]) from None
     w, h = img.size
     if w * h > max_pixels:  # checked before any pixel is decoded
         raise BadImage("decompression_bomb", f"{w}x{h} > {max_pixels} pixels")
@@ -50,12 +50,16 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image
     except Image.DecompressionBombWarning as e:
         raise BadImage("decompression_bomb", str(e)[:200]) from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        reason = "truncated_image" if "truncated" in str(e) else "corrupt_image"
-        raise BadImage(reason, str(e)[:200]) from None
+        raise BadImage(_failure_reason(e), str(e)[:200]) from None
     mode = img.mode
     if mode == "RGB":
         return img, None
     return _to_rgb(img), mode
+
+
+def _failure_reason(e: Exception) -> str:
+    # PIL says "image file is truncated" (pixel data) or "Truncated File Read" (headers).
+    return "truncated_image" if "truncated" in str(e).lower() else "corrupt_image"
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

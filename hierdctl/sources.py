@@ -106,13 +106,13 @@ class TarSource:
                         continue
                     k, ext = base.split(".", 1)
                     k = f"{d}/{k}" if d else k
-                    data = tf.extractfile(m).read()
-                    if len(data) != m.size:
-                        raise tarfile.ReadError("unexpected end of data")
-                    if k != key:
+                    if k != key:  # the previous sample is complete: yield it before reading on
                         if key is not None:
                             yield self._make(key, members)
                         key, members = k, {}
+                    data = tf.extractfile(m).read()
+                    if len(data) != m.size:
+                        raise tarfile.ReadError("unexpected end of data")
                     members[ext.lower()] = data
         except (tarfile.ReadError, EOFError, OSError) as e:
             # The member being read when the archive broke is lost with the rest.
@@ -140,12 +140,13 @@ class TarSource:
             return Skip(key, "missing_caption")
         if why:
             return Skip(key, why)
-        # A .json may carry extra captions (COCO-style shards): keep every distinct one.
-        for c in meta.get("captions", []) if isinstance(meta.get("captions"), list) else []:
-            c = " ".join(str(c).split())
-            if c and c not in captions:
-                captions.append(c)
-        return Sample(key, members[ext], ext, captions, meta)
+        # A .json may carry extra captions (COCO-style shards): keep every distinct one, in order.
+        extra = meta.get("captions") if isinstance(meta.get("captions"), list) else []
+        distinct: list[str] = []
+        for c in captions + [" ".join(str(c).split()) for c in extra]:
+            if c and c not in distinct:
+                distinct.append(c)
+        return Sample(key, members[ext], ext, distinct, meta)
 
 
 # ----------------------------------------------------------------------------------
