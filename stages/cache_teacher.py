@@ -431,6 +431,7 @@ def run(cfg: CacheTeacherConfig) -> dict:
                     records[r["unit"]].append(r)
                 pending = []
 
+        loop_started = time.time()  # setup (model load, fingerprint, source listing) ends here
         with progress(cfg.quiet or not env.is_main) as bar:
             task = bar.add_task("cache-teacher", total=est_total, unit="samples", info="")
             for item in loader:
@@ -469,6 +470,7 @@ def run(cfg: CacheTeacherConfig) -> dict:
             )
         manifest["this_run"] = {"samples": n_samples, "skipped": n_skipped, "shards": len(todo),
                                 "shards_resumed": len(mine) - len(todo), "seconds": round(time.time() - started, 3),
+                                "setup_seconds": round(loop_started - started, 3),
                                 "rank": env.rank, "world_size": env.world_size}
         return manifest
     finally:
