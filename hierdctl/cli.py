@@ -227,16 +227,148 @@ def distill(
     console.print(t)
 
 
-@app.command("export", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def export(ctx: typer.Context):
-    """Export a trained student as an open_clip local dir or ONNX (arrives with issue 4)."""
-    _fail(UserError("export is not available in this version yet"))
+@app.command("export")
+def export(
+    source: Path = typer.Argument(..., help="A distill run dir (its latest checkpoint), its checkpoints/ folder, or a step-NNNNNNN.safetensors."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (written under a temporary name, then renamed into place)."),
+    fmt: str = typer.Option("open_clip", "--format", "-f", help="open_clip (local dir), onnx (image and text graphs), or all."),
+    report: Optional[Path] = typer.Option(None, help="An eval-retrieval / eval-zeroshot report.json whose metrics go into the model card."),
+    opset: int = typer.Option(17, help="ONNX opset."),
+    atol: float = typer.Option(1e-4, help="Largest ONNX-vs-PyTorch difference accepted (normalised embeddings)."),
+    overwrite: bool = typer.Option(False, help="Replace an earlier export in --out."),
+    quiet: bool = typer.Option(False, help="No notes."),
+):
+    """Export a trained student as an open_clip local dir (open_clip, CLIP_benchmark, clip-retrieval) and/or ONNX."""
+    try:
+        from hierdctl.stages.export import ExportConfig, ExportMismatch, run
+
+        summary = run(ExportConfig(source=source, out=out, format=fmt, report=report, opset=opset, atol=atol,
+                                   overwrite=overwrite, quiet=quiet))
+    except UserError as e:
+        _fail(e)
+    except ExportMismatch as e:
+        from .console import console
+
+        console.print(f"[bold red]export check failed:[/] {_escape(str(e))}", soft_wrap=True)
+        raise typer.Exit(1)
+    from rich.table import Table
+
+    from .console import console
+
+    t = Table(title=f"export {summary['out']}", show_header=False)
+    t.add_row("checkpoint", f"{summary['checkpoint']['path']} (step {summary['checkpoint']['step']})")
+    t.add_row("model", f"{summary['parameters']:,} parameters, {summary['embed_dim']}-d embedding"
+              + ("  [projector dropped]" if summary["projector_dropped"] else ""))
+    t.add_row("files", ", ".join(summary["files"]))
+    oc = summary["checks"]["open_clip"]
+    t.add_row("open_clip reload", f"max |Δ| image {oc['image_max_abs_diff']:.2e}, text {oc['text_max_abs_diff']:.2e}")
+    for g, c in summary["checks"].get("onnx", {}).items():
+        t.add_row(f"onnx {g} vs torch", f"max |Δ| {c['max_abs_diff']:.2e} (onnxruntime, batch {c['check_batch']})")
+    console.print(t)
 
 
-@app.command("eval-retrieval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def eval_retrieval(ctx: typer.Context):
-    """Image↔text recall@K with a FAISS index, CLIP_benchmark-compatible (arrives with issue 4)."""
-    _fail(UserError("eval-retrieval is not available in this version yet"))
+def _source_options(image_col: str, caption_col: str, image_root: Optional[str], split: str):
+    from hierdctl.sources import SourceOptions
+
+    return SourceOptions(image_col, caption_col, image_root, split)
+
+
+def _print_eval_table(report: dict) -> None:
+    """One row per metric, one column per model; later models show their retention of the first's."""
+    from rich.table import Table
+
+    from .console import console
+
+    models = report["models"]
+    names = []
+    for m in models:
+        names += [k for k in m["metrics"] if k not in names]
+    idx = report.get("index")
+    title = f"{report['task']} on {report['source'].get('spec')}"
+    if idx:
+        title += f"  (index {idx['kind']}: {'exact' if idx['exact'] else 'APPROXIMATE'}, faiss on {idx['device']})"
+    t = Table(title=_escape(title))
+    t.add_column("metric")
+    for i, m in enumerate(models):
+        t.add_column(_escape(("ref: " if i == 0 and len(models) > 1 else "") + m["spec"]), justify="right")
+    for k in names:
+        row = [k]
+        for i, m in enumerate(models):
+            v = m["metrics"].get(k)
+            r = m["retention"].get(k)
+            row.append("" if v is None else f"{v:.4f}" + (f"  ({r:.1f}%)" if i and r is not None else ""))
+        t.add_row(*row)
+    c = report["counts"]
+    t.caption = ", ".join(f"{k} {v:,}" for k, v in c.items() if isinstance(v, int)) + (
+        "  skipped: " + ", ".join(f"{k} {v}" for k, v in c["skipped"].items()) if c.get("skipped") else "")
+    console.print(t)
+
+
+@app.command("eval-retrieval")
+def eval_retrieval(
+    source: str = typer.Argument(..., help="Shards, a dir of shards, a .csv/.tsv/.jsonl, or a Karpathy .json (COCO, Flickr30k)."),
+    model: List[str] = typer.Option(..., "--model", "-m", help="Model spec (repeatable); the first is the reference for retention %."),
+    k: str = typer.Option("1,5,10", "--k", help="Comma-separated K of recall@K."),
+    batch_size: int = typer.Option(64, help="Images / captions per forward."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (FAISS uses a GPU whenever faiss-gpu sees one)."),
+    index: str = typer.Option("flat", help="flat (exact IndexFlatIP), ivf or hnsw (approximate, labelled so)."),
+    nprobe: Optional[int] = typer.Option(None, help="ivf: lists probed per query (default nlist/8)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the JSON report here."),
+    save_index: Optional[Path] = typer.Option(None, help="Keep each model's embeddings and FAISS indexes in this folder."),
+    image_col: str = typer.Option("image", help="Tables: the image-path column."),
+    caption_col: str = typer.Option("caption", help="Tables: the caption column."),
+    image_root: Optional[str] = typer.Option(None, help="Karpathy JSON: folder the image paths are relative to."),
+    split: str = typer.Option("test", help="Karpathy JSON: split to read (train, restval, val, test, all)."),
+    max_pixels: int = typer.Option(89_478_485, help="Decompression-bomb limit; larger images are skipped."),
+    workers: int = typer.Option(4, help="Image-decoding threads (0: decode in the main thread)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+):
+    """Image↔text recall@K (CLIP_benchmark's metrics) with a FAISS index; hard-negative accuracy where the data has them."""
+    try:
+        from hierdctl.stages.eval_retrieval import EvalRetrievalConfig, parse_ks, run
+
+        cfg = EvalRetrievalConfig(source=source, models=list(model), ks=parse_ks(k), batch_size=batch_size, device=device,
+                                  index=index, nprobe=nprobe, out=out, save_index=save_index,
+                                  source_options=_source_options(image_col, caption_col, image_root, split),
+                                  max_pixels=max_pixels, workers=workers, quiet=quiet)
+        report = run(cfg)
+    except UserError as e:
+        _fail(e)
+    if json_out:
+        sys.stdout.write(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    else:
+        _print_eval_table(report)
+
+
+@app.command("eval-zeroshot")
+def eval_zeroshot(
+    source: str = typer.Argument(..., help="A class-per-folder tree (ROOT/<class>/<image>) or WebDataset shards with a class field."),
+    model: List[str] = typer.Option(..., "--model", "-m", help="Model spec (repeatable); the first is the reference for retention %."),
+    classnames: str = typer.Option("imagenet", help="imagenet (open_clip's), folders (the folder names), or a file (.json list or one name a line)."),
+    templates: str = typer.Option("openai", help="openai (open_clip's 80 ImageNet prompts), simple, or a file of prompts with {c}."),
+    class_field: str = typer.Option("cls", help="Shards: the member (KEY.cls) or .json field holding the class index."),
+    batch_size: int = typer.Option(64, help="Images / prompts per forward."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the JSON report here."),
+    max_pixels: int = typer.Option(89_478_485, help="Decompression-bomb limit; larger images are skipped."),
+    workers: int = typer.Option(4, help="Image-decoding threads (0: decode in the main thread)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+):
+    """Zero-shot classification: top-1, top-5 and mean per-class recall (CLIP_benchmark's names)."""
+    try:
+        from hierdctl.stages.eval_zeroshot import EvalZeroshotConfig, run
+
+        report = run(EvalZeroshotConfig(source=source, models=list(model), classnames=classnames, templates=templates,
+                                        class_field=class_field, batch_size=batch_size, device=device, out=out,
+                                        max_pixels=max_pixels, workers=workers, quiet=quiet))
+    except UserError as e:
+        _fail(e)
+    if json_out:
+        sys.stdout.write(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    else:
+        _print_eval_table(report)
 
 
 @app.command("scenes")

@@ -1,0 +1,284 @@
+"""`hierdctl eval-zeroshot`: zero-shot classification, CLIP_benchmark's metric names.
+
+Data: a class-per-folder tree (ROOT/<class>/<image>, classes in sorted folder order as
+torchvision's ImageFolder numbers them, e.g. ImageNet's val/n01440764/...) or WebDataset
+shards whose samples carry a class index in a `.cls` member or in their `.json` under
+--class-field (a class *name* equal to one of the class names also works).
+
+Classifier: for each class c, every prompt template t(c) is embedded and L2-normalised;
+their mean, normalised again, is the class weight (CLIP's prompt ensembling). Class names
+and templates default to open_clip's bundled ImageNet ones (IMAGENET_CLASSNAMES,
+OPENAI_IMAGENET_TEMPLATES); --classnames folders|FILE and --templates simple|FILE
+replace them. Metrics: acc1, acc5 (with ≥ 5 classes), mean_per_class_recall.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hierdctl.console import console, progress
+from hierdctl.errors import UserError, require
+from hierdctl.sources import IMAGE_EXTS, Sample, TarSource
+
+REPORT_SCHEMA = "hierdctl.eval-zeroshot/1"
+FOLDER_IMAGE_EXTS = IMAGE_EXTS + ("bmp", "gif", "tif", "tiff", "jpe")
+
+
+@dataclass
+class EvalZeroshotConfig:
+    source: str
+    models: list[str]
+    classnames: str = "imagenet"  # imagenet | folders | FILE (.json list or one name a line)
+    templates: str = "openai"  # openai | simple | FILE (.json list or one a line, with {c})
+    class_field: str = "cls"
+    batch_size: int = 64
+    device: str = "auto"
+    out: Path | None = None
+    max_pixels: int = 89_478_485
+    workers: int = 4
+    quiet: bool = False
+
+    def validate(self) -> "EvalZeroshotConfig":
+        from hierdctl.specs import parse_spec
+
+        require(bool(self.models), "give at least one --model SPEC", "--model")
+        for m in self.models:
+            parse_spec(m, "--model")
+        require(self.batch_size >= 1, "must be at least 1", "--batch-size")
+        require(self.workers >= 0, "must be 0 or more", "--workers")
+        return self
+
+
+# ----------------------------------------------------------------------------------
+# Class names, templates and labelled data
+# ----------------------------------------------------------------------------------
+
+
+def _read_list(path: str, where: str) -> list[str]:
+    p = Path(path)
+    require(p.is_file(), f"{path} is not a file (nor one of the built-in names)", where)
+    text = p.read_text(encoding="utf-8")
+    if p.suffix.lower() == ".json":
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is not valid JSON ({e})", where) from None
+        require(isinstance(items, list) and all(isinstance(x, str) for x in items), f"{path} is not a JSON list of strings", where)
+    else:
+        items = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    require(bool(items), f"{path} is empty", where)
+    return items
+
+
+def load_templates(spec: str) -> tuple[list, str]:
+    """Callables class name -> prompt, and a description."""
+    from hierdctl.tv_shim import import_open_clip
+
+    zsm = import_open_clip().zero_shot_metadata
+    if spec == "openai":
+        return list(zsm.OPENAI_IMAGENET_TEMPLATES), "open_clip OPENAI_IMAGENET_TEMPLATES"
+    if spec == "simple":
+        return list(zsm.SIMPLE_IMAGENET_TEMPLATES), "open_clip SIMPLE_IMAGENET_TEMPLATES"
+    items = _read_list(spec, "--templates")
+    bad = [t for t in items if "{c}" not in t and "{}" not in t]
+    if bad:
+        raise UserError(f"template {bad[0]!r} has no {{c}} placeholder for the class name", "--templates")
+    return [lambda c, t=t: t.replace("{c}", c).replace("{}", c) for t in items], spec
+
+
+class LabelledShards(TarSource):
+    """WebDataset shards whose samples carry a class (no caption needed)."""
+
+    def __init__(self, spec: str, paths: list[str], class_field: str, names: list[str]):
+        super().__init__(spec, paths)
+        self.class_field, self.names = class_field, names
+        self.by_name = {n: i for i, n in enumerate(names)}
+
+    def _make(self, key: str, members: dict):
+        from hierdctl.sources import Skip
+
+        ext = next((e for e in IMAGE_EXTS if e in members), None)
+        if ext is None:
+            return Skip(key, "missing_image")
+        raw = members.get(self.class_field.lower())
+        if raw is None and "json" in members:
+            try:
+                meta = json.loads(members["json"])
+                raw = meta.get(self.class_field) if isinstance(meta, dict) else None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raw = None
+        if isinstance(raw, bytes):
+            raw = raw.decode("utf-8", "replace").strip()
+        if raw is None or raw == "":
+            return Skip(key, "missing_label")
+        if isinstance(raw, int) or (isinstance(raw, str) and raw.lstrip("-").isdigit()):
+            label = int(raw)
+        elif isinstance(raw, str) and raw in self.by_name:
+            label = self.by_name[raw]
+        else:
+            return Skip(key, "bad_label", repr(raw)[:80])
+        if not 0 <= label < len(self.names):
+            return Skip(key, "label_out_of_range", f"{label} not in 0..{len(self.names) - 1}")
+        return Sample(key, members[ext], ext, [], {"label": label})
+
+
+class FolderTree:
+    """ROOT/<class>/<image>: classes numbered in sorted folder order."""
+
+    kind = "folders"
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        self.files = []
+        for i, c in enumerate(self.classes):
+            for dirpath, _, names in sorted(os.walk(root / c)):
+                for n in sorted(names):
+                    if n.rsplit(".", 1)[-1].lower() in FOLDER_IMAGE_EXTS:
+                        self.files.append((os.path.join(dirpath, n), i))
+        self.units = [0]
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "spec": str(self.root), "classes": len(self.classes), "files": len(self.files)}
+
+    def iter_unit(self, unit):
+        from hierdctl.sources import Skip
+
+        for path, label in self.files:
+            key = os.path.relpath(path, self.root)
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                yield Skip(key, "missing_file", f"{path}: {e.strerror}")
+                continue
+            yield Sample(key, data, path.rsplit(".", 1)[-1].lower(), [], {"label": label})
+
+
+def open_labelled(cfg: EvalZeroshotConfig) -> tuple[object, list[str], str]:
+    """(source, class names, where the names come from)."""
+    from hierdctl.sources import open_source
+    from hierdctl.tv_shim import import_open_clip
+
+    p = Path(cfg.source)
+    folders = p.is_dir() and not any(p.glob("*.tar")) and any(d.is_dir() for d in p.iterdir())
+    if cfg.classnames == "imagenet":
+        names, origin = list(import_open_clip().zero_shot_metadata.IMAGENET_CLASSNAMES), "open_clip IMAGENET_CLASSNAMES"
+    elif cfg.classnames == "folders":
+        require(folders, "--classnames folders needs a class-per-folder SOURCE", "--classnames")
+        names, origin = None, "folder names"
+    else:
+        names, origin = _read_list(cfg.classnames, "--classnames"), cfg.classnames
+    if folders:
+        tree = FolderTree(p)
+        require(bool(tree.files), f"{p} holds no images in class folders", "SOURCE")
+        if names is None:
+            names = [c.replace("_", " ") for c in tree.classes]
+        require(len(names) == len(tree.classes),
+                f"{p} has {len(tree.classes)} class folders but {origin} gives {len(names)} class names; "
+                "use --classnames folders or a file with one name per folder (sorted folder order)", "--classnames")
+        return tree, names, origin
+    src = open_source(cfg.source, None)
+    require(isinstance(src, TarSource), "zero-shot data must be a class-per-folder directory or WebDataset shards", "SOURCE")
+    return LabelledShards(src.spec, src.paths, cfg.class_field, names), names, origin
+
+
+# ----------------------------------------------------------------------------------
+# The stage
+# ----------------------------------------------------------------------------------
+
+
+def classifier(encoder, names: list[str], templates: list, batch_size: int) -> np.ndarray:
+    """(C,D) class weights: the normalised mean of each class's normalised prompt embeddings."""
+    from hierdctl.stages.eval_retrieval import encode_texts
+
+    prompts = [t(c) for c in names for t in templates]
+    emb = encode_texts(encoder, prompts, batch_size).reshape(len(names), len(templates), -1)  # (C,T,D)
+    w = emb.mean(axis=1)
+    return w / np.linalg.norm(w, axis=1, keepdims=True).clip(min=1e-12)
+
+
+def run(cfg: EvalZeroshotConfig) -> dict:
+    import torch
+
+    from hierdctl import dist as D
+    from hierdctl.retrieval import classification_metrics
+    from hierdctl.schema import write_json_atomic
+    from hierdctl.specs import load_encoder
+    from hierdctl.stages.eval_retrieval import image_batches, iter_samples, retention, versions
+
+    cfg.validate()
+    started = time.time()
+    templates, tpl_origin = load_templates(cfg.templates)
+    source, names, origin = open_labelled(cfg)
+    device = D.resolve_device(cfg.device, D.resolve())
+    runs, ref_keys, skipped = [], None, Counter()
+    for i, spec in enumerate(cfg.models):
+        encoder = load_encoder(spec, device, "--model")
+        skipped = Counter()
+        t0 = time.perf_counter()
+        w = classifier(encoder, names, templates, cfg.batch_size)  # (C,D)
+        t_cls = time.perf_counter() - t0
+        keys, labels, feats = [], [], []
+        t0 = time.perf_counter()
+        with progress(cfg.quiet) as bar, torch.inference_mode():
+            task = bar.add_task(f"encode [{i}] {spec}", total=len(getattr(source, "files", [])) or None,
+                                unit="images", info="")
+            for batch, x in image_batches(iter_samples(source, skipped), encoder, cfg.batch_size, cfg.workers,
+                                          cfg.max_pixels, skipped):
+                feats.append(encoder.encode_image(x.to(encoder.device))[0].float().cpu())
+                keys += [s.key for s in batch]
+                labels += [s.meta["label"] for s in batch]
+                bar.advance(task, len(batch))
+        t_img = time.perf_counter() - t0
+        if not keys:
+            why = ", ".join(f"{k}: {v}" for k, v in skipped.items()) or "it holds no samples"
+            raise UserError(f"no usable labelled image in {cfg.source} (skipped: {why})", "SOURCE")
+        img = torch.cat(feats).numpy()
+        if img.shape[1] != w.shape[1]:
+            raise UserError(f"{spec} gives {img.shape[1]}-wide image embeddings but {w.shape[1]}-wide text "
+                            "embeddings: they are not in one joint space", "--model")
+        if ref_keys is None:
+            ref_keys = keys
+        assert keys == ref_keys, "same data for every model"
+        metrics = classification_metrics(img @ w.T, np.asarray(labels), len(names))
+        runs.append({"spec": spec, "model": encoder.describe(), "embed_dim": int(img.shape[1]), "metrics": metrics,
+                     "timing": {"classifier_s": round(t_cls, 3), "encode_images_s": round(t_img, 3),
+                                "images_per_s": round(len(keys) / max(t_img, 1e-9), 1)},
+                     "labels": labels})
+        del encoder
+    for r in runs:
+        r["retention"] = retention(r["metrics"], runs[0]["metrics"]) if r is not runs[0] else {}
+    present = sorted(set(runs[0]["labels"]))
+    report = {
+        "schema": REPORT_SCHEMA,
+        "task": "zeroshot",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "source": source.describe() | {"class_field": cfg.class_field},
+        "counts": {"images": len(ref_keys), "classes": len(names), "classes_present": len(present),
+                   "templates": len(templates), "skipped": dict(sorted(skipped.items())),
+                   "skipped_total": int(sum(skipped.values()))},
+        "classnames": origin,
+        "templates": tpl_origin,
+        "reference": cfg.models[0],
+        "device": device,
+        "models": [{k: r[k] for k in ("spec", "model", "embed_dim", "metrics", "retention", "timing")} for r in runs],
+        "seconds": round(time.time() - started, 3),
+        "versions": versions(),
+    }
+    if len(names) < 5:
+        report["notes"] = ["acc5 is not reported: fewer than 5 classes"]
+    if cfg.out:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(cfg.out), report)
+    if not cfg.quiet and report["counts"]["skipped_total"]:
+        console.print(f"[dim]eval-zeroshot:[/] skipped {report['counts']['skipped_total']} samples: "
+                      + ", ".join(f"{k} {v}" for k, v in report["counts"]["skipped"].items()))
+    return report

@@ -1,0 +1,519 @@
+"""`hierdctl export`: a distill checkpoint -> an open_clip local dir and/or ONNX graphs.
+
+Input: a run dir (its latest checkpoint, named by checkpoints/latest.json), a run's
+checkpoints/ folder, or one checkpoints/step-NNNNNNN.safetensors with its sibling .json
+(model_cfg, preprocess_cfg, teacher, recipe, step: stages/distill.py).
+
+Output DIR (written under a temporary name and renamed into place, so DIR is either the
+previous export or the complete new one):
+
+    open_clip_config.json          {"model_cfg": ..., "preprocess_cfg": ...} (open_clip's local-dir layout)
+    open_clip_model.safetensors    the student's state dict alone: `student.` prefix removed;
+                                   projectors, κ scales and fusion layers dropped
+    image_encoder.onnx             image (B,3,S,S) float32, normalised as preprocess_cfg says
+                                   -> image_embeds (B,D) L2-normalised; dynamic B
+    text_encoder.onnx              text (B,L) int64 open_clip tokens -> text_embeds (B,D) L2-normalised
+    README.md                      model card
+    export.json                    what was exported from where, and every parity check
+
+The exported embedding is the student's own (width D_s = model_cfg.embed_dim): when the
+student was narrower or wider than the teacher, the projector that mapped it into the
+teacher's space during distillation is dropped, so exported embeddings are comparable
+with the student's, not the teacher's.
+
+Checks before DIR is published: the local dir is loaded back with
+`open_clip.create_model_and_transforms('local-dir:…')` and its image and text embeddings
+must equal the checkpoint's (max abs difference recorded, must be ≤ 1e-6); each ONNX
+graph is run with onnxruntime at a batch size other than the traced one and compared with
+PyTorch (max abs difference recorded, must be ≤ `atol`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from hierdctl.console import console
+from hierdctl.errors import UserError, require
+
+FORMATS = ("open_clip", "onnx", "all")
+MARKER = "export.json"
+
+
+class ExportMismatch(RuntimeError):
+    """An exported model does not reproduce the checkpoint (a bug, not bad input)."""
+
+
+@dataclass
+class ExportConfig:
+    source: Path  # run dir, its checkpoints/ folder, or a step-NNNNNNN.safetensors
+    out: Path
+    format: str = "open_clip"
+    report: Path | None = None  # an eval-retrieval / eval-zeroshot report for the model card
+    opset: int = 17
+    atol: float = 1e-4  # ONNX vs PyTorch, on L2-normalised embeddings
+    overwrite: bool = False
+    quiet: bool = False
+
+    def validate(self) -> "ExportConfig":
+        require(self.format in FORMATS, f"unknown format {self.format!r} ({', '.join(FORMATS)})", "--format")
+        require(self.opset >= 14, "ONNX opset must be at least 14", "--opset")
+        if self.report is not None:
+            require(Path(self.report).is_file(), f"{self.report} does not exist", "--report")
+        return self
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return ("open_clip", "onnx") if self.format == "all" else (self.format,)
+
+
+# ----------------------------------------------------------------------------------
+# Atomic directories (also used by eval-retrieval --save-index)
+# ----------------------------------------------------------------------------------
+
+
+def publish_dir(final: Path, write: Callable[[Path], None], marker: str, where: str, overwrite: bool = True) -> None:
+    """Fill a fresh temporary sibling of `final` with write(tmp), then rename it into place.
+
+    An existing non-empty `final` is replaced only if it holds `marker` (hierdctl wrote it)
+    and `overwrite` is set; a folder hierdctl did not write is never deleted."""
+    final = Path(final)
+    if final.exists():
+        if not final.is_dir():
+            raise UserError(f"{final} exists and is not a directory", where)
+        if any(final.iterdir()):
+            if not (final / marker).is_file():
+                raise UserError(f"{final} is not empty and was not written by hierdctl (no {marker}); "
+                                "pick a new or empty folder", where)
+            if not overwrite:
+                raise UserError(f"{final} already holds an export: add --overwrite to replace it", where)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+# ----------------------------------------------------------------------------------
+# Reading a checkpoint
+# ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    path: Path  # the .safetensors
+    meta: dict  # its sibling .json
+    student: dict  # student state dict, prefix removed
+    dropped: list[str]  # wrapper keys that are not the student
+    run_dir: Path | None
+
+
+def resolve_checkpoint(source: Path, where: str = "RUN_DIR") -> tuple[Path, Path | None]:
+    """(checkpoint .safetensors, run dir or None) for a run dir, a checkpoints/ dir or a file."""
+    p = Path(source)
+    if p.is_file():
+        require(p.suffix == ".safetensors", f"{p} is not a .safetensors checkpoint", where)
+        d = p.parent
+        return p, (d.parent if d.name == "checkpoints" else None)
+    if not p.is_dir():
+        raise UserError(f"{p} does not exist", where)
+    for d, run in ((p / "checkpoints", p), (p, p.parent if p.name == "checkpoints" else None)):
+        latest = d / "latest.json"
+        if latest.is_file():
+            try:
+                name = json.loads(latest.read_text())["name"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{latest} is not a valid latest.json", where) from None
+            ck = d / f"{name}.safetensors"
+            require(ck.is_file(), f"{latest} names {ck.name}, which does not exist", where)
+            return ck, run
+    raise UserError(f"{p} holds no checkpoints/latest.json: not a hierdctl distill run dir", where)
+
+
+def load_checkpoint(source: Path, where: str = "RUN_DIR") -> Checkpoint:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path, run_dir = resolve_checkpoint(source, where)
+    meta_path = path.with_suffix(".json")
+    require(meta_path.is_file(), f"{path.name} has no sibling {meta_path.name} (model config); "
+            "it is not a hierdctl distill checkpoint", where)
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{meta_path} is not valid JSON ({e})", where) from None
+    require(isinstance(meta.get("model_cfg"), dict), f"{meta_path} carries no model_cfg", where)
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"cannot read {path}: {e}", where) from None
+    prefix = "student."
+    student = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    require(bool(student), f"{path} holds no '{prefix}*' tensors: not a StudentWrapper checkpoint", where)
+    dropped = sorted(k for k in state if not k.startswith(prefix))
+    return Checkpoint(path, meta, student, dropped, run_dir)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def reference_model(ck: Checkpoint):
+    """The student exactly as the checkpoint holds it (built from model_cfg, strict load)."""
+    import torch
+
+    from hierdctl.tv_shim import import_open_clip
+
+    open_clip = import_open_clip()
+    name = f"hierdctl-export-{os.getpid()}"
+    open_clip.factory._MODEL_CONFIGS[name] = json.loads(json.dumps(ck.meta["model_cfg"]))
+    logging.disable(logging.WARNING)  # open_clip's "no pretrained weights" note: the weights come next
+    try:
+        model = open_clip.create_model(name, device="cpu")
+    finally:
+        logging.disable(logging.NOTSET)
+        del open_clip.factory._MODEL_CONFIGS[name]
+    try:
+        model.load_state_dict(ck.student, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{ck.path}: the student weights do not fit its model_cfg ({str(e).splitlines()[0]})",
+                        "RUN_DIR") from None
+    return model.eval().requires_grad_(False).to(torch.float32)
+
+
+# ----------------------------------------------------------------------------------
+# Parity probes
+# ----------------------------------------------------------------------------------
+
+
+def _probe_inputs(model, tokenizer, batch: int, seed: int = 0):
+    """Fixed random images (B,3,S,S) and real tokenised captions (B,L)."""
+    import torch
+
+    size = model.visual.image_size
+    s = size if isinstance(size, (tuple, list)) else (size, size)
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, s[0], s[1], generator=g)
+    words = ["a photo of a dog", "two red squares left of a blue circle", "a man riding a bicycle",
+             "a bowl of fruit", "a small green triangle", "an empty street at night", "a black cat", "x"]
+    tokens = tokenizer([words[i % len(words)] for i in range(batch)])
+    return images, tokens
+
+
+def _embed(model, images, tokens):
+    import torch
+
+    with torch.inference_mode():
+        return model.encode_image(images, normalize=True), model.encode_text(tokens, normalize=True)
+
+
+def _max_diff(a, b) -> float:
+    import numpy as np
+
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
+
+
+# ----------------------------------------------------------------------------------
+# Writers
+# ----------------------------------------------------------------------------------
+
+
+def write_open_clip(ck: Checkpoint, d: Path) -> None:
+    from safetensors.torch import save_file
+
+    pp = dict(ck.meta.get("preprocess_cfg") or {})
+    (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": ck.meta["model_cfg"], "preprocess_cfg": pp},
+                                                        indent=2) + "\n")
+    save_file({k: v.contiguous() for k, v in ck.student.items()}, str(d / "open_clip_model.safetensors"),
+              metadata={"format": "pt", "source": ck.path.name})
+
+
+def write_onnx(model, d: Path, opset: int, atol: float, tokenizer) -> dict:
+    """Export image and text encoders; check each with onnxruntime. Returns the checks."""
+    import warnings
+
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    class ImageEncoder(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, image):  # (B,3,S,S) -> (B,D)
+            return self.m.encode_image(image, normalize=True)
+
+    class TextEncoder(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, text):  # (B,L) int64 -> (B,D)
+            return self.m.encode_text(text, normalize=True)
+
+    trace_images, trace_tokens = _probe_inputs(model, tokenizer, 2, seed=1)
+    check_images, check_tokens = _probe_inputs(model, tokenizer, 5, seed=2)  # another batch size: dynamic B
+    graphs = {
+        "image": (ImageEncoder(model).eval(), trace_images, check_images, "image", "image_embeds"),
+        "text": (TextEncoder(model).eval(), trace_tokens, check_tokens, "text", "text_embeds"),
+    }
+    checks = {}
+    for name, (module, trace, check, inp, outp) in graphs.items():
+        path = d / f"{name}_encoder.onnx"
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)  # its fused kernel has no ONNX export
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+                # The TorchScript exporter: the dynamo one needs onnxscript, which the onnx extra does not pull.
+                torch.onnx.export(module, (trace,), str(path), input_names=[inp], output_names=[outp],
+                                  dynamic_axes={inp: {0: "batch"}, outp: {0: "batch"}}, opset_version=opset,
+                                  dynamo=False)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+        onnx.checker.check_model(str(path))
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = sess.run([outp], {inp: check.numpy()})[0]
+        with torch.inference_mode():
+            want = module(check).numpy()
+        diff = _max_diff(got, want)
+        checks[name] = {"file": path.name, "input": inp, "output": outp, "opset": opset,
+                        "check_batch": int(check.shape[0]), "max_abs_diff": diff, "atol": atol}
+        if not diff <= atol:
+            raise ExportMismatch(f"ONNX {name} encoder differs from PyTorch by {diff:.3g} (> {atol:g})")
+    return checks
+
+
+# ----------------------------------------------------------------------------------
+# Model card
+# ----------------------------------------------------------------------------------
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _metrics_section(report: dict, out: Path) -> list[str]:
+    models = report.get("models") or []
+    if not models:
+        return []
+    names = []
+    for m in models:
+        for k in m.get("metrics", {}):
+            if k not in names:
+                names.append(k)
+    src = report.get("source", {})
+    lines = ["## Evaluation", "",
+             f"From `{report.get('schema', '?')}` on `{src.get('spec', '?')}` "
+             f"({', '.join(f'{k} {v}' for k, v in report.get('counts', {}).items() if isinstance(v, int))}); "
+             f"index: {report.get('index', {}).get('kind', 'n/a')}"
+             + (" (exact)" if report.get("exact") else (" (approximate)" if "exact" in report else "")) + ".", "",
+             "| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    me = str(out.resolve())
+    for m in models:
+        spec = m.get("spec", "?")
+        this = spec.startswith("local-dir:") and str(Path(spec.split(":", 1)[1]).resolve()) == me
+        cells = []
+        for k in names:
+            v = m.get("metrics", {}).get(k)
+            r = m.get("retention", {}).get(k)
+            cells.append("" if v is None else _fmt(v) + (f" ({r:.1f}%)" if r is not None else ""))
+        lines.append(f"| `{spec}`{' **(this model)**' if this else ''} | " + " | ".join(cells) + " |")
+    lines += ["", "Percentages: retention of the first (reference) model's score."]
+    return lines
+
+
+def model_card(ck: Checkpoint, manifest: dict, report: dict | None, out: Path) -> str:
+    meta, cfg = ck.meta, ck.meta["model_cfg"]
+    teacher = meta.get("teacher") or {}
+    vc, tc = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
+    d_s = cfg.get("embed_dim")
+    projected = any(k.startswith(("img_proj", "txt_proj")) for k in ck.dropped)
+    terms = ", ".join(f"{t['name']} × {t['weight']:g}" for t in meta.get("recipe_terms", []))
+    train = manifest.get("training", {})
+    data = manifest.get("data", {})
+    name = out.name
+    rows = [
+        ("student", f"`{meta.get('student_spec', '?')}`: ViT width {vc.get('width')}, {vc.get('layers')} layers, "
+                    f"patch {vc.get('patch_size')}, image {vc.get('image_size')}; text width {tc.get('width')}, "
+                    f"{tc.get('layers')} layers, context {tc.get('context_length', 77)}; "
+                    f"{manifest['parameters']:,} parameters"),
+        ("embedding", f"{d_s}-d, L2-normalised (the student's own joint space)"),
+        ("teacher", f"`{teacher.get('spec', '?')}` ({teacher.get('embed_dim', '?')}-d"
+                    + (f", weights sha256 {teacher['fingerprint'][:12]}…" if teacher.get("fingerprint") else "") + ")"),
+        ("recipe", f"`{meta.get('recipe', '?')}`" + (f": {terms}" if terms else "")),
+        ("data", f"teacher cache `{meta.get('data', '?')}`"
+                 + (f": {data['samples']:,} samples from `{data.get('source', '?')}`" if data.get("samples") else "")),
+        ("steps", f"{meta.get('step', '?'):,}" if isinstance(meta.get("step"), int) else str(meta.get("step", "?"))),
+    ]
+    if train:
+        rows.append(("training", ", ".join(f"{k} {v}" for k, v in train.items())))
+    rows.append(("checkpoint", f"`{ck.path}` (sha256 {manifest['checkpoint']['sha256'][:12]}…)"))
+    rows.append(("hierdctl", str(meta.get("hierdctl", "?"))))
+    lines = [f"# {name}", "",
+             "A CLIP-style image–text model distilled with hierdctl: a small open_clip student trained "
+             "offline from a cached teacher.", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines += [""]
+    if projected:
+        lines += [f"**Embedding space.** The student ({d_s}-d) was narrower or wider than the teacher "
+                  f"({teacher.get('embed_dim', '?')}-d); during distillation a learned projector mapped it into the "
+                  "teacher's space. The projector is *not* exported: this model's embeddings are the student's own, "
+                  "comparable with each other (image↔text retrieval, zero-shot), not with the teacher's.", ""]
+    lines += ["Dropped from the training checkpoint: " + (", ".join(f"`{k}`" for k in ck.dropped) or "nothing")
+              + " (projectors, relational scales κ, fusion layers: training-only).", ""]
+    lines += ["## Use", "", "```python", "import open_clip",
+              f"model, _, preprocess = open_clip.create_model_and_transforms('local-dir:{name}')",
+              f"tokenizer = open_clip.get_tokenizer('local-dir:{name}')", "```", "",
+              "CLIP_benchmark and clip-retrieval load it through open_clip: give `local-dir:PATH` as the open_clip "
+              "model name (open_clip ignores the pretrained argument for `local-dir:`). "
+              f"hierdctl: `hierdctl eval-retrieval DATA --model local-dir:{name}`.", ""]
+    if "onnx" in manifest["formats"]:
+        o = manifest["checks"]["onnx"]
+        pp = manifest.get("preprocess_cfg", {})
+        lines += ["ONNX (onnxruntime): `image_encoder.onnx` takes `image` (B,3,S,S) float32 — resized, centre-cropped "
+                  f"to {vc.get('image_size')} and normalised with mean {pp.get('mean')} / std {pp.get('std')} — and "
+                  "returns `image_embeds` (B,D); `text_encoder.onnx` takes `text` (B,L) int64 open_clip tokens and "
+                  f"returns `text_embeds` (B,D). Both L2-normalised, dynamic batch, opset {o['image']['opset']}.", ""]
+    lines += ["## Checks at export", ""]
+    oc = manifest["checks"]["open_clip"]
+    lines += [f"- open_clip `local-dir:` reload vs the checkpoint: max abs difference {oc['image_max_abs_diff']:.2e} "
+              f"(image), {oc['text_max_abs_diff']:.2e} (text)"]
+    if "onnx" in manifest["checks"]:
+        for g, c in manifest["checks"]["onnx"].items():
+            lines.append(f"- ONNX {g} encoder vs PyTorch (onnxruntime, batch {c['check_batch']}): "
+                         f"max abs difference {c['max_abs_diff']:.2e}")
+    lines.append("")
+    if report:
+        lines += _metrics_section(report, out) + [""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------
+# The stage
+# ----------------------------------------------------------------------------------
+
+
+def _training_and_data(ck: Checkpoint) -> tuple[dict, dict]:
+    import yaml
+
+    train, data = {}, {}
+    if ck.run_dir and (ck.run_dir / "config.resolved.yaml").is_file():
+        try:
+            r = yaml.safe_load((ck.run_dir / "config.resolved.yaml").read_text()) or {}
+        except yaml.YAMLError:
+            r = {}
+        train = {k: r[k] for k in ("batch_size", "lr", "warmup", "weight_decay", "epochs", "steps", "precision", "seed")
+                 if r.get(k) is not None}
+    cache = Path(str(ck.meta.get("data", "")))
+    if str(cache) and (cache / "manifest.json").is_file():
+        try:
+            m = json.loads((cache / "manifest.json").read_text())
+            data = {"samples": m.get("samples"), "captions": m.get("captions"),
+                    "source": (m.get("source") or {}).get("spec")}
+        except json.JSONDecodeError:
+            pass
+    return train, data
+
+
+def run(cfg: ExportConfig) -> dict:
+    """Export; return the manifest written as DIR/export.json."""
+    import torch
+
+    from hierdctl import __version__
+    from hierdctl.tv_shim import import_open_clip
+
+    cfg.validate()
+    report = None
+    if cfg.report is not None:
+        try:
+            report = json.loads(Path(cfg.report).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{cfg.report} is not a JSON report ({e})", "--report") from None
+        require(isinstance(report, dict) and isinstance(report.get("models"), list),
+                f"{cfg.report} is not an eval-retrieval / eval-zeroshot report (no 'models' list)", "--report")
+    out = Path(cfg.out)
+    occupied = out.is_file() or (out.is_dir() and any(out.iterdir()))
+    if occupied:  # refuse before any work; publish_dir checks again at the end
+        if not out.is_dir() or not (out / MARKER).is_file():
+            raise UserError(f"{out} exists and was not written by hierdctl export; pick a new or empty folder", "--out")
+        require(cfg.overwrite, f"{out} already holds an export: add --overwrite to replace it", "--out")
+
+    t0 = time.time()
+    ck = load_checkpoint(cfg.source)
+    ref = reference_model(ck)
+    open_clip = import_open_clip()
+    train, data = _training_and_data(ck)
+
+    def write(tmp: Path) -> None:
+        write_open_clip(ck, tmp)
+        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp}", device="cpu")
+        model.eval()
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp}")
+        images, tokens = _probe_inputs(ref, tokenizer, 4)
+        (ri, rt), (li, lt) = _embed(ref, images, tokens), _embed(model, images, tokens)
+        checks = {"open_clip": {"image_max_abs_diff": _max_diff(ri, li), "text_max_abs_diff": _max_diff(rt, lt)}}
+        if max(checks["open_clip"].values()) > 1e-6:
+            raise ExportMismatch(f"the open_clip local dir does not reproduce the checkpoint: {checks['open_clip']}")
+        if "onnx" in cfg.formats:
+            checks["onnx"] = write_onnx(model, tmp, cfg.opset, cfg.atol, tokenizer)
+        if "open_clip" not in cfg.formats:  # onnx only: the open_clip files were scaffolding
+            for n in ("open_clip_config.json", "open_clip_model.safetensors"):
+                (tmp / n).unlink()
+        manifest = {
+            "schema": "hierdctl.export/1",
+            "formats": list(cfg.formats),
+            "checkpoint": {"path": str(ck.path.resolve()), "sha256": _sha256(ck.path), "step": ck.meta.get("step")},
+            "model_cfg": ck.meta["model_cfg"],
+            "preprocess_cfg": dict(model.visual.preprocess_cfg),
+            "embed_dim": int(ri.shape[1]),
+            "parameters": int(sum(p.numel() for p in model.parameters())),
+            "dropped_keys": ck.dropped,
+            "projector_dropped": any(k.startswith(("img_proj", "txt_proj")) for k in ck.dropped),
+            "teacher": ck.meta.get("teacher"),
+            "recipe": ck.meta.get("recipe"),
+            "recipe_terms": ck.meta.get("recipe_terms"),
+            "data": {"cache": ck.meta.get("data")} | data,
+            "training": train,
+            "checks": checks,
+            "report": str(cfg.report) if cfg.report else None,
+            "hierdctl": __version__,
+            "torch": torch.__version__,
+            "open_clip": open_clip.__version__,
+        }
+        manifest["files"] = sorted([p.name for p in tmp.iterdir()] + ["README.md", MARKER])
+        (tmp / "README.md").write_text(model_card(ck, manifest, report, out))
+        (tmp / MARKER).write_text(json.dumps(manifest, indent=2, default=str) + "\n")  # last: the done-marker
+        summary.update(manifest)
+
+    summary: dict = {}
+    publish_dir(out, write, MARKER, "--out", overwrite=cfg.overwrite)
+    summary["out"] = str(out)
+    summary["seconds"] = round(time.time() - t0, 2)
+    if not cfg.quiet and summary["projector_dropped"]:
+        console.print(f"[dim]export:[/] the student ({summary['embed_dim']}-d) had a projector to the teacher's "
+                      "width; it is dropped, the exported embedding is the student's own")
+    return summary

@@ -1,0 +1,350 @@
+"""eval-retrieval and eval-zeroshot: the metric math on hand-built cases, FAISS against a
+brute-force torch reference, hard negatives, the report, and every bad input exiting 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import CAPTIONS, image_bytes, write_tar
+from hierdctl.cli import app
+from hierdctl.errors import UserError
+from hierdctl.retrieval import (build_index, classification_metrics, hardneg_accuracy, recall_from_ranked,
+                                recall_from_scores, search)
+from hierdctl.stages.eval_retrieval import EvalRetrievalConfig
+from hierdctl.stages.eval_retrieval import run as retrieval_run
+from hierdctl.stages.eval_zeroshot import EvalZeroshotConfig
+from hierdctl.stages.eval_zeroshot import run as zeroshot_run
+
+
+def _cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+# ----------------------------------------------------------------------------------
+# Metric math
+# ----------------------------------------------------------------------------------
+
+# 3 images; captions 0,1 -> image 0; 2,3,4 -> image 1; 5 -> image 2.
+TEXT_TO_IMAGE = np.array([0, 0, 1, 1, 1, 2])
+SCORES = np.array([  # (Nt=6, Ni=3) caption-image similarities
+    [0.9, 0.1, 0.2],  # t0: own image ranked 1st
+    [0.3, 0.8, 0.1],  # t1: 2nd
+    [0.1, 0.7, 0.2],  # t2: 1st
+    [0.6, 0.2, 0.5],  # t3: 3rd
+    [0.2, 0.3, 0.9],  # t4: 2nd
+    [0.4, 0.5, 0.45],  # t5: 2nd
+])
+
+
+def test_recall_on_a_hand_built_matrix_with_several_captions_per_image():
+    m = recall_from_scores(SCORES, TEXT_TO_IMAGE, [1, 2, 3])
+    # image retrieval, per caption: ranks 1,2,1,3,2,2
+    assert m["image_retrieval_recall@1"] == pytest.approx(2 / 6)
+    assert m["image_retrieval_recall@2"] == pytest.approx(5 / 6)
+    assert m["image_retrieval_recall@3"] == pytest.approx(1.0)
+    # text retrieval, per image: image 0 ranks t0 first; image 1 ranks t1 (not its own) then t2;
+    # image 2 ranks t4, t3, then its own t5.
+    assert m["text_retrieval_recall@1"] == pytest.approx(1 / 3)
+    assert m["text_retrieval_recall@2"] == pytest.approx(2 / 3)
+    assert m["text_retrieval_recall@3"] == pytest.approx(1.0)
+
+
+def _clip_benchmark_recall(scores: torch.Tensor, text_to_image, ks):
+    """CLIP_benchmark's zeroshot_retrieval.evaluate, verbatim in spirit: positive-pair
+    matrix, top-k, '> 0' for 'any positive in the top k'."""
+    positive = torch.zeros_like(scores, dtype=torch.bool)
+    positive[torch.arange(len(scores)), torch.as_tensor(text_to_image)] = True
+
+    def recall_at_k(s, p, k):
+        topk = torch.nn.functional.one_hot(s.topk(k, dim=1)[1], s.shape[1]).sum(dim=1).bool()  # (Q,G)
+        return (topk & p).sum(dim=1) / p.sum(dim=1)
+
+    out = {}
+    for k in ks:
+        out[f"image_retrieval_recall@{k}"] = (recall_at_k(scores, positive, k) > 0).float().mean().item()
+        out[f"text_retrieval_recall@{k}"] = (recall_at_k(scores.T, positive.T, k) > 0).float().mean().item()
+    return out
+
+
+def _random_embeddings(ni=300, per=3, d=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    img = torch.nn.functional.normalize(torch.randn(ni, d, generator=g), dim=1)
+    tti = torch.arange(ni).repeat_interleave(per)
+    txt = torch.nn.functional.normalize(img[tti] + 0.2 * torch.randn(len(tti), d, generator=g), dim=1)
+    return img.numpy(), txt.numpy(), tti.numpy()
+
+
+def test_recall_matches_clip_benchmarks_definition():
+    img, txt, tti = _random_embeddings()
+    scores = torch.from_numpy(txt @ img.T)
+    ours = recall_from_scores(scores, tti, [1, 5, 10])
+    theirs = _clip_benchmark_recall(scores, tti, [1, 5, 10])
+    assert ours == pytest.approx(theirs, abs=1e-6)
+    assert 0.05 < ours["image_retrieval_recall@1"] < 0.95  # a non-degenerate case
+
+
+def test_faiss_flat_equals_brute_force_torch():
+    img, txt, tti = _random_embeddings(ni=500, per=2, d=48, seed=1)
+    k = 10
+    img_index, info = build_index(img, "flat", k)
+    txt_index, _ = build_index(txt, "flat", k)
+    assert info.exact and info.kind == "flat"
+    got_img = search(img_index, txt, k)
+    got_txt = search(txt_index, img, k)
+    s = torch.from_numpy(txt @ img.T)
+    np.testing.assert_array_equal(got_img, s.topk(k, dim=1).indices.numpy())
+    np.testing.assert_array_equal(got_txt, s.T.topk(k, dim=1).indices.numpy())
+    assert recall_from_ranked(got_img, got_txt, tti, [1, 5, 10]) == recall_from_scores(s, tti, [1, 5, 10])
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_indexes_are_labelled_and_close(kind):
+    img, txt, tti = _random_embeddings(ni=2000, per=1, d=32, seed=2)
+    index, info = build_index(img, kind, 10)
+    assert not info.exact and "approximate" in info.label()
+    approx = recall_from_ranked(search(index, txt, 10), search(build_index(txt, kind, 10)[0], img, 10), tti, [10])
+    exact = recall_from_scores(txt @ img.T, tti, [10])
+    assert approx["image_retrieval_recall@10"] <= exact["image_retrieval_recall@10"] + 1e-9
+    assert approx["image_retrieval_recall@10"] > 0.5 * exact["image_retrieval_recall@10"]
+
+
+def test_hard_negative_accuracy_on_a_hand_built_case():
+    img = np.array([[1.0, 0.0], [0.0, 1.0]])
+    txt = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])  # true scores: img0 1.0, 0.6; img1 1.0
+    tti = np.array([0, 0, 1])
+    neg = np.array([[0.8, 0.6], [0.0, 1.0], [0.6, 0.8], [0.0, 1.0]])  # s(neg) = 0.8, 0.0, 0.8, 1.0
+    neg_image = np.array([0, 0, 1, 1])
+    kinds = ["a", "b", "a", "b"]
+    m = hardneg_accuracy(img, txt, tti, neg, neg_image, kinds)
+    # pair scores (mean over the image's true captions, ties fail): 1/2, 1, 1, 0
+    assert m == pytest.approx({"hardneg_acc/a": 0.75, "hardneg_acc/b": 0.5, "hardneg_acc/all": 0.625})
+    assert hardneg_accuracy(img, txt, tti, neg[:0], neg_image[:0], []) == {}
+
+
+def test_classification_metrics_on_hand_built_logits():
+    logits = np.array([[9, 1, 2, 3, 4, 0], [1, 9, 2, 3, 4, 0], [9, 1, 2, 3, 4, 0], [0, 1, 2, 3, 4, 9]], float)
+    labels = np.array([0, 5, 2, 3])
+    m = classification_metrics(logits, labels, 6)
+    assert m["acc1"] == pytest.approx(1 / 4)  # only row 0
+    assert m["acc5"] == pytest.approx(3 / 4)  # row 1's label is 6th; rows 2, 3 have theirs 4th, 3rd
+    assert m["mean_per_class_recall"] == pytest.approx((1 + 0 + 0 + 0) / 4)  # classes 0, 5, 2, 3
+    m = classification_metrics(logits, np.array([0, 0, 0, 5]), 6)
+    assert m["acc1"] == pytest.approx(3 / 4) and m["mean_per_class_recall"] == pytest.approx((2 / 3 + 1) / 2)
+    assert "acc5" not in classification_metrics(logits[:, :3], labels % 3, 3)
+
+
+# ----------------------------------------------------------------------------------
+# The stage, end to end on a tiny teacher
+# ----------------------------------------------------------------------------------
+
+NEG_KINDS = ("swap_attribute", "swap_relation")
+
+
+@pytest.fixture(scope="module")
+def retrieval_data(tmp_path_factory) -> str:
+    """12 samples, 2–3 captions each, hard negatives on the first 8, one corrupt image."""
+    d = tmp_path_factory.mktemp("eval")
+    samples = []
+    for i in range(12):
+        caps = [CAPTIONS[(i + j) % len(CAPTIONS)] + f" number {i}" for j in range(2 + i % 2)]
+        meta = {"captions": caps}
+        if i < 8:
+            meta["hard_negatives"] = {k: [f"{k} negative {i} {j}" for j in range(2)] for k in NEG_KINDS}
+        samples.append({"key": f"{i:06d}", "jpg": image_bytes(i), "txt": caps[0], "json": meta})
+    samples.append({"key": "bad", "jpg": b"not a jpeg", "txt": "broken", "json": {}})
+    write_tar(d / "00000.tar", samples)
+    return str(d / "00000.tar")
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory) -> str:
+    from conftest import TINY_CFG, make_tiny_model, save_local_dir
+
+    return "local-dir:" + str(save_local_dir(make_tiny_model(seed=1), TINY_CFG, tmp_path_factory.mktemp("m") / "s1"))
+
+
+def test_retrieval_report_end_to_end(retrieval_data, tiny_teacher, other_model, tmp_path):
+    out = tmp_path / "report.json"
+    cfg = EvalRetrievalConfig(source=retrieval_data, models=[tiny_teacher, other_model, tiny_teacher], ks=[1, 5],
+                              batch_size=5, device="cpu", out=out, save_index=tmp_path / "idx", quiet=True)
+    report = retrieval_run(cfg)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))  # the file is the returned report
+    c = report["counts"]
+    assert (c["images"], c["captions"]) == (12, 30)
+    assert c["skipped"] == {"corrupt_image": 1} and c["skipped_total"] == 1
+    assert c["hard_negatives"] == {k: 16 for k in NEG_KINDS} and c["images_with_hard_negatives"] == 8
+    assert report["index"]["kind"] == "flat" and report["exact"] is True
+    names = {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5)}
+    names |= {f"hardneg_acc/{k}" for k in NEG_KINDS} | {"hardneg_acc/all"}
+    ref, other, again = report["models"]
+    assert set(ref["metrics"]) == names
+    assert ref["spec"] == tiny_teacher and ref["retention"] == {}
+    assert again["metrics"] == ref["metrics"]  # the same model twice: identical numbers...
+    assert all(v == 100.0 for v in again["retention"].values())  # ...and 100 % retention
+    for k, v in other["metrics"].items():
+        assert 0.0 <= v <= 1.0
+        if ref["metrics"][k] > 0:
+            assert other["retention"][k] == pytest.approx(100 * v / ref["metrics"][k], abs=0.01)
+    assert ref["timing"]["images_per_s"] > 0 and report["versions"]["faiss"]
+    # The saved embeddings reproduce the report through the brute-force reference.
+    d = tmp_path / "idx" / "model-0"
+    img, txt = np.load(d / "image_emb.npy"), np.load(d / "text_emb.npy")
+    tti = np.load(d / "text_to_image.npy")
+    assert img.shape == (12, 32) and txt.shape == (30, 32)
+    np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1, atol=1e-5)
+    brute = recall_from_scores(txt @ img.T, tti, [1, 5])
+    assert {k: ref["metrics"][k] for k in brute} == brute
+    import faiss
+
+    assert faiss.read_index(str(d / "image.faiss")).ntotal == 12
+    assert json.loads((tmp_path / "idx" / "index.json").read_text())["models"][1]["spec"] == other_model
+
+
+def test_retrieval_with_an_approximate_index_says_so(retrieval_data, tiny_teacher):
+    report = retrieval_run(EvalRetrievalConfig(source=retrieval_data, models=[tiny_teacher], ks=[1], index="hnsw",
+                                               device="cpu", quiet=True))
+    assert report["exact"] is False and report["index"]["kind"] == "hnsw"
+    r = _cli("eval-retrieval", retrieval_data, "--model", tiny_teacher, "--k", "1,5", "--index", "ivf", "--quiet",
+             "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert "APPROXIMATE" in r.output and "image_retrieval_recall@5" in r.output
+
+
+def test_cli_table_has_a_column_per_model_and_retention(retrieval_data, tiny_teacher, other_model, tmp_path):
+    r = _cli("eval-retrieval", retrieval_data, "--model", tiny_teacher, "--model", other_model, "--k", "1,5",
+             "--quiet", "--device", "cpu", "--out", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    assert "ref:" in r.output and "%)" in r.output and "hardneg_acc/all" in r.output
+    assert len(json.loads((tmp_path / "r.json").read_text())["models"]) == 2
+
+
+def test_retrieval_bad_input_exits_2(retrieval_data, tiny_teacher, tmp_path, monkeypatch):
+    base = ["eval-retrieval", retrieval_data, "--quiet", "--device", "cpu"]
+    r = _cli(*base, "--model", "nope:thing")
+    assert r.exit_code == 2 and "unknown model-spec scheme" in r.output
+    r = _cli(*base, "--model", "open_clip:NoSuchArch-1")
+    assert r.exit_code == 2 and "NoSuchArch-1" in r.output
+    r = _cli(*base, "--model", tiny_teacher, "--k", "1,50")
+    assert r.exit_code == 2 and "K=50 is larger than the gallery (12 images" in r.output
+    r = _cli(*base, "--model", tiny_teacher, "--k", "one")
+    assert r.exit_code == 2 and "--k" in r.output
+    r = _cli(*base, "--model", tiny_teacher, "--index", "lsh")
+    assert r.exit_code == 2 and "--index" in r.output
+    r = _cli("eval-retrieval", tmp_path / "missing.tar", "--model", tiny_teacher)
+    assert r.exit_code == 2 and "does not exist" in r.output
+    empty = write_tar(tmp_path / "empty.tar", [{"key": "a", "jpg": b"junk", "txt": "x"}, {"key": "b", "jpg": b"", "txt": "y"}])
+    r = _cli("eval-retrieval", empty, "--model", tiny_teacher, "--quiet", "--device", "cpu")
+    assert r.exit_code == 2 and "no usable image" in r.output and "corrupt_image" in r.output
+    # A model whose image and text embeddings differ in width.
+    from hierdctl import specs
+
+    real = specs.OpenClipEncoder.encode_image
+    monkeypatch.setattr(specs.OpenClipEncoder, "encode_image", lambda self, x, want_patches=False: (real(self, x)[0][:, :16], None))
+    r = _cli(*base, "--model", tiny_teacher)
+    assert r.exit_code == 2 and "16-wide image embeddings but 32-wide text" in r.output
+    assert r.output.count("\n") <= 2  # one message, no traceback
+
+
+def test_retrieval_reads_csv_with_several_captions(tmp_path, tiny_teacher):
+    rows = []
+    for i in range(6):
+        (tmp_path / f"{i}.jpg").write_bytes(image_bytes(i))
+        rows.append(json.dumps({"image": f"{i}.jpg", "caption": [CAPTIONS[i], CAPTIONS[(i + 1) % 6] + " too"]}))
+    (tmp_path / "pairs.jsonl").write_text("\n".join(rows) + "\n")
+    report = retrieval_run(EvalRetrievalConfig(source=str(tmp_path / "pairs.jsonl"), models=[tiny_teacher], ks=[1, 6],
+                                               device="cpu", quiet=True, workers=0))
+    assert report["counts"]["captions"] == 12 and report["counts"]["captions_per_image"]["max"] == 2
+    assert report["models"][0]["metrics"]["image_retrieval_recall@6"] == 1.0  # K = the whole gallery
+
+
+def test_config_validation():
+    with pytest.raises(UserError, match="--model"):
+        EvalRetrievalConfig(source="x", models=[]).validate()
+    with pytest.raises(UserError, match="--k"):
+        EvalRetrievalConfig(source="x", models=["open_clip:RN50"], ks=[0]).validate()
+
+
+# ----------------------------------------------------------------------------------
+# Zero-shot
+# ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def class_tree(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("zs") / "tree"
+    for c, name in enumerate(["red_circle", "blue_square", "green_triangle"]):
+        (root / name).mkdir(parents=True)
+        for j in range(3):
+            (root / name / f"{j}.png").write_bytes(image_bytes(10 * c + j, fmt="PNG"))
+    (root / "blue_square" / "broken.jpg").write_bytes(b"nope")
+    return root
+
+
+def test_zeroshot_on_a_folder_tree(class_tree, tiny_teacher, other_model, tmp_path):
+    tpl = tmp_path / "templates.txt"
+    tpl.write_text("a photo of a {c}.\na drawing of a {c}.\n")
+    report = zeroshot_run(EvalZeroshotConfig(source=str(class_tree), models=[tiny_teacher, other_model],
+                                             classnames="folders", templates=str(tpl), device="cpu",
+                                             out=tmp_path / "zs.json", quiet=True))
+    c = report["counts"]
+    assert (c["images"], c["classes"], c["templates"]) == (9, 3, 2)
+    assert c["skipped"] == {"corrupt_image": 1}
+    m = report["models"][0]["metrics"]
+    assert set(m) == {"acc1", "mean_per_class_recall"} and "acc5" in report["notes"][0]
+    assert 0 <= m["acc1"] <= 1 and report["models"][1]["retention"] is not None
+    # Balanced classes: mean per-class recall equals top-1 accuracy.
+    assert m["mean_per_class_recall"] == pytest.approx(m["acc1"])
+    assert json.loads((tmp_path / "zs.json").read_text())["task"] == "zeroshot"
+
+
+def test_zeroshot_classifier_matches_a_direct_computation(class_tree, tiny_teacher):
+    from hierdctl.specs import load_encoder
+    from hierdctl.stages.eval_zeroshot import classifier, load_templates
+
+    enc = load_encoder(tiny_teacher)
+    templates, _ = load_templates("simple")
+    w = classifier(enc, ["cat", "dog"], templates, batch_size=3)
+    with torch.no_grad():
+        e = enc.encode_text(enc.tokenize([t("dog") for t in templates]))[0].mean(0)
+    np.testing.assert_allclose(w[1], (e / e.norm()).numpy(), atol=1e-6)
+
+
+def test_zeroshot_on_shards_with_class_field(tmp_path, tiny_teacher):
+    names = ["cat", "dog", "car", "tree", "house", "boat"]
+    samples = [{"key": f"{i:04d}", "jpg": image_bytes(i), "cls": str(i % 6)} for i in range(12)]
+    samples.append({"key": "named", "jpg": image_bytes(50), "json": {"cls": "boat"}})
+    samples.append({"key": "unknown", "jpg": image_bytes(51), "json": {"cls": "zebra"}})
+    samples.append({"key": "range", "jpg": image_bytes(52), "cls": "9"})
+    write_tar(tmp_path / "00000.tar", samples)
+    (tmp_path / "names.json").write_text(json.dumps(names))
+    report = zeroshot_run(EvalZeroshotConfig(source=str(tmp_path / "00000.tar"), models=[tiny_teacher],
+                                             classnames=str(tmp_path / "names.json"), templates="simple",
+                                             device="cpu", quiet=True))
+    assert report["counts"]["images"] == 13
+    assert report["counts"]["skipped"] == {"bad_label": 1, "label_out_of_range": 1}
+    assert set(report["models"][0]["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
+
+
+def test_zeroshot_bad_input_exits_2(class_tree, tiny_teacher, tmp_path):
+    base = ["eval-zeroshot", class_tree, "--model", tiny_teacher, "--quiet", "--device", "cpu"]
+    r = _cli(*base)  # 3 folders, 1000 ImageNet names
+    assert r.exit_code == 2 and "3 class folders" in r.output and "1000" in r.output
+    bad = tmp_path / "t.txt"
+    bad.write_text("a photo\n")
+    r = _cli(*base, "--classnames", "folders", "--templates", bad)
+    assert r.exit_code == 2 and "placeholder" in r.output
+    r = _cli("eval-zeroshot", class_tree, "--model", "bogus", "--classnames", "folders")
+    assert r.exit_code == 2 and "no scheme" in r.output
+    empty = tmp_path / "empty"
+    (empty / "a").mkdir(parents=True)
+    r = _cli("eval-zeroshot", empty, "--model", tiny_teacher, "--classnames", "folders")
+    assert r.exit_code == 2 and "no images" in r.output
+    r = _cli(*base, "--classnames", "folders")
+    assert r.exit_code == 0, r.output
+    assert "acc1" in r.output

@@ -1,0 +1,216 @@
+"""export: checkpoint -> open_clip local dir -> open_clip gives the checkpoint's embeddings;
+ONNX graphs agree with PyTorch at any batch size; the model card; atomic output; errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import CAPTIONS, TINY_CFG, image_bytes, make_shards
+from hierdctl.cli import app
+from hierdctl.errors import UserError
+from hierdctl.stages import distill as S
+from hierdctl.stages.cache_teacher import CacheTeacherConfig
+from hierdctl.stages.cache_teacher import run as cache_run
+from hierdctl.stages.export import ExportConfig, load_checkpoint
+from hierdctl.stages.export import run as export_run
+from hierdctl.tv_shim import import_open_clip
+
+open_clip = import_open_clip()
+
+
+def _cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_teacher) -> dict:
+    """A tiny cache and two short distill runs: same width as the teacher, and a wider
+    student (48-d vs 32-d) that trains with projectors."""
+    d = tmp_path_factory.mktemp("export")
+    src = make_shards(d / "data", n_shards=1, per_shard=8)
+    cache_run(CacheTeacherConfig(source=src, out=d / "cache", teacher=tiny_teacher, views=1, clusters=2,
+                                 max_phrases=2, workers=0, quiet=True))
+    base = dict(cache=str(d / "cache"), student="tiny-test", recipe="clip-rd", steps=3, batch_size=8, lr=1e-3,
+                warmup=1, workers=0, quiet=True, log_every=1, seed=3, save_every=2)
+    S.run(S.resolve_config(base | {"out": str(d / "run")}))
+    wide = json.loads(json.dumps(TINY_CFG)) | {"embed_dim": 48}
+    (d / "wide.json").write_text(json.dumps(wide))
+    S.run(S.resolve_config(base | {"out": str(d / "wide"), "student": f"open_clip:{d / 'wide.json'}"}))
+    return {"run": d / "run", "wide": d / "wide", "data": src, "teacher": tiny_teacher}
+
+
+def _checkpoint_student(ckpt: Path, cfg: dict):
+    """The student straight from the training checkpoint, independently of export."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(ckpt))
+    model = open_clip.CLIP(**cfg)
+    model.load_state_dict({k.removeprefix("student."): v for k, v in sd.items() if k.startswith("student.")})
+    return model.eval()
+
+
+def _inputs(preprocess, tokenizer, n=3):
+    from PIL import Image
+    import io
+
+    images = torch.stack([preprocess(Image.open(io.BytesIO(image_bytes(i))).convert("RGB")) for i in range(n)])
+    return images, tokenizer(CAPTIONS[:n])
+
+
+def test_round_trip_checkpoint_local_dir_open_clip_same_embeddings(runs, tmp_path):
+    out = tmp_path / "model"
+    summary = export_run(ExportConfig(source=runs["run"], out=out, quiet=True))
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "export.json", "open_clip_config.json",
+                                                    "open_clip_model.safetensors"]
+    assert summary["checkpoint"]["step"] == 3  # RUN_DIR means the latest checkpoint
+    # open_clip itself, unchanged, loads the folder...
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
+    model.eval()
+    images, tokens = _inputs(preprocess, tokenizer)
+    ref = _checkpoint_student(runs["run"] / "checkpoints" / "step-0000003.safetensors", TINY_CFG)
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), ref.encode_image(images))
+        assert torch.equal(model.encode_text(tokens), ref.encode_text(tokens))
+    # ...with the student's preprocessing, and only the student's weights.
+    cfg = json.loads((out / "open_clip_config.json").read_text())
+    assert cfg["model_cfg"] == TINY_CFG and cfg["preprocess_cfg"]["size"] in (32, [32, 32])
+    from safetensors.torch import load_file
+
+    keys = load_file(str(out / "open_clip_model.safetensors")).keys()
+    assert set(keys) == set(ref.state_dict())
+    assert summary["dropped_keys"] and all(k.startswith("kappa") for k in summary["dropped_keys"])
+    assert summary["checks"]["open_clip"] == {"image_max_abs_diff": 0.0, "text_max_abs_diff": 0.0}
+    # The same folder through hierdctl's spec grammar.
+    from hierdctl.specs import load_encoder
+
+    enc = load_encoder(f"local-dir:{out}")
+    with torch.no_grad():
+        torch.testing.assert_close(enc.encode_image(images)[0], torch.nn.functional.normalize(ref.encode_image(images), dim=-1))
+
+
+def test_a_named_checkpoint_file_is_exported(runs, tmp_path):
+    ck = runs["run"] / "checkpoints" / "step-0000002.safetensors"
+    summary = export_run(ExportConfig(source=ck, out=tmp_path / "m2", quiet=True))
+    assert summary["checkpoint"]["step"] == 2
+    model, _, pre = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'm2'}")
+    images, tokens = _inputs(pre, open_clip.get_tokenizer(f"local-dir:{tmp_path / 'm2'}"))
+    with torch.no_grad():
+        assert torch.equal(model.eval().encode_image(images), _checkpoint_student(ck, TINY_CFG).encode_image(images))
+
+
+def test_onnx_parity_with_pytorch_at_other_batch_sizes(runs, tmp_path):
+    import onnxruntime as ort
+
+    out = tmp_path / "all"
+    summary = export_run(ExportConfig(source=runs["run"], out=out, format="all", quiet=True))
+    for g in ("image", "text"):
+        c = summary["checks"]["onnx"][g]
+        assert c["max_abs_diff"] <= 1e-5 and c["check_batch"] != 2
+    model, _, pre = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    model.eval()
+    img_sess = ort.InferenceSession(str(out / "image_encoder.onnx"), providers=["CPUExecutionProvider"])
+    txt_sess = ort.InferenceSession(str(out / "text_encoder.onnx"), providers=["CPUExecutionProvider"])
+    for n in (1, 6):
+        images, tokens = _inputs(pre, open_clip.get_tokenizer(f"local-dir:{out}"), n)
+        with torch.no_grad():
+            want_i = model.encode_image(images, normalize=True).numpy()
+            want_t = model.encode_text(tokens, normalize=True).numpy()
+        got_i = img_sess.run(["image_embeds"], {"image": images.numpy()})[0]
+        got_t = txt_sess.run(["text_embeds"], {"text": tokens.numpy()})[0]
+        assert got_i.shape == (n, 32) and got_t.shape == (n, 32)
+        np.testing.assert_allclose(got_i, want_i, atol=1e-5)
+        np.testing.assert_allclose(got_t, want_t, atol=1e-5)
+    onnx_only = export_run(ExportConfig(source=runs["run"], out=tmp_path / "onnx", format="onnx", quiet=True))
+    assert sorted(onnx_only["files"]) == ["README.md", "export.json", "image_encoder.onnx", "text_encoder.onnx"]
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == sorted(onnx_only["files"])
+
+
+def test_wider_student_drops_its_projector_and_says_so(runs, tmp_path):
+    out = tmp_path / "wide"
+    summary = export_run(ExportConfig(source=runs["wide"], out=out, quiet=True))
+    assert summary["projector_dropped"] and summary["embed_dim"] == 48
+    assert {"img_proj.weight", "txt_proj.weight"} <= set(summary["dropped_keys"])
+    model, _, pre = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    images, _ = _inputs(pre, open_clip.get_tokenizer(f"local-dir:{out}"))
+    with torch.no_grad():
+        assert model.eval().encode_image(images).shape == (3, 48)  # the student's own embedding
+    card = (out / "README.md").read_text()
+    assert "projector is *not* exported" in card and "48-d" in card
+
+
+def test_model_card_carries_teacher_recipe_data_steps_and_metrics(runs, tmp_path):
+    from hierdctl.stages.eval_retrieval import EvalRetrievalConfig
+    from hierdctl.stages.eval_retrieval import run as eval_run
+
+    first = tmp_path / "m"
+    export_run(ExportConfig(source=runs["run"], out=first, quiet=True))
+    report = tmp_path / "report.json"
+    eval_run(EvalRetrievalConfig(source=runs["data"], models=[runs["teacher"], f"local-dir:{first}"], ks=[1, 5],
+                                 device="cpu", out=report, quiet=True))
+    r = _cli("export", runs["run"], "--out", first, "--report", report, "--overwrite", "--quiet")
+    assert r.exit_code == 0, r.output
+    card = (first / "README.md").read_text()
+    teacher = runs["teacher"]
+    for needle in (teacher, "`clip-rd`", "vrd", "| steps | 3 |", str(Path(runs["run"]).parent / "cache"),
+                   "8 samples", "image_retrieval_recall@1", "**(this model)**", "local-dir:", "max abs difference"):
+        assert needle in card, needle
+    manifest = json.loads((first / "export.json").read_text())
+    assert manifest["teacher"]["spec"] == teacher and manifest["training"]["batch_size"] == 8
+
+
+def test_output_is_atomic_and_never_clobbers(runs, tmp_path, monkeypatch):
+    out = tmp_path / "m"
+    export_run(ExportConfig(source=runs["run"], out=out, quiet=True))
+    before = (out / "export.json").read_text()
+    with pytest.raises(UserError, match="--overwrite"):
+        export_run(ExportConfig(source=runs["run"], out=out, quiet=True))
+    # A failure half-way leaves the previous export intact and no temporary folder behind.
+    from hierdctl.stages import export as E
+
+    def broken(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(E, "write_onnx", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_run(ExportConfig(source=runs["run"], out=out, format="all", overwrite=True, quiet=True))
+    assert (out / "export.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not written by hierdctl"):
+        export_run(ExportConfig(source=runs["run"], out=foreign, overwrite=True, quiet=True))
+    assert (foreign / "notes.txt").exists()
+
+
+def test_cli_export_errors_exit_2(runs, tmp_path):
+    r = _cli("export", tmp_path / "nothing", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "does not exist" in r.output
+    (tmp_path / "empty").mkdir()
+    r = _cli("export", tmp_path / "empty", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "not a hierdctl distill run dir" in r.output
+    r = _cli("export", runs["run"], "--out", tmp_path / "o", "--format", "tflite")
+    assert r.exit_code == 2 and "--format" in r.output
+    r = _cli("export", runs["run"], "--out", tmp_path / "o", "--report", tmp_path / "missing.json")
+    assert r.exit_code == 2 and "--report" in r.output
+    lone = tmp_path / "lone.safetensors"
+    lone.write_bytes((runs["run"] / "checkpoints" / "step-0000003.safetensors").read_bytes())
+    r = _cli("export", lone, "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "no sibling lone.json" in r.output
+    r = _cli("export", runs["run"], "--out", tmp_path / "ok", "--format", "all", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "onnx image vs torch" in r.output
+
+
+def test_load_checkpoint_splits_student_and_training_only_keys(runs):
+    ck = load_checkpoint(runs["wide"])
+    assert ck.meta["model_cfg"]["embed_dim"] == 48
+    assert not any(k.startswith("student.") for k in ck.student)
+    assert "visual.conv1.weight" in ck.student and "img_proj.weight" in ck.dropped
