@@ -288,9 +288,9 @@ def _print_eval_table(report: dict) -> None:
     if idx:
         title += f"  (index {idx['kind']}: {'exact' if idx['exact'] else 'APPROXIMATE'}, faiss on {idx['device']})"
     t = Table(title=_escape(title))
-    t.add_column("metric")
+    t.add_column("metric", no_wrap=True, min_width=max(len(k) for k in names))  # names are never cut
     for i, m in enumerate(models):
-        t.add_column(_escape(("ref: " if i == 0 and len(models) > 1 else "") + m["spec"]), justify="right")
+        t.add_column(_escape(("ref: " if i == 0 and len(models) > 1 else "") + m["spec"]), justify="right", overflow="fold")
     for k in names:
         row = [k]
         for i, m in enumerate(models):
