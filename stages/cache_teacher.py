@@ -416,7 +416,9 @@ def run(cfg: CacheTeacherConfig) -> dict:
             num_workers=workers,
             collate_fn=_identity_collate,
             pin_memory=device.startswith("cuda"),
-            prefetch_factor=4 if workers else None,
+            # Items are single samples: let the workers decode a whole batch ahead while the
+            # teacher runs the current one (4 per worker left the teacher waiting for decodes).
+            prefetch_factor=max(4, -(-cfg.batch_size // workers)) if workers else None,
         )
         pending: list[dict] = []
         records: dict[int, list[dict]] = collections.defaultdict(list)
