@@ -454,16 +454,171 @@ def _plot(metrics_path: Path, png: Path) -> None:
     os.replace(tmp, png)
 
 
+@dataclass
+class Trainer:
+    """Everything one training step needs, built once by `build_trainer`.
+
+    `run` drives it over the data stream; `bench/bench_distill.py` drives `step` on a
+    batch held in memory to time the training step without the data loader.
+    """
+
+    cfg: DistillConfig
+    env: D.DistEnv
+    device: str
+    recipe: object  # hierdctl.losses.registry.Recipe
+    teacher: dict  # the cache manifest's teacher entry
+    model_cfg: dict
+    pp_cfg: dict
+    wrapper: object  # StudentWrapper
+    net: object  # the wrapper, or DDP around it
+    losses: list
+    optimizer: object
+    scaler: object
+    amp_dtype: object
+    needs: dict
+    dataset: CacheDataset
+    n_samples: int
+    steps_per_epoch: int
+    total: int
+    notes: list = field(default_factory=list)
+
+    def loader(self, start: int):
+        """The data stream from global step `start` on: this rank's slice of each global batch."""
+        from torch.utils.data import DataLoader
+
+        cfg, env = self.cfg, self.env
+        workers = cfg.workers if cfg.workers >= 0 else min(8, max(0, (os.cpu_count() or 1) // max(1, env.world_size) - 1))
+        sampler = GlobalBatchSampler(self.n_samples, cfg.batch_size, env.rank, env.world_size, cfg.seed, start,
+                                     self.total)
+        return DataLoader(self.dataset, batch_sampler=sampler, num_workers=workers,
+                          pin_memory=self.device.startswith("cuda"), persistent_workers=False,
+                          prefetch_factor=4 if workers else None)
+
+    def to_device(self, batch: dict) -> dict:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        if self.needs["global"]:
+            batch["logit_scale_t"] = float(self.teacher["logit_scale"])
+        if self.needs["clusters"]:
+            batch["teacher_grid"] = tuple(self.teacher["patch_grid"])
+        return batch
+
+    def step(self, batch: dict, step: int):
+        """One optimizer step on a device batch (see `to_device`) -> (terms, weighted loss, lr).
+
+        Raises TrainingDiverged (before touching the weights) if a term is NaN/Inf.
+        """
+        import contextlib
+
+        import torch
+
+        from hierdctl.losses.registry import weighted_total
+
+        cfg, wrapper, optimizer, scaler = self.cfg, self.wrapper, self.optimizer, self.scaler
+        lr = lr_at(step, cfg.lr, cfg.warmup, self.total)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        autocast = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+        with autocast:
+            f = self.net(batch)
+        f = gather_features(f, self.env)
+        terms = {}
+        for loss_module in self.losses:
+            terms.update(loss_module(f))
+        bad = [k for k, v in terms.items() if not torch.isfinite(v.detach()).all()]
+        if bad:
+            raise TrainingDiverged(f"loss term {', '.join(bad)} became {terms[bad[0]].item()} at step {step + 1}")
+        total_loss = weighted_total(terms, self.recipe)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(total_loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            total_loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(wrapper.parameters(), cfg.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        with torch.no_grad():  # open_clip clamps the scale to ≤ 100
+            wrapper.student.logit_scale.clamp_(0, math.log(100))
+        return terms, total_loss, lr
+
+
+def build_trainer(cfg: DistillConfig, cache, recipe, env: D.DistEnv, device: str) -> Trainer:
+    """Student, wrapper, losses, data set and optimizer for `cfg` (no run directory involved)."""
+    import torch
+
+    from hierdctl.losses.registry import build_losses
+    from hierdctl.student import StudentWrapper
+
+    # --- student and its wrapper ---------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    model, model_cfg, pp_cfg, eval_tf, tokenizer = build_student(cfg, device)
+    student_dim = int(model_cfg["embed_dim"])
+    teacher = cache.manifest["teacher"]
+    teacher_dim = int(teacher["embed_dim"]) if recipe.needs_teacher else None
+    extras = recipe.extras
+    wrapper = StudentWrapper(model, student_dim, teacher_dim, recipe.kappa_keys, extras,
+                             cfg.exp_scales, cfg.mask_ratio).to(device)
+    if ("patch_tokens" in extras or "masked_forward" in extras) and not wrapper.is_vit:
+        raise UserError(f"recipe {recipe.name!r} needs patch tokens but the student is not a ViT", "--student")
+    notes = []
+    if wrapper.project:
+        notes.append(f"student width {student_dim} ≠ teacher width {teacher_dim}: added projectors "
+                     f"Linear({student_dim}, {teacher_dim}) (trained, dropped by export)")
+    losses = [m.to(device) for m in build_losses(recipe)]
+
+    # --- data ---------------------------------------------------------------------
+    spans = []
+    for s, path in enumerate(cache.shards):
+        spans += [(s, off, n) for off, n in index_shard(path)]
+    require(len(spans) >= cfg.batch_size,
+            f"the cache holds {len(spans)} samples, fewer than one global batch ({cfg.batch_size})", "--batch-size")
+    steps_per_epoch = len(spans) // cfg.batch_size
+    total = cfg.steps if cfg.steps is not None else max(1, int(round(cfg.epochs * steps_per_epoch)))
+    vs = model.visual.image_size
+    student_io = {
+        "image_size": vs[0] if isinstance(vs, (tuple, list)) else int(vs),
+        "mean": tuple(pp_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))),
+        "std": tuple(pp_cfg.get("std", (0.26862954, 0.26130258, 0.27577711))),
+        "eval_transform": eval_tf,
+        "tokenize": tokenizer,
+        "grid_size": (wrapper.grid[0] * wrapper.grid[1]) if wrapper.grid else 0,
+    }
+    parts = set(recipe.cache_parts)
+    needs = {"global": recipe.needs_teacher, "clusters": "clusters" in parts or "patch_tokens" in extras,
+             "phrases": "phrases" in parts or "phrase_forward" in extras, "mask_noise": "masked_forward" in extras}
+    dataset = CacheDataset(cache, spans, cfg, student_io, needs)
+
+    # --- optimisation -------------------------------------------------------------
+    prec = cfg.precision if cfg.precision != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
+    if prec != "fp32" and not device.startswith("cuda"):
+        raise UserError(f"{prec} autocast is for GPUs; use --precision fp32 on CPU", "--precision")
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
+    optimizer = torch.optim.AdamW(param_groups(wrapper, cfg.weight_decay), lr=cfg.lr,
+                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    scaler = torch.amp.GradScaler("cuda") if prec == "fp16" else None
+    if env.torchrun and env.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(wrapper, device_ids=[device] if device.startswith("cuda") else None)
+    else:
+        net = wrapper
+    return Trainer(cfg=cfg, env=env, device=device, recipe=recipe, teacher=teacher, model_cfg=model_cfg,
+                   pp_cfg=pp_cfg, wrapper=wrapper, net=net, losses=losses, optimizer=optimizer, scaler=scaler,
+                   amp_dtype=amp_dtype, needs=needs, dataset=dataset, n_samples=len(spans),
+                   steps_per_epoch=steps_per_epoch, total=total, notes=notes)
+
+
 def run(cfg: DistillConfig) -> dict:
     """Train. Returns a summary: steps, final loss terms, throughput, paths."""
     import contextlib
 
-    import torch
     import yaml
-    from torch.utils.data import DataLoader
 
-    from hierdctl.losses.registry import build_losses, load_recipe, weighted_total
-    from hierdctl.student import StudentWrapper
+    from hierdctl.losses.registry import load_recipe
 
     cfg.validate()
     started = time.time()
@@ -503,76 +658,20 @@ def run(cfg: DistillConfig) -> dict:
             os.replace(tmp, out / "config.resolved.yaml")
         D.barrier(env)
 
-        # --- student and its wrapper ---------------------------------------------------
-        torch.manual_seed(cfg.seed)
-        model, model_cfg, pp_cfg, eval_tf, tokenizer = build_student(cfg, device)
-        student_dim = int(model_cfg["embed_dim"])
-        teacher = cache.manifest["teacher"]
-        teacher_dim = int(teacher["embed_dim"]) if recipe.needs_teacher else None
-        extras = recipe.extras
-        wrapper = StudentWrapper(model, student_dim, teacher_dim, recipe.kappa_keys, extras,
-                                 cfg.exp_scales, cfg.mask_ratio).to(device)
-        if ("patch_tokens" in extras or "masked_forward" in extras) and not wrapper.is_vit:
-            raise UserError(f"recipe {recipe.name!r} needs patch tokens but the student is not a ViT", "--student")
-        notes = []
-        if wrapper.project:
-            notes.append(f"student width {student_dim} ≠ teacher width {teacher_dim}: added projectors "
-                         f"Linear({student_dim}, {teacher_dim}) (trained, dropped by export)")
-        losses = [m.to(device) for m in build_losses(recipe)]
-
-        # --- data ---------------------------------------------------------------------
-        spans = []
-        for s, path in enumerate(cache.shards):
-            spans += [(s, off, n) for off, n in index_shard(path)]
-        require(len(spans) >= cfg.batch_size,
-                f"the cache holds {len(spans)} samples, fewer than one global batch ({cfg.batch_size})", "--batch-size")
-        steps_per_epoch = len(spans) // cfg.batch_size
-        total = cfg.steps if cfg.steps is not None else max(1, int(round(cfg.epochs * steps_per_epoch)))
-        vs = model.visual.image_size
-        student_io = {
-            "image_size": vs[0] if isinstance(vs, (tuple, list)) else int(vs),
-            "mean": tuple(pp_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))),
-            "std": tuple(pp_cfg.get("std", (0.26862954, 0.26130258, 0.27577711))),
-            "eval_transform": eval_tf,
-            "tokenize": tokenizer,
-            "grid_size": (wrapper.grid[0] * wrapper.grid[1]) if wrapper.grid else 0,
-        }
-        parts = set(recipe.cache_parts)
-        needs = {"global": recipe.needs_teacher, "clusters": "clusters" in parts or "patch_tokens" in extras,
-                 "phrases": "phrases" in parts or "phrase_forward" in extras, "mask_noise": "masked_forward" in extras}
-        dataset = CacheDataset(cache, spans, cfg, student_io, needs)
-
-        # --- optimisation -------------------------------------------------------------
-        prec = cfg.precision if cfg.precision != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
-        if prec != "fp32" and not device.startswith("cuda"):
-            raise UserError(f"{prec} autocast is for GPUs; use --precision fp32 on CPU", "--precision")
-        amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
-        optimizer = torch.optim.AdamW(param_groups(wrapper, cfg.weight_decay), lr=cfg.lr,
-                                      betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-        scaler = torch.amp.GradScaler("cuda") if prec == "fp16" else None
+        tr = build_trainer(cfg, cache, recipe, env, device)
+        notes, wrapper, total = tr.notes, tr.wrapper, tr.total
         start = 0
         if cfg.resume and has_ckpt:
-            start = load_checkpoint(out, wrapper, optimizer, scaler, device)
+            start = load_checkpoint(out, wrapper, tr.optimizer, tr.scaler, device)
             notes.append(f"resumed from step {start}")
-        if env.torchrun and env.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            net = DDP(wrapper, device_ids=[device] if device.startswith("cuda") else None)
-        else:
-            net = wrapper
-
-        workers = cfg.workers if cfg.workers >= 0 else min(8, max(0, (os.cpu_count() or 1) // max(1, env.world_size) - 1))
-        sampler = GlobalBatchSampler(len(spans), cfg.batch_size, env.rank, env.world_size, cfg.seed, start, total)
-        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=device.startswith("cuda"),
-                            persistent_workers=False, prefetch_factor=4 if workers else None)
+        loader = tr.loader(start)
         metrics_path = out / "metrics.jsonl"
         if env.is_main and metrics_path.exists():  # a resumed run rewrites what came after its checkpoint
             keep = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
             metrics_path.write_text("".join(k + "\n" for k in keep))
-        ckpt_meta = {"model_cfg": model_cfg, "preprocess_cfg": pp_cfg, "teacher": teacher, "recipe": recipe.name,
-                     "recipe_terms": [{"name": t.name, "weight": t.weight} for t in recipe.terms],
+        ckpt_meta = {"model_cfg": tr.model_cfg, "preprocess_cfg": tr.pp_cfg, "teacher": tr.teacher,
+                     "recipe": recipe.name, "recipe_terms": [{"name": t.name, "weight": t.weight} for t in recipe.terms],
                      "data": str(cfg.cache), "student_spec": cfg.student, "hierdctl": __version__}
-        autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
         if env.is_main and not cfg.quiet:
             for n in notes:
                 console.print(f"[dim]distill:[/] {n}")
@@ -584,57 +683,28 @@ def run(cfg: DistillConfig) -> dict:
         with progress(cfg.quiet or not env.is_main) as bar, open(metrics_path, "a") if env.is_main else contextlib.nullcontext() as mf:
             task = bar.add_task("distill", total=total, completed=start, unit="steps", info="")
             for batch in loader:
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                if needs["global"]:
-                    batch["logit_scale_t"] = float(teacher["logit_scale"])
-                if needs["clusters"]:
-                    batch["teacher_grid"] = tuple(teacher["patch_grid"])
-                lr = lr_at(step, cfg.lr, cfg.warmup, total)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                with autocast():
-                    f = net(batch)
-                f = gather_features(f, env)
-                terms = {}
-                for loss_module in losses:
-                    terms.update(loss_module(f))
-                bad = [k for k, v in terms.items() if not torch.isfinite(v.detach()).all()]
-                if bad:
-                    raise TrainingDiverged(
-                        f"loss term {', '.join(bad)} became {terms[bad[0]].item()} at step {step + 1}; "
-                        f"the last good checkpoint (step {last_saved}) is kept in {_ckpt_dir(out)}")
-                total_loss = weighted_total(terms, recipe)
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(total_loss).backward()
-                    scaler.unscale_(optimizer)
-                else:
-                    total_loss.backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(wrapper.parameters(), cfg.grad_clip)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                with torch.no_grad():  # open_clip clamps the scale to ≤ 100
-                    wrapper.student.logit_scale.clamp_(0, math.log(100))
+                try:
+                    terms, total_loss, lr = tr.step(tr.to_device(batch), step)
+                except TrainingDiverged as e:
+                    raise TrainingDiverged(f"{e}; the last good checkpoint (step {last_saved}) is kept in "
+                                           f"{_ckpt_dir(out)}") from None
                 step += 1
                 n_log += cfg.batch_size
                 last = {k: float(v.detach()) for k, v in terms.items()} | {"loss": float(total_loss.detach())}
                 if env.is_main and (step % cfg.log_every == 0 or step == total or step == start + 1):
                     now = time.time()
-                    rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr, **last,
+                    rec = {"step": step, "epoch": round(step / tr.steps_per_epoch, 4), "lr": lr, **last,
                            "logit_scale": float(wrapper.student.logit_scale.detach().exp()),
                            "samples_per_s": round(n_log / max(now - t_log, 1e-9), 2)}
                     mf.write(json.dumps(rec) + "\n")
                     mf.flush()
                     t_log, n_log = now, 0
-                    bar.update(task, info=" ".join(f"{k.removesuffix('_loss')} {v:.3g}" for k, v in last.items()))
+                    bar.update(task, info=f"{rec['samples_per_s']:,.0f} samples/s  " + " ".join(
+                        f"{k.removesuffix('_loss')} {v:.3g}" for k, v in last.items()))
                 bar.advance(task)
                 if step % cfg.save_every == 0 or step == total:
                     if env.is_main:
-                        save_checkpoint(out, step, wrapper, optimizer, scaler, ckpt_meta, cfg.keep_checkpoints)
+                        save_checkpoint(out, step, wrapper, tr.optimizer, tr.scaler, ckpt_meta, cfg.keep_checkpoints)
                     last_saved = step
                     D.barrier(env)
         if env.is_main:
@@ -642,7 +712,7 @@ def run(cfg: DistillConfig) -> dict:
         seconds = time.time() - started
         return {
             "out": str(out), "steps": step, "resumed_from": start, "final": last, "recipe": recipe.name,
-            "samples_per_epoch": len(spans), "steps_per_epoch": steps_per_epoch,
+            "samples_per_epoch": tr.n_samples, "steps_per_epoch": tr.steps_per_epoch,
             "seconds": round(seconds, 2), "samples_per_s": round((step - start) * cfg.batch_size / max(seconds, 1e-9), 2),
             "checkpoint": str(_ckpt_dir(out) / f"step-{step:07d}.safetensors"), "notes": notes,
             "rank": env.rank,

@@ -223,3 +223,65 @@ def test_torchrun_two_processes_match_one(cache, tmp_path):
     np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-4)
     for k in (k for k in a[-1] if k.endswith("_loss")):
         assert a[-1][k] == pytest.approx(b[-1][k], rel=1e-3, abs=1e-5), k
+
+
+def test_trimmed_text_encoding_equals_open_clip():
+    # Phrases are encoded up to the batch's last real token: exact for a causal, EOT-pooled tower.
+    from conftest import make_tiny_model
+
+    from hierdctl.student import encode_text_trimmed
+    from hierdctl.tv_shim import import_open_clip
+
+    model = make_tiny_model().eval()
+    tok = import_open_clip().get_tokenizer("ViT-B-32")
+    text = tok(["a red circle", "two dogs playing with a yellow ball in the park", ""])
+    assert (text[:, 16:] == 0).all()  # so the trimmed forward really is shorter
+    with torch.no_grad():
+        full, trimmed = model.encode_text(text), encode_text_trimmed(model, text)
+        torch.testing.assert_close(trimmed, full, rtol=1e-5, atol=1e-5)
+        model.text_pool_type = "last"  # pooling at position L-1 depends on the padding: no trimming
+        torch.testing.assert_close(encode_text_trimmed(model, text), model.encode_text(text), rtol=0, atol=0)
+    grad = torch.zeros(())
+    model.text_pool_type = "argmax"
+    encode_text_trimmed(model, text).sum().backward()
+    assert model.token_embedding.weight.grad is not None and model.token_embedding.weight.grad.abs().sum() > grad
+
+
+def test_other_clip_kd_terms_train_end_to_end(cache, tmp_path):
+    # MFD (masked forward), GD (gradient distillation) and AFD (fusion layers) through the real loop.
+    recipe = tmp_path / "kd-extras.yaml"
+    recipe.write_text("terms:\n  - {name: clip, weight: 1.0}\n  - {name: mfd, weight: 2000.0}\n"
+                      "  - {name: gd, weight: 1e8}\n  - {name: afd, weight: 1.0}\n")
+    out = tmp_path / "extras"
+    summary = S.run(_cfg(cache, out, recipe=str(recipe), steps=3))
+    rows = _metrics(out)
+    assert {"clip_loss", "mfd_loss", "gd_loss", "afd_loss"} <= set(rows[-1])
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    from safetensors.torch import load_file
+
+    w = load_file(summary["checkpoint"])
+    assert w["img_fusion.weight"].shape == (32, 64)  # Linear(D_s + D_t, D_s), kept beside the student
+
+
+def test_mfd_masks_patches_for_real():
+    # The masked forward must not see the dropped patches: changing them leaves img_s_masked unchanged.
+    from conftest import make_tiny_model
+
+    from hierdctl.student import StudentWrapper
+
+    w = StudentWrapper(make_tiny_model(), 32, 32, extras=("masked_forward",), mask_ratio=0.75).eval()
+    G = w.grid[0] * w.grid[1]  # 16 patches of 8×8 px
+    noise = torch.rand(2, G)
+    batch = {"image": torch.randn(2, 3, 32, 32), "text": torch.randint(1, 100, (2, 77)), "mask_noise": noise}
+    with torch.no_grad():
+        f = w(batch)
+        dropped = noise.argsort(dim=1)[:, 4:]  # round(16 · 0.25) = 4 kept
+        img = batch["image"].clone()
+        for n in range(2):
+            for g in dropped[n].tolist():
+                r, c = divmod(g, w.grid[1])
+                img[n, :, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8] = 5.0
+        g2 = w(batch | {"image": img})
+    torch.testing.assert_close(g2.img_s_masked, f.img_s_masked)
+    assert not torch.allclose(g2.img_s, f.img_s)  # the unmasked forward does see them
+    assert not torch.allclose(f.img_s_masked, f.img_s)
