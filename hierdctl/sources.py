@@ -115,8 +115,11 @@ class TarSource:
                         raise tarfile.ReadError("unexpected end of data")
                     members[ext.lower()] = data
         except (tarfile.ReadError, EOFError, OSError) as e:
-            # The member being read when the archive broke is lost with the rest.
-            yield Skip(key or unit.label, "truncated_tar", f"{unit.label}: {e}")
+            # One skip per truncation: the sample being read when the archive broke is lost with
+            # the rest of the shard, and how many samples that rest held cannot be known.
+            yield Skip(key or unit.label, "truncated_tar",
+                       f"{unit.label}: {e}; the rest of the shard from here on is lost "
+                       "(how many samples it held cannot be known)")
             return
         if key is not None:
             yield self._make(key, members)
@@ -132,6 +135,8 @@ class TarSource:
                 meta = json.loads(members["json"])
             except (json.JSONDecodeError, UnicodeDecodeError):
                 meta = {}
+            if not isinstance(meta, dict):  # a JSON list or number carries no fields
+                meta = {}
         if "txt" in members:
             captions, why = _clean_captions(members["txt"])
         elif "captions" in meta or "caption" in meta:
@@ -140,11 +145,12 @@ class TarSource:
             return Skip(key, "missing_caption")
         if why:
             return Skip(key, why)
-        # A .json may carry extra captions (COCO-style shards): keep every distinct one, in order.
-        extra = meta.get("captions") if isinstance(meta.get("captions"), list) else []
+        # A .json may carry extra captions (COCO-style shards): keep every distinct one, in order,
+        # cleaned like the rest (non-strings such as null or numbers dropped, whitespace folded).
+        extra = _clean_captions(meta["captions"])[0] if isinstance(meta.get("captions"), list) else []
         distinct: list[str] = []
-        for c in captions + [" ".join(str(c).split()) for c in extra]:
-            if c and c not in distinct:
+        for c in captions + extra:
+            if c not in distinct:
                 distinct.append(c)
         return Sample(key, members[ext], ext, distinct, meta)
 

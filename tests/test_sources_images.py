@@ -221,6 +221,24 @@ def test_tar_skips_by_reason(tmp_path):
     assert got["f"].captions == ["first", "second"] and got["f"].image_ext == "png"
 
 
+def test_non_string_json_captions_are_dropped(tmp_path):
+    """Extra .json captions are cleaned like the rest: null, numbers, lists and blanks are
+    dropped (never turned into "None" or "3"), whitespace folded, duplicates removed."""
+    good = image_bytes(0)
+    p = write_tar(tmp_path / "s.tar", [
+        {"key": "a", "jpg": good, "txt": "a red circle",
+         "json": {"captions": [None, 3, 2.5, True, ["nested"], {"x": 1}, "  ", " a  red circle ", "a blue  square"]}},
+        {"key": "b", "jpg": good, "json": {"captions": [None, "only  this", 7]}},
+        {"key": "c", "jpg": good, "json": {"captions": [None, 7, ""]}},
+        {"key": "d", "jpg": good, "txt": "text", "json": ["not", "an", "object"]},
+    ])
+    got = {r.key: r for r in _collect(open_source(str(p)))}
+    assert got["a"].captions == ["a red circle", "a blue square"]
+    assert got["b"].captions == ["only this"]
+    assert isinstance(got["c"], Skip) and got["c"].reason == "empty_caption"
+    assert got["d"].captions == ["text"] and got["d"].meta == {}
+
+
 def test_truncated_tar_keeps_what_came_before(tmp_path):
     p = write_tar(tmp_path / "s.tar", [{"key": f"k{i}", "jpg": image_bytes(i), "txt": CAPTIONS[i]} for i in range(4)])
     data = p.read_bytes()
@@ -231,6 +249,8 @@ def test_truncated_tar_keeps_what_came_before(tmp_path):
     recs = _collect(open_source(str(p)))
     assert [type(r).__name__ for r in recs] == ["Sample", "Sample", "Skip"]
     assert recs[2].reason == "truncated_tar" and recs[2].key == "k2"
+    # One skip per truncation, whatever was lost: the detail says so (the count cannot be known).
+    assert "rest of the shard" in recs[2].detail and "cannot be known" in recs[2].detail
 
 
 def _table(tmp_path: Path, kind: str) -> Path:
