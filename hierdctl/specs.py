@@ -96,14 +96,23 @@ def fingerprint_state_dict(state_dict) -> str:
 # ----------------------------------------------------------------------------------
 
 
+def register_model_config(open_clip, cfg: dict, name: str | None = None, where: str = "--model",
+                          origin: str = "the model_cfg") -> str:
+    """Register an open_clip model-config dict (vision_cfg, text_cfg, embed_dim, ...) with
+    open_clip under `name` (default: hierdctl-<hash of the config>, so registering the same
+    config twice is harmless); return the name for open_clip.create_model."""
+    if not isinstance(cfg, dict) or "vision_cfg" not in cfg or "text_cfg" not in cfg:
+        raise UserError(f"{origin} is not an open_clip model config (needs vision_cfg and text_cfg)", where)
+    text = json.dumps(cfg, sort_keys=True)
+    name = name or "hierdctl-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+    open_clip.factory._MODEL_CONFIGS[name] = json.loads(text)  # a copy: open_clip may edit its configs
+    return name
+
+
 def _register_config(open_clip, path: str) -> str:
     """Register a model-config JSON with open_clip under a name of its own; return that name."""
     cfg = json.loads(Path(path).read_text())
-    if "vision_cfg" not in cfg or "text_cfg" not in cfg:
-        raise UserError(f"{path} is not an open_clip model config (needs vision_cfg and text_cfg)", "--model")
-    name = "hierdctl-" + Path(path).stem
-    open_clip.factory._MODEL_CONFIGS[name] = cfg
-    return name
+    return register_model_config(open_clip, cfg, "hierdctl-" + Path(path).stem, "--model", origin=path)
 
 
 def create_open_clip(spec: ModelSpec, device: str = "cpu", where: str = "--model"):
@@ -119,7 +128,7 @@ def create_open_clip(spec: ModelSpec, device: str = "cpu", where: str = "--model
         name, pretrained = spec.arch, spec.weights
         shipped = Path(__file__).parent / "model_configs" / f"{name}.json"
         if name not in open_clip.list_models() and shipped.is_file():  # ViT-T-16 (CLIP-RD's student), tiny-test
-            open_clip.factory._MODEL_CONFIGS[name] = json.loads(shipped.read_text())
+            register_model_config(open_clip, json.loads(shipped.read_text()), name, where, origin=str(shipped))
         if not name.startswith("hf-hub:") and name not in open_clip.list_models():
             raise UserError(f"unknown open_clip architecture {name!r} (see open_clip.list_models())", where)
     try:
