@@ -312,9 +312,10 @@ def eval_retrieval(
     batch_size: int = typer.Option(64, help="Images / captions per forward."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (FAISS uses a GPU whenever faiss-gpu sees one)."),
     index: str = typer.Option("flat", help="flat (exact IndexFlatIP), ivf or hnsw (approximate, labelled so)."),
-    nprobe: Optional[int] = typer.Option(None, help="ivf: lists probed per query (default nlist/8)."),
+    nprobe: Optional[int] = typer.Option(None, help="With --index ivf: lists probed per query (default nlist/8)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the JSON report here."),
     save_index: Optional[Path] = typer.Option(None, help="Keep each model's embeddings and FAISS indexes in this folder."),
+    overwrite: bool = typer.Option(False, help="Replace an earlier --save-index folder."),
     image_col: str = typer.Option("image", help="Tables: the image-path column."),
     caption_col: str = typer.Option("caption", help="Tables: the caption column."),
     image_root: Optional[str] = typer.Option(None, help="Karpathy JSON: folder the image paths are relative to."),
@@ -329,7 +330,7 @@ def eval_retrieval(
         from hierdctl.stages.eval_retrieval import EvalRetrievalConfig, parse_ks, run
 
         cfg = EvalRetrievalConfig(source=source, models=list(model), ks=parse_ks(k), batch_size=batch_size, device=device,
-                                  index=index, nprobe=nprobe, out=out, save_index=save_index,
+                                  index=index, nprobe=nprobe, out=out, save_index=save_index, overwrite=overwrite,
                                   source_options=_source_options(image_col, caption_col, image_root, split),
                                   max_pixels=max_pixels, workers=workers, quiet=quiet)
         report = run(cfg)

@@ -29,7 +29,8 @@ from hierdctl.errors import UserError, require
 from hierdctl.retrieval import INDEX_KINDS
 from hierdctl.sources import SourceOptions
 
-REPORT_SCHEMA = "hierdctl.eval-retrieval/1"
+REPORT_SCHEMA = "hierdctl.eval-retrieval/1"  # the report's and --save-index's index.json "schema"
+INDEX_MARKER = "index.json"
 
 
 @dataclass
@@ -43,6 +44,7 @@ class EvalRetrievalConfig:
     nprobe: int | None = None  # ivf only
     out: Path | None = None
     save_index: Path | None = None
+    overwrite: bool = False  # replace an earlier --save-index folder
     source_options: SourceOptions = field(default_factory=SourceOptions)
     max_pixels: int = 89_478_485
     workers: int = 4  # decoding threads
@@ -60,7 +62,24 @@ class EvalRetrievalConfig:
         require(self.batch_size >= 1, "must be at least 1", "--batch-size")
         require(self.workers >= 0, "must be 0 or more", "--workers")
         require(self.nprobe is None or self.nprobe >= 1, "must be at least 1", "--nprobe")
+        require(self.nprobe is None or self.index == "ivf", f"only applies to --index ivf (not {self.index})", "--nprobe")
+        require(self.max_pixels > 0, f"must be positive, got {self.max_pixels}", "--max-pixels")
+        check_report_path(self.out)
+        if self.save_index is not None:
+            from hierdctl.schema import check_dir_target
+
+            check_dir_target(Path(self.save_index), INDEX_MARKER, REPORT_SCHEMA, "--save-index", self.overwrite,
+                             "a saved index")
         return self
+
+
+def check_report_path(out: Path | None, where: str = "--out") -> None:
+    """A report path must name a file in an existing folder (checked before any model loads)."""
+    if out is None:
+        return
+    out = Path(out)
+    require(not out.is_dir(), f"{out} is a directory; give a file name such as {out / 'report.json'}", where)
+    require(out.parent.is_dir(), f"the folder {out.parent} does not exist", where)
 
 
 def parse_ks(text: str, where: str = "--k") -> list[int]:
@@ -250,11 +269,11 @@ def evaluate(e: Embedded, cfg: EvalRetrievalConfig):
     return metrics, desc, {"index_build_s": round(t_build, 3), "search_s": round(t_search, 3)}, (img_index, txt_index)
 
 
-def _save_index(dirpath: Path, runs: list[dict]) -> None:
+def _save_index(dirpath: Path, runs: list[dict], overwrite: bool) -> None:
     import faiss
 
     from hierdctl.retrieval import index_to_cpu
-    from hierdctl.stages.export import publish_dir
+    from hierdctl.schema import publish_dir
 
     def write(tmp: Path):
         entries = []
@@ -274,9 +293,11 @@ def _save_index(dirpath: Path, runs: list[dict]) -> None:
                   "text_to_image.npy": "(Nt,) int64", "keys.json": "(Ni,) sample keys",
                   "image.faiss": "index over image_emb (captions search it)",
                   "text.faiss": "index over text_emb (images search it)"}
-        (tmp / "index.json").write_text(json.dumps({"schema": REPORT_SCHEMA, "layout": layout, "models": entries}, indent=2))
+        (tmp / INDEX_MARKER).write_text(json.dumps({"schema": REPORT_SCHEMA, "layout": layout, "models": entries},
+                                                   indent=2))  # last: the done-marker
 
-    publish_dir(dirpath, write, marker="index.json", where="--save-index")
+    publish_dir(dirpath, write, marker=INDEX_MARKER, schema=REPORT_SCHEMA, where="--save-index",
+                overwrite=overwrite, what="a saved index")
 
 
 def run(cfg: EvalRetrievalConfig) -> dict:
@@ -291,24 +312,26 @@ def run(cfg: EvalRetrievalConfig) -> dict:
     started = time.time()
     source = open_source(cfg.source, cfg.source_options)
     device = D.resolve_device(cfg.device, D.resolve())
-    runs, ref = [], None
+    runs, ref = [], None  # ref: the first model's keys, text_to_image and counts (not its embeddings)
     for i, spec in enumerate(cfg.models):
         encoder = load_encoder(spec, device, "--model")
         e = embed_source(encoder, source, cfg, f"[{i}] {spec}")
         if ref is None:
             check_ks(cfg.ks, len(e.keys), len(e.text_to_image))
-            ref = e
-        assert e.keys == ref.keys and np.array_equal(e.text_to_image, ref.text_to_image), "same data for every model"
+            ref = {"keys": e.keys, "text_to_image": e.text_to_image, "counts": _counts(e)}
+        assert e.keys == ref["keys"] and np.array_equal(e.text_to_image, ref["text_to_image"]), "same data for every model"
         metrics, index, t_search, indexes = evaluate(e, cfg)
-        runs.append({"spec": spec, "model": encoder.describe(), "embed_dim": int(e.img.shape[1]),
-                     "metrics": metrics, "timing": e.timing | t_search, "index": index,
-                     "embedded": e, "indexes": indexes})
-        del encoder
+        r = {"spec": spec, "model": encoder.describe(), "embed_dim": int(e.img.shape[1]),
+             "metrics": metrics, "timing": e.timing | t_search, "index": index}
+        if cfg.save_index:  # only then are embeddings and indexes (maybe on the GPU) kept past this model
+            r |= {"embedded": e, "indexes": indexes}
+        runs.append(r)
+        del encoder, e, indexes
     reference = runs[0]["metrics"]
     for r in runs:
         r["retention"] = retention(r["metrics"], reference) if r is not runs[0] else {}
     if cfg.save_index:
-        _save_index(Path(cfg.save_index), runs)
+        _save_index(Path(cfg.save_index), runs, cfg.overwrite)
     report = {
         "schema": REPORT_SCHEMA,
         "task": "retrieval",
@@ -317,7 +340,7 @@ def run(cfg: EvalRetrievalConfig) -> dict:
                                                    "caption_col": cfg.source_options.caption_col,
                                                    "image_root": cfg.source_options.image_root,
                                                    "split": cfg.source_options.split}},
-        "counts": _counts(ref),
+        "counts": ref["counts"],
         "k": cfg.ks,
         "index": runs[0]["index"],
         "exact": runs[0]["index"]["exact"],
@@ -328,7 +351,6 @@ def run(cfg: EvalRetrievalConfig) -> dict:
         "versions": versions(),
     }
     if cfg.out:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(Path(cfg.out), report)
     if not cfg.quiet and report["counts"]["skipped_total"]:
         console.print(f"[dim]eval-retrieval:[/] skipped {report['counts']['skipped_total']} samples: "

@@ -47,12 +47,15 @@ class EvalZeroshotConfig:
 
     def validate(self) -> "EvalZeroshotConfig":
         from hierdctl.specs import parse_spec
+        from hierdctl.stages.eval_retrieval import check_report_path
 
         require(bool(self.models), "give at least one --model SPEC", "--model")
         for m in self.models:
             parse_spec(m, "--model")
         require(self.batch_size >= 1, "must be at least 1", "--batch-size")
         require(self.workers >= 0, "must be 0 or more", "--workers")
+        require(self.max_pixels > 0, f"must be positive, got {self.max_pixels}", "--max-pixels")
+        check_report_path(self.out)
         return self
 
 
@@ -93,6 +96,22 @@ def load_templates(spec: str) -> tuple[list, str]:
     return [lambda c, t=t: t.replace("{c}", c).replace("{}", c) for t in items], spec
 
 
+def _parse_label(raw, by_name: dict[str, int]) -> int | None:
+    """A class index from a JSON int or a decimal string ("3", "-1"), or a class name; None if
+    it is neither. JSON true/false are not labels (bool is an int in Python), nor are strings
+    str.isdigit accepts but int() does not ("²")."""
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, int):
+        return raw
+    if not isinstance(raw, str):
+        return None
+    digits = raw.strip()
+    if digits.removeprefix("-").isdecimal():  # isdecimal: what int() reads, unlike isdigit ("²")
+        return int(digits)
+    return by_name.get(raw)
+
+
 class LabelledShards(TarSource):
     """WebDataset shards whose samples carry a class (no caption needed)."""
 
@@ -118,11 +137,8 @@ class LabelledShards(TarSource):
             raw = raw.decode("utf-8", "replace").strip()
         if raw is None or raw == "":
             return Skip(key, "missing_label")
-        if isinstance(raw, int) or (isinstance(raw, str) and raw.lstrip("-").isdigit()):
-            label = int(raw)
-        elif isinstance(raw, str) and raw in self.by_name:
-            label = self.by_name[raw]
-        else:
+        label = _parse_label(raw, self.by_name)
+        if label is None:
             return Skip(key, "bad_label", repr(raw)[:80])
         if not 0 <= label < len(self.names):
             return Skip(key, "label_out_of_range", f"{label} not in 0..{len(self.names) - 1}")
@@ -168,6 +184,8 @@ def open_labelled(cfg: EvalZeroshotConfig) -> tuple[object, list[str], str]:
     from hierdctl.tv_shim import import_open_clip
 
     p = Path(cfg.source)
+    if not ("{" in cfg.source and "}" in cfg.source):  # a brace pattern names shards open_source checks
+        require(p.exists(), f"{cfg.source} does not exist", "SOURCE")
     folders = p.is_dir() and not any(p.glob("*.tar")) and any(d.is_dir() for d in p.iterdir())
     if cfg.classnames == "imagenet":
         names, origin = list(import_open_clip().zero_shot_metadata.IMAGENET_CLASSNAMES), "open_clip IMAGENET_CLASSNAMES"
@@ -276,7 +294,6 @@ def run(cfg: EvalZeroshotConfig) -> dict:
     if len(names) < 5:
         report["notes"] = ["acc5 is not reported: fewer than 5 classes"]
     if cfg.out:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(Path(cfg.out), report)
     if not cfg.quiet and report["counts"]["skipped_total"]:
         console.print(f"[dim]eval-zeroshot:[/] skipped {report['counts']['skipped_total']} samples: "

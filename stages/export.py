@@ -31,20 +31,21 @@ PyTorch (max abs difference recorded, must be ≤ `atol`).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
-import os
-import shutil
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from hierdctl.console import console
 from hierdctl.errors import UserError, require
 
 FORMATS = ("open_clip", "onnx", "all")
 MARKER = "export.json"
+SCHEMA = "hierdctl.export/1"  # export.json's "schema": what marks DIR as an export hierdctl may replace
+ONNX_MODULES = ("onnx", "onnxruntime")  # the `onnx` extra: exporting and checking the graphs
 
 
 class ExportMismatch(RuntimeError):
@@ -64,7 +65,12 @@ class ExportConfig:
 
     def validate(self) -> "ExportConfig":
         require(self.format in FORMATS, f"unknown format {self.format!r} ({', '.join(FORMATS)})", "--format")
+        if "onnx" in self.formats:  # before any work, not after the open_clip export
+            missing = [m for m in ONNX_MODULES if importlib.util.find_spec(m) is None]
+            require(not missing, f"--format {self.format} needs {' and '.join(missing)}, which "
+                    f"{'is' if len(missing) == 1 else 'are'} not installed (pip install 'hierdctl[onnx]')", "--format")
         require(self.opset >= 14, "ONNX opset must be at least 14", "--opset")
+        require(math.isfinite(self.atol) and self.atol > 0, f"must be a positive number, got {self.atol:g}", "--atol")
         if self.report is not None:
             require(Path(self.report).is_file(), f"{self.report} does not exist", "--report")
         return self
@@ -72,44 +78,6 @@ class ExportConfig:
     @property
     def formats(self) -> tuple[str, ...]:
         return ("open_clip", "onnx") if self.format == "all" else (self.format,)
-
-
-# ----------------------------------------------------------------------------------
-# Atomic directories (also used by eval-retrieval --save-index)
-# ----------------------------------------------------------------------------------
-
-
-def publish_dir(final: Path, write: Callable[[Path], None], marker: str, where: str, overwrite: bool = True) -> None:
-    """Fill a fresh temporary sibling of `final` with write(tmp), then rename it into place.
-
-    An existing non-empty `final` is replaced only if it holds `marker` (hierdctl wrote it)
-    and `overwrite` is set; a folder hierdctl did not write is never deleted."""
-    final = Path(final)
-    if final.exists():
-        if not final.is_dir():
-            raise UserError(f"{final} exists and is not a directory", where)
-        if any(final.iterdir()):
-            if not (final / marker).is_file():
-                raise UserError(f"{final} is not empty and was not written by hierdctl (no {marker}); "
-                                "pick a new or empty folder", where)
-            if not overwrite:
-                raise UserError(f"{final} already holds an export: add --overwrite to replace it", where)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 # ----------------------------------------------------------------------------------
@@ -184,17 +152,17 @@ def reference_model(ck: Checkpoint):
     """The student exactly as the checkpoint holds it (built from model_cfg, strict load)."""
     import torch
 
+    from hierdctl.specs import register_model_config
     from hierdctl.tv_shim import import_open_clip
 
     open_clip = import_open_clip()
-    name = f"hierdctl-export-{os.getpid()}"
-    open_clip.factory._MODEL_CONFIGS[name] = json.loads(json.dumps(ck.meta["model_cfg"]))
+    name = register_model_config(open_clip, ck.meta["model_cfg"], where="RUN_DIR",
+                                 origin=f"the model_cfg of {ck.path.with_suffix('.json')}")
     logging.disable(logging.WARNING)  # open_clip's "no pretrained weights" note: the weights come next
     try:
         model = open_clip.create_model(name, device="cpu")
     finally:
         logging.disable(logging.NOTSET)
-        del open_clip.factory._MODEL_CONFIGS[name]
     try:
         model.load_state_dict(ck.student, strict=True)
     except RuntimeError as e:
@@ -417,6 +385,20 @@ def model_card(ck: Checkpoint, manifest: dict, report: dict | None, out: Path) -
 # ----------------------------------------------------------------------------------
 
 
+def cache_dir(ck: Checkpoint) -> Path | None:
+    """The teacher cache the checkpoint was trained from (meta["data"]), or None when unknown.
+
+    A relative path is taken relative to the run dir, never to the current directory (which
+    has nothing to do with the run); without a run dir a relative path cannot be placed."""
+    raw = ck.meta.get("data")
+    if not isinstance(raw, str) or not raw.strip():
+        return None
+    p = Path(raw)
+    if p.is_absolute():
+        return p
+    return ck.run_dir / p if ck.run_dir is not None else None
+
+
 def _training_and_data(ck: Checkpoint) -> tuple[dict, dict]:
     import yaml
 
@@ -428,14 +410,14 @@ def _training_and_data(ck: Checkpoint) -> tuple[dict, dict]:
             r = {}
         train = {k: r[k] for k in ("batch_size", "lr", "warmup", "weight_decay", "epochs", "steps", "precision", "seed")
                  if r.get(k) is not None}
-    cache = Path(str(ck.meta.get("data", "")))
-    if str(cache) and (cache / "manifest.json").is_file():
+    cache = cache_dir(ck)
+    if cache is not None and (cache / "manifest.json").is_file():
         try:
             m = json.loads((cache / "manifest.json").read_text())
             data = {"samples": m.get("samples"), "captions": m.get("captions"),
                     "source": (m.get("source") or {}).get("spec")}
-        except json.JSONDecodeError:
-            pass
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            data = {}
     return train, data
 
 
@@ -444,6 +426,7 @@ def run(cfg: ExportConfig) -> dict:
     import torch
 
     from hierdctl import __version__
+    from hierdctl.schema import check_dir_target, publish_dir
     from hierdctl.tv_shim import import_open_clip
 
     cfg.validate()
@@ -456,11 +439,7 @@ def run(cfg: ExportConfig) -> dict:
         require(isinstance(report, dict) and isinstance(report.get("models"), list),
                 f"{cfg.report} is not an eval-retrieval / eval-zeroshot report (no 'models' list)", "--report")
     out = Path(cfg.out)
-    occupied = out.is_file() or (out.is_dir() and any(out.iterdir()))
-    if occupied:  # refuse before any work; publish_dir checks again at the end
-        if not out.is_dir() or not (out / MARKER).is_file():
-            raise UserError(f"{out} exists and was not written by hierdctl export; pick a new or empty folder", "--out")
-        require(cfg.overwrite, f"{out} already holds an export: add --overwrite to replace it", "--out")
+    check_dir_target(out, MARKER, SCHEMA, "--out", cfg.overwrite, "an export")  # before any work
 
     t0 = time.time()
     ck = load_checkpoint(cfg.source)
@@ -484,7 +463,7 @@ def run(cfg: ExportConfig) -> dict:
             for n in ("open_clip_config.json", "open_clip_model.safetensors"):
                 (tmp / n).unlink()
         manifest = {
-            "schema": "hierdctl.export/1",
+            "schema": SCHEMA,
             "formats": list(cfg.formats),
             "checkpoint": {"path": str(ck.path.resolve()), "sha256": _sha256(ck.path), "step": ck.meta.get("step")},
             "model_cfg": ck.meta["model_cfg"],
@@ -510,7 +489,7 @@ def run(cfg: ExportConfig) -> dict:
         summary.update(manifest)
 
     summary: dict = {}
-    publish_dir(out, write, MARKER, "--out", overwrite=cfg.overwrite)
+    publish_dir(out, write, marker=MARKER, schema=SCHEMA, where="--out", overwrite=cfg.overwrite, what="an export")
     summary["out"] = str(out)
     summary["seconds"] = round(time.time() - t0, 2)
     if not cfg.quiet and summary["projector_dropped"]:

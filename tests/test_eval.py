@@ -3,6 +3,7 @@ brute-force torch reference, hard negatives, the report, and every bad input exi
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -110,8 +111,36 @@ def test_approximate_indexes_are_labelled_and_close(kind):
     assert not info.exact and "approximate" in info.label()
     approx = recall_from_ranked(search(index, txt, 10), search(build_index(txt, kind, 10)[0], img, 10), tti, [10])
     exact = recall_from_scores(txt @ img.T, tti, [10])
-    assert approx["image_retrieval_recall@10"] <= exact["image_retrieval_recall@10"] + 1e-9
+    # (No "approximate ≤ exact": an approximate list may hold the true image where the exact
+    # top-10 does not, so that is not an invariant.)
     assert approx["image_retrieval_recall@10"] > 0.5 * exact["image_retrieval_recall@10"]
+
+
+def test_gpu_indexes_share_one_resources_object(monkeypatch):
+    """faiss-gpu's StandardGpuResources is made once, whatever the number of indexes (a fake
+    faiss GPU API here, so this runs on CPU; the real one is exercised where faiss-gpu is)."""
+    import faiss
+
+    from hierdctl import retrieval as R
+
+    made, used = [], []
+
+    class FakeResources:
+        def __init__(self):
+            made.append(self)
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", FakeResources, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda res, dev, index: used.append(res) or index, raising=False)
+    R.gpu_resources.cache_clear()
+    try:
+        img, txt, _ = _random_embeddings(ni=50, per=1, d=8)
+        for kind in ("flat", "ivf"):
+            for x in (img, txt):
+                _, info = build_index(x, kind, 5, use_gpu=True)
+                assert info.device == "gpu"
+    finally:
+        R.gpu_resources.cache_clear()
+    assert len(made) == 1 and len(used) == 4 and all(r is made[0] for r in used)
 
 
 def test_hard_negative_accuracy_on_a_hand_built_case():
@@ -137,6 +166,25 @@ def test_classification_metrics_on_hand_built_logits():
     m = classification_metrics(logits, np.array([0, 0, 0, 5]), 6)
     assert m["acc1"] == pytest.approx(3 / 4) and m["mean_per_class_recall"] == pytest.approx((2 / 3 + 1) / 2)
     assert "acc5" not in classification_metrics(logits[:, :3], labels % 3, 3)
+
+
+def test_classification_metrics_equal_a_full_stable_sort_with_ties():
+    """Top-k from the true class's rank gives what sorting every row did, ties included
+    (integer logits in a small range: many ties; a tie goes to the lower class index)."""
+    rng = np.random.default_rng(0)
+    for n, c in ((200, 7), (300, 3), (5000, 12)):
+        logits = rng.integers(0, 4, (n, c)).astype(np.float32)
+        labels = rng.integers(0, c, n)
+        order = np.argsort(-logits, axis=1, kind="stable")  # the old, O(N·C·log C) way
+        correct = order == labels[:, None]
+        want = {"acc1": correct[:, 0].mean()}
+        if c >= 5:
+            want["acc5"] = correct[:, :5].any(axis=1).mean()
+        want["mean_per_class_recall"] = np.mean([correct[labels == k, 0].mean() for k in np.unique(labels)])
+        assert classification_metrics(logits, labels, c) == pytest.approx(want, abs=1e-12)
+    tie = np.array([[1.0, 1.0, 0.0]])  # a tie: the lower index wins top-1
+    assert classification_metrics(tie, np.array([0]), 3)["acc1"] == 1.0
+    assert classification_metrics(tie, np.array([1]), 3)["acc1"] == 0.0
 
 
 # ----------------------------------------------------------------------------------
@@ -187,6 +235,7 @@ def test_retrieval_report_end_to_end(retrieval_data, tiny_teacher, other_model, 
     assert ref["spec"] == tiny_teacher and ref["retention"] == {}
     assert again["metrics"] == ref["metrics"]  # the same model twice: identical numbers...
     assert all(v == 100.0 for v in again["retention"].values())  # ...and 100 % retention
+    assert again["retention"] == {k: 100.0 for k, v in ref["metrics"].items() if v > 0} and again["retention"]
     for k, v in other["metrics"].items():
         assert 0.0 <= v <= 1.0
         if ref["metrics"][k] > 0:
@@ -204,6 +253,62 @@ def test_retrieval_report_end_to_end(retrieval_data, tiny_teacher, other_model, 
 
     assert faiss.read_index(str(d / "image.faiss")).ntotal == 12
     assert json.loads((tmp_path / "idx" / "index.json").read_text())["models"][1]["spec"] == other_model
+
+
+def test_save_index_never_replaces_a_folder_hierdctl_did_not_write(retrieval_data, tiny_teacher, tmp_path):
+    # A folder with an index.json of some other tool: refused even with --overwrite, and kept.
+    foreign = tmp_path / "theirs"
+    foreign.mkdir()
+    (foreign / "index.json").write_text(json.dumps({"schema": "someone-else/2", "note": "mine"}))
+    (foreign / "vectors.bin").write_bytes(b"\x00" * 16)
+    before = {p.name: p.read_bytes() for p in foreign.iterdir()}
+    r = _cli("eval-retrieval", retrieval_data, "--model", tiny_teacher, "--k", "1", "--quiet", "--device", "cpu",
+             "--save-index", foreign, "--overwrite")
+    assert r.exit_code == 2 and "--save-index" in r.output and "not written by hierdctl" in r.output, r.output
+    assert {p.name: p.read_bytes() for p in foreign.iterdir()} == before
+    (foreign / "index.json").write_text("not json")  # unreadable: not hierdctl's either
+    with pytest.raises(UserError, match="--save-index"):
+        EvalRetrievalConfig(source=retrieval_data, models=[tiny_teacher], save_index=foreign, overwrite=True).validate()
+    assert (foreign / "vectors.bin").exists()
+    # hierdctl's own index: kept without --overwrite (an error naming --save-index), replaced with it.
+    cfg = dict(source=retrieval_data, models=[tiny_teacher], ks=[1], device="cpu", quiet=True, workers=0)
+    idx = tmp_path / "idx"
+    retrieval_run(EvalRetrievalConfig(**cfg, save_index=idx))
+    first = (idx / "index.json").read_text()
+    with pytest.raises(UserError, match="--overwrite") as e:
+        retrieval_run(EvalRetrievalConfig(**cfg, save_index=idx))
+    assert e.value.where == "--save-index" and (idx / "index.json").read_text() == first
+    other = write_tar(tmp_path / "small.tar", [{"key": f"{i}", "jpg": image_bytes(i), "txt": CAPTIONS[i]} for i in range(3)])
+    retrieval_run(EvalRetrievalConfig(**(cfg | {"source": str(other)}), save_index=idx, overwrite=True))
+    assert np.load(idx / "model-0" / "image_emb.npy").shape[0] == 3  # the new index, and nothing else beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "small.tar", "theirs"]
+
+
+def test_embeddings_are_kept_only_for_save_index(retrieval_data, tiny_teacher, other_model, tmp_path, monkeypatch):
+    """Without --save-index a model's embeddings are freed before the next model encodes."""
+    import gc
+    import weakref
+
+    from hierdctl.stages import eval_retrieval as ER
+
+    real, alive_at_call = ER.embed_source, []
+    refs: list = []
+
+    def tracking(*a, **k):
+        gc.collect()
+        alive_at_call.append(sum(r() is not None for r in refs))
+        e = real(*a, **k)
+        refs.append(weakref.ref(e))
+        return e
+
+    monkeypatch.setattr(ER, "embed_source", tracking)
+    cfg = dict(source=retrieval_data, models=[tiny_teacher, other_model, tiny_teacher], ks=[1], device="cpu",
+               quiet=True, workers=0)
+    retrieval_run(EvalRetrievalConfig(**cfg))
+    assert alive_at_call == [0, 0, 0]
+    alive_at_call.clear(), refs.clear()
+    retrieval_run(EvalRetrievalConfig(**cfg, save_index=tmp_path / "idx"))
+    assert alive_at_call == [0, 1, 2]
 
 
 def test_retrieval_with_an_approximate_index_says_so(retrieval_data, tiny_teacher):
@@ -263,11 +368,36 @@ def test_retrieval_reads_csv_with_several_captions(tmp_path, tiny_teacher):
     assert report["models"][0]["metrics"]["image_retrieval_recall@6"] == 1.0  # K = the whole gallery
 
 
-def test_config_validation():
+def test_config_validation(tmp_path):
     with pytest.raises(UserError, match="--model"):
         EvalRetrievalConfig(source="x", models=[]).validate()
     with pytest.raises(UserError, match="--k"):
         EvalRetrievalConfig(source="x", models=["open_clip:RN50"], ks=[0]).validate()
+    m = ["open_clip:RN50"]
+    for kw, where in (({"nprobe": 4}, "--nprobe"), ({"nprobe": 4, "index": "hnsw"}, "--nprobe"),
+                      ({"max_pixels": 0}, "--max-pixels"), ({"out": tmp_path}, "--out"),
+                      ({"out": tmp_path / "no" / "such" / "r.json"}, "--out")):
+        with pytest.raises(UserError) as e:
+            EvalRetrievalConfig(source="x", models=m, **kw).validate()
+        assert e.value.where == where, kw
+    EvalRetrievalConfig(source="x", models=m, index="ivf", nprobe=4, out=tmp_path / "r.json").validate()
+    for kw, where in (({"max_pixels": -1}, "--max-pixels"), ({"out": tmp_path}, "--out"),
+                      ({"out": tmp_path / "no" / "r.json"}, "--out")):
+        with pytest.raises(UserError) as e:
+            EvalZeroshotConfig(source="x", models=m, **kw).validate()
+        assert e.value.where == where, kw
+
+
+def test_eval_output_errors_exit_2_before_any_model_loads(retrieval_data, tiny_teacher, tmp_path):
+    base = ["eval-retrieval", retrieval_data, "--model", tiny_teacher, "--quiet", "--device", "cpu"]
+    for extra, needle in ((["--out", tmp_path], "is a directory"),
+                          (["--out", tmp_path / "missing" / "r.json"], "does not exist"),
+                          (["--max-pixels", "0"], "--max-pixels"),
+                          (["--nprobe", "3"], "--index ivf")):
+        r = _cli(*base, *extra)
+        assert r.exit_code == 2 and needle in r.output, (extra, r.output)
+        assert r.output.count("\n") <= 2
+    assert not (tmp_path / "missing").exists()
 
 
 # ----------------------------------------------------------------------------------
@@ -286,10 +416,28 @@ def class_tree(tmp_path_factory) -> Path:
     return root
 
 
+def _direct_predictions(spec: str, files: list[Path], names: list[str], templates) -> np.ndarray:
+    """(N,) argmax class of each image, computed here: the encoder's own transform and
+    embedding, the classifier's weights, the logits."""
+    from PIL import Image
+
+    from hierdctl.specs import load_encoder
+    from hierdctl.stages.eval_zeroshot import classifier
+
+    enc = load_encoder(spec)
+    w = classifier(enc, names, templates, batch_size=7)  # (C,D)
+    x = torch.stack([enc.eval_transform(Image.open(f).convert("RGB")) for f in files])
+    with torch.no_grad():
+        img = enc.encode_image(x)[0].numpy()  # (N,D)
+    return (img @ w.T).argmax(axis=1)
+
+
 def test_zeroshot_on_a_folder_tree(class_tree, tiny_teacher, other_model, tmp_path):
+    from hierdctl.stages.eval_zeroshot import load_templates
+
     tpl = tmp_path / "templates.txt"
     tpl.write_text("a photo of a {c}.\na drawing of a {c}.\n")
-    report = zeroshot_run(EvalZeroshotConfig(source=str(class_tree), models=[tiny_teacher, other_model],
+    report = zeroshot_run(EvalZeroshotConfig(source=str(class_tree), models=[tiny_teacher, other_model, tiny_teacher],
                                              classnames="folders", templates=str(tpl), device="cpu",
                                              out=tmp_path / "zs.json", quiet=True))
     c = report["counts"]
@@ -298,6 +446,20 @@ def test_zeroshot_on_a_folder_tree(class_tree, tiny_teacher, other_model, tmp_pa
     m = report["models"][0]["metrics"]
     assert set(m) == {"acc1", "mean_per_class_recall"} and "acc5" in report["notes"][0]
     assert 0 <= m["acc1"] <= 1 and report["models"][1]["retention"] is not None
+    # The numbers, computed directly: classes in sorted folder order, 3 images each.
+    names = ["blue square", "green triangle", "red circle"]
+    files = [class_tree / n.replace(" ", "_") / f"{j}.png" for n in names for j in range(3)]
+    labels = np.repeat(np.arange(3), 3)
+    templates, _ = load_templates(str(tpl))
+    accs = []
+    for spec, got in zip([tiny_teacher, other_model], report["models"]):
+        acc1 = float((_direct_predictions(spec, files, names, templates) == labels).mean())
+        assert got["metrics"]["acc1"] == pytest.approx(acc1, abs=1e-9), spec
+        accs.append(acc1)
+    ref, other, again = report["models"]
+    assert again["metrics"] == ref["metrics"]  # the reference against itself: 100 % wherever it scores
+    assert again["retention"] == {k: 100.0 for k, v in ref["metrics"].items() if v > 0}
+    assert accs[0] > 0 and other["retention"]["acc1"] == pytest.approx(round(100 * accs[1] / accs[0], 2))
     # Balanced classes: mean per-class recall equals top-1 accuracy.
     assert m["mean_per_class_recall"] == pytest.approx(m["acc1"])
     assert json.loads((tmp_path / "zs.json").read_text())["task"] == "zeroshot"
@@ -329,6 +491,53 @@ def test_zeroshot_on_shards_with_class_field(tmp_path, tiny_teacher):
     assert report["counts"]["images"] == 13
     assert report["counts"]["skipped"] == {"bad_label": 1, "label_out_of_range": 1}
     assert set(report["models"][0]["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
+    # The labels the shards give: the .cls index, or the class name's position ("boat" -> 5).
+    from hierdctl.sources import Sample, Skip
+    from hierdctl.stages.eval_zeroshot import LabelledShards, load_templates
+
+    src = LabelledShards(str(tmp_path / "00000.tar"), [str(tmp_path / "00000.tar")], "cls", names)
+    items = list(src.iter_unit(src.units[0]))
+    got = {s.key: s.meta["label"] for s in items if isinstance(s, Sample)}
+    assert got == {f"{i:04d}": i % 6 for i in range(12)} | {"named": 5}
+    assert {s.key: s.reason for s in items if isinstance(s, Skip)} == {"unknown": "bad_label", "range": "label_out_of_range"}
+    # acc1 and acc5, computed directly from the classifier and the encoder.
+    from PIL import Image
+
+    from hierdctl.specs import load_encoder
+    from hierdctl.stages.eval_zeroshot import classifier
+
+    enc = load_encoder(tiny_teacher)
+    w = classifier(enc, names, load_templates("simple")[0], batch_size=4)
+    keys = [s.key for s in items if isinstance(s, Sample)]
+    x = torch.stack([enc.eval_transform(Image.open(io.BytesIO(s.image)).convert("RGB")) for s in items if isinstance(s, Sample)])
+    with torch.no_grad():
+        logits = enc.encode_image(x)[0].numpy() @ w.T  # (13,6)
+    y = np.array([got[k] for k in keys])
+    m = report["models"][0]["metrics"]
+    assert m["acc1"] == pytest.approx(float((logits.argmax(1) == y).mean()), abs=1e-9)
+    top5 = np.argsort(-logits, axis=1)[:, :5]
+    assert m["acc5"] == pytest.approx(float((top5 == y[:, None]).any(1).mean()), abs=1e-9)
+
+
+def test_labels_true_and_non_decimal_digits_are_bad_labels(tmp_path):
+    """JSON true is not class 1 (bool is an int in Python); "²" passes str.isdigit but is no
+    number: both are counted bad_label skips, never a crash."""
+    from hierdctl.sources import Sample, Skip
+    from hierdctl.stages.eval_zeroshot import LabelledShards
+
+    samples = [{"key": "t", "jpg": image_bytes(0), "json": {"cls": True}},
+               {"key": "sq", "jpg": image_bytes(1), "cls": "²"},
+               {"key": "sq2", "jpg": image_bytes(2), "json": {"cls": "²"}},
+               {"key": "f", "jpg": image_bytes(3), "json": {"cls": 1.0}},
+               {"key": "ok", "jpg": image_bytes(4), "json": {"cls": 1}},
+               {"key": "ok2", "jpg": image_bytes(5), "cls": " 2 "},
+               {"key": "neg", "jpg": image_bytes(6), "cls": "-1"}]
+    p = write_tar(tmp_path / "00000.tar", samples)
+    src = LabelledShards(str(p), [str(p)], "cls", ["a", "b", "c"])
+    items = {s.key: s for s in src.iter_unit(src.units[0])}
+    assert {k: s.reason for k, s in items.items() if isinstance(s, Skip)} == {
+        "t": "bad_label", "sq": "bad_label", "sq2": "bad_label", "f": "bad_label", "neg": "label_out_of_range"}
+    assert {k: s.meta["label"] for k, s in items.items() if isinstance(s, Sample)} == {"ok": 1, "ok2": 2}
 
 
 def test_zeroshot_bad_input_exits_2(class_tree, tiny_teacher, tmp_path):
@@ -345,6 +554,12 @@ def test_zeroshot_bad_input_exits_2(class_tree, tiny_teacher, tmp_path):
     (empty / "a").mkdir(parents=True)
     r = _cli("eval-zeroshot", empty, "--model", tiny_teacher, "--classnames", "folders")
     assert r.exit_code == 2 and "no images" in r.output
+    r = _cli("eval-zeroshot", tmp_path / "nowhere", "--model", tiny_teacher, "--classnames", "folders")
+    assert r.exit_code == 2 and "SOURCE:" in r.output and "does not exist" in r.output, r.output
+    r = _cli(*base, "--classnames", "folders", "--max-pixels", "0")
+    assert r.exit_code == 2 and "--max-pixels" in r.output
+    r = _cli(*base, "--classnames", "folders", "--out", tmp_path)
+    assert r.exit_code == 2 and "--out" in r.output and "is a directory" in r.output
     r = _cli(*base, "--classnames", "folders")
     assert r.exit_code == 0, r.output
     assert "acc1" in r.output

@@ -188,6 +188,95 @@ def test_output_is_atomic_and_never_clobbers(runs, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="not written by hierdctl"):
         export_run(ExportConfig(source=runs["run"], out=foreign, overwrite=True, quiet=True))
     assert (foreign / "notes.txt").exists()
+    # An export.json of some other tool (no hierdctl schema tag) does not make the folder ours.
+    (foreign / "export.json").write_text(json.dumps({"exported_by": "another tool"}))
+    with pytest.raises(UserError, match="not written by hierdctl"):
+        export_run(ExportConfig(source=runs["run"], out=foreign, overwrite=True, quiet=True))
+    assert sorted(p.name for p in foreign.iterdir()) == ["export.json", "notes.txt"]
+
+
+# ----------------------------------------------------------------------------------
+# publish_dir (hierdctl/schema.py): the atomic folder both export and --save-index use
+# ----------------------------------------------------------------------------------
+
+
+def _writer(text: str):
+    def write(tmp: Path) -> None:
+        (tmp / "data.txt").write_text(text)
+        (tmp / "m.json").write_text(json.dumps({"schema": "test/1"}))
+
+    return write
+
+
+def test_publish_dir_replaces_only_its_own_folders(tmp_path):
+    from hierdctl.schema import publish_dir
+
+    out = tmp_path / "out"
+    publish_dir(out, _writer("one"), marker="m.json", schema="test/1", where="--x")
+    with pytest.raises(UserError, match="--overwrite") as e:
+        publish_dir(out, _writer("two"), marker="m.json", schema="test/1", where="--x")  # overwrite defaults off
+    assert e.value.where == "--x" and (out / "data.txt").read_text() == "one"
+    publish_dir(out, _writer("two"), marker="m.json", schema="test/1", where="--x", overwrite=True)
+    assert (out / "data.txt").read_text() == "two"
+    with pytest.raises(UserError, match="not written by hierdctl"):  # same marker name, another schema
+        publish_dir(out, _writer("three"), marker="m.json", schema="test/2", where="--x", overwrite=True)
+    assert (out / "data.txt").read_text() == "two" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_publish_dir_ignores_leftovers_and_cleans_up_after_a_failure(tmp_path, monkeypatch):
+    import os
+
+    from hierdctl import schema
+
+    out = tmp_path / "out"
+    schema.publish_dir(out, _writer("one"), marker="m.json", schema="test/1", where="--x")
+    # Leftovers under the names the old code derived from the PID: no collision, left alone.
+    for name in (f".out.tmp-{os.getpid()}", f".out.old-{os.getpid()}"):
+        (tmp_path / name).write_text("someone's leftover")
+    leftovers = sorted(p.name for p in tmp_path.iterdir())
+    # write() fails: the temporary folder goes, the old folder stays.
+    with pytest.raises(RuntimeError, match="disk full"):
+        schema.publish_dir(out, lambda tmp: (_ for _ in ()).throw(RuntimeError("disk full")), marker="m.json",
+                           schema="test/1", where="--x", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == leftovers and (out / "data.txt").read_text() == "one"
+    # The rename of the new folder into place fails after the old one moved aside: it is put back.
+    real, calls = os.replace, []
+
+    def flaky(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        if len(calls) == 2:
+            raise OSError("rename failed")
+        return real(src, dst)
+
+    monkeypatch.setattr(schema.os, "replace", flaky)
+    with pytest.raises(OSError, match="rename failed"):
+        schema.publish_dir(out, _writer("two"), marker="m.json", schema="test/1", where="--x", overwrite=True)
+    monkeypatch.setattr(schema.os, "replace", real)
+    assert len(calls) == 3  # old aside, new in (fails), old back
+    assert sorted(p.name for p in tmp_path.iterdir()) == leftovers and (out / "data.txt").read_text() == "one"
+    schema.publish_dir(out, _writer("two"), marker="m.json", schema="test/1", where="--x", overwrite=True)
+    assert (out / "data.txt").read_text() == "two" and sorted(p.name for p in tmp_path.iterdir()) == leftovers
+
+
+def test_relative_cache_paths_resolve_against_the_run_dir(tmp_path, monkeypatch):
+    from hierdctl.stages.export import Checkpoint, _training_and_data, cache_dir
+
+    def manifest(folder: Path, n: int) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "manifest.json").write_text(json.dumps({"samples": n, "captions": n, "source": {"spec": f"s{n}"}}))
+
+    run, cwd = tmp_path / "run", tmp_path / "cwd"
+    manifest(run / "cache", 11)
+    manifest(cwd / "cache", 22)
+    manifest(cwd, 33)  # ./manifest.json: what str(Path("")) == "." used to read
+    monkeypatch.chdir(cwd)
+    ck = lambda meta, run_dir=run: Checkpoint(run / "x.safetensors", meta, {}, [], run_dir)  # noqa: E731
+    assert _training_and_data(ck({}))[1] == {}  # no meta["data"]: no data, not ./manifest.json
+    assert _training_and_data(ck({"data": ""}))[1] == {}
+    assert cache_dir(ck({"data": "cache"})) == run / "cache"
+    assert _training_and_data(ck({"data": "cache"}))[1]["samples"] == 11  # not the CWD's 22
+    assert _training_and_data(ck({"data": "cache"}, None))[1] == {}  # no run dir: cannot be placed
+    assert _training_and_data(ck({"data": str(cwd / "cache")}))[1]["samples"] == 22  # absolute: as given
 
 
 def test_cli_export_errors_exit_2(runs, tmp_path):
@@ -207,6 +296,39 @@ def test_cli_export_errors_exit_2(runs, tmp_path):
     r = _cli("export", runs["run"], "--out", tmp_path / "ok", "--format", "all", "--quiet")
     assert r.exit_code == 0, r.output
     assert "onnx image vs torch" in r.output
+    for atol in ("0", "-1e-4", "nan"):
+        r = _cli("export", runs["run"], "--out", tmp_path / "o", "--atol", atol)
+        assert r.exit_code == 2 and "--atol" in r.output, (atol, r.output)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("missing", ["onnx", "onnxruntime"])
+def test_onnx_format_without_onnx_installed_is_a_user_error_before_any_work(runs, tmp_path, monkeypatch, missing):
+    import importlib.util
+
+    from hierdctl.stages import export as E
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))
+    monkeypatch.setattr(E, "load_checkpoint", lambda *a, **k: pytest.fail("work started"))
+    for fmt in ("onnx", "all"):
+        r = _cli("export", runs["run"], "--out", tmp_path / "o", "--format", fmt)
+        assert r.exit_code == 2 and "--format" in r.output and missing in r.output, r.output
+        assert r.output.count("\n") <= 2
+    assert not (tmp_path / "o").exists()
+    ExportConfig(source=runs["run"], out=tmp_path / "o", format="open_clip").validate()  # open_clip needs neither
+
+
+def test_model_configs_are_registered_through_specs(runs):
+    from hierdctl.specs import register_model_config
+
+    ck = load_checkpoint(runs["run"])
+    a = register_model_config(open_clip, ck.meta["model_cfg"])
+    assert a == register_model_config(open_clip, json.loads(json.dumps(ck.meta["model_cfg"])))  # by content
+    assert open_clip.factory._MODEL_CONFIGS[a] == ck.meta["model_cfg"]
+    assert open_clip.factory._MODEL_CONFIGS[a] is not ck.meta["model_cfg"]  # a copy
+    with pytest.raises(UserError, match="not an open_clip model config"):
+        register_model_config(open_clip, {"embed_dim": 32}, where="RUN_DIR")
 
 
 def test_load_checkpoint_splits_student_and_training_only_keys(runs):
