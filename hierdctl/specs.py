@@ -1,6 +1,6 @@
 """The model-spec grammar, shared by teachers, students and evaluation.
 
-    open_clip:ARCH                 open_clip architecture, random init (students)
+    open_clip:ARCH                 open_clip architecture, random init (students; seed 0 elsewhere)
     open_clip:ARCH/TAG             open_clip pretrained tag (downloaded through open_clip's cache)
     open_clip:ARCH/PATH            open_clip architecture + a checkpoint file (.pt/.bin/.safetensors)
     open_clip:CONFIG.json[/W]      a custom open_clip model-config JSON, random init or weights W
@@ -326,4 +326,12 @@ def load_encoder(text: str, device: str = "cpu", where: str = "--model") -> Clip
     spec = parse_spec(text, where)
     if spec.kind == "hf":
         return HFClipEncoder(spec, device, where)
+    if spec.is_random_init:
+        # A random-init teacher or evaluation model (benchmarks, bootstrap caches) is the same
+        # model in every process and every rerun: seed 0, without touching the caller's RNG.
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return OpenClipEncoder(spec, device, where)
     return OpenClipEncoder(spec, device, where)

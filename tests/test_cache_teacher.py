@@ -252,6 +252,29 @@ def test_other_teacher_or_setting_is_refused_and_overwrite_starts_over(ref, data
         _run(data, out, f"local-dir:{other}", clusters=3)
 
 
+def test_random_init_teacher_is_the_same_model_in_every_process(data, tmp_path):
+    # `open_clip:ARCH` as a teacher (bootstrap caches, benchmarks) is seeded, so a rerun in a
+    # new process resumes instead of being refused as "another teacher" — and the caller's
+    # RNG is left as it was.
+    from hierdctl.specs import load_encoder
+
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    a = load_encoder("open_clip:tiny-test").fingerprint()
+    assert torch.equal(torch.rand(3), before)
+    torch.manual_seed(999)
+    assert load_encoder("open_clip:tiny-test").fingerprint() == a
+    out = tmp_path / "rand"
+    cmd = [sys.executable, "-m", "hierdctl.cli", "cache-teacher", data, "--out", str(out), "--teacher",
+           "open_clip:tiny-test", "--views", "1", "--clusters", "0", "--max-phrases", "0", "--workers", "0", "--quiet"]
+    for _ in range(2):  # the second run, in a fresh process, resumes every shard
+        p = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+        assert p.returncode == 0, p.stderr[-2000:]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["teacher"]["fingerprint"] == a and m["complete"]
+
+
 # ----------------------------------------------------------------------------------
 # Bad inputs
 # ----------------------------------------------------------------------------------
