@@ -122,6 +122,8 @@ def test_existing_run_needs_resume_or_overwrite(cache, tmp_path):
         S.run(_cfg(cache, out, steps=2))
     with pytest.raises(UserError, match="lr"):
         S.run(_cfg(cache, out, steps=4, lr=5e-4, resume=True))
+    with pytest.raises(UserError, match="steps 2 → 4"):  # another length is another cosine schedule
+        S.run(_cfg(cache, out, steps=4, resume=True))
     assert S.run(_cfg(cache, out, steps=2, overwrite=True))["steps"] == 2
 
 
