@@ -1,0 +1,124 @@
+"""Reproduce the small Scenes teacher shipped in examples/teacher/ (used by `make demo`).
+
+No pretrained CLIP can be downloaded on the machines hierdctl is built on, so the demo
+ships its own teacher: a small CLIP (examples/configs/scenes-teacher.json: ViT 6×128 at
+64 px, patch 8; text 4×128) trained from scratch with the CLIP loss on Scenes images that
+the demo never uses (seed 1; the demo uses seed 0). It is trained with hierdctl's own
+public commands:
+
+    hierdctl scenes         --seed 1 --n-train 20000          the teacher's training data
+    hierdctl cache-teacher  --teacher open_clip:tiny-test     a *bootstrap* cache: `distill`
+                            --views 1 --clusters 0 ...        reads images and captions from a
+                                                              cache; the `clip` recipe uses no
+                                                              teacher feature, so any teacher
+                                                              (here a random tiny one) will do
+    hierdctl distill        --recipe clip --student open_clip:scenes-teacher.json
+    hierdctl export         --format open_clip
+
+then stores the weights as fp16 (half the bytes in the repository; open_clip loads them
+into its fp32 model unchanged) and writes examples/teacher/TRAINING.json with the settings
+and wall times. Shipped run: 2 CPU cores; see TRAINING.json for the time it took.
+
+    python examples/train_teacher.py [--work runs/teacher] [--out examples/teacher] [--flavour shapes]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pipeline import hierdctl  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+CONFIG = HERE / "configs" / "scenes-teacher.json"
+
+SETTINGS = dict(seed=1, n_train=20000, epochs=6, batch_size=256, lr=1e-3, warmup=50, train_seed=0)
+
+
+def to_fp16(model_dir: Path) -> float:
+    """Rewrite open_clip_model.safetensors with fp16 floats (atomically), record it in the
+    export manifest, and return the largest change of any weight."""
+    from safetensors.torch import load_file, save_file
+
+    path = model_dir / "open_clip_model.safetensors"
+    sd = load_file(str(path))
+    half = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    err = max(float((sd[k] - half[k].float()).abs().max()) for k in sd if sd[k].is_floating_point())
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(half, str(tmp))
+    os.replace(tmp, path)
+    manifest = json.loads((model_dir / "export.json").read_text())
+    manifest["weights_dtype"] = "float16"
+    manifest["note"] = ("weights rounded to fp16 by examples/train_teacher.py after export; the export's checks "
+                        f"were made on the fp32 weights (largest weight change {err:.2e})")
+    (model_dir / "export.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return err
+
+
+def publish(staged: Path, out: Path) -> None:
+    """Copy the finished teacher to OUT: only over an earlier export (never over another
+    folder), through a temporary copy and two renames."""
+    if out.exists() and not (out / "export.json").is_file():
+        sys.exit(f"train_teacher: {out} exists and holds no export.json: not replacing it")
+    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
+    for p in (tmp, old):
+        if p.exists():
+            shutil.rmtree(p)
+    shutil.copytree(staged, tmp)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, default=Path("runs/teacher"))
+    ap.add_argument("--out", type=Path, default=HERE / "teacher")
+    ap.add_argument("--flavour", default="shapes", help="shapes or fashion (Scenes flavour)")
+    ap.add_argument("--epochs", type=float, default=SETTINGS["epochs"])
+    ap.add_argument("--n-train", type=int, default=SETTINGS["n_train"])
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args(argv)
+    s = SETTINGS | {"epochs": args.epochs, "n_train": args.n_train, "flavour": args.flavour}
+    w, times = args.work, {}
+    started = time.time()
+
+    hierdctl("scenes", "--out", str(w / "scenes"), "--flavour", args.flavour, "--seed", str(s["seed"]),
+             "--n-train", str(s["n_train"]), "--n-test", "500", "--shard-size", "1000", times=times)
+    hierdctl("cache-teacher", str(w / "scenes" / "train"), "--out", str(w / "bootstrap-cache"),
+             "--teacher", "open_clip:tiny-test", "--views", "1", "--clusters", "0", "--max-phrases", "0",
+             "--batch-size", "256", "--device", args.device, "--quiet", times=times)
+    hierdctl("distill", str(w / "bootstrap-cache"), "--student", f"open_clip:{CONFIG}", "--recipe", "clip",
+             "--out", str(w / "run"), "--epochs", str(s["epochs"]), "--batch-size", str(s["batch_size"]),
+             "--lr", str(s["lr"]), "--warmup", str(s["warmup"]), "--seed", str(s["train_seed"]),
+             "--device", args.device, "--save-every", "50", "--quiet",
+             *(["--resume"] if (w / "run" / "checkpoints").is_dir() else []), times=times)
+    staged = w / "export"
+    hierdctl("export", str(w / "run"), "--out", str(staged), "--format", "open_clip", "--overwrite", times=times)
+    to_fp16(staged)
+    hierdctl("eval-retrieval", str(w / "scenes" / "test"), "--model", f"local-dir:{staged}", "--k", "1,5",
+             "--device", args.device, "--out", str(w / "teacher-eval.json"), times=times)
+    metrics = json.loads((w / "teacher-eval.json").read_text())["models"][0]["metrics"]
+    (staged / "TRAINING.json").write_text(json.dumps({
+        "script": "examples/train_teacher.py",
+        "config": str(CONFIG.relative_to(HERE.parent)),
+        "settings": s,
+        "wall_seconds": times | {"total": round(time.time() - started, 1)},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "eval_on_its_own_test_split": metrics,
+    }, indent=2) + "\n")
+    publish(staged, args.out)
+    print(f"teacher written to {args.out}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in metrics.items() if "@1" in k))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The demo end to end at tiny sizes (the public commands, chained), and the experiment's
+pieces that decide what is compared: its ablation recipes and its summary table."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import demo  # noqa: E402
+import experiment  # noqa: E402
+import pipeline  # noqa: E402
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_the_pipeline_and_prints_one_table(tmp_path, tiny_teacher, capsys):
+    work = tmp_path / "demo"
+    assert demo.main(["--quick", "--work", str(work), "--teacher", tiny_teacher, "--recipes", "clip,hierd"]) == 0
+    report = json.loads((work / "report.json").read_text())
+    assert [m["spec"] for m in report["models"]] == [
+        tiny_teacher, f"local-dir:{work / 'models' / 'clip'}", f"local-dir:{work / 'models' / 'hierd'}"]
+    for m in report["models"]:
+        for _, key in demo.COLUMNS:
+            assert 0.0 <= m["metrics"][key] <= 1.0, key
+    out = capsys.readouterr()
+    printed = out.out + out.err
+    assert printed.count("$ hierdctl ") == 7  # scenes, cache-teacher, 2 × (distill, export), eval-retrieval
+    assert "Scenes demo" in printed and "hierd" in printed
+    assert (work / "demo.png").stat().st_size > 5000
+    assert (work / "models" / "hierd" / "open_clip_model.safetensors").is_file()
+
+
+def test_a_failing_command_stops_the_script_and_shows_its_log(tmp_path, capsys):
+    times = {}
+    pipeline.hierdctl("version", times=times, log_dir=tmp_path / "logs")
+    assert set(times) == {"version"} and "hierdctl" in (tmp_path / "logs" / "00-version.log").read_text()
+    with pytest.raises(SystemExit, match="scenes.*exit code 2"):
+        pipeline.hierdctl("scenes", "--out", str(tmp_path / "s"), "--n-train", "-3", times=times,
+                          log_dir=tmp_path / "logs")
+    assert "--n-train" in capsys.readouterr().err
+    assert (tmp_path / "logs" / "01-scenes.log").is_file() and set(times) == {"version"}
+
+
+def test_ablation_recipes_drop_exactly_one_level(tmp_path):
+    from hierdctl.losses.registry import load_recipe
+
+    full = {t.name for t in load_recipe("hierd").terms}
+    paths = experiment.ablation_recipes(tmp_path)
+    assert set(paths) == {f"hierd-no-{level}" for level in experiment.LEVELS}
+    for level, names in experiment.LEVELS.items():
+        assert set(names) <= full, level  # the level exists in the shipped recipe
+        kept = {t.name for t in load_recipe(paths[f"hierd-no-{level}"]).terms}
+        assert kept == full - set(names), level
+        assert "clip" in kept
+
+
+def test_results_table_gives_mean_and_std_over_seeds():
+    assert experiment.fmt([0.5, 0.7, 0.6]) == "60.0 ± 10.0"
+    assert experiment.fmt([0.25]) == "25.0"
+    assert experiment.fmt([None]) == "–"
+    res = {"flavour": "shapes", "lr": 0.002, "lr_search": {0.001: 0.3, 0.002: 0.4}, "seeds": [0, 1],
+           "table": {"teacher": {k: [0.9] for k in experiment.METRICS},
+                     "clip": {k: [0.1, 0.3] for k in experiment.METRICS}},
+           "wall_seconds": {"distill": 12.0}}
+    md = experiment.markdown([res], experiment.PRESETS["quick"])
+    assert "| clip | 20.0 ± 14.1 |" in md and "| teacher | 90.0 |" in md
+    assert "0.002: 40.0" in md
