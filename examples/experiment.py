@@ -8,13 +8,13 @@ recall@1 both ways, hard-negative accuracy by kind). One budget for every studen
 data, epochs, batch, schedule) and one learning-rate search shared by all: every recipe is
 trained at seed 0 with each candidate rate, scored on a validation split (its own Scenes
 seed, never the test split), and the rate with the best mean score over all recipes is
-used for every recipe and seed.
+used for every recipe, seed and flavour (the search runs on the first flavour).
 
 Only public commands are used (scenes, cache-teacher, distill, export, eval-retrieval).
 Outputs: WORK/results.json (every number and wall time) and WORK/RESULTS.generated.md
 (the tables that docs/RESULTS.md quotes).
 
-    python examples/experiment.py                          # everything (hours on 2 CPU cores)
+    python examples/experiment.py                          # everything (about an hour on 2 CPU cores)
     python examples/experiment.py --flavours shapes --seeds 0,1,2
     python examples/experiment.py --quick                  # seconds: proves the plumbing
 """
@@ -45,8 +45,9 @@ LEVELS = {
     "cross": ("hierd_clu_phr", "hierd_phr_img", "hierd_clu_cap"),
 }
 PRESETS = {
-    "full": dict(n_train=6000, n_val=300, n_test=1000, epochs=8, batch_size=128, warmup=50, views=2, clusters=6,
-                 max_phrases=3, lrs=(1e-3, 2e-3, 4e-3), teacher_epochs=6, teacher_n_train=20000),
+    # What docs/RESULTS.md reports: sized to run in about an hour on 2 CPU cores.
+    "full": dict(n_train=3000, n_val=300, n_test=1000, epochs=4, batch_size=128, warmup=50, views=2, clusters=6,
+                 max_phrases=3, lrs=(1e-3, 2e-3, 4e-3), teacher_epochs=6, teacher_n_train=10000),
     "quick": dict(n_train=48, n_val=16, n_test=16, epochs=1, batch_size=16, warmup=1, views=2, clusters=4,
                   max_phrases=2, lrs=(1e-3,), teacher_epochs=1, teacher_n_train=64),
 }
@@ -101,13 +102,17 @@ def student(w: Path, cache: Path, name: str, recipe: str, lr: float, seed: int, 
     return f"local-dir:{model}"
 
 
-def flavour_experiment(flavour: str, root: Path, p: dict, seeds: list[int], device: str, teacher: str | None) -> dict:
+def flavour_experiment(flavour: str, root: Path, p: dict, seeds: list[int], device: str, teacher: str | None,
+                       lr: float | None = None) -> dict:
+    """One flavour end to end. `lr`: the rate an earlier flavour's search chose (None: search)."""
     w, times = root / flavour, {}
     # Data: train and test from seed 0; validation from its own seed (for the LR search only).
     hierdctl("scenes", "--out", str(w / "scenes"), "--flavour", flavour, "--seed", "0", "--n-train",
              str(p["n_train"]), "--n-test", str(p["n_test"]), "--shard-size", "1000", times=times)
     hierdctl("scenes", "--out", str(w / "val"), "--flavour", flavour, "--seed", "7", "--n-train", "0",
              "--n-test", str(p["n_val"]), times=times)
+    if teacher is None and (w / "teacher" / "export.json").is_file():  # trained by an earlier, interrupted run
+        teacher = f"local-dir:{w / 'teacher'}"
     if teacher is None:  # train this flavour's teacher with the same script as the shipped one
         t0 = time.time()
         cmd = [sys.executable, str(HERE / "train_teacher.py"), "--work", str(w / "teacher-work"), "--out",
@@ -123,9 +128,10 @@ def flavour_experiment(flavour: str, root: Path, p: dict, seeds: list[int], devi
              "--batch-size", "128", "--device", device, "--quiet", times=times)
     recipes = {r: r for r in RECIPES} | ablation_recipes(w / "recipes")
 
-    # One learning-rate search shared by all recipes (seed 0, validation split).
+    # One learning-rate search shared by all recipes (seed 0, validation split), made on the
+    # first flavour and reused by the others.
     search = {}
-    if len(p["lrs"]) > 1:
+    if lr is None and len(p["lrs"]) > 1:
         for lr in p["lrs"]:
             models = [(r, student(w, cache, f"{r}-lr{lr:g}-s0", path, lr, 0, p, device, times))
                       for r, path in recipes.items() if r in RECIPES]
@@ -133,7 +139,7 @@ def flavour_experiment(flavour: str, root: Path, p: dict, seeds: list[int], devi
             search[lr] = statistics.mean(
                 (m["text_retrieval_recall@1"] + m["image_retrieval_recall@1"]) / 2 for m in scores.values())
         lr = max(search, key=search.get)
-    else:
+    elif lr is None:
         lr = p["lrs"][0]
 
     # Every recipe and ablation at every seed with the chosen rate; the teacher alongside.
@@ -187,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-train", type=int, help="override the preset's training images")
     ap.add_argument("--epochs", type=float, help="override the preset's student epochs")
     ap.add_argument("--lrs", help="override the preset's learning-rate candidates (comma-separated)")
+    ap.add_argument("--teacher-n-train", type=int, help="override the preset's teacher training images")
+    ap.add_argument("--teacher-epochs", type=float, help="override the preset's teacher epochs")
     args = ap.parse_args(argv)
     p = dict(PRESETS["quick" if args.quick else "full"])
     if args.n_train:
@@ -195,11 +203,16 @@ def main(argv: list[str] | None = None) -> int:
         p["epochs"] = args.epochs
     if args.lrs:
         p["lrs"] = tuple(float(x) for x in args.lrs.split(","))
+    if args.teacher_n_train:
+        p["teacher_n_train"] = args.teacher_n_train
+    if args.teacher_epochs:
+        p["teacher_epochs"] = args.teacher_epochs
     seeds = [int(s) for s in args.seeds.split(",")]
     results = []
     for flavour in args.flavours.split(","):
         teacher = args.shapes_teacher if flavour == "shapes" and args.shapes_teacher != "train" else None
-        results.append(flavour_experiment(flavour, args.work, p, seeds, args.device, teacher))
+        lr = results[0]["lr"] if results else None
+        results.append(flavour_experiment(flavour, args.work, p, seeds, args.device, teacher, lr))
         args.work.mkdir(parents=True, exist_ok=True)
         (args.work / "results.json").write_text(json.dumps({"preset": p, "results": results}, indent=2) + "\n")
         (args.work / "RESULTS.generated.md").write_text(markdown(results, p))
