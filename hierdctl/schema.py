@@ -237,6 +237,12 @@ def publish_dir(final: Path, write: Callable[[Path], None], *, marker: str, sche
     trash: Path | None = None  # holds the previous `final` while the new one moves in
     try:
         write(tmp)
+        # mkdtemp makes the folder private (0700) and safetensors writes 0600 files; an
+        # output folder gets the permissions of anything else the user creates.
+        mask = os.umask(0)
+        os.umask(mask)
+        for p in (tmp, *tmp.rglob("*")):
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
         if final.exists():
             trash = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
             os.replace(final, trash / final.name)

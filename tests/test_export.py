@@ -223,6 +223,28 @@ def test_publish_dir_replaces_only_its_own_folders(tmp_path):
     assert (out / "data.txt").read_text() == "two" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_published_folders_get_the_users_permissions_not_private_ones(tmp_path):
+    import os
+    import stat
+
+    from hierdctl.schema import publish_dir
+
+    def write(d):
+        (d / "sub").mkdir()
+        (d / "sub" / "w.bin").write_bytes(b"x")
+        os.chmod(d / "sub" / "w.bin", 0o600)  # as safetensors writes its files
+        _writer("one")(d)
+
+    old = os.umask(0o022)
+    try:
+        publish_dir(tmp_path / "out", write, marker="m.json", schema="test/1", where="--x")
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "out") == 0o755 and mode(tmp_path / "out" / "sub") == 0o755
+    assert mode(tmp_path / "out" / "sub" / "w.bin") == 0o644 and mode(tmp_path / "out" / "m.json") == 0o644
+
+
 def test_publish_dir_ignores_leftovers_and_cleans_up_after_a_failure(tmp_path, monkeypatch):
     import os
 
