@@ -37,7 +37,7 @@ RECIPES = ("clip", "clip-kd", "clip-rd", "hierd")
 # Sizes: `default` is what `make demo` runs (budgeted for 2 CPU cores and ~10 minutes
 # with set-up); `quick` only proves the pipeline runs end to end.
 PRESETS = {
-    "default": dict(n_train=4000, n_test=500, epochs=6, batch_size=128, lr=2e-3, warmup=50,
+    "default": dict(n_train=3000, n_test=500, epochs=6, batch_size=128, lr=2e-3, warmup=50,
                     views=2, clusters=6, max_phrases=3),
     "quick": dict(n_train=48, n_test=16, epochs=1, batch_size=16, lr=1e-3, warmup=1,
                   views=2, clusters=4, max_phrases=2),
