@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     recipes = [r for r in args.recipes.split(",") if r]
     times: dict = {}
     logs = w / "logs"
+    shutil.rmtree(logs, ignore_errors=True)  # this run's command logs only
     started = time.time()
 
     # 1. The benchmark: img2dataset-layout shards, read like any real dataset.
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                  "--epochs", str(p["epochs"]), "--batch-size", str(p["batch_size"]), "--lr", str(p["lr"]),
                  "--warmup", str(p["warmup"]), "--seed", str(args.seed), "--device", args.device,
                  "--save-every", "100000", "--overwrite", "--quiet", times=times, log_dir=logs)
-        hierdctl("export", str(run_dir), "--out", str(model_dir), "--format", "open_clip", "--overwrite", times=times, log_dir=logs)
+        hierdctl("export", str(run_dir), "--out", str(model_dir), "--format", "open_clip", "--overwrite", times=times,
+                 log_dir=logs)
         models.append((r, f"local-dir:{model_dir}"))
     # 5. Everything evaluated the same way; the first model (the teacher) is the reference.
     report_path = w / "report.json"
@@ -152,7 +155,7 @@ def chart(rows, png: Path) -> None:
     ax.set_ylabel("%")
     ax.set_ylim(0, 100)
     ax.set_title("hierdctl demo on Scenes: retrieval recall and hard-negative accuracy")
-    ax.legend(ncol=len(rows), fontsize=8, loc="upper left")
+    ax.legend(ncol=len(rows), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     tmp = png.with_name(png.name + ".tmp.png")
