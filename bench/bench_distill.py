@@ -9,8 +9,9 @@ What is timed (same device, same batch held in memory, same student architecture
       student step with `open_clip.loss.DistillClipLoss` (contrastive + distill terms);
   (d) the teacher's forward alone.
 
-Step times are medians over `--rounds` rounds that visit every contender in turn, so
-background load on a shared machine hits them alike. Then each run is repeated end to
+Step times are medians over `--rounds` rounds that visit every contender in turn, each
+round starting at another one, so background load on a shared machine and the order of
+the runs hit them alike. Then each run is repeated end to
 end through `stages.distill.run` (data stream included) for `--e2e-steps` steps: the
 summary's samples/s (which also counts start-up: building the student, indexing the
 cache, the final checkpoint) and the steady-state samples/s from metrics.jsonl (median of
@@ -201,9 +202,12 @@ def main(argv=None) -> int:
     contenders["online"] = online_step
     contenders["teacher"] = teacher_forward
     times: dict[str, list[float]] = {k: [] for k in contenders}
+    names = list(contenders)
     for r in range(args.rounds + 1):
-        for k, fn in contenders.items():
-            dt = median_time(fn, sync)
+        # Each round starts at another contender, so no run always follows the same one (the
+        # big teacher's forward leaves the caches cold for whatever comes next).
+        for k in names[r % len(names):] + names[: r % len(names)]:
+            dt = median_time(contenders[k], sync)
             if r:  # round 0 warms up
                 times[k].append(dt)
         log(f"round {r}/{args.rounds}: " + " ".join(f"{k} {times[k][-1]:.2f}s" for k in contenders if times[k]))
