@@ -24,7 +24,7 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(PY) examples/demo.py
 
 bench: setup
-	$(PY) bench/bench_cache_teacher.py
+	for b in bench/bench_cache_teacher.py bench/bench_distill.py bench/bench_eval.py; do $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -47,9 +47,9 @@ LEVELS = {
 PRESETS = {
     # What docs/RESULTS.md reports: sized to run in about an hour on 2 CPU cores.
     "full": dict(n_train=3000, n_val=300, n_test=1000, epochs=4, batch_size=128, warmup=50, views=2, clusters=6,
-                 max_phrases=3, lrs=(1e-3, 2e-3, 4e-3), teacher_epochs=6, teacher_n_train=10000),
+                 max_phrases=3, lrs=(1e-3, 2e-3, 4e-3), teacher_epochs=6, teacher_n_train=10000, teacher_batch=256),
     "quick": dict(n_train=48, n_val=16, n_test=16, epochs=1, batch_size=16, warmup=1, views=2, clusters=4,
-                  max_phrases=2, lrs=(1e-3,), teacher_epochs=1, teacher_n_train=64),
+                  max_phrases=2, lrs=(1e-3,), teacher_epochs=1, teacher_n_train=64, teacher_batch=16),
 }
 METRICS = ("text_retrieval_recall@1", "image_retrieval_recall@1", "hardneg_acc/swap_attribute",
            "hardneg_acc/swap_relation", "hardneg_acc/replace_object", "hardneg_acc/all")
@@ -117,9 +117,11 @@ def flavour_experiment(flavour: str, root: Path, p: dict, seeds: list[int], devi
         t0 = time.time()
         cmd = [sys.executable, str(HERE / "train_teacher.py"), "--work", str(w / "teacher-work"), "--out",
                str(w / "teacher"), "--flavour", flavour, "--epochs", str(p["teacher_epochs"]), "--n-train",
-               str(p["teacher_n_train"]), "--device", device]
+               str(p["teacher_n_train"]), "--batch-size", str(p["teacher_batch"]), "--n-test", str(p["n_test"]),
+               "--device", device]
         print("$ " + " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
+        if subprocess.run(cmd).returncode != 0:
+            sys.exit(f"experiment: training the {flavour} teacher failed")
         times["train_teacher"] = round(time.time() - t0, 1)
         teacher = f"local-dir:{w / 'teacher'}"
     cache = w / "cache"
