@@ -336,6 +336,11 @@ def eval_retrieval(
         report = run(cfg)
     except UserError as e:
         _fail(e)
+    _emit_report(report, json_out)
+
+
+def _emit_report(report: dict, json_out: bool) -> None:
+    """An evaluation report as JSON on stdout (--json) or as the rich table on stderr."""
     if json_out:
         sys.stdout.write(json.dumps(report, indent=2, sort_keys=True) + "\n")
     else:
@@ -366,10 +371,7 @@ def eval_zeroshot(
                                         max_pixels=max_pixels, workers=workers, quiet=quiet))
     except UserError as e:
         _fail(e)
-    if json_out:
-        sys.stdout.write(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    else:
-        _print_eval_table(report)
+    _emit_report(report, json_out)
 
 
 @app.command("scenes")

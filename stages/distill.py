@@ -94,7 +94,8 @@ class DistillConfig:
 # Settings a resumed run must share with the run it continues.
 # steps/epochs too: the cosine schedule is a function of the run's length.
 RESUME_KEYS = ("cache", "student", "recipe", "steps", "epochs", "batch_size", "lr", "warmup", "weight_decay",
-               "beta1", "beta2", "eps", "grad_clip", "seed", "view_policy", "caption_policy", "exp_scales", "mask_ratio", "precision")
+               "beta1", "beta2", "eps", "grad_clip", "seed", "view_policy", "caption_policy", "exp_scales",
+               "mask_ratio", "precision")
 # Execution details that do not enter the resolved config.
 RUNTIME_KEYS = ("resume", "overwrite", "quiet", "device", "workers")
 
