@@ -55,12 +55,12 @@ def tar_size(n: int) -> int:
 
 def sample_bytes(embed_dim: int, grid: tuple[int, int], text_width: int, context: int, views: int, captions: int,
                  clusters: int, phrases: int, store: str, dtype: str) -> tuple[int, int]:
-    """(payload bytes, bytes in the shard) of one sample without its image, via schema.encode_sample.
+    """(payload bytes, bytes in the shard) of one sample without its image, via cache_format.encode_sample.
 
     Random arrays of the real shapes; the meta.json holds `captions` captions of ~40
     characters with `phrases` phrases each and `views` views, as cache-teacher writes it.
     """
-    from hierdctl import schema
+    from hierdctl import cache_format
 
     rng = np.random.default_rng(0)
     D, G = embed_dim, grid[0] * grid[1]
@@ -83,7 +83,7 @@ def sample_bytes(embed_dim: int, grid: tuple[int, int], text_width: int, context
             "phrases": [[f"a phrase {j}" for j in range(P)] for _ in caps], "size": [640, 480],
             "views": [{"kind": "eval" if v == 0 else "crop", "box": [80, 0, 480, 480], "flip": bool(v % 2)}
                       for v in range(V)], "converted_from": None, "image_ext": "jpg"}
-    members = schema.encode_sample(schema.sample_key(3, 12345), meta, None, arrays, dtype)
+    members = cache_format.encode_sample(cache_format.sample_key(3, 12345), meta, None, arrays, dtype)
     return sum(len(b) for _, b in members), sum(tar_size(len(b)) for _, b in members)
 
 

@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     import torch
 
     from hierdctl import dist as D
-    from hierdctl import schema
+    from hierdctl import cache_format
     from hierdctl.losses.registry import load_recipe
     from hierdctl.scenes import ScenesConfig
     from hierdctl.scenes import run as scenes_run
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
         cache_run(CacheTeacherConfig(source=str(work / "data" / "train"), out=cache_dir, teacher=teacher_spec,
                                      views=args.views, clusters=args.clusters, max_phrases=args.max_phrases,
                                      batch_size=args.batch_size, device=args.device, workers=0, quiet=True))
-    cache = schema.open_cache(cache_dir)
+    cache = cache_format.open_cache(cache_dir)
     log(f"cache: {len(shards)} shards, teacher {args.teacher} at {t_size} px")
 
     # --- (a), (b): hierdctl's training step on a batch held in memory -------------------

@@ -136,7 +136,7 @@ def cache_info(
 ):
     """Show a teacher cache's manifest."""
     try:
-        from .schema import MANIFEST_NAME
+        from .cache_format import MANIFEST_NAME
 
         p = cache / MANIFEST_NAME
         if not p.is_file():

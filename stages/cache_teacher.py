@@ -2,7 +2,7 @@
 
 Per sample and view: the global image embedding, K clusters of the patch tokens
 (assignment map + cluster embeddings in the joint space), and per caption the text
-embedding plus its noun phrases and their embeddings. See hierdctl/schema.py for the
+embedding plus its noun phrases and their embeddings. See hierdctl/cache_format.py for the
 exact members and docs/cache-format.md for sizes.
 
 Work is split into units (one input shard, or a chunk of table rows); unit u becomes
@@ -20,15 +20,15 @@ import collections
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from hierdctl import __version__
 from hierdctl import dist as D
-from hierdctl import schema
-from hierdctl.console import console, progress
+from hierdctl import atomic, cache_format
+from hierdctl.console import progress
 from hierdctl.errors import UserError, require
 from hierdctl.sources import SourceOptions, open_source
 
@@ -70,7 +70,7 @@ class CacheTeacherConfig:
         require(self.cluster_pos_weight >= 0, "must be ≥ 0", "--cluster-pos-weight")
         require(0 <= self.max_phrases <= 64, "must be within 0..64", "--max-phrases")
         require(self.store in ("clusters", "tokens"), "must be 'clusters' or 'tokens'", "--store")
-        require(self.dtype in schema.STORE_DTYPES, f"must be one of {', '.join(schema.STORE_DTYPES)}", "--dtype")
+        require(self.dtype in cache_format.STORE_DTYPES, f"must be one of {', '.join(cache_format.STORE_DTYPES)}", "--dtype")
         require(0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "must be 0 < lo ≤ hi ≤ 1", "--crop-scale")
         require(0 < self.crop_ratio[0] <= self.crop_ratio[1], "must be 0 < lo ≤ hi", "--crop-ratio")
         require(0 <= self.flip_p <= 1, "must be within [0, 1]", "--flip-p")
@@ -136,7 +136,7 @@ class _UnitStream:
                 except BadImage as e:
                     yield {"type": "skip", "unit": unit.index, "key": rec.key, "reason": e.reason, "detail": e.detail}
                     continue
-                digest = schema.sha256(rec.image)
+                digest = cache_format.sha256(rec.image)
                 # Views depend only on (seed, image bytes): the same on any rank, worker or rerun.
                 rng = np.random.default_rng([cfg.seed, int(digest[:16], 16)])
                 views = sample_views(rng, img.width, img.height, cfg.views, cfg.crop_scale, cfg.crop_ratio, cfg.flip_p)
@@ -273,23 +273,23 @@ class _Teacher:
 def _prepare_out(cfg: CacheTeacherConfig, identity: dict, env: D.DistEnv) -> None:
     """Create OUT, or check that it holds a cache of this very configuration."""
     out = cfg.out
-    cpath = out / schema.CONFIG_NAME
+    cpath = out / cache_format.CONFIG_NAME
     if env.is_main:
         if cfg.overwrite and out.exists():
             for p in out.iterdir():
-                if p.name.startswith("shard-") or p.name in (schema.CONFIG_NAME, schema.MANIFEST_NAME):
+                if p.name.startswith("shard-") or p.name in (cache_format.CONFIG_NAME, cache_format.MANIFEST_NAME):
                     p.unlink()
         out.mkdir(parents=True, exist_ok=True)
         if not cpath.exists():
-            schema.write_json_atomic(cpath, {"format": schema.FORMAT_NAME, "schema_version": schema.SCHEMA_VERSION,
+            atomic.write_json_atomic(cpath, {"format": cache_format.FORMAT_NAME, "schema_version": cache_format.SCHEMA_VERSION,
                                              "config": identity})
     D.barrier(env)
     if not cpath.exists():  # a job-array rank that started before rank 0
         out.mkdir(parents=True, exist_ok=True)
-        schema.write_json_atomic(cpath, {"format": schema.FORMAT_NAME, "schema_version": schema.SCHEMA_VERSION,
+        atomic.write_json_atomic(cpath, {"format": cache_format.FORMAT_NAME, "schema_version": cache_format.SCHEMA_VERSION,
                                          "config": identity})
     have = json.loads(cpath.read_text())
-    if have.get("schema_version") != schema.SCHEMA_VERSION:
+    if have.get("schema_version") != cache_format.SCHEMA_VERSION:
         raise UserError(f"{out} holds a cache of schema version {have.get('schema_version')}; use --overwrite", "--out")
     old = have.get("config", {})
     diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
@@ -302,12 +302,12 @@ def _prepare_out(cfg: CacheTeacherConfig, identity: dict, env: D.DistEnv) -> Non
 def _finish_unit(cfg, index: int, label: str, records: list[dict], skips: list[dict]) -> dict:
     members = []
     for r in sorted(records, key=lambda r: r["pos"]):
-        key = schema.sample_key(index, r["pos"])
-        members += schema.encode_sample(key, r["meta"], r["image"], r["arrays"], cfg.dtype)
-    nbytes = schema.write_tar_atomic(cfg.out / schema.shard_name(index), members)
+        key = cache_format.sample_key(index, r["pos"])
+        members += cache_format.encode_sample(key, r["meta"], r["image"], r["arrays"], cfg.dtype)
+    nbytes = atomic.write_tar_atomic(cfg.out / cache_format.shard_name(index), members)
     stats = {
         "index": index,
-        "name": schema.shard_name(index),
+        "name": cache_format.shard_name(index),
         "label": label,
         "samples": len(records),
         "captions": sum(len(r["meta"]["captions"]) for r in records),
@@ -317,20 +317,20 @@ def _finish_unit(cfg, index: int, label: str, records: list[dict], skips: list[d
         "converted": dict(collections.Counter(r["meta"]["converted_from"] for r in records if r["meta"]["converted_from"])),
         "bytes": nbytes,
     }
-    schema.write_json_atomic(cfg.out / schema.done_name(index), stats)  # the done-marker, last
+    atomic.write_json_atomic(cfg.out / cache_format.done_name(index), stats)  # the done-marker, last
     return stats
 
 
 def _done_stats(out: Path, index: int) -> dict | None:
     """A unit's stats if it finished (done-marker present and its shard intact)."""
-    p = out / schema.done_name(index)
+    p = out / cache_format.done_name(index)
     if not p.exists():
         return None
     try:
         st = json.loads(p.read_text())
     except json.JSONDecodeError:
         return None
-    shard = out / schema.shard_name(index)
+    shard = out / cache_format.shard_name(index)
     return st if shard.exists() and shard.stat().st_size == st.get("bytes") else None
 
 
@@ -345,8 +345,8 @@ def _write_manifest(cfg, identity, teacher_info, source, started: float) -> dict
     samples = sum(s["samples"] for s in done)
     total_bytes = sum(s["bytes"] for s in done)
     manifest = {
-        "format": schema.FORMAT_NAME,
-        "schema_version": schema.SCHEMA_VERSION,
+        "format": cache_format.FORMAT_NAME,
+        "schema_version": cache_format.SCHEMA_VERSION,
         "created_by": f"hierdctl {__version__}",
         "config": identity,
         "teacher": teacher_info,
@@ -365,7 +365,7 @@ def _write_manifest(cfg, identity, teacher_info, source, started: float) -> dict
         "shards": [{k: s[k] for k in ("name", "label", "samples", "captions", "bytes", "skipped")} for s in done],
         "wall_seconds_last_run": round(time.time() - started, 3),
     }
-    schema.write_json_atomic(cfg.out / schema.MANIFEST_NAME, manifest)
+    atomic.write_json_atomic(cfg.out / cache_format.MANIFEST_NAME, manifest)
     if cfg.log_skipped:
         with open(cfg.log_skipped, "w") as f:
             for s in done:
@@ -376,7 +376,6 @@ def _write_manifest(cfg, identity, teacher_info, source, started: float) -> dict
 
 def run(cfg: CacheTeacherConfig) -> dict:
     """Cache the teacher's features for `cfg.source` into `cfg.out`. Returns the manifest."""
-    import torch
     from torch.utils.data import DataLoader, IterableDataset
 
     from hierdctl.specs import load_encoder
@@ -397,7 +396,7 @@ def run(cfg: CacheTeacherConfig) -> dict:
         mine = [u for u in source.units if u.index % env.world_size == env.rank]
         todo = [u for u in mine if _done_stats(cfg.out, u.index) is None]
         for u in todo:  # leftovers of a killed run
-            for p in cfg.out.glob(schema.shard_name(u.index) + ".tmp*"):
+            for p in cfg.out.glob(cache_format.shard_name(u.index) + ".tmp*"):
                 p.unlink()
         workers = cfg.workers if cfg.workers >= 0 else min(8, max(0, (os.cpu_count() or 1) - 1))
         workers = min(workers, len(todo))

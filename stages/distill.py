@@ -33,7 +33,7 @@ import numpy as np
 
 from hierdctl import __version__
 from hierdctl import dist as D
-from hierdctl import schema
+from hierdctl import atomic, cache_format
 from hierdctl.console import console, progress
 from hierdctl.errors import UserError, require
 
@@ -219,7 +219,7 @@ class CacheDataset:
         i, epoch = item
         cfg, io = self.cfg, self.io
         members = self._read(i)
-        sample = schema.decode_sample("", members)
+        sample = cache_format.decode_sample("", members)
         meta, a = sample.meta, sample.arrays
         rng = np.random.default_rng([cfg.seed, epoch, i])
         n_views, n_caps = len(meta["views"]), len(meta["captions"])
@@ -368,8 +368,8 @@ def save_checkpoint(out: Path, step: int, wrapper, optimizer, scaler, meta: dict
     tmp = d / f".{stem}.state.pt.tmp"
     torch.save(state, tmp)
     os.replace(tmp, d / f"{stem}.state.pt")
-    schema.write_json_atomic(d / f"{stem}.json", meta | {"step": step})
-    schema.write_json_atomic(d / "latest.json", {"step": step, "name": stem})  # the done-marker
+    atomic.write_json_atomic(d / f"{stem}.json", meta | {"step": step})
+    atomic.write_json_atomic(d / "latest.json", {"step": step, "name": stem})  # the done-marker
     steps = sorted(int(p.stem.split("-")[1]) for p in d.glob("step-*.json"))
     for old in steps[:-keep]:
         for p in d.glob(f"step-{old:07d}.*"):
@@ -629,7 +629,7 @@ def run(cfg: DistillConfig) -> dict:
     D.init_process_group(env, device)
     try:
         out = Path(cfg.out)
-        cache = schema.open_cache(cfg.cache)
+        cache = cache_format.open_cache(cfg.cache)
         recipe = load_recipe(cfg.recipe)
         _check_cache(cache, recipe)
         require(cfg.batch_size % env.world_size == 0,

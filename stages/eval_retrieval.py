@@ -66,7 +66,7 @@ class EvalRetrievalConfig:
         require(self.max_pixels > 0, f"must be positive, got {self.max_pixels}", "--max-pixels")
         check_report_path(self.out)
         if self.save_index is not None:
-            from hierdctl.schema import check_dir_target
+            from hierdctl.atomic import check_dir_target
 
             check_dir_target(Path(self.save_index), INDEX_MARKER, REPORT_SCHEMA, "--save-index", self.overwrite,
                              "a saved index")
@@ -273,7 +273,7 @@ def _save_index(dirpath: Path, runs: list[dict], overwrite: bool) -> None:
     import faiss
 
     from hierdctl.retrieval import index_to_cpu
-    from hierdctl.schema import publish_dir
+    from hierdctl.atomic import publish_dir
 
     def write(tmp: Path):
         entries = []
@@ -304,7 +304,7 @@ def run(cfg: EvalRetrievalConfig) -> dict:
     """Evaluate every model; return (and with cfg.out, write) the report of docs/eval.md."""
     from hierdctl import dist as D
     from hierdctl.retrieval import check_ks
-    from hierdctl.schema import write_json_atomic
+    from hierdctl.atomic import write_json_atomic
     from hierdctl.sources import open_source
     from hierdctl.specs import load_encoder
 

@@ -228,7 +228,7 @@ def run(cfg: EvalZeroshotConfig) -> dict:
 
     from hierdctl import dist as D
     from hierdctl.retrieval import classification_metrics
-    from hierdctl.schema import write_json_atomic
+    from hierdctl.atomic import write_json_atomic
     from hierdctl.specs import load_encoder
     from hierdctl.stages.eval_retrieval import image_batches, iter_samples, retention, versions
 

@@ -426,7 +426,7 @@ def run(cfg: ExportConfig) -> dict:
     import torch
 
     from hierdctl import __version__
-    from hierdctl.schema import check_dir_target, publish_dir
+    from hierdctl.atomic import check_dir_target, publish_dir
     from hierdctl.tv_shim import import_open_clip
 
     cfg.validate()

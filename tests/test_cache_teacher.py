@@ -22,7 +22,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import CAPTIONS, TINY_CFG, image_bytes, make_shards, make_tiny_model, save_local_dir, write_tar
-from hierdctl import schema
+from hierdctl import cache_format
 from hierdctl.cli import app
 from hierdctl.cluster import pool_clusters, spherical_kmeans
 from hierdctl.errors import UserError
@@ -37,9 +37,9 @@ def _run(source: str, out: Path, teacher: str, **kw) -> dict:
     return CT.run(CT.CacheTeacherConfig(source=source, out=out, teacher=teacher, **(BASE | kw)))
 
 
-def _samples(out: Path) -> list[schema.CachedSample]:
-    m = json.loads((out / schema.MANIFEST_NAME).read_text())
-    return [s for sh in m["shards"] for s in schema.iter_shard(out / sh["name"])]
+def _samples(out: Path) -> list[cache_format.CachedSample]:
+    m = json.loads((out / cache_format.MANIFEST_NAME).read_text())
+    return [s for sh in m["shards"] for s in cache_format.iter_shard(out / sh["name"])]
 
 
 def _shard_bytes(out: Path) -> dict[str, bytes]:
@@ -89,7 +89,7 @@ def enc(tiny_teacher):
 def test_manifest_counts(ref):
     out, m, _ = ref
     assert m["complete"] and m["samples"] == 6 and m["captions"] == 6 and m["skipped_total"] == 0
-    assert m["schema_version"] == schema.SCHEMA_VERSION and m["format"] == schema.FORMAT_NAME
+    assert m["schema_version"] == cache_format.SCHEMA_VERSION and m["format"] == cache_format.FORMAT_NAME
     assert m["teacher"]["embed_dim"] == 32 and m["teacher"]["patch_grid"] == [4, 4]
     assert m["config"]["teacher_fingerprint"] == m["teacher"]["fingerprint"]
     assert sorted(p.name for p in out.iterdir()) == [
@@ -103,7 +103,7 @@ def test_cached_embeddings_equal_the_teachers_own(ref, enc):
     samples = _samples(out)
     assert [s.meta["key"] for s in samples] == [f"{i:09d}" for i in range(6)]
     for i, s in enumerate(samples):
-        assert s.image == image_bytes(i) and s.meta["sha256"] == schema.sha256(image_bytes(i))
+        assert s.image == image_bytes(i) and s.meta["sha256"] == cache_format.sha256(image_bytes(i))
         img, _ = decode_rgb(s.image)
         views = [View.from_json(v) for v in s.meta["views"]]
         x = torch.stack([enc.eval_transform(img), apply_crop(img, views[1], enc.image_size, enc.mean, enc.std)])
@@ -211,7 +211,7 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(ref, data, tiny_teache
     assert (out / "shard-00000.done.json").exists() and not (out / "shard-00001.tar").exists()
     assert not (out / "manifest.json").exists()
     with pytest.raises(UserError, match="unfinished cache"):
-        schema.open_cache(out)
+        cache_format.open_cache(out)
     (out / "shard-00001.tar.tmp4242").write_bytes(b"half a shard from the killed run")
     m = _run(data, out, tiny_teacher)
     assert m["this_run"]["shards_resumed"] == 1 and m["this_run"]["samples"] == 3
@@ -400,7 +400,7 @@ def test_cache_info(ref, tmp_path):
     r = CliRunner().invoke(app, ["cache-info", str(ref[0]), "--json"])
     assert r.exit_code == 0, r.output
     info = json.loads(r.stdout)
-    assert info["schema_version"] == schema.SCHEMA_VERSION and info["samples"] == 6 and info["skipped"] == {}
+    assert info["schema_version"] == cache_format.SCHEMA_VERSION and info["samples"] == 6 and info["skipped"] == {}
     assert info["teacher"]["spec"] == ref[1]["teacher"]["spec"] and info["teacher"]["fingerprint"]
     r = _cli("cache-info", ref[0])
     assert r.exit_code == 0 and "samples" in r.output

@@ -196,7 +196,7 @@ def test_output_is_atomic_and_never_clobbers(runs, tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------
-# publish_dir (hierdctl/schema.py): the atomic folder both export and --save-index use
+# publish_dir (hierdctl/cache_format.py): the atomic folder both export and --save-index use
 # ----------------------------------------------------------------------------------
 
 
@@ -209,7 +209,7 @@ def _writer(text: str):
 
 
 def test_publish_dir_replaces_only_its_own_folders(tmp_path):
-    from hierdctl.schema import publish_dir
+    from hierdctl.atomic import publish_dir
 
     out = tmp_path / "out"
     publish_dir(out, _writer("one"), marker="m.json", schema="test/1", where="--x")
@@ -227,7 +227,7 @@ def test_published_folders_get_the_users_permissions_not_private_ones(tmp_path):
     import os
     import stat
 
-    from hierdctl.schema import publish_dir
+    from hierdctl.atomic import publish_dir
 
     def write(d):
         (d / "sub").mkdir()
@@ -248,17 +248,17 @@ def test_published_folders_get_the_users_permissions_not_private_ones(tmp_path):
 def test_publish_dir_ignores_leftovers_and_cleans_up_after_a_failure(tmp_path, monkeypatch):
     import os
 
-    from hierdctl import schema
+    from hierdctl import atomic
 
     out = tmp_path / "out"
-    schema.publish_dir(out, _writer("one"), marker="m.json", schema="test/1", where="--x")
+    atomic.publish_dir(out, _writer("one"), marker="m.json", schema="test/1", where="--x")
     # Leftovers under the names the old code derived from the PID: no collision, left alone.
     for name in (f".out.tmp-{os.getpid()}", f".out.old-{os.getpid()}"):
         (tmp_path / name).write_text("someone's leftover")
     leftovers = sorted(p.name for p in tmp_path.iterdir())
     # write() fails: the temporary folder goes, the old folder stays.
     with pytest.raises(RuntimeError, match="disk full"):
-        schema.publish_dir(out, lambda tmp: (_ for _ in ()).throw(RuntimeError("disk full")), marker="m.json",
+        atomic.publish_dir(out, lambda tmp: (_ for _ in ()).throw(RuntimeError("disk full")), marker="m.json",
                            schema="test/1", where="--x", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == leftovers and (out / "data.txt").read_text() == "one"
     # The rename of the new folder into place fails after the old one moved aside: it is put back.
@@ -270,13 +270,13 @@ def test_publish_dir_ignores_leftovers_and_cleans_up_after_a_failure(tmp_path, m
             raise OSError("rename failed")
         return real(src, dst)
 
-    monkeypatch.setattr(schema.os, "replace", flaky)
+    monkeypatch.setattr(atomic.os, "replace", flaky)
     with pytest.raises(OSError, match="rename failed"):
-        schema.publish_dir(out, _writer("two"), marker="m.json", schema="test/1", where="--x", overwrite=True)
-    monkeypatch.setattr(schema.os, "replace", real)
+        atomic.publish_dir(out, _writer("two"), marker="m.json", schema="test/1", where="--x", overwrite=True)
+    monkeypatch.setattr(atomic.os, "replace", real)
     assert len(calls) == 3  # old aside, new in (fails), old back
     assert sorted(p.name for p in tmp_path.iterdir()) == leftovers and (out / "data.txt").read_text() == "one"
-    schema.publish_dir(out, _writer("two"), marker="m.json", schema="test/1", where="--x", overwrite=True)
+    atomic.publish_dir(out, _writer("two"), marker="m.json", schema="test/1", where="--x", overwrite=True)
     assert (out / "data.txt").read_text() == "two" and sorted(p.name for p in tmp_path.iterdir()) == leftovers
 
 

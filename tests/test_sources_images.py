@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from conftest import CAPTIONS, image_bytes, make_shards, write_tar
-from hierdctl import schema
+from hierdctl import atomic, cache_format
 from hierdctl.cluster import pool_clusters, spherical_kmeans
 from hierdctl.errors import UserError
 from hierdctl.images import BadImage, View, apply_crop, decode_rgb, eval_box, random_resized_crop_box, sample_views
@@ -316,11 +316,11 @@ def test_int8_round_trip_within_one_127th_of_each_row():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(3, 5, 64)).astype(np.float32) * rng.uniform(0.01, 10, size=(3, 5, 1)).astype(np.float32)
     a[0, 0] = 0.0  # an all-zero row (an empty cluster) stays zero
-    members = dict((n.split(".", 1)[1], b) for n, b in schema.encode_sample(
+    members = dict((n.split(".", 1)[1], b) for n, b in cache_format.encode_sample(
         "k", {"image_ext": "jpg"}, None, {"clu_emb": a}, "int8")[1:])
-    assert schema.npy_load(members["clu_emb.npy"]).dtype == np.int8
-    assert schema.npy_load(members["clu_emb.scale.npy"]).shape == (3, 5)
-    back = schema.decode_float(members, "clu_emb")
+    assert cache_format.npy_load(members["clu_emb.npy"]).dtype == np.int8
+    assert cache_format.npy_load(members["clu_emb.scale.npy"]).shape == (3, 5)
+    back = cache_format.decode_float(members, "clu_emb")
     row_max = np.abs(a).max(-1, keepdims=True)
     assert (np.abs(back - a) <= row_max / 127 + 1e-12).all()
     assert (back[0, 0] == 0).all()
@@ -330,25 +330,25 @@ def test_int8_round_trip_within_one_127th_of_each_row():
 def test_float_members_round_trip(dtype, tol):
     a = np.random.default_rng(1).normal(size=(2, 32)).astype(np.float32)
     a /= np.linalg.norm(a, axis=-1, keepdims=True)
-    members = dict(schema.encode_float("img_emb", a, dtype))
-    np.testing.assert_allclose(schema.decode_float(members, "img_emb"), a, rtol=0, atol=tol)
+    members = dict(cache_format.encode_float("img_emb", a, dtype))
+    np.testing.assert_allclose(cache_format.decode_float(members, "img_emb"), a, rtol=0, atol=tol)
 
 
 def test_sample_members_are_ordered_and_never_pickled(tmp_path):
     arrays = {"txt_emb": np.ones((1, 4)), "clu_assign": np.zeros((2, 2, 2)), "img_emb": np.ones((2, 4))}
     meta = {"image_ext": "png", "captions": ["x"], "key": "é"}
-    members = schema.encode_sample("00000_000000", meta, b"PNGDATA", arrays, "fp16")
+    members = cache_format.encode_sample("00000_000000", meta, b"PNGDATA", arrays, "fp16")
     assert [n for n, _ in members] == ["00000_000000.meta.json", "00000_000000.image.png", "00000_000000.clu_assign.npy",
                                        "00000_000000.img_emb.npy", "00000_000000.txt_emb.npy"]
-    n = schema.write_tar_atomic(tmp_path / "s.tar", members)
+    n = atomic.write_tar_atomic(tmp_path / "s.tar", members)
     assert n == (tmp_path / "s.tar").stat().st_size and not list(tmp_path.glob("*.tmp*"))
-    (s,) = schema.iter_shard(tmp_path / "s.tar")
+    (s,) = cache_format.iter_shard(tmp_path / "s.tar")
     assert s.meta == meta and s.image == b"PNGDATA" and s.arrays["clu_assign"].dtype == np.uint8
     # Object arrays would need pickle: the loader refuses them.
     buf = io.BytesIO()
     np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError):
-        schema.npy_load(buf.getvalue())
+        cache_format.npy_load(buf.getvalue())
 
 
 # ----------------------------------------------------------------------------------
