@@ -1,13 +1,14 @@
 """The student wrapper: an open_clip model plus everything a recipe learns beside it.
 
 Learnable pieces that are not the student itself live here, never in a loss:
-- projectors Linear(D_s, D_t) when the student's joint width differs from the teacher's;
+- projectors Linear(D_s, D_t) when the student's joint width differs from the teacher's,
+  used only by the terms that compare a student vector with a teacher vector;
 - the relational scales κ ('x', 'v', 't'), used directly (CLIP-KD/CLIP-RD's public code)
   or through exp() with `exp_scales`;
 - AFD's fusion layers Linear(D_s + D_t, D_s).
 Export keeps only `student.*` and drops the rest.
 
-`forward(batch)` turns one data batch into a `Features` for the loss modules.
+`forward(batch)` turns one data batch into the `Features` that the recipe's terms read.
 """
 
 from __future__ import annotations
@@ -80,29 +81,38 @@ def encode_text_trimmed(model: nn.Module, text: torch.Tensor) -> torch.Tensor:
 
 
 class StudentWrapper(nn.Module):
+    """The student plus what a recipe learns beside it; `forward(batch)` -> `Features`.
+
+    `fields` are the Features fields the recipe reads (Recipe.fields): only those are
+    computed. Projectors exist when the widths differ and some term works in the teacher's
+    space (a `*_st` field); the student's own embeddings are never replaced by projected
+    ones, so the task loss trains the embedding that export ships.
+    """
+
     def __init__(
         self,
         student: nn.Module,
         student_dim: int,
         teacher_dim: int | None,
-        kappa_keys=(),
-        extras=(),
+        fields: tuple[str, ...] = ("img_s", "txt_s", "logit_scale_s"),
         exp_scales: bool = False,
         mask_ratio: float = 0.75,
     ):
         super().__init__()
         self.student = student
-        self.extras = tuple(extras)
+        self.fields = frozenset(fields)
         self.exp_scales = exp_scales
         self.mask_ratio = mask_ratio
-        self.project = teacher_dim is not None and teacher_dim != student_dim
+        projected = self.fields & {"img_st", "txt_st", "img_st_masked", "clu_st", "phr_st"}
+        self.project = bool(projected) and teacher_dim is not None and teacher_dim != student_dim
         if self.project:
             self.img_proj = nn.Linear(student_dim, teacher_dim)
             self.txt_proj = nn.Linear(student_dim, teacher_dim)
         # With exp_scales the parameter is log κ, so both start at the same effective κ.
         init = math.log(KAPPA_INIT) if exp_scales else KAPPA_INIT
-        self.kappa = nn.ParameterDict({k: nn.Parameter(torch.tensor(init)) for k in kappa_keys})
-        if "fusion" in self.extras:
+        keys = [k for k in ("x", "v", "t") if f"kappa_{k}" in self.fields]
+        self.kappa = nn.ParameterDict({k: nn.Parameter(torch.tensor(init)) for k in keys})
+        if self.fields & {"img_fused", "txt_fused"}:
             tdim = teacher_dim if teacher_dim is not None else student_dim
             self.img_fusion = nn.Linear(student_dim + tdim, student_dim)
             self.txt_fusion = nn.Linear(student_dim + tdim, student_dim)
@@ -117,41 +127,51 @@ class StudentWrapper(nn.Module):
         return self.txt_proj(x) if self.project else x
 
     def forward(self, batch: dict) -> Features:
-        m = self.student
+        m, want = self.student, self.fields
         images, text = batch["image"], batch["text"]  # (N,3,S,S), (N,L)
-        need_tokens = "patch_tokens" in self.extras
+        need_tokens = bool(want & {"clu_s", "clu_st"})
         if need_tokens:
-            pooled, tokens = vit_tokens(m.visual, images)
+            pooled, tokens = vit_tokens(m.visual, images)  # (N,D_s), (N,G,D_s)
         else:
             pooled, tokens = m.encode_image(images), None
-        txt = m.encode_text(text)
-        f = Features(
-            img_s=self._proj_img(pooled),
-            txt_s=self._proj_txt(txt),
-            logit_scale_s=m.logit_scale.exp().clamp(max=100.0),
-            img_t=batch.get("img_t"),
-            txt_t=batch.get("txt_t"),
-            logit_scale_t=batch.get("logit_scale_t"),
-        )
-        f.kappa = {k: (p.exp() if self.exp_scales else p) for k, p in self.kappa.items()}
+        txt = m.encode_text(text)  # (N,D_s)
+        # The parameter is clamped to ≤ ln 100 after each optimizer step (open_clip's rule), not
+        # here: clamping exp() would pass no gradient once the scale reaches its cap.
+        f = Features(img_s=pooled, txt_s=txt, logit_scale_s=m.logit_scale.exp(),
+                     img_t=batch.get("img_t"), txt_t=batch.get("txt_t"), logit_scale_t=batch.get("logit_scale_t"))
+        if "img_st" in want:
+            f.img_st = self._proj_img(pooled)
+        if "txt_st" in want:
+            f.txt_st = self._proj_txt(txt)
+        for k, p in self.kappa.items():
+            setattr(f, f"kappa_{k}", p.exp() if self.exp_scales else p)
         if need_tokens:
-            # Pool the student's projected patch tokens with the teacher's cluster map,
-            # resampled (nearest) from the teacher's patch grid to the student's.
+            # Pool the student's patch tokens with the teacher's cluster map, resampled
+            # (nearest) from the teacher's patch grid to the student's.
             K = batch["clu_t"].shape[1]
             assign = resample_assign(batch["clu_assign"].flatten(1), tuple(batch["teacher_grid"]), self.grid)
-            f.clu_s = pool_clusters(self._proj_img(tokens), assign, K)  # (N,K,D)
+            if "clu_s" in want:
+                f.clu_s = pool_clusters(tokens, assign, K)  # (N,K,D_s)
+            if "clu_st" in want:
+                f.clu_st = pool_clusters(self._proj_img(tokens), assign, K)  # (N,K,D_t)
             f.clu_t, f.clu_mask = batch["clu_t"], batch["clu_mask"]
-        if "phrase_forward" in self.extras:
+        if want & {"phr_s", "phr_st"}:
             ptok, pmask = batch["phr_tok"], batch["phr_mask"]  # (N,P,L), (N,P)
             N, P, L = ptok.shape
             flat = ptok.view(N * P, L)[pmask.view(-1)]
-            emb = self._proj_txt(encode_text_trimmed(m, flat)) if flat.shape[0] else None
-            D = f.txt_s.shape[-1]
-            phr = f.txt_s.new_zeros(N * P, D)
-            if emb is not None:
-                phr = phr.index_put((pmask.view(-1).nonzero().squeeze(1),), emb.to(phr.dtype))
-            f.phr_s, f.phr_t, f.phr_mask = phr.view(N, P, D), batch["phr_t"], pmask
-        if "masked_forward" in self.extras:
+            emb = encode_text_trimmed(m, flat) if flat.shape[0] else txt.new_zeros(0, txt.shape[-1])  # (n,D_s)
+            where = (pmask.view(-1).nonzero().squeeze(1),)
+
+            def scatter(e):  # (n,D) -> (N,P,D), zero rows for padding
+                out = e.new_zeros(N * P, e.shape[-1])
+                return out.index_put(where, e).view(N, P, -1)
+
+            if "phr_s" in want:
+                f.phr_s = scatter(emb)
+            if "phr_st" in want:
+                f.phr_st = scatter(self._proj_txt(emb))
+            f.phr_t, f.phr_mask = batch["phr_t"], pmask
+        if "img_st_masked" in want:
             assert self.is_vit, "MFD needs a ViT student"
             # Per-sample noise comes from the data (seeded by sample and epoch), so the
             # mask does not depend on the world size or on a resume.
@@ -160,8 +180,8 @@ class StudentWrapper(nn.Module):
             assert noise.shape == (images.shape[0], G), (noise.shape, G)
             n_keep = max(1, int(round(G * (1 - self.mask_ratio))))
             keep = noise.argsort(dim=1)[:, :n_keep].sort(dim=1).values  # (N,G_keep) kept patch indices
-            f.img_s_masked = self._proj_img(vit_tokens(m.visual, images, keep)[0])
-        if "fusion" in self.extras:
+            f.img_st_masked = self._proj_img(vit_tokens(m.visual, images, keep)[0])
+        if want & {"img_fused", "txt_fused"}:
             f.img_fused = self.img_fusion(torch.cat([F.normalize(pooled, dim=-1), batch["img_t"]], dim=-1))
             f.txt_fused = self.txt_fusion(torch.cat([F.normalize(txt, dim=-1), batch["txt_t"]], dim=-1))
         return f

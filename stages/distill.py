@@ -399,23 +399,24 @@ def load_checkpoint(out: Path, wrapper, optimizer, scaler, device: str) -> int:
 # Gathering features across ranks
 # ----------------------------------------------------------------------------------
 
-_STUDENT_FIELDS = ("img_s", "txt_s", "img_s_masked", "img_fused", "txt_fused", "clu_s", "phr_s")
-_TEACHER_FIELDS = ("img_t", "txt_t", "clu_t", "clu_mask", "phr_t", "phr_mask")
-
-
 def gather_features(f, env: D.DistEnv):
     """The global batch on every rank: student tensors keep their gradient (gather_with_grad)."""
     import torch
     import torch.distributed as dist
     import torch.distributed.nn
 
+    from hierdctl.losses.features import STUDENT_BATCH_FIELDS, TEACHER_BATCH_FIELDS
+
     if not env.torchrun or env.world_size == 1:
         return f
-    for name in _STUDENT_FIELDS:
+    done: dict[int, object] = {}  # id(local tensor) -> gathered: img_st is img_s when nothing is projected
+    for name in STUDENT_BATCH_FIELDS:
         t = getattr(f, name)
         if t is not None:
-            setattr(f, name, torch.cat(torch.distributed.nn.all_gather(t), dim=0))
-    for name in _TEACHER_FIELDS:
+            if id(t) not in done:
+                done[id(t)] = torch.cat(torch.distributed.nn.all_gather(t), dim=0)
+            setattr(f, name, done[id(t)])
+    for name in TEACHER_BATCH_FIELDS:
         t = getattr(f, name)
         if t is not None:
             parts = [torch.empty_like(t) for _ in range(env.world_size)]
@@ -473,7 +474,6 @@ class Trainer:
     pp_cfg: dict
     wrapper: object  # StudentWrapper
     net: object  # the wrapper, or DDP around it
-    losses: list
     optimizer: object
     scaler: object
     amp_dtype: object
@@ -513,7 +513,7 @@ class Trainer:
 
         import torch
 
-        from hierdctl.losses.registry import weighted_total
+        from hierdctl.losses.registry import compute_terms, weighted_total
 
         cfg, wrapper, optimizer, scaler = self.cfg, self.wrapper, self.optimizer, self.scaler
         lr = lr_at(step, cfg.lr, cfg.warmup, self.total)
@@ -523,9 +523,7 @@ class Trainer:
         with autocast:
             f = self.net(batch)
         f = gather_features(f, self.env)
-        terms = {}
-        for loss_module in self.losses:
-            terms.update(loss_module(f))
+        terms = compute_terms(self.recipe, f)
         bad = [k for k, v in terms.items() if not torch.isfinite(v.detach()).all()]
         if bad:
             raise TrainingDiverged(f"loss term {', '.join(bad)} became {terms[bad[0]].item()} at step {step + 1}")
@@ -552,7 +550,6 @@ def build_trainer(cfg: DistillConfig, cache, recipe, env: D.DistEnv, device: str
     """Student, wrapper, losses, data set and optimizer for `cfg` (no run directory involved)."""
     import torch
 
-    from hierdctl.losses.registry import build_losses
     from hierdctl.student import StudentWrapper
 
     # --- student and its wrapper ---------------------------------------------------
@@ -562,15 +559,14 @@ def build_trainer(cfg: DistillConfig, cache, recipe, env: D.DistEnv, device: str
     teacher = cache.manifest["teacher"]
     teacher_dim = int(teacher["embed_dim"]) if recipe.needs_teacher else None
     extras = recipe.extras
-    wrapper = StudentWrapper(model, student_dim, teacher_dim, recipe.kappa_keys, extras,
-                             cfg.exp_scales, cfg.mask_ratio).to(device)
+    wrapper = StudentWrapper(model, student_dim, teacher_dim, recipe.fields, cfg.exp_scales, cfg.mask_ratio).to(device)
     if ("patch_tokens" in extras or "masked_forward" in extras) and not wrapper.is_vit:
         raise UserError(f"recipe {recipe.name!r} needs patch tokens but the student is not a ViT", "--student")
     notes = []
     if wrapper.project:
         notes.append(f"student width {student_dim} ≠ teacher width {teacher_dim}: added projectors "
-                     f"Linear({student_dim}, {teacher_dim}) (trained, dropped by export)")
-    losses = [m.to(device) for m in build_losses(recipe)]
+                     f"Linear({student_dim}, {teacher_dim}) for the terms that compare the student with the "
+                     "teacher (trained, dropped by export; the task loss trains the student's own embedding)")
 
     # --- data ---------------------------------------------------------------------
     spans = []
@@ -590,8 +586,8 @@ def build_trainer(cfg: DistillConfig, cache, recipe, env: D.DistEnv, device: str
         "grid_size": (wrapper.grid[0] * wrapper.grid[1]) if wrapper.grid else 0,
     }
     parts = set(recipe.cache_parts)
-    needs = {"global": recipe.needs_teacher, "clusters": "clusters" in parts or "patch_tokens" in extras,
-             "phrases": "phrases" in parts or "phrase_forward" in extras, "mask_noise": "masked_forward" in extras}
+    needs = {"global": recipe.needs_teacher, "clusters": "clusters" in parts, "phrases": "phrases" in parts,
+             "mask_noise": "masked_forward" in extras}
     dataset = CacheDataset(cache, spans, cfg, student_io, needs)
 
     # --- optimisation -------------------------------------------------------------
@@ -609,7 +605,7 @@ def build_trainer(cfg: DistillConfig, cache, recipe, env: D.DistEnv, device: str
     else:
         net = wrapper
     return Trainer(cfg=cfg, env=env, device=device, recipe=recipe, teacher=teacher, model_cfg=model_cfg,
-                   pp_cfg=pp_cfg, wrapper=wrapper, net=net, losses=losses, optimizer=optimizer, scaler=scaler,
+                   pp_cfg=pp_cfg, wrapper=wrapper, net=net, optimizer=optimizer, scaler=scaler,
                    amp_dtype=amp_dtype, needs=needs, dataset=dataset, n_samples=len(spans),
                    steps_per_epoch=steps_per_epoch, total=total, notes=notes)
 

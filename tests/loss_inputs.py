@@ -64,7 +64,8 @@ def np_inputs():
 
 
 def make_features(grad: bool = True, teacher_grad: bool = False, **override) -> Features:
-    """Features from the explicit inputs (float32). Student tensors are leaves with grad."""
+    """Features from the explicit inputs (float32). Student tensors are leaves with grad;
+    `img_st`/`txt_st`/`clu_st`/`phr_st` are the same tensors as their `*_s` unless overridden."""
     a = np_inputs()
 
     def t(name, requires_grad):
@@ -77,8 +78,10 @@ def make_features(grad: bool = True, teacher_grad: bool = False, **override) -> 
         img_t=t("img_t", teacher_grad),
         txt_t=t("txt_t", teacher_grad),
         logit_scale_t=S_T,
-        kappa={k: torch.tensor(v, requires_grad=grad) for k, v in KAPPA.items()},
-        img_s_masked=t("img_s_masked", grad),
+        kappa_x=torch.tensor(KAPPA["x"], requires_grad=grad),
+        kappa_v=torch.tensor(KAPPA["v"], requires_grad=grad),
+        kappa_t=torch.tensor(KAPPA["t"], requires_grad=grad),
+        img_st_masked=t("img_s_masked", grad),
         img_fused=t("img_fused", grad),
         txt_fused=t("txt_fused", grad),
         clu_s=t("clu_s", grad),
@@ -90,4 +93,9 @@ def make_features(grad: bool = True, teacher_grad: bool = False, **override) -> 
     )
     for k, v in override.items():
         setattr(f, k, v)
+    # No projector in these inputs: the teacher-space fields are the student's own tensors
+    # (as in the wrapper when the widths match), so every term sees the same numbers.
+    for st, s in (("img_st", "img_s"), ("txt_st", "txt_s"), ("clu_st", "clu_s"), ("phr_st", "phr_s")):
+        if st not in override:
+            setattr(f, st, getattr(f, s))
     return f

@@ -132,26 +132,29 @@ def test_projector_when_widths_differ(cache, tmp_path):
     cfg = json.loads((Path(S.__file__).parents[1] / "hierdctl" / "model_configs" / "tiny-test.json").read_text())
     cfg["embed_dim"] = 48
     cfg_path.write_text(json.dumps(cfg))
-    summary = S.run(_cfg(cache, tmp_path / "proj", student=f"open_clip:{cfg_path}", recipe="hierd", steps=2))
+    summary = S.run(_cfg(cache, tmp_path / "proj", student=f"open_clip:{cfg_path}", recipe="clip-kd", steps=2))
     assert any("projector" in n for n in summary["notes"])
     from safetensors.torch import load_file
 
     w = load_file(summary["checkpoint"])
     assert w["img_proj.weight"].shape == (32, 48) and w["txt_proj.weight"].shape == (32, 48)
+    # hierd's terms all compare the student with itself (CRD, relational KLs): no projector needed.
+    summary = S.run(_cfg(cache, tmp_path / "noproj", student=f"open_clip:{cfg_path}", recipe="hierd", steps=2))
+    assert not any("projector" in n for n in summary["notes"])
+    assert not any(k.startswith(("img_proj", "txt_proj")) for k in load_file(summary["checkpoint"]))
 
 
 def test_nan_loss_stops_naming_the_term(cache, tmp_path, monkeypatch):
-    from hierdctl.losses import clipkd
+    from hierdctl.losses import registry
 
-    real = clipkd.ClipKDLoss.forward
+    real = registry.compute_terms
 
-    def poisoned(self, f):
-        out = real(self, f)
-        if "fd_loss" in out:
-            out["fd_loss"] = out["fd_loss"] * float("nan")
+    def poisoned(recipe, f):
+        out = real(recipe, f)
+        out["fd_loss"] = out["fd_loss"] * float("nan")
         return out
 
-    monkeypatch.setattr(clipkd.ClipKDLoss, "forward", poisoned)
+    monkeypatch.setattr(registry, "compute_terms", poisoned)
     with pytest.raises(S.TrainingDiverged, match="fd_loss"):
         S.run(_cfg(cache, tmp_path / "nan", recipe="clip-kd", steps=3))
 
@@ -266,12 +269,12 @@ def test_other_clip_kd_terms_train_end_to_end(cache, tmp_path):
 
 
 def test_mfd_masks_patches_for_real():
-    # The masked forward must not see the dropped patches: changing them leaves img_s_masked unchanged.
+    # The masked forward must not see the dropped patches: changing them leaves img_st_masked unchanged.
     from conftest import make_tiny_model
 
     from hierdctl.student import StudentWrapper
 
-    w = StudentWrapper(make_tiny_model(), 32, 32, extras=("masked_forward",), mask_ratio=0.75).eval()
+    w = StudentWrapper(make_tiny_model(), 32, 32, fields=("img_s", "txt_s", "img_st_masked"), mask_ratio=0.75).eval()
     G = w.grid[0] * w.grid[1]  # 16 patches of 8×8 px
     noise = torch.rand(2, G)
     batch = {"image": torch.randn(2, 3, 32, 32), "text": torch.randint(1, 100, (2, 77)), "mask_noise": noise}
@@ -284,6 +287,68 @@ def test_mfd_masks_patches_for_real():
                 r, c = divmod(g, w.grid[1])
                 img[n, :, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8] = 5.0
         g2 = w(batch | {"image": img})
-    torch.testing.assert_close(g2.img_s_masked, f.img_s_masked)
+    torch.testing.assert_close(g2.img_st_masked, f.img_st_masked)
     assert not torch.allclose(g2.img_s, f.img_s)  # the unmasked forward does see them
-    assert not torch.allclose(f.img_s_masked, f.img_s)
+    assert not torch.allclose(f.img_st_masked, f.img_s)
+
+
+@pytest.mark.slow
+def test_a_narrow_student_exports_an_embedding_that_was_trained(tmp_path):
+    """A student narrower than its teacher (64 vs the shipped Scenes teacher's 128) gets a
+    projector for the teacher-matching terms only: the CLIP task loss trains its own embedding,
+    the one export ships. Its retrieval must be far above chance and close to the same student
+    trained at the teacher's width (before the fix: 0.008 against 0.66, chance 0.016)."""
+    from hierdctl.scenes import ScenesConfig
+    from hierdctl.scenes import run as scenes_run
+    from hierdctl.stages.eval_retrieval import EvalRetrievalConfig
+    from hierdctl.stages.eval_retrieval import run as eval_run
+    from hierdctl.stages.export import ExportConfig
+    from hierdctl.stages.export import run as export_run
+
+    n = 64
+    scenes_run(ScenesConfig(out_dir=tmp_path / "data", n_train=n, n_test=0, image_size=32, shard_size=n,
+                            captions_per_image=1, seed=3).validate())
+    src = str(tmp_path / "data" / "train")
+    teacher = Path(__file__).parents[1] / "examples" / "teacher"
+    cache_run(CacheTeacherConfig(source=src, out=tmp_path / "cache", teacher=f"local-dir:{teacher}", views=1,
+                                 clusters=0, max_phrases=0, workers=0, quiet=True))
+    base = json.loads((Path(S.__file__).parents[1] / "hierdctl" / "model_configs" / "tiny-test.json").read_text())
+    base["text_cfg"]["context_length"] = 32
+    r1 = {}
+    for width in (128, 64):
+        (tmp_path / f"s{width}.json").write_text(json.dumps(base | {"embed_dim": width}))
+        run_dir = tmp_path / f"run{width}"
+        S.run(_cfg(tmp_path / "cache", run_dir, student=f"open_clip:{tmp_path / f's{width}.json'}", recipe="clip-kd",
+                   steps=60, batch_size=32, lr=3e-3, warmup=5, seed=0))
+        export_run(ExportConfig(source=run_dir, out=tmp_path / f"model{width}", quiet=True))
+        report = eval_run(EvalRetrievalConfig(source=src, models=[f"local-dir:{tmp_path / f'model{width}'}"],
+                                              ks=[1, 5], workers=0, quiet=True))
+        m = report["models"][0]["metrics"]
+        r1[width] = (m["image_retrieval_recall@1"] + m["text_retrieval_recall@1"]) / 2
+    chance = 1 / n
+    assert r1[64] > 5 * chance, r1  # trained, not the untouched embedding behind a projector
+    assert r1[64] > 0.6 * r1[128], r1  # and about as good as the student without a projector
+
+
+def test_the_logit_scale_still_learns_at_its_cap(cache, tmp_path):
+    """open_clip's rule: the parameter is clamped to ≤ ln 100 after each step. Clamping exp()
+    in the forward instead passed no gradient once s reached 100 (exp(ln 100) > 100 in float)."""
+    import math
+
+    from conftest import make_tiny_model
+
+    from hierdctl.losses import functional as L
+    from hierdctl.student import StudentWrapper
+
+    w = StudentWrapper(make_tiny_model(), 32, None)
+    with torch.no_grad():
+        w.student.logit_scale.fill_(math.log(100))
+    batch = {"image": torch.randn(4, 3, 32, 32), "text": torch.randint(1, 100, (4, 77))}
+    f = w(batch)
+    L.clip_loss(f.img_s, f.txt_s, f.logit_scale_s).backward()
+    assert w.student.logit_scale.grad.abs().item() > 0
+    # ...and a run keeps the parameter at or below the cap whatever the optimizer does.
+    summary = S.run(_cfg(cache, tmp_path / "cap", recipe="clip", steps=3, lr=5.0, warmup=1, grad_clip=None))
+    from safetensors.torch import load_file
+
+    assert load_file(summary["checkpoint"])["student.logit_scale"].item() <= math.log(100) + 1e-6

@@ -1,6 +1,6 @@
 """Every loss term against values computed independently (closed form or NumPy), plus invariants.
 
-The NumPy references below are written from the formulas in method-notes.md, in float64,
+The NumPy references below are written from the formulas in docs/losses.md, in float64,
 row by row where masks are involved; they never call hierdctl code.
 """
 
@@ -13,17 +13,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hierdctl.errors import UserError
 from hierdctl.losses import functional as L
-from hierdctl.losses.clip import ClipLoss
-from hierdctl.losses.clipkd import ClipKDLoss
-from hierdctl.losses.cliprd import ClipRDLoss
 from hierdctl.losses.features import Features
-from hierdctl.losses.hierd import HieRDLoss
-from hierdctl.losses.tinyclip import TinyClipLoss
+from hierdctl.losses.registry import TERMS, Recipe, Term, compute_terms, parse_recipe
 from loss_inputs import KAPPA, S, S_T, make_features, np_inputs, np_unit
 
-HIERD_TERMS = HieRDLoss.TERMS
-KD_TERMS = ClipKDLoss.TERMS
+HIERD_TERMS = tuple(n for n in TERMS if n.startswith("hierd_"))
+KD_TERMS = ("fd", "mfd", "crd", "icl", "gd", "afd")
+
+
+def terms(names, f: Features, args: dict | None = None) -> dict[str, torch.Tensor]:
+    """compute_terms over a recipe of `names` (weights 1), `args` = {term: {arg: value}}."""
+    args = args or {}
+    recipe = Recipe("test", tuple(Term(n, 1.0, dict(args.get(n, {}))) for n in names))
+    return compute_terms(recipe, f)
 
 # --- NumPy references ----------------------------------------------------------------
 
@@ -70,18 +74,8 @@ def np_masked_mean_kl(rows):
 
 
 def all_terms(f: Features) -> dict[str, torch.Tensor]:
-    """Every term of every module on one Features."""
-    modules = [
-        ClipLoss(),
-        ClipKDLoss(KD_TERMS),
-        TinyClipLoss(),
-        ClipRDLoss(("vrd", "xrd")),
-        HieRDLoss(HIERD_TERMS),
-    ]
-    out = {}
-    for m in modules:
-        out |= m(f)
-    return out
+    """Every term of the registry on one Features."""
+    return terms(tuple(TERMS), f)
 
 
 def swap_modalities(f: Features) -> Features:
@@ -160,9 +154,20 @@ def np_global_terms(a):
     out["mfd"] = np.mean((np_unit(a["img_s_masked"]) - vt) ** 2) + np.mean((ts - tt) ** 2)
     out["crd"] = 0.5 * (np_kl(S * vs @ ts.T, S_T * vt @ tt.T) + np_kl(S * ts @ vs.T, S_T * tt @ vt.T))
     out["icl"] = 0.5 * (np_ce_diag(kx * vs @ tt.T) + np_ce_diag(kx * ts @ vt.T))
+    # GD, CLIP-KD's public formulation: closed-form CE gradients w.r.t. anchors and keys,
+    # logits p·kᵀ / τ, both directions, four MSEs.
+    def ce_grads(p, k, tau):
+        d = np_softmax(p @ k.T / tau) - np.eye(len(p))
+        return d @ k / tau / len(p), d.T @ p / tau / len(p)
+
+    out["gd"] = 0.0
+    for anchor_s, key_s, anchor_t, key_t in ((vs, ts, vt, tt), (ts, vs, tt, vt)):
+        (gps, gks), (gpt, gkt) = ce_grads(anchor_s, key_s, S), ce_grads(anchor_t, key_t, S_T)
+        out["gd"] += np.mean((gps - gpt) ** 2) + np.mean((gks - gkt) ** 2)
+    # GD, the autograd formulation: gradients of the symmetric loss at ×s w.r.t. vs, ts.
     gvs, gts = np_contrastive_grads(vs, ts, S)
     gvt, gtt = np_contrastive_grads(vt, tt, S_T)
-    out["gd"] = np.mean((gvs - gvt) ** 2) + np.mean((gts - gtt) ** 2)
+    out["gd/autograd"] = np.mean((gvs - gvt) ** 2) + np.mean((gts - gtt) ** 2)
     fi, ft = np_unit(a["img_fused"]), np_unit(a["txt_fused"])
     out["afd"] = 0.5 * (np_ce_diag(S * fi @ ft.T) + np_ce_diag(S * ft @ fi.T))
 
@@ -230,21 +235,14 @@ def np_hierd_terms(a, s_student, s_teacher):
     }
 
 
-GLOBAL_TERMS = ("clip",) + KD_TERMS + ("affinity", "vrd", "xrd")
+GLOBAL_TERMS = ("clip",) + KD_TERMS + ("gd/autograd", "affinity", "vrd", "xrd")
 
 
 @pytest.mark.parametrize("name", GLOBAL_TERMS)
 def test_global_term_matches_reference(name):
     expected = np_global_terms(np_inputs())[name]
-    if name == "clip":
-        module = ClipLoss()
-    elif name == "affinity":
-        module = TinyClipLoss()
-    elif name in KD_TERMS:
-        module = ClipKDLoss([name])
-    else:
-        module = ClipRDLoss([name])
-    got = module(make_features())[f"{name}_loss"]
+    term, _, form = name.partition("/")
+    got = terms([term], make_features(), {term: {"form": form}} if form else None)[f"{term}_loss"]
     assert got.dtype == torch.float32 and got.dim() == 0
     assert expected > 1e-6  # a reference of 0 would make the comparison toothless
     assert got.item() == pytest.approx(expected, rel=1e-4, abs=1e-9)
@@ -255,28 +253,28 @@ def test_global_term_matches_reference(name):
 def test_hierd_term_matches_reference(name, scale):
     s_student, s_teacher = {"teacher": (S_T, S_T), "student": (S, S_T), 7.5: (7.5, 7.5)}[scale]
     expected = np_hierd_terms(np_inputs(), s_student, s_teacher)[name]
-    got = HieRDLoss([name], scale={name: scale})(make_features())[f"{name}_loss"]
+    got = terms([name], make_features(), {name: {"scale": scale}})[f"{name}_loss"]
     assert expected > 1e-6
     assert got.item() == pytest.approx(expected, rel=1e-4)
 
 
-def test_modules_compute_only_their_terms():
+def test_compute_terms_computes_only_the_recipes_terms():
     f = make_features()
-    assert set(ClipKDLoss(["icl", "fd"])(f)) == {"icl_loss", "fd_loss"}
-    assert set(ClipRDLoss(["xrd"])(f)) == {"xrd_loss"}
-    assert set(HieRDLoss(["hierd_phr_img"])(f)) == {"hierd_phr_img_loss"}
-    with pytest.raises(ValueError, match="no term"):
-        ClipKDLoss(["vrd"])
-    with pytest.raises(ValueError, match="scale"):
-        HieRDLoss(["hierd_clu_clu"], scale={"hierd_clu_clu": "nope"})
+    assert set(terms(["icl", "fd"], f)) == {"icl_loss", "fd_loss"}
+    assert set(terms(["xrd"], f)) == {"xrd_loss"}
+    assert set(terms(["hierd_phr_img"], f)) == {"hierd_phr_img_loss"}
+    with pytest.raises(UserError, match="unknown term"):
+        parse_recipe({"terms": [{"name": "vrdd", "weight": 1}]}, "r", "r.yaml")
+    with pytest.raises(UserError, match="scale"):
+        parse_recipe({"terms": [{"name": "hierd_clu_clu", "weight": 1, "args": {"scale": "nope"}}]}, "r", "r.yaml")
 
 
 def test_missing_feature_is_named():
     f = make_features(clu_s=None)
     with pytest.raises(AssertionError, match="clu_s"):
-        HieRDLoss(["hierd_clu_clu"])(f)
-    with pytest.raises(AssertionError, match="kappa"):
-        ClipRDLoss(["vrd"])(make_features(kappa={"x": torch.tensor(1.0)}))
+        terms(["hierd_clu_clu"], f)
+    with pytest.raises(AssertionError, match="kappa_v"):
+        terms(["vrd"], make_features(kappa_v=None))
 
 
 # --- invariants ------------------------------------------------------------------------------
@@ -293,14 +291,15 @@ def student_equals_teacher(scale_s: float) -> Features:
 
 def test_kl_terms_vanish_when_student_equals_teacher():
     f = student_equals_teacher(S_T)
-    out = ClipKDLoss(["crd"])(f) | HieRDLoss(HIERD_TERMS)(f)
-    out |= HieRDLoss(HIERD_TERMS, scale={n: "student" for n in HIERD_TERMS})(f)  # s == s_T here
+    student_scale = {n: {"scale": "student"} for n in HIERD_TERMS}
+    out = terms(("crd",) + HIERD_TERMS, f)
+    out |= {f"{k} (student)": v for k, v in terms(HIERD_TERMS, f, student_scale).items()}  # s == s_T here
     for key, value in out.items():
         assert abs(value.item()) < 1e-5, key
     # ...and do not vanish when the scales differ: the test can tell.
     g = student_equals_teacher(S)
-    assert ClipKDLoss(["crd"])(g)["crd_loss"].item() > 1e-3
-    scaled = HieRDLoss(HIERD_TERMS, scale={n: "student" for n in HIERD_TERMS})(g)
+    assert terms(["crd"], g)["crd_loss"].item() > 1e-3
+    scaled = terms(HIERD_TERMS, g, student_scale)
     assert all(v.item() > 1e-4 for v in scaled.values())
 
 
@@ -309,15 +308,15 @@ def test_affinity_minus_crd_is_teacher_entropy():
     logits_t = S_T * a["img_t"] @ a["txt_t"].T
     entropy = 0.5 * (np_entropy_rows(logits_t) + np_entropy_rows(logits_t.T))
     f = make_features()
-    diff = TinyClipLoss()(f)["affinity_loss"] - ClipKDLoss(["crd"])(f)["crd_loss"]
+    diff = terms(["affinity"], f)["affinity_loss"] - terms(["crd"], f)["crd_loss"]
     assert entropy > 1e-3
     assert diff.item() == pytest.approx(entropy, rel=1e-4)
 
 
 def test_affinity_and_crd_have_the_same_student_gradients():
     f1, f2 = make_features(), make_features()
-    TinyClipLoss()(f1)["affinity_loss"].backward()
-    ClipKDLoss(["crd"])(f2)["crd_loss"].backward()
+    terms(["affinity"], f1)["affinity_loss"].backward()
+    terms(["crd"], f2)["crd_loss"].backward()
     for name in ("img_s", "txt_s", "logit_scale_s"):
         g1, g2 = getattr(f1, name).grad, getattr(f2, name).grad
         assert g1.abs().sum() > 0
@@ -331,7 +330,7 @@ def test_no_gradient_reaches_teacher_tensors():
     for name in ("img_t", "txt_t", "clu_t", "phr_t"):
         assert getattr(f, name).grad is None, name
     # the student does get gradients, so the check above is not vacuous
-    for name in ("img_s", "txt_s", "img_s_masked", "img_fused", "txt_fused", "clu_s", "phr_s"):
+    for name in ("img_s", "txt_s", "img_st_masked", "img_fused", "txt_fused", "clu_s", "phr_s"):
         grad = getattr(f, name).grad
         assert grad is not None and grad.abs().sum() > 0, name
 
@@ -339,15 +338,15 @@ def test_no_gradient_reaches_teacher_tensors():
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: ClipLoss(),
-        lambda: ClipKDLoss(["fd", "crd", "icl", "gd"]),
-        lambda: TinyClipLoss(),
-        lambda: ClipRDLoss(["xrd"]),
+        ["clip"],
+        ["fd", "crd", "icl", "gd"],
+        ["affinity"],
+        ["xrd"],
     ],
 )
 def test_symmetric_terms_are_symmetric_under_swapping_modalities(make):
     f = make_features()
-    before, after = make()(f), make()(swap_modalities(f))
+    before, after = terms(make, f), terms(make, swap_modalities(f))
     for key in before:
         assert after[key].item() == pytest.approx(before[key].item(), rel=1e-5), key
 
@@ -356,16 +355,16 @@ def test_vrd_is_not_symmetric():
     # Swapping modalities (and κv <-> κt) turns the target side around: VRD must change.
     f = make_features()
     g = swap_modalities(f)
-    g.kappa = {"v": f.kappa["t"], "t": f.kappa["v"], "x": f.kappa["x"]}
-    before = ClipRDLoss(["vrd"])(f)["vrd_loss"].item()
-    after = ClipRDLoss(["vrd"])(g)["vrd_loss"].item()
+    g.kappa_v, g.kappa_t = f.kappa_t, f.kappa_v
+    before = terms(["vrd"], f)["vrd_loss"].item()
+    after = terms(["vrd"], g)["vrd_loss"].item()
     assert abs(before - after) > 1e-4
 
 
 def test_vrd_text_side_is_stop_gradient():
     """VRD's text side gets gradients only from its own InfoNCE, never from the KL."""
     f = make_features()
-    ClipRDLoss(["vrd"])(f)["vrd_loss"].backward()
+    terms(["vrd"], f)["vrd_loss"].backward()
 
     # Reference: just ½[CE(A_t) + CE(A_tᵀ)], written out with F.cross_entropy.
     ts = make_features().txt_s
@@ -374,7 +373,7 @@ def test_vrd_text_side_is_stop_gradient():
     labels = torch.arange(3)
     (0.5 * (F.cross_entropy(a_t, labels) + F.cross_entropy(a_t.T, labels))).backward()
     torch.testing.assert_close(f.txt_s.grad, ts.grad)
-    torch.testing.assert_close(f.kappa["t"].grad, kt.grad)
+    torch.testing.assert_close(f.kappa_t.grad, kt.grad)
 
     # The image side, by contrast, also learns from the KL: its gradient differs from
     # that of its InfoNCE alone.
@@ -386,7 +385,7 @@ def test_vrd_text_side_is_stop_gradient():
 
 def test_masked_entries_do_not_affect_hierd():
     f = make_features()
-    out = HieRDLoss(HIERD_TERMS)(f)
+    out = terms(HIERD_TERMS, f)
     sum(out.values()).backward()
 
     junk = torch.full((3, 3, 4), float("nan"))
@@ -394,7 +393,7 @@ def test_masked_entries_do_not_affect_hierd():
     for name, mask in (("clu_s", g.clu_mask), ("clu_t", g.clu_mask), ("phr_s", g.phr_mask), ("phr_t", g.phr_mask)):
         with torch.no_grad():
             getattr(g, name)[~mask] = junk[~mask]  # NaN in every padded slot
-    out_junk = HieRDLoss(HIERD_TERMS)(g)
+    out_junk = terms(HIERD_TERMS, g)
     sum(out_junk.values()).backward()
 
     for key in out:
@@ -413,8 +412,8 @@ def test_hierd_sample_with_too_few_parts_is_excluded():
     g = make_features()
     with torch.no_grad():
         g.clu_s[2, 0] = torch.tensor([5.0, -1.0, 0.0, 2.0])
-    terms = ["hierd_clu_clu", "hierd_clu_img", "hierd_clu_cap"]
-    a, b = HieRDLoss(terms)(f), HieRDLoss(terms)(g)
+    names = ["hierd_clu_clu", "hierd_clu_img", "hierd_clu_cap"]
+    a, b = terms(names, f), terms(names, g)
     assert a["hierd_clu_clu_loss"].item() == pytest.approx(b["hierd_clu_clu_loss"].item())
     assert a["hierd_clu_img_loss"].item() == pytest.approx(b["hierd_clu_img_loss"].item())
     # ...but it still counts in batch, where its row runs over all N captions.
@@ -423,15 +422,15 @@ def test_hierd_sample_with_too_few_parts_is_excluded():
 
 def test_gd_trains_the_student():
     f = make_features()
-    ClipKDLoss(["gd"])(f)["gd_loss"].backward()
+    terms(["gd"], f)["gd_loss"].backward()
     for grad in (f.img_s.grad, f.txt_s.grad, f.logit_scale_s.grad):
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
 def test_gd_under_no_grad_gives_the_same_value():
-    with_grad = ClipKDLoss(["gd"])(make_features())["gd_loss"].item()
+    with_grad = terms(["gd"], make_features())["gd_loss"].item()
     with torch.no_grad():
-        value = ClipKDLoss(["gd"])(make_features(grad=False))["gd_loss"]
+        value = terms(["gd"], make_features(grad=False))["gd_loss"]
     assert value.item() == pytest.approx(with_grad, rel=1e-6)
 
 

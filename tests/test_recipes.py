@@ -9,15 +9,7 @@ import pytest
 import torch
 
 from hierdctl.errors import UserError
-from hierdctl.losses.clipkd import ClipKDLoss
-from hierdctl.losses.hierd import HieRDLoss
-from hierdctl.losses.registry import (
-    TERMS,
-    build_losses,
-    list_recipes,
-    load_recipe,
-    weighted_total,
-)
+from hierdctl.losses.registry import TERMS, Recipe, Term, compute_terms, list_recipes, load_recipe, weighted_total
 
 from loss_inputs import make_features
 
@@ -35,10 +27,8 @@ def test_shipped_recipe_loads_builds_and_runs(name):
     recipe = load_recipe(name)
     assert recipe.name == name
     f = make_features()
-    out = {}
-    for module in build_losses(recipe):
-        out |= module(f)
-    assert set(out) == {f"{t}_loss" for t in recipe.term_names}  # exactly the recipe's terms
+    out = compute_terms(recipe, f)
+    assert set(out) == {t.key for t in recipe.terms}  # exactly the recipe's terms
     total = weighted_total(out, recipe)
     expected = sum(t.weight * out[t.key].item() for t in recipe.terms)
     assert total.item() == pytest.approx(expected, rel=1e-6)
@@ -54,7 +44,7 @@ def test_shipped_recipes_have_the_published_terms_and_weights():
     assert weights("clip-kd") == {"clip": 1.0, "crd": 1.0, "icl": 1.0, "fd": 2000.0}
     assert weights("clip-rd") == weights("clip-kd") | {"vrd": 1.0, "xrd": 1.0}
     assert weights("tinyclip") == {"clip": 0.5, "affinity": 0.5}  # α = 0.5: a real mix
-    hierd_terms = {n: 1.0 for n in HieRDLoss.TERMS}
+    hierd_terms = {n: 1.0 for n in TERMS if n.startswith("hierd_")}
     assert weights("hierd") == {"clip": 1.0, "crd": 1.0} | hierd_terms
     assert weights("hierd+rd") == weights("clip-rd") | hierd_terms
 
@@ -64,14 +54,20 @@ def test_recipe_needs():
     assert clip.cache_parts == () and not clip.needs_teacher and clip.kappa_keys == ()
     kd = load_recipe("clip-kd")
     assert kd.cache_parts == ("global",) and kd.kappa_keys == ("x",) and kd.extras == ()
-    assert {"img_t", "txt_t", "logit_scale_t"} <= set(kd.fields)
+    assert {"img_t", "txt_t", "logit_scale_t", "img_s", "img_st"} <= set(kd.fields) and kd.teacher_space
+    assert not load_recipe("tinyclip").teacher_space  # clip + affinity: the student's own space only
     rd = load_recipe("clip-rd")
     assert set(rd.kappa_keys) == {"x", "v", "t"}
     hierd = load_recipe("hierd")
     assert set(hierd.cache_parts) == {"global", "clusters", "phrases"}
     assert set(hierd.extras) == {"patch_tokens", "phrase_forward"}
     assert {"clu_s", "clu_t", "clu_mask", "phr_s", "phr_t", "phr_mask"} <= set(hierd.fields)
-    assert TERMS["mfd"].extras == ("masked_forward",) and TERMS["afd"].extras == ("fusion",)
+    assert not hierd.teacher_space  # CRD and the relational HieRD terms compare the student with itself
+
+    def one(name):
+        return Recipe(name, (Term(name, 1.0),))
+
+    assert one("mfd").extras == ("masked_forward",) and one("afd").extras == ("fusion",)
 
 
 def write(tmp_path, text, name="my.yaml"):
@@ -89,25 +85,29 @@ def test_recipe_from_a_path(tmp_path):
     assert recipe.name == "copy" and recipe.terms == load_recipe("clip-kd").terms
 
 
-def test_args_reach_the_module(tmp_path):
+def test_args_reach_the_terms(tmp_path):
     path = write(
         tmp_path,
         "terms:\n"
         "  - {name: hierd_clu_img, weight: 1.0, args: {scale: student}}\n"
         "  - {name: hierd_phr_img, weight: 0.5, args: {scale: 30}}\n"
-        "  - {name: gd, weight: 1e8}\n",  # PyYAML reads 1e8 as a string: accepted
+        "  - {name: gd, weight: 1e8, args: {form: autograd}}\n"  # PyYAML reads 1e8 as a string: accepted
+        "  - {name: hierd_clu_cap, weight: 1.0}\n",
     )
     recipe = load_recipe(path)
     assert recipe.terms[2].weight == 1e8
-    modules = build_losses(recipe)
-    hierd = next(m for m in modules if isinstance(m, HieRDLoss))
-    assert hierd.scale == {"hierd_clu_img": "student", "hierd_phr_img": 30}
-    assert any(isinstance(m, ClipKDLoss) and m.terms == ("gd",) for m in modules)
+    scales = [t.inputs()[-2:] for t in recipe.terms if t.name.startswith("hierd_")]
+    assert scales == [("logit_scale_s", "logit_scale_t"), (30.0, 30.0), ("logit_scale_t", "logit_scale_t")]
+    assert "logit_scale_s" not in Recipe("x", (recipe.terms[3],)).fields  # 'teacher' is the HieRD default
+    f = make_features()
+    out = compute_terms(recipe, f)
+    assert out["gd_loss"].item() != compute_terms(Recipe("x", (Term("gd", 1.0),)), f)["gd_loss"].item()
 
 
 BAD = {
     "unknown term": ("terms:\n  - {name: crdd, weight: 1.0}\n", "unknown term 'crdd' (did you mean 'crd'?)"),
-    "unknown arg": ("terms:\n  - {name: crd, weight: 1.0, args: {scale: teacher}}\n", "unknown arg 'scale'"),
+    "unknown arg": ("terms:\n  - {name: fd, weight: 1.0, args: {scale: teacher}}\n", "unknown arg 'scale'"),
+    "bad gd form": ("terms:\n  - {name: gd, weight: 1.0, args: {form: closed}}\n", "form must be"),
     "bad scale": ("terms:\n  - {name: hierd_clu_clu, weight: 1, args: {scale: huge}}\n", "scale must be"),
     "text weight": ("terms:\n  - {name: crd, weight: lots}\n", "weight must be a number"),
     "bool weight": ("terms:\n  - {name: crd, weight: true}\n", "weight must be a number"),
@@ -150,6 +150,6 @@ def test_missing_recipe_file(tmp_path):
 
 def test_weighted_total_needs_every_term():
     recipe = load_recipe("clip-kd")
-    with pytest.raises(KeyError, match="fd_loss"):
+    with pytest.raises(AssertionError, match="fd_loss"):
         weighted_total({"clip_loss": torch.tensor(1.0), "crd_loss": torch.tensor(1.0),
                         "icl_loss": torch.tensor(1.0)}, recipe)  # fmt: skip

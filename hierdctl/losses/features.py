@@ -1,55 +1,78 @@
-"""What every loss module receives: one global batch of student and teacher features.
+"""What every loss term receives: one global batch of student and teacher features.
 
 The distill loop builds a `Features` per step (after gathering across ranks under DDP,
-so losses never see the world size) and each method's loss module returns a dict of
-*unweighted* named terms ending in `_loss`. Weights come from the recipe file.
+so losses never see the world size); `registry.compute_terms` hands each term the fields
+its spec names and returns a dict of *unweighted* named terms ending in `_loss`. Weights
+come from the recipe file.
 
-Conventions (N = global batch, D = joint width, K = clusters, P = phrases):
-- Student tensors are raw outputs, already passed through the student wrapper's
-  projector when student and teacher widths differ (so their width is the teacher's D).
-  Losses L2-normalise them themselves.
+Two spaces (N = global batch, D_s = the student's joint width, D_t = the teacher's,
+K = clusters, P = phrases):
+- `*_s` fields are the student's own embeddings (D_s): the space export ships. The CLIP
+  task loss and every term that compares the student with itself (the in-batch or
+  in-sample distributions of CRD, affinity and the relational HieRD terms) read these.
+- `*_st` fields are the student projected into the teacher's space (D_t) by the student
+  wrapper's projector, for the terms that put a student vector next to a teacher vector
+  (FD, MFD, ICL, GD, VRD, XRD, the part-level HieRD v2 terms). When the widths match there
+  is no projector and `*_st` is the very same tensor as `*_s`.
+This follows CLIP-KD's public code (task loss and CRD on the student's own features, FD,
+ICL and GD on the projected ones); docs/distill.md has the table for every term.
+
+Conventions:
+- Student tensors are raw outputs; the losses L2-normalise them themselves.
 - Teacher tensors come from the cache: L2-normalised, frozen (requires_grad False).
 - Scales are *effective* values (the wrapper already applied exp() where configured):
   `logit_scale_s` is the student's CLIP scale s, `logit_scale_t` the teacher's s_T,
-  `kappa` holds the learnable relational scales {'x': κx, 'v': κv, 't': κt}.
-- Optional fields are None when the recipe does not need them; a loss that needs a
-  missing field asserts with the field's name.
+  `kappa_x/v/t` the learnable relational scales κx, κv, κt.
+- Optional fields are None when the recipe does not need them; `compute_terms` asserts
+  with the field's name when a term's field is missing.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 
 import torch
 
 
 @dataclass
 class Features:
-    # --- global embeddings -------------------------------------------------------
-    img_s: torch.Tensor  # (N, D) student image embeddings (projected, unnormalised)
-    txt_s: torch.Tensor  # (N, D) student text embeddings (projected, unnormalised)
-    logit_scale_s: torch.Tensor  # () student CLIP scale s = exp(θ), clamped ≤ 100
-    img_t: torch.Tensor | None = None  # (N, D) teacher image embeddings, normalised
-    txt_t: torch.Tensor | None = None  # (N, D) teacher text embeddings, normalised
-    logit_scale_t: float | None = None  # teacher's s_T, from the cache manifest
-    kappa: dict[str, torch.Tensor] = field(default_factory=dict)  # 'x','v','t' -> ()
+    # --- the student in its own space (D_s) ---------------------------------------------
+    img_s: torch.Tensor  # (N, D_s) student image embeddings (unnormalised)
+    txt_s: torch.Tensor  # (N, D_s) student text embeddings (unnormalised)
+    logit_scale_s: torch.Tensor  # () student CLIP scale s = exp(θ), θ clamped to ≤ ln 100 after each step
 
-    # --- CLIP-KD extras, produced by the student wrapper when a recipe asks ---------
-    img_s_masked: torch.Tensor | None = None  # (N, D) student image emb. with 75% patches masked (MFD)
+    # --- the student projected into the teacher's space (D_t) ---------------------------
+    img_st: torch.Tensor | None = None  # (N, D_t)
+    txt_st: torch.Tensor | None = None  # (N, D_t)
+    img_st_masked: torch.Tensor | None = None  # (N, D_t) image forward with 75% patches masked (MFD)
+    clu_st: torch.Tensor | None = None  # (N, K, D_t) pooled patch tokens, projected
+    phr_st: torch.Tensor | None = None  # (N, P, D_t) phrase embeddings, projected
+
+    # --- AFD, HieRD parts in the student's own space ------------------------------------
     img_fused: torch.Tensor | None = None  # (N, D_s) Linear([vs‖vt]) (AFD)
     txt_fused: torch.Tensor | None = None  # (N, D_s) Linear([ts‖tt]) (AFD)
+    clu_s: torch.Tensor | None = None  # (N, K, D_s) student patch tokens pooled by the teacher's assignment
+    phr_s: torch.Tensor | None = None  # (N, P, D_s) student text tower on each phrase
 
-    # --- HieRD hierarchy ----------------------------------------------------------
-    clu_s: torch.Tensor | None = None  # (N, K, D) student patch tokens pooled by the teacher's assignment
-    clu_t: torch.Tensor | None = None  # (N, K, D) teacher cluster embeddings, normalised
+    # --- learnable relational scales (), effective values --------------------------------
+    kappa_x: torch.Tensor | None = None
+    kappa_v: torch.Tensor | None = None
+    kappa_t: torch.Tensor | None = None
+
+    # --- the teacher, from the cache ------------------------------------------------------
+    img_t: torch.Tensor | None = None  # (N, D_t) normalised
+    txt_t: torch.Tensor | None = None  # (N, D_t) normalised
+    logit_scale_t: float | None = None  # s_T, from the cache manifest
+    clu_t: torch.Tensor | None = None  # (N, K, D_t) cluster embeddings, normalised
     clu_mask: torch.Tensor | None = None  # (N, K) bool, False for empty clusters
-    phr_s: torch.Tensor | None = None  # (N, P, D) student text tower on each phrase
-    phr_t: torch.Tensor | None = None  # (N, P, D) teacher phrase embeddings, normalised
+    phr_t: torch.Tensor | None = None  # (N, P, D_t) phrase embeddings, normalised
     phr_mask: torch.Tensor | None = None  # (N, P) bool, False for padding
 
-    def need(self, *names: str) -> None:
-        """Assert that the named optional fields are present (a recipe/cache mismatch otherwise)."""
-        missing = [n for n in names if getattr(self, n) is None and n != "kappa"]
-        if "kappa" in names:
-            missing += [f"kappa[{k}]" for k in ("x", "v", "t") if k not in self.kappa]
-        assert not missing, f"loss needs feature(s) {missing} that this step did not provide"
+
+# Per-sample fields (first dimension N), for gathering across ranks: the student's keep
+# their graph (gather_with_grad), the teacher's are constants.
+STUDENT_BATCH_FIELDS = ("img_s", "txt_s", "img_st", "txt_st", "img_st_masked", "clu_st", "phr_st", "img_fused",
+                        "txt_fused", "clu_s", "phr_s")
+TEACHER_BATCH_FIELDS = ("img_t", "txt_t", "clu_t", "clu_mask", "phr_t", "phr_mask")
+assert set(STUDENT_BATCH_FIELDS + TEACHER_BATCH_FIELDS) | {"logit_scale_s", "logit_scale_t", "kappa_x", "kappa_v",
+                                                           "kappa_t"} == {f.name for f in fields(Features)}

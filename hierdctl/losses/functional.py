@@ -111,6 +111,11 @@ def clip_loss(img_s: Tensor, txt_s: Tensor, scale: Scale) -> Tensor:
 
 
 # --- CLIP-KD (Yang et al., CVPR 2024) ----------------------------------------------
+# As in the authors' public code, with two deliberate differences: MFD masks for real
+# (the student wrapper's forward drops 75% of the patches; the public code overwrote it
+# with an unmasked forward), and AFD's CLIP loss on the fused features uses the student's
+# CLIP scale s (the public code learns a separate fusion scale). κx (ICL) is multiplied in
+# directly. GD offers the public code's formulation (the default) and an autograd one.
 
 
 def fd(img_s: Tensor, txt_s: Tensor, img_t: Tensor, txt_t: Tensor) -> Tensor:
@@ -147,16 +152,34 @@ def icl(img_s: Tensor, txt_s: Tensor, img_t: Tensor, txt_t: Tensor, kappa_x: Sca
 
 
 def gd(
-    img_s: Tensor, txt_s: Tensor, img_t: Tensor, txt_t: Tensor, scale_s: Scale, scale_t: Scale
+    img_s: Tensor, txt_s: Tensor, img_t: Tensor, txt_t: Tensor, scale_s: Scale, scale_t: Scale,
+    form: str = "public",
 ) -> Tensor:
-    """Gradient distillation: MSE(∂L/∂vs, ∂L/∂vt) + MSE(∂L/∂ts, ∂L/∂tt), element mean.
+    """Gradient distillation: match the student's contrastive-loss gradients to the teacher's.
 
-    L is the symmetric contrastive loss `contrastive`, taken w.r.t. the normalised
-    embeddings: at scale s for the student, s_T for the teacher. The student's
-    gradients are built with create_graph=True, so this term trains the student;
+    form "public" (CLIP-KD's code, so its weight 1e8 carries over): for each direction
+    (image anchors over text keys, text anchors over image keys) the closed-form gradients
+    of CE(p·kᵀ / τ) w.r.t. the anchors p and the keys k, τ = the model's logit scale (the
+    public code *divides* by it): g_p = (P − I)·k / (τN), g_k = (P − I)ᵀ·p / (τN); the loss is
+    the sum of the four element-mean MSEs, student vs teacher.
+    form "autograd" (hierdctl's first formulation): MSE(∂L/∂vs, ∂L/∂vt) + MSE(∂L/∂ts, ∂L/∂tt)
+    with L the symmetric contrastive loss `contrastive` at ×s (student) and ×s_T (teacher),
+    taken by autograd. Its values are ~s⁴ larger (docs/distill.md has the measured ratio).
+    Either way the student's gradients keep their graph, so this term trains the student;
     the teacher's are constants.
     img_s, txt_s: (N, D) raw student; img_t, txt_t: (N, D) teacher. Returns ().
     """
+    assert form in ("public", "autograd"), form
+    if form == "public":
+        vs, ts = unit(img_s), unit(txt_s)
+        vt, tt = frozen(img_t), frozen(txt_t)
+        scale_t = scale_t.detach() if isinstance(scale_t, Tensor) else scale_t
+        terms = []
+        for (ps, ks, pt, kt) in ((vs, ts, vt, tt), (ts, vs, tt, vt)):
+            gp_s, gk_s = _ce_grads(ps, ks, scale_s)
+            gp_t, gk_t = _ce_grads(pt, kt, scale_t)
+            terms += [F.mse_loss(gp_s, gp_t), F.mse_loss(gk_s, gk_t)]
+        return sum(terms)
     # enable_grad: the term must also be computable under torch.no_grad() (validation).
     with torch.enable_grad():
         vs, ts = unit(img_s), unit(txt_s)
@@ -171,6 +194,14 @@ def gd(
         scale_t = scale_t.detach() if isinstance(scale_t, Tensor) else scale_t
         g_vt, g_tt = torch.autograd.grad(contrastive(vt, tt, scale_t), (vt, tt))
     return F.mse_loss(g_vs, g_vt) + F.mse_loss(g_ts, g_tt)
+
+
+def _ce_grads(p: Tensor, k: Tensor, tau: Scale) -> tuple[Tensor, Tensor]:
+    """Closed-form gradients of ce_diag(p·kᵀ / τ) w.r.t. p and k: ((N, D), (N, D))."""
+    n = p.shape[0]
+    prob = F.softmax((p @ k.T / tau).float(), dim=-1)  # (N, N)
+    delta = prob - torch.eye(n, device=p.device, dtype=prob.dtype)  # (N, N) P − I
+    return delta @ k / tau / n, delta.T @ p / tau / n
 
 
 # --- TinyCLIP (Wu et al., ICCV 2023) -----------------------------------------------
@@ -228,7 +259,19 @@ def xrd(img_s: Tensor, txt_s: Tensor, img_t: Tensor, txt_t: Tensor, kappa_x: Sca
     return 0.25 * (kl_rows(c, d) + kl_rows(d, c) + kl_rows(f, e) + kl_rows(e, f))
 
 
-# --- HieRD (our reconstruction, see docs/hierd.md) ---------------------------------
+# --- HieRD (ICML 2026; only the abstract is published: our reconstruction, docs/hierd.md) ---
+# Levels: image = patches -> clusters -> image, text = words -> phrases -> caption. The
+# global level is `crd`. Each term is a KL between the teacher's and the student's softmax
+# distributions (teacher target, stop-gradient), in the student's own space:
+#
+#   hierd_clu_clu  part_relation      per sample: cluster -> other clusters    (N, K, K), diagonal out
+#   hierd_clu_img  part_given_global  per sample: image -> its clusters        (N, K)
+#   hierd_phr_phr  part_relation      per sample: phrase -> other phrases      (N, P, P), diagonal out
+#   hierd_phr_cap  part_given_global  per sample: caption -> its phrases       (N, P)
+#   hierd_clu_phr  cluster_phrase     per sample: cluster <-> phrases, both ways (N, K, P)
+#   hierd_phr_img  part_to_batch      in batch: phrase -> the N images         (N, P, N)
+#   hierd_clu_cap  part_to_batch      in batch: cluster -> the N captions      (N, K, N)
+#
 # Parts are clusters (K per image) or phrases (P per caption); `mask` (N, K) marks the
 # valid ones. Invalid parts are zeroed before normalising, so whatever the padding
 # holds (even NaN) never reaches a value or a gradient.

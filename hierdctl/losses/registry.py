@@ -1,4 +1,4 @@
-"""Loss terms, recipes and how they are built.
+"""Loss terms, recipes, and computing a recipe's terms: the one table of every term.
 
 A recipe is a YAML file naming weighted loss terms:
 
@@ -9,16 +9,23 @@ A recipe is a YAML file naming weighted loss terms:
       - {name: fd, weight: 2000.0}
       - {name: hierd_clu_img, weight: 1.0, args: {scale: student}}
 
-`TERMS` says, for every term, which loss module computes it and what the rest of the
-pipeline must provide: `Features` fields, cache parts ('global', 'clusters',
-'phrases'), κ scales, and student-wrapper extras:
+`TERMS` is the single source of truth: for every term, the function of `functional`
+that computes it and the `Features` fields it is called with, in order. Everything else
+is derived from those fields: the cache parts a recipe needs, the κ scales and the
+student-wrapper work (`FIELD_NEEDS`), and whether a projector into the teacher's space is
+needed (`*_st` fields). `compute_terms(recipe, features)` checks the fields and calls the
+functions. Validation happens when a recipe is loaded, so a bad file fails before any
+training.
 
-    masked_forward  an extra student image forward with 75% of patches masked (img_s_masked)
-    fusion          Linear([vs‖vt]) / Linear([ts‖tt]) fusion layers (img_fused, txt_fused)
-    patch_tokens    student patch tokens pooled by the teacher's cluster map (clu_s)
-    phrase_forward  the student text tower run on every phrase (phr_s)
+Which space each term works in (features.py explains the two):
 
-Validation happens when a recipe is loaded, so a bad file fails before any training.
+    clip, crd, affinity, afd, hierd_*    the student's own embeddings (*_s)
+    fd, mfd, icl, gd, vrd, xrd           the student projected into the teacher's space (*_st)
+
+Scales. A term whose fields include `scale_s, scale_t` takes a `scale` arg:
+'teacher' (s_T on both sides), 'student' (the student's learned s on its side, s_T on the
+teacher's), or a positive number used on both sides (TinyCLIP's released scripts pin
+50). The default is the term's own (`TermSpec.scale`).
 """
 
 from __future__ import annotations
@@ -29,102 +36,121 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
-from torch import Tensor, nn
+from torch import Tensor
 
 from hierdctl.errors import UserError
-from hierdctl.losses.clip import ClipLoss
-from hierdctl.losses.clipkd import ClipKDLoss
-from hierdctl.losses.cliprd import ClipRDLoss
-from hierdctl.losses.hierd import HieRDLoss, check_scale
-from hierdctl.losses.tinyclip import TinyClipLoss
+from hierdctl.losses import functional as L
+from hierdctl.losses.features import Features
+
+
+def check_scale(scale: object) -> str | None:
+    """None if `scale` is a valid scale argument, else what is wrong with it."""
+    if scale in ("teacher", "student"):
+        return None
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale < float("inf"):
+        return None
+    return f"scale must be 'teacher', 'student' or a positive number, not {scale!r}"
+
+
+def check_gd_form(form: object) -> str | None:
+    return None if form in ("public", "autograd") else f"form must be 'public' or 'autograd', not {form!r}"
+
+
+# How each accepted arg is checked: value -> None if fine, else the problem.
+ARG_CHECKS: dict[str, Callable[[object], str | None]] = {"scale": check_scale, "form": check_gd_form}
 
 
 @dataclass(frozen=True)
 class TermSpec:
-    """What one loss term is computed by and what it needs."""
+    """One loss term: fn(*fields, **args) -> () tensor."""
 
-    module: str  # key of MODULES
+    fn: Callable[..., Tensor]
+    fields: tuple[str, ...]  # Features fields, in fn's argument order; scale_s/scale_t come from `scale`
     summary: str
-    fields: tuple[str, ...]  # Features fields the term reads
-    cache: tuple[str, ...] = ()  # cache parts: 'global', 'clusters', 'phrases'
-    kappa: tuple[str, ...] = ()  # keys of Features.kappa
-    extras: tuple[str, ...] = ()  # student-wrapper extras (see module docstring)
-    args: tuple[str, ...] = ()  # accepted `args` keys
+    scale: str | None = None  # default of the `scale` arg; None: the term takes no scale
+    kwargs: tuple[str, ...] = ()  # other args, passed to fn by keyword
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        return (("scale",) if self.scale else ()) + self.kwargs
 
 
-MODULES: dict[str, type[nn.Module]] = {
-    "clip": ClipLoss,
-    "clipkd": ClipKDLoss,
-    "tinyclip": TinyClipLoss,
-    "cliprd": ClipRDLoss,
-    "hierd": HieRDLoss,
-}
-
-_STUDENT = ("img_s", "txt_s", "logit_scale_s")
-_TEACHER = ("img_t", "txt_t", "logit_scale_t")
+_S = ("img_s", "txt_s")  # the student in its own space
+_ST = ("img_st", "txt_st")  # the student in the teacher's space
+_T = ("img_t", "txt_t")
 _CLU = ("clu_s", "clu_t", "clu_mask")
 _PHR = ("phr_s", "phr_t", "phr_mask")
-_HIERD_SCALE = ("scale",)
+_SCALES = ("scale_s", "scale_t")
 
 TERMS: dict[str, TermSpec] = {
-    "clip": TermSpec("clip", "CLIP contrastive loss on the student", _STUDENT),
-    # --- CLIP-KD
-    "fd": TermSpec("clipkd", "feature distillation, MSE to the teacher embeddings",
-                   ("img_s", "txt_s", "img_t", "txt_t"), ("global",)),
-    "mfd": TermSpec("clipkd", "FD with 75% of the student's image patches masked",
-                    ("img_s_masked", "txt_s", "img_t", "txt_t"), ("global",),
-                    extras=("masked_forward",)),
-    "crd": TermSpec("clipkd", "KL between teacher and student in-batch logits",
-                    _STUDENT + _TEACHER, ("global",)),
-    "icl": TermSpec("clipkd", "InfoNCE with student anchors and teacher contrasts",
-                    ("img_s", "txt_s", "img_t", "txt_t", "kappa"), ("global",), kappa=("x",)),
-    "gd": TermSpec("clipkd", "MSE between teacher and student contrastive-loss gradients",
-                   _STUDENT + _TEACHER, ("global",)),
-    "afd": TermSpec("clipkd", "CLIP loss on student/teacher fused features",
-                    ("img_fused", "txt_fused", "logit_scale_s"), ("global",),
-                    extras=("fusion",)),
-    # --- TinyCLIP
-    "affinity": TermSpec("tinyclip", "soft cross-entropy to the teacher's affinities",
-                         _STUDENT + _TEACHER, ("global",)),
-    # --- CLIP-RD
-    "vrd": TermSpec("cliprd", "vertical (teacher<->student within a modality) relations",
-                    ("img_s", "txt_s", "img_t", "txt_t", "kappa"), ("global",), kappa=("v", "t")),
-    "xrd": TermSpec("cliprd", "cross-modal teacher<->student relation symmetry",
-                    ("img_s", "txt_s", "img_t", "txt_t", "kappa"), ("global",), kappa=("x",)),
-    # --- HieRD (docs/hierd.md). logit_scale_s is listed for scale: student.
-    "hierd_clu_clu": TermSpec("hierd", "per sample: cluster<->cluster relations",
-                              _CLU + ("logit_scale_s", "logit_scale_t"), ("clusters",),
-                              extras=("patch_tokens",), args=_HIERD_SCALE),
-    "hierd_clu_img": TermSpec("hierd", "per sample: image -> its clusters",
-                              _CLU + ("img_s", "img_t", "logit_scale_s", "logit_scale_t"),
-                              ("global", "clusters"), extras=("patch_tokens",),
-                              args=_HIERD_SCALE),
-    "hierd_phr_phr": TermSpec("hierd", "per sample: phrase<->phrase relations",
-                              _PHR + ("logit_scale_s", "logit_scale_t"), ("phrases",),
-                              extras=("phrase_forward",), args=_HIERD_SCALE),
-    "hierd_phr_cap": TermSpec("hierd", "per sample: caption -> its phrases",
-                              _PHR + ("txt_s", "txt_t", "logit_scale_s", "logit_scale_t"),
-                              ("global", "phrases"), extras=("phrase_forward",),
-                              args=_HIERD_SCALE),
-    "hierd_clu_phr": TermSpec("hierd", "per sample: cluster<->phrase affinity, both ways",
-                              _CLU + _PHR + ("logit_scale_s", "logit_scale_t"),
-                              ("clusters", "phrases"),
-                              extras=("patch_tokens", "phrase_forward"), args=_HIERD_SCALE),
-    "hierd_phr_img": TermSpec("hierd", "in batch: phrase -> images",
-                              _PHR + ("img_s", "img_t", "logit_scale_s", "logit_scale_t"),
-                              ("global", "phrases"), extras=("phrase_forward",),
-                              args=_HIERD_SCALE),
-    "hierd_clu_cap": TermSpec("hierd", "in batch: cluster -> captions",
-                              _CLU + ("txt_s", "txt_t", "logit_scale_s", "logit_scale_t"),
-                              ("global", "clusters"), extras=("patch_tokens",),
-                              args=_HIERD_SCALE),
+    # --- the CLIP task loss on the student alone
+    "clip": TermSpec(L.clip_loss, _S + ("scale_s",), "CLIP contrastive loss on the student", scale="student"),
+    # --- CLIP-KD (Yang et al., CVPR 2024), as in the authors' public code, except that MFD
+    # masks for real and AFD's CLIP loss on the fused features uses the student's scale s.
+    "fd": TermSpec(L.fd, _ST + _T, "feature distillation, MSE to the teacher embeddings"),
+    "mfd": TermSpec(L.fd, ("img_st_masked", "txt_st") + _T, "FD with 75% of the student's image patches masked"),
+    "crd": TermSpec(L.crd, _S + _T + _SCALES, "KL between teacher and student in-batch logits", scale="student"),
+    "icl": TermSpec(L.icl, _ST + _T + ("kappa_x",), "InfoNCE with student anchors and teacher contrasts"),
+    "gd": TermSpec(L.gd, _ST + _T + ("logit_scale_s", "logit_scale_t"),
+                   "MSE between teacher and student contrastive-loss gradients", kwargs=("form",)),
+    "afd": TermSpec(L.clip_loss, ("img_fused", "txt_fused", "logit_scale_s"), "CLIP loss on student/teacher fused features"),
+    # --- TinyCLIP (Wu et al., ICCV 2023): mixed with clip by the recipe's weights
+    "affinity": TermSpec(L.affinity, _S + _T + _SCALES, "soft cross-entropy to the teacher's affinities",
+                         scale="student"),
+    # --- CLIP-RD (Chung et al., 2026): κv, κt, κx multiplied in directly, as in the authors' code
+    "vrd": TermSpec(L.vrd, _ST + _T + ("kappa_v", "kappa_t"),
+                    "vertical (teacher<->student within a modality) relations"),
+    "xrd": TermSpec(L.xrd, _ST + _T + ("kappa_x",), "cross-modal teacher<->student relation symmetry"),
+    # --- HieRD (our reconstruction, docs/hierd.md): relational KLs within and across levels
+    "hierd_clu_clu": TermSpec(L.part_relation, _CLU + _SCALES, "per sample: cluster<->cluster relations",
+                              scale="teacher"),
+    "hierd_clu_img": TermSpec(L.part_given_global, _CLU + ("img_s", "img_t") + _SCALES,
+                              "per sample: image -> its clusters", scale="teacher"),
+    "hierd_phr_phr": TermSpec(L.part_relation, _PHR + _SCALES, "per sample: phrase<->phrase relations",
+                              scale="teacher"),
+    "hierd_phr_cap": TermSpec(L.part_given_global, _PHR + ("txt_s", "txt_t") + _SCALES,
+                              "per sample: caption -> its phrases", scale="teacher"),
+    "hierd_clu_phr": TermSpec(L.cluster_phrase, _CLU + _PHR + _SCALES,
+                              "per sample: cluster<->phrase affinity, both ways", scale="teacher"),
+    "hierd_phr_img": TermSpec(L.part_to_batch, _PHR + ("img_s", "img_t") + _SCALES, "in batch: phrase -> images",
+                              scale="teacher"),
+    "hierd_clu_cap": TermSpec(L.part_to_batch, _CLU + ("txt_s", "txt_t") + _SCALES, "in batch: cluster -> captions",
+                              scale="teacher"),
 }  # fmt: skip
 
-# How each accepted arg is checked: value -> None if fine, else the problem.
-ARG_CHECKS = {"scale": check_scale}
+# What a field costs the rest of the pipeline: (cache part, student-wrapper work).
+#   masked_forward  an extra student image forward with 75% of patches masked
+#   fusion          Linear([vs‖vt]) / Linear([ts‖tt]) fusion layers
+#   patch_tokens    student patch tokens pooled by the teacher's cluster map
+#   phrase_forward  the student text tower run on every phrase
+# The `*_st` fields (PROJECTED) also need Linear(D_s, D_t) projectors when the widths differ.
+FIELD_NEEDS: dict[str, tuple[str | None, str | None]] = {
+    "img_s": (None, None), "txt_s": (None, None), "logit_scale_s": (None, None),
+    "img_st": (None, None), "txt_st": (None, None),
+    "img_st_masked": (None, "masked_forward"),
+    "img_fused": ("global", "fusion"), "txt_fused": ("global", "fusion"),
+    "clu_s": ("clusters", "patch_tokens"), "clu_st": ("clusters", "patch_tokens"),
+    "phr_s": ("phrases", "phrase_forward"), "phr_st": ("phrases", "phrase_forward"),
+    "kappa_x": (None, None), "kappa_v": (None, None), "kappa_t": (None, None),
+    "img_t": ("global", None), "txt_t": ("global", None), "logit_scale_t": ("global", None),
+    "clu_t": ("clusters", None), "clu_mask": ("clusters", None),
+    "phr_t": ("phrases", None), "phr_mask": ("phrases", None),
+}  # fmt: skip
+PROJECTED = ("img_st", "txt_st", "img_st_masked", "clu_st", "phr_st")
+KAPPA_FIELDS = {"kappa_x": "x", "kappa_v": "v", "kappa_t": "t"}
+
+
+def _scale_fields(scale: object) -> tuple[str | float, str | float]:
+    """(student-side, teacher-side) field names or constants for a `scale` arg."""
+    if scale == "teacher":
+        return "logit_scale_t", "logit_scale_t"
+    if scale == "student":
+        return "logit_scale_s", "logit_scale_t"
+    return float(scale), float(scale)
 
 
 # --- recipes -----------------------------------------------------------------------
@@ -140,8 +166,26 @@ class Term:
 
     @property
     def key(self) -> str:
-        """The key of this term in a loss module's output dict."""
+        """The key of this term in compute_terms' output dict."""
         return f"{self.name}_loss"
+
+    @property
+    def spec(self) -> TermSpec:
+        return TERMS[self.name]
+
+    def inputs(self) -> tuple[str | float, ...]:
+        """The Features fields (or constant scales) this term is called with, in order."""
+        spec = self.spec
+        scale = _scale_fields(self.args.get("scale", spec.scale)) if spec.scale else None
+        out = []
+        for name in spec.fields:
+            if name == "scale_s":
+                out.append(scale[0])
+            elif name == "scale_t":
+                out.append(scale[1])
+            else:
+                out.append(name)
+        return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -150,34 +194,33 @@ class Recipe:
     terms: tuple[Term, ...]
     description: str = ""
 
-    def _union(self, attr: str) -> tuple[str, ...]:
-        """Ordered union of one TermSpec attribute over the recipe's terms."""
-        seen = dict.fromkeys(x for t in self.terms for x in getattr(TERMS[t.name], attr))
-        return tuple(seen)
-
-    @property
-    def term_names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.terms)
-
     @property
     def fields(self) -> tuple[str, ...]:
-        """Features fields some term reads ('kappa' means the dict; see kappa_keys)."""
-        return self._union("fields")
+        """Features fields some term reads, in order of first use."""
+        return tuple(dict.fromkeys(x for t in self.terms for x in t.inputs() if isinstance(x, str)))
+
+    def _needs(self, which: int) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(n for f in self.fields if (n := FIELD_NEEDS[f][which]) is not None))
 
     @property
     def cache_parts(self) -> tuple[str, ...]:
         """Cache parts needed: subset of ('global', 'clusters', 'phrases'); empty = no teacher."""
-        return self._union("cache")
+        return self._needs(0)
+
+    @property
+    def extras(self) -> tuple[str, ...]:
+        """Student-wrapper work: masked_forward, fusion, patch_tokens, phrase_forward."""
+        return self._needs(1)
+
+    @property
+    def teacher_space(self) -> bool:
+        """Some term compares student vectors with teacher vectors (projectors if widths differ)."""
+        return any(f in PROJECTED for f in self.fields)
 
     @property
     def kappa_keys(self) -> tuple[str, ...]:
         """Learnable relational scales the student wrapper must create: subset of x, v, t."""
-        return self._union("kappa")
-
-    @property
-    def extras(self) -> tuple[str, ...]:
-        """Student-wrapper extras: masked_forward, fusion, patch_tokens, phrase_forward."""
-        return self._union("extras")
+        return tuple(KAPPA_FIELDS[f] for f in self.fields if f in KAPPA_FIELDS)
 
     @property
     def needs_teacher(self) -> bool:
@@ -318,34 +361,26 @@ def list_recipes() -> list[tuple[str, str]]:
     return [(name, load_recipe(name).description) for name in _shipped_names()]
 
 
-# --- building and combining ----------------------------------------------------------
+# --- computing a recipe's terms --------------------------------------------------------
 
 
-def build_losses(recipe: Recipe) -> list[nn.Module]:
-    """One loss module per method the recipe draws on, each built with just its terms.
-
-    Term args are passed per arg name: {arg: {term: value}} (e.g. HieRDLoss(scale=…)).
-    Call each module on the step's Features and merge the dicts.
-    """
-    groups: dict[str, list[Term]] = {}
+def compute_terms(recipe: Recipe, f: Features) -> dict[str, Tensor]:
+    """{'<term>_loss': unweighted () tensor} for every term of the recipe, on one Features."""
+    out = {}
     for term in recipe.terms:
-        groups.setdefault(TERMS[term.name].module, []).append(term)
-
-    modules = []
-    for module, terms in groups.items():
-        kwargs: dict[str, dict[str, object]] = {}
-        for term in terms:
-            for arg, value in term.args.items():
-                kwargs.setdefault(arg, {})[term.name] = value
-        modules.append(MODULES[module](terms=[t.name for t in terms], **kwargs))
-    return modules
+        inputs = term.inputs()
+        missing = [x for x in inputs if isinstance(x, str) and getattr(f, x) is None]
+        assert not missing, f"{term.name} needs feature(s) {missing} that this step did not provide"
+        values = [getattr(f, x) if isinstance(x, str) else x for x in inputs]
+        kwargs = {k: term.args[k] for k in term.spec.kwargs if k in term.args}
+        out[term.key] = term.spec.fn(*values, **kwargs)
+    return out
 
 
 def weighted_total(terms: dict[str, Tensor], recipe: Recipe) -> Tensor:
-    """Σ weight · term over the recipe's terms. `terms`: merged module outputs ('<name>_loss')."""
+    """Σ weight · term over the recipe's terms. `terms`: compute_terms' output ('<name>_loss')."""
     missing = [t.key for t in recipe.terms if t.key not in terms]
-    if missing:
-        raise KeyError(f"loss terms {missing} were not computed; build them with build_losses(recipe)")
+    assert not missing, f"loss terms {missing} were not computed"
     total = torch.zeros((), device=terms[recipe.terms[0].key].device)
     for term in recipe.terms:
         total = total + term.weight * terms[term.key]
