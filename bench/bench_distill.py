@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from hierdctl import dist as D
+    from hierdctl import distributed
     from hierdctl import cache_format
     from hierdctl.losses.registry import load_recipe
     from hierdctl.scenes import ScenesConfig
@@ -152,8 +152,8 @@ def main(argv=None) -> int:
     log(f"cache: {len(shards)} shards, teacher {args.teacher} at {t_size} px")
 
     # --- (a), (b): hierdctl's training step on a batch held in memory -------------------
-    env = D.resolve()
-    device = D.resolve_device(args.device, env)
+    env = distributed.resolve()
+    device = distributed.resolve_device(args.device, env)
     trainers, batches = {}, {}
     for name in recipes:
         cfg = S.resolve_config(dict(cache=str(cache_dir), student=student_spec, recipe=name, out=str(work / "unused"),

@@ -2,20 +2,30 @@
 
 A file is written under a temporary name in its own folder, flushed, fsync'd and renamed
 into place, so a reader (or a resumed run) sees either the previous file or the complete
-new one, never a torn one; a kill at any moment leaves at most a `*.tmp*` leftover that
-the next run may delete. A folder (export DIR, eval-retrieval --save-index DIR) is filled
-under a temporary sibling name and renamed into place the same way (`publish_dir`).
-Folders are only ever replaced when hierdctl wrote them (`check_dir_target`).
+new one, never a torn one; a kill at any moment leaves at most a `*.tmpPID` leftover that
+the next run may delete (`is_leftover`). A full disk is one clear message (`DiskFull`)
+and the partial file is removed. A folder (export DIR, eval-retrieval --save-index DIR)
+is filled under a temporary sibling name and renamed into place the same way
+(`publish_dir`); folders are only ever replaced when hierdctl wrote them
+(`check_dir_target`). An output folder has one writer at a time (`FolderLock`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import hashlib
 import io
 import json
 import os
+import re
 import shutil
+import socket
 import tarfile
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -26,40 +36,197 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(path.name + f".tmp{os.getpid()}")
 
 
+_LEFTOVER = re.compile(r"\.tmp\d+$")
+
+
+def is_leftover(name: str) -> bool:
+    """A temporary file of an atomic write that a killed process left behind."""
+    return bool(_LEFTOVER.search(name))
+
+
+class DiskFull(UserError):
+    """The device ran out of space (or quota) during an atomic write; nothing was replaced."""
+
+
+@contextlib.contextmanager
+def _no_space_guard(path: Path, tmp: Path, needed: int | None):
+    """Turn ENOSPC/EDQUOT during a write into one clear message; remove the partial file."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        tmp.unlink(missing_ok=True)
+        try:
+            free = shutil.disk_usage(path.parent).free
+        except OSError:
+            free = -1
+        need = f"{_size(needed)} for this file, " if needed else ""
+        raise DiskFull(f"no space left on the device of {path.parent} while writing {path.name} ({need}"
+                       f"{_size(free)} free); free some space and rerun the same command: finished work is kept",
+                       str(path.parent)) from None
+
+
+def _size(n: int | None) -> str:
+    if n is None or n < 0:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     path = Path(path)
     tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with _no_space_guard(path, tmp, len(data)):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
-
 def write_json_atomic(path: Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
-def write_tar_atomic(path: Path, members: list[tuple[str, bytes]]) -> int:
-    """Write a tar under a temporary name, fsync, rename. Deterministic headers. Returns bytes."""
+class _HashingWriter(io.RawIOBase):
+    """A write-only file that feeds every byte to sha256 on its way to `f`."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.n = f, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.sha.update(b)
+        self.n += len(b)
+        return self.f.write(b)
+
+    def tell(self) -> int:  # tarfile asks where it is; a fresh file holds what was written
+        return self.n
+
+
+@dataclass(frozen=True)
+class Written:
+    bytes: int
+    sha256: str
+
+
+def write_tar_atomic(path: Path, members: list[tuple[str, bytes]]) -> Written:
+    """Write a tar under a temporary name, fsync, rename. Deterministic headers (USTAR, mtime 0,
+    owner 'hierdctl'). Returns its size and the sha256 of its bytes, computed while writing."""
     path = Path(path)
     tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-            for name, data in members:
-                info = tarfile.TarInfo(name)
-                info.size, info.mtime, info.mode = len(data), 0, 0o644
-                info.uname = info.gname = "hierdctl"
-                tf.addfile(info, io.BytesIO(data))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path.stat().st_size
+    with _no_space_guard(path, tmp, sum(512 + len(d) for _, d in members)):
+        with open(tmp, "wb") as f:
+            w = _HashingWriter(f)
+            with tarfile.open(fileobj=w, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+                for name, data in members:
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mtime, info.mode = len(data), 0, 0o644
+                    info.uname = info.gname = "hierdctl"
+                    tf.addfile(info, io.BytesIO(data))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    assert w.n == path.stat().st_size, (w.n, path)
+    return Written(w.n, w.sha.hexdigest())
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------
+# One writer per output folder
+# ----------------------------------------------------------------------------------
+
+LOCK_NAME = ".hierdctl.lock"
+
+
+class FolderLock:
+    """An exclusive lock on an output folder: a second writer exits 2 naming the first.
+
+    `fcntl.flock` on FOLDER/.hierdctl.lock, which holds the owner's pid, host and start
+    time. The kernel releases the lock when its process dies, so a lock left by a killed
+    run is taken over (with a message saying so); a clean exit removes the file. Job-array ranks writing disjoint parts of
+    one folder (`part="rank-3-of-16"`) share the folder lock and hold their own part lock
+    exclusively, so a plain run and an array, or two runs of one rank, still exclude each
+    other. flock is per host on some network file systems: the owner's host is recorded."""
+
+    def __init__(self, folder: Path, where: str, part: str | None = None):
+        self.folder, self.where, self.part = Path(folder), where, part
+        self._fds: list[int] = []
+        self.took_over: list[str] = []  # descriptions of dead owners whose locks were taken over
+
+    def __enter__(self) -> "FolderLock":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self._take(self.folder / LOCK_NAME, exclusive=self.part is None)
+            if self.part is not None:
+                self._take(self.folder / f".hierdctl.{self.part}.lock", exclusive=True)
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _take(self, path: Path, exclusive: bool) -> None:
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = _describe_owner(os.pread(fd, 4096, 0))
+                os.close(fd)
+                raise UserError(f"{self.folder} is being written by another hierdctl process ({owner}); wait for "
+                                "it to finish, or use another folder", self.where) from None
+            try:  # the owner before us may have removed the file between our open and our flock
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self._fds.append((fd, path, exclusive))
+        if exclusive:
+            previous = os.pread(fd, 4096, 0)
+            if previous.strip():  # a clean exit removes the file: an owner recorded here died
+                self.took_over.append(_describe_owner(previous))
+            me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, me, 0)
+
+    def release(self) -> None:
+        for fd, path, exclusive in reversed(self._fds):
+            if exclusive:  # removed while still locked: the next writer finds no stale owner
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            os.close(fd)  # closing releases the flock
+        self._fds = []
+
+
+def _describe_owner(raw: bytes) -> str:
+    try:
+        o = json.loads(raw.decode("utf-8"))
+        return f"pid {o['pid']} on host {o['host']}, since {o['started']}"
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return "owner unknown"
 
 
 def _carries_schema(marker: Path, schema: str) -> bool:
@@ -106,7 +273,8 @@ def publish_dir(final: Path, write: Callable[[Path], None], *, marker: str, sche
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     trash: Path | None = None  # holds the previous `final` while the new one moves in
     try:
-        write(tmp)
+        with _no_space_guard(final, tmp / final.name, None):
+            write(tmp)
         # mkdtemp makes the folder private (0700) and safetensors writes 0600 files; an
         # output folder gets the permissions of anything else the user creates.
         mask = os.umask(0)

@@ -1,8 +1,9 @@
 """The command line: an adapter from options to each stage's typed config and `run(config)`.
 
-Only typer and rich are imported at module level, so `hierdctl --help` is instant; each
-command imports its stage (and with it torch) when it runs. A `UserError` anywhere
-becomes one message naming the flag or file, and exit code 2.
+Only typer, rich and hierdctl/configs.py (pure Python) are imported at module level, so
+`hierdctl --help` is instant; each command imports its stage (and with it torch) when it
+runs. Every option's default is read from its config field (`_d`): defaults exist once.
+A `UserError` anywhere becomes one message naming the flag or file, and exit code 2.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import List, Optional
 
 import typer
 
+from .configs import (CacheTeacherConfig, DistillConfig, EvalRetrievalConfig, EvalZeroshotConfig, ExportConfig,
+                      SourceOptions, default, parse_ks, parse_pair, parse_warmup)
 from .errors import UserError
 
 app = typer.Typer(
@@ -39,12 +42,17 @@ def _escape(s: str) -> str:
     return escape(s)
 
 
-def _pair(text: str, flag: str) -> tuple[float, float]:
-    try:
-        a, b = (float(x) for x in text.split(","))
-    except ValueError:
-        raise UserError(f"expected two numbers 'LO,HI', got {text!r}", flag) from None
-    return a, b
+def _d(cls, name: str):
+    """The default of a config field, for an option (so the help shows the stage's own default)."""
+    return default(cls, name)
+
+
+def _pair_text(pair) -> str:
+    return ",".join(f"{x:g}" for x in pair)
+
+
+_CT, _DC, _EX, _ER, _EZ = CacheTeacherConfig, DistillConfig, ExportConfig, EvalRetrievalConfig, EvalZeroshotConfig
+_SRC = SourceOptions()
 
 
 # ----------------------------------------------------------------------------------
@@ -57,47 +65,46 @@ def cache_teacher(
     source: str = typer.Argument(..., help="Shards (data/{00000..00099}.tar, a dir, one .tar), a .csv/.tsv/.jsonl, or a Karpathy .json."),
     out: Path = typer.Option(..., "--out", "-o", help="Output cache directory (resumed if it exists)."),
     teacher: str = typer.Option(..., "--teacher", "-t", help="Model spec: open_clip:ARCH/TAG, open_clip:ARCH/CKPT, open_clip:CFG.json/CKPT, local-dir:PATH, hf:REPO_OR_PATH."),
-    views: int = typer.Option(2, help="Views per image: view 0 is the teacher's eval preprocessing, the rest random crops."),
-    clusters: int = typer.Option(8, help="K clusters of patch tokens per view (0: no clusters)."),
-    cluster_iters: int = typer.Option(10, help="Spherical k-means iterations."),
-    cluster_pos_weight: float = typer.Option(0.0, help="Weight of patch position in clustering (0: features only)."),
-    max_phrases: int = typer.Option(4, help="Noun phrases kept per caption (0: none)."),
-    chunker: str = typer.Option("auto", help="Phrase chunker: auto (spaCy if installed, else TextBlob), spacy, textblob."),
-    store: str = typer.Option("clusters", help="clusters, or tokens (also every patch token and text token feature)."),
-    store_images: bool = typer.Option(True, "--store-images/--no-store-images", help="Keep each original image in the cache (distill reads images from it)."),
-    dtype: str = typer.Option("fp16", help="Storage of float arrays: fp16, fp32 or int8 (per-row scales)."),
-    crop_scale: str = typer.Option("0.9,1.0", help="RandomResizedCrop area range for views ≥ 1."),
-    crop_ratio: str = typer.Option("0.75,1.3333", help="RandomResizedCrop aspect range for views ≥ 1."),
-    flip_p: float = typer.Option(0.5, help="Horizontal-flip probability for views ≥ 1."),
-    seed: int = typer.Option(0, help="Seed of the augmentations (views depend on seed and image bytes only)."),
-    image_col: str = typer.Option("image", help="Tables: the image-path column."),
-    caption_col: str = typer.Option("caption", help="Tables: the caption column."),
-    image_root: Optional[str] = typer.Option(None, help="Karpathy JSON: folder the image paths are relative to."),
-    split: str = typer.Option("test", help="Karpathy JSON: split to read (train, restval, val, test, all)."),
-    rows_per_shard: int = typer.Option(1000, help="Tables / Karpathy JSON: samples per output shard."),
-    max_pixels: int = typer.Option(89_478_485, help="Decompression-bomb limit; larger images are skipped."),
-    batch_size: int = typer.Option(64, help="Images per teacher forward."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    precision: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
-    workers: int = typer.Option(-1, help="DataLoader decoding workers (-1: min(8, cpus-1))."),
-    log_skipped: Optional[Path] = typer.Option(None, help="Write every skipped sample (JSONL) here."),
-    overwrite: bool = typer.Option(False, help="Delete what OUT holds and start over."),
-    rank: Optional[int] = typer.Option(None, help="Job arrays without torchrun: this job's rank."),
-    world_size: Optional[int] = typer.Option(None, help="Job arrays without torchrun: number of jobs."),
-    quiet: bool = typer.Option(False, help="No progress bar."),
+    views: int = typer.Option(_d(_CT, "views"), help="Views per image: view 0 is the teacher's eval preprocessing, the rest random crops."),
+    clusters: int = typer.Option(_d(_CT, "clusters"), help="K clusters of patch tokens per view (0: no clusters)."),
+    cluster_iters: int = typer.Option(_d(_CT, "cluster_iters"), help="Spherical k-means iterations."),
+    cluster_pos_weight: float = typer.Option(_d(_CT, "cluster_pos_weight"), help="Weight of patch position in clustering (0: features only)."),
+    max_phrases: int = typer.Option(_d(_CT, "max_phrases"), help="Noun phrases kept per caption (0: none)."),
+    chunker: str = typer.Option(_d(_CT, "chunker"), help="Phrase chunker: auto (spaCy if installed, else TextBlob), spacy, textblob."),
+    store: str = typer.Option(_d(_CT, "store"), help="clusters, or tokens (also every patch token and text token feature)."),
+    store_images: bool = typer.Option(_d(_CT, "store_images"), "--store-images/--no-store-images", help="Keep each original image in the cache (distill reads images from it)."),
+    dtype: str = typer.Option(_d(_CT, "dtype"), help="Storage of float arrays: fp16, fp32 or int8 (per-row scales)."),
+    crop_scale: str = typer.Option(_pair_text(_d(_CT, "crop_scale")), help="RandomResizedCrop area range for views ≥ 1."),
+    crop_ratio: str = typer.Option(_pair_text(_d(_CT, "crop_ratio")), help="RandomResizedCrop aspect range for views ≥ 1."),
+    flip_p: float = typer.Option(_d(_CT, "flip_p"), help="Horizontal-flip probability for views ≥ 1."),
+    seed: int = typer.Option(_d(_CT, "seed"), help="Seed of the augmentations (views depend on seed and image bytes only)."),
+    image_col: str = typer.Option(_SRC.image_col, help="Tables: the image-path column."),
+    caption_col: str = typer.Option(_SRC.caption_col, help="Tables: the caption column."),
+    image_root: Optional[str] = typer.Option(_SRC.image_root, help="Karpathy JSON: folder the image paths are relative to."),
+    split: str = typer.Option(_SRC.split, help="Karpathy JSON: split to read (train, restval, val, test, all)."),
+    rows_per_shard: int = typer.Option(_SRC.rows_per_unit, help="Tables / Karpathy JSON: samples per output shard."),
+    max_pixels: int = typer.Option(_d(_CT, "max_pixels"), help="Decompression-bomb limit; larger images are skipped."),
+    batch_size: int = typer.Option(_d(_CT, "batch_size"), help="Images per teacher forward."),
+    device: str = typer.Option(_d(_CT, "device"), help="auto, cpu, cuda or cuda:N."),
+    precision: str = typer.Option(_d(_CT, "precision"), help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
+    workers: int = typer.Option(_d(_CT, "workers"), help="DataLoader decoding workers (-1: min(8, cpus-1))."),
+    log_skipped: Optional[Path] = typer.Option(_d(_CT, "log_skipped"), help="Write every skipped sample (JSONL) here."),
+    overwrite: bool = typer.Option(_d(_CT, "overwrite"), help="Remove what cache-teacher wrote in OUT and start over (never anything else)."),
+    rank: Optional[int] = typer.Option(_d(_CT, "rank"), help="Job arrays without torchrun: this job's rank."),
+    world_size: Optional[int] = typer.Option(_d(_CT, "world_size"), help="Job arrays without torchrun: number of jobs."),
+    quiet: bool = typer.Option(_d(_CT, "quiet"), help="No progress bar."),
 ):
     """Run a frozen teacher over an image–text source and cache its features in WebDataset shards."""
     try:
-        from hierdctl.sources import SourceOptions
-        from hierdctl.stages.cache_teacher import CacheTeacherConfig, run
+        from hierdctl.stages.cache_teacher import run
 
         cfg = CacheTeacherConfig(
             source=source, out=out, teacher=teacher,
             source_options=SourceOptions(image_col, caption_col, image_root, split, rows_per_shard),
             views=views, clusters=clusters, cluster_iters=cluster_iters, cluster_pos_weight=cluster_pos_weight,
             max_phrases=max_phrases, chunker=chunker, store=store, store_images=store_images, dtype=dtype,
-            crop_scale=_pair(crop_scale, "--crop-scale"), crop_ratio=_pair(crop_ratio, "--crop-ratio"), flip_p=flip_p,
-            seed=seed, max_pixels=max_pixels, batch_size=batch_size, device=device, precision=precision,
+            crop_scale=parse_pair(crop_scale, "--crop-scale"), crop_ratio=parse_pair(crop_ratio, "--crop-ratio"),
+            flip_p=flip_p, seed=seed, max_pixels=max_pixels, batch_size=batch_size, device=device, precision=precision,
             workers=workers, log_skipped=log_skipped, overwrite=overwrite, rank=rank, world_size=world_size, quiet=quiet,
         )
         manifest = run(cfg)
@@ -133,8 +140,9 @@ def _print_cache_summary(m: dict, out: Path) -> None:
 def cache_info(
     cache: Path = typer.Argument(..., help="A cache directory written by cache-teacher."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON on stdout."),
+    verify: bool = typer.Option(False, "--verify", help="Re-read every shard and check its size, sample count and sha256 against the manifest (exit 1 on a mismatch)."),
 ):
-    """Show a teacher cache's manifest."""
+    """Show a teacher cache's manifest; --verify checks every shard's bytes."""
     try:
         from .cache_format import MANIFEST_NAME
 
@@ -143,14 +151,44 @@ def cache_info(
             raise UserError(f"{cache} holds no {MANIFEST_NAME}: not a finished hierdctl cache", "CACHE")
         try:
             m = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{p} is not valid JSON ({e})", "CACHE") from None
+        problems = _verify_cache(cache) if verify else None
     except UserError as e:
         _fail(e)
     if as_json:
-        sys.stdout.write(json.dumps(m, indent=2, sort_keys=True) + "\n")
+        sys.stdout.write(json.dumps(m | ({"verify": problems} if verify else {}), indent=2, sort_keys=True) + "\n")
     else:
         _print_cache_summary(m, cache)
+    if verify:
+        from .console import console
+
+        if problems:
+            for line in problems:
+                console.print(f"[bold red]damaged:[/] {_escape(line)}", soft_wrap=True)
+            console.print(f"{len(problems)} problem(s): rerun cache-teacher on {_escape(str(cache))} with the same "
+                          "options to redo the damaged shards", soft_wrap=True)
+            raise typer.Exit(1)
+        console.print(f"verified: every shard of {_escape(str(cache))} matches the manifest", soft_wrap=True)
+
+
+def _verify_cache(cache: Path) -> list[str]:
+    from . import cache_format
+
+    c = cache_format.open_cache(cache)
+    problems = cache_format.verify_digests(c.root, c.manifest["shards"])  # schema 1 recorded no sha256: sizes only
+    for entry in c.shard_entries:
+        path = c.root / entry["name"]
+        if not path.is_file() or any(pr.startswith(entry["name"]) for pr in problems):
+            continue
+        try:
+            n = len(cache_format.index_shard(path))
+        except cache_format.CorruptShard as e:
+            problems.append(str(e))
+            continue
+        if n != entry["samples"]:
+            problems.append(f"{entry['name']}: {n} samples, the manifest recorded {entry['samples']}")
+    return problems
 
 
 # ----------------------------------------------------------------------------------
@@ -160,29 +198,31 @@ def cache_info(
 
 @app.command("distill")
 def distill(
+    ctx: typer.Context,
     cache: Optional[str] = typer.Argument(None, help="A teacher cache written by cache-teacher."),
     student: Optional[str] = typer.Option(None, help="Student: an open_clip architecture (ViT-T-16 ships), open_clip:CFG.json, or any model spec to start from weights."),
     recipe: Optional[str] = typer.Option(None, help="A shipped recipe name (see --list-recipes) or a recipe YAML file."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory (config, metrics, checkpoints, loss curves)."),
-    epochs: Optional[float] = typer.Option(None, help="Epochs over the cache (fractions allowed)."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps (wins over --epochs)."),
-    batch_size: Optional[int] = typer.Option(None, help="Global batch size, over all processes [256]."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate [1e-3]."),
-    warmup: Optional[int] = typer.Option(None, help="Linear warm-up steps before the cosine decay [10000]."),
-    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (not on gains, biases, scales) [0.1]."),
-    grad_clip: Optional[float] = typer.Option(None, help="Gradient-norm clipping [1.0]."),
-    precision: Optional[str] = typer.Option(None, help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
-    seed: Optional[int] = typer.Option(None, help="Seed of initialisation, data order, views and masks [0]."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader workers (-1: automatic)."),
-    save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps [1000]."),
-    log_every: Optional[int] = typer.Option(None, help="Write metrics every N steps [10]."),
-    resume: bool = typer.Option(False, help="Continue the run in --out from its latest checkpoint."),
-    overwrite: bool = typer.Option(False, help="Discard the run in --out and start over."),
+    epochs: Optional[float] = typer.Option(_d(_DC, "epochs"), help="Epochs over the cache (fractions allowed)."),
+    steps: Optional[int] = typer.Option(_d(_DC, "steps"), help="Optimizer steps (wins over --epochs)."),
+    batch_size: int = typer.Option(_d(_DC, "batch_size"), help="Global batch size, over all processes."),
+    lr: float = typer.Option(_d(_DC, "lr"), help="Peak learning rate."),
+    warmup: str = typer.Option(str(_d(_DC, "warmup")), help="Linear warm-up steps before the cosine decay, or auto = min(10000, 10% of the run)."),
+    weight_decay: float = typer.Option(_d(_DC, "weight_decay"), help="AdamW weight decay (not on gains, biases, scales)."),
+    grad_clip: Optional[float] = typer.Option(_d(_DC, "grad_clip"), help="Gradient-norm clipping."),
+    precision: str = typer.Option(_d(_DC, "precision"), help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."),
+    device: str = typer.Option(_d(_DC, "device"), help="auto, cpu, cuda, cuda:N."),
+    seed: int = typer.Option(_d(_DC, "seed"), help="Seed of initialisation, data order, views and masks."),
+    workers: int = typer.Option(_d(_DC, "workers"), help="DataLoader workers (-1: automatic)."),
+    save_every: int = typer.Option(_d(_DC, "save_every"), help="Checkpoint every N steps."),
+    log_every: int = typer.Option(_d(_DC, "log_every"), help="Write metrics every N steps."),
+    report_to: str = typer.Option(_d(_DC, "report_to"), help="none, or tensorboard (every loss term, lr, logit scale and samples/s under RUN_DIR/tensorboard)."),
+    resume: bool = typer.Option(_d(_DC, "resume"), help="Continue the run in --out from its latest checkpoint."),
+    overwrite: bool = typer.Option(_d(_DC, "overwrite"), help="Discard the run in --out (only what distill wrote) and start over."),
     config: Optional[str] = typer.Option(None, help="A YAML file of settings (command-line options win)."),
     set_: List[str] = typer.Option([], "--set", help="key=value override of any setting (repeatable; unknown keys are errors)."),
     list_recipes: bool = typer.Option(False, "--list-recipes", help="List the shipped recipes and exit."),
-    quiet: bool = typer.Option(False, help="No progress bar."),
+    quiet: bool = typer.Option(_d(_DC, "quiet"), help="No progress bar."),
 ):
     """Train a small open_clip student offline from a teacher cache; the teacher is never loaded."""
     if list_recipes:
@@ -197,14 +237,18 @@ def distill(
         console.print(t)
         return
     try:
+        from click.core import ParameterSource
+
         from hierdctl.stages.distill import TrainingDiverged, resolve_config, run
 
-        cli = dict(cache=cache, student=student, recipe=recipe, out=out, epochs=epochs, steps=steps,
-                   batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip,
-                   precision=precision, device=device, seed=seed, workers=workers, save_every=save_every,
-                   log_every=log_every, resume=resume or None, overwrite=overwrite or None, quiet=quiet or None)
-        cfg = resolve_config(cli, config, set_)
-        summary = run(cfg)
+        given = dict(cache=cache, student=student, recipe=recipe, out=out, epochs=epochs, steps=steps,
+                     batch_size=batch_size, lr=lr, warmup=parse_warmup(warmup), weight_decay=weight_decay,
+                     grad_clip=grad_clip, precision=precision, device=device, seed=seed, workers=workers,
+                     save_every=save_every, log_every=log_every, report_to=report_to, resume=resume,
+                     overwrite=overwrite, quiet=quiet)
+        # Only what the command line said overrides --config; the rest are the config's defaults.
+        cli = {k: v for k, v in given.items() if ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
+        summary = run(resolve_config(cli, config, set_))
     except UserError as e:
         _fail(e)
     except TrainingDiverged as e:
@@ -221,8 +265,12 @@ def distill(
     t = Table(title=f"distill {summary['out']}", show_header=False)
     t.add_row("recipe", summary["recipe"])
     t.add_row("steps", f"{summary['steps']:,} (resumed from {summary['resumed_from']:,})" if summary["resumed_from"] else f"{summary['steps']:,}")
+    t.add_row("warm-up", f"{summary['warmup_steps']:,} steps")
     t.add_row("throughput", f"{summary['samples_per_s']:,.1f} samples/s over {summary['seconds']:.1f} s")
     t.add_row("final loss", "  ".join(f"{k} {v:.4g}" for k, v in summary["final"].items()))
+    if summary["skipped_samples"]:
+        t.add_row("skipped samples", f"{summary['skipped_samples']:,} damaged cached samples replaced: "
+                  + _escape("; ".join(summary["skipped_examples"][:3])))
     t.add_row("checkpoint", summary["checkpoint"])
     console.print(t)
 
@@ -231,16 +279,16 @@ def distill(
 def export(
     source: Path = typer.Argument(..., help="A distill run dir (its latest checkpoint), its checkpoints/ folder, or a step-NNNNNNN.safetensors."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written under a temporary name, then renamed into place)."),
-    fmt: str = typer.Option("open_clip", "--format", "-f", help="open_clip (local dir), onnx (image and text graphs), or all."),
-    report: Optional[Path] = typer.Option(None, help="An eval-retrieval / eval-zeroshot report.json whose metrics go into the model card."),
-    opset: int = typer.Option(17, help="ONNX opset."),
-    atol: float = typer.Option(1e-4, help="Largest ONNX-vs-PyTorch difference accepted (normalised embeddings)."),
-    overwrite: bool = typer.Option(False, help="Replace an earlier export in --out."),
-    quiet: bool = typer.Option(False, help="No notes."),
+    fmt: str = typer.Option(_d(_EX, "format"), "--format", "-f", help="open_clip (local dir), onnx (image and text graphs), or all."),
+    report: Optional[Path] = typer.Option(_d(_EX, "report"), help="An eval-retrieval / eval-zeroshot report.json whose metrics go into the model card."),
+    opset: int = typer.Option(_d(_EX, "opset"), help="ONNX opset."),
+    atol: float = typer.Option(_d(_EX, "atol"), help="Largest ONNX-vs-PyTorch difference accepted (normalised embeddings)."),
+    overwrite: bool = typer.Option(_d(_EX, "overwrite"), help="Replace an earlier export in --out."),
+    quiet: bool = typer.Option(_d(_EX, "quiet"), help="No notes."),
 ):
     """Export a trained student as an open_clip local dir (open_clip, CLIP_benchmark, clip-retrieval) and/or ONNX."""
     try:
-        from hierdctl.stages.export import ExportConfig, ExportMismatch, run
+        from hierdctl.stages.export import ExportMismatch, run
 
         summary = run(ExportConfig(source=source, out=out, format=fmt, report=report, opset=opset, atol=atol,
                                    overwrite=overwrite, quiet=quiet))
@@ -265,12 +313,6 @@ def export(
     for g, c in summary["checks"].get("onnx", {}).items():
         t.add_row(f"onnx {g} vs torch", f"max |Δ| {c['max_abs_diff']:.2e} (onnxruntime, batch {c['check_batch']})")
     console.print(t)
-
-
-def _source_options(image_col: str, caption_col: str, image_root: Optional[str], split: str):
-    from hierdctl.sources import SourceOptions
-
-    return SourceOptions(image_col, caption_col, image_root, split)
 
 
 def _print_eval_table(report: dict) -> None:
@@ -308,30 +350,30 @@ def _print_eval_table(report: dict) -> None:
 def eval_retrieval(
     source: str = typer.Argument(..., help="Shards, a dir of shards, a .csv/.tsv/.jsonl, or a Karpathy .json (COCO, Flickr30k)."),
     model: List[str] = typer.Option(..., "--model", "-m", help="Model spec (repeatable); the first is the reference for retention %."),
-    k: str = typer.Option("1,5,10", "--k", help="Comma-separated K of recall@K."),
-    batch_size: int = typer.Option(64, help="Images / captions per forward."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (FAISS uses a GPU whenever faiss-gpu sees one)."),
-    index: str = typer.Option("flat", help="flat (exact IndexFlatIP), ivf or hnsw (approximate, labelled so)."),
-    nprobe: Optional[int] = typer.Option(None, help="With --index ivf: lists probed per query (default nlist/8)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the JSON report here."),
-    save_index: Optional[Path] = typer.Option(None, help="Keep each model's embeddings and FAISS indexes in this folder."),
-    overwrite: bool = typer.Option(False, help="Replace an earlier --save-index folder."),
-    image_col: str = typer.Option("image", help="Tables: the image-path column."),
-    caption_col: str = typer.Option("caption", help="Tables: the caption column."),
-    image_root: Optional[str] = typer.Option(None, help="Karpathy JSON: folder the image paths are relative to."),
-    split: str = typer.Option("test", help="Karpathy JSON: split to read (train, restval, val, test, all)."),
-    max_pixels: int = typer.Option(89_478_485, help="Decompression-bomb limit; larger images are skipped."),
-    workers: int = typer.Option(4, help="Image-decoding threads (0: decode in the main thread)."),
+    k: str = typer.Option(",".join(map(str, _d(_ER, "ks"))), "--k", help="Comma-separated K of recall@K."),
+    batch_size: int = typer.Option(_d(_ER, "batch_size"), help="Images / captions per forward."),
+    device: str = typer.Option(_d(_ER, "device"), help="auto, cpu, cuda or cuda:N (FAISS uses a GPU whenever faiss-gpu sees one)."),
+    index: str = typer.Option(_d(_ER, "index"), help="flat (exact IndexFlatIP), ivf or hnsw (approximate, labelled so)."),
+    nprobe: Optional[int] = typer.Option(_d(_ER, "nprobe"), help="With --index ivf: lists probed per query (default nlist/8)."),
+    out: Optional[Path] = typer.Option(_d(_ER, "out"), "--out", "-o", help="Write the JSON report here."),
+    save_index: Optional[Path] = typer.Option(_d(_ER, "save_index"), help="Keep each model's embeddings and FAISS indexes in this folder."),
+    overwrite: bool = typer.Option(_d(_ER, "overwrite"), help="Replace an earlier --save-index folder."),
+    image_col: str = typer.Option(_SRC.image_col, help="Tables: the image-path column."),
+    caption_col: str = typer.Option(_SRC.caption_col, help="Tables: the caption column."),
+    image_root: Optional[str] = typer.Option(_SRC.image_root, help="Karpathy JSON: folder the image paths are relative to."),
+    split: str = typer.Option(_SRC.split, help="Karpathy JSON: split to read (train, restval, val, test, all)."),
+    max_pixels: int = typer.Option(_d(_ER, "max_pixels"), help="Decompression-bomb limit; larger images are skipped."),
+    workers: int = typer.Option(_d(_ER, "workers"), help="Image-decoding threads (0: decode in the main thread)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
-    quiet: bool = typer.Option(False, help="No progress bar."),
+    quiet: bool = typer.Option(_d(_ER, "quiet"), help="No progress bar."),
 ):
     """Image↔text recall@K (CLIP_benchmark's metrics) with a FAISS index; hard-negative accuracy where the data has them."""
     try:
-        from hierdctl.stages.eval_retrieval import EvalRetrievalConfig, parse_ks, run
+        from hierdctl.stages.eval_retrieval import run
 
         cfg = EvalRetrievalConfig(source=source, models=list(model), ks=parse_ks(k), batch_size=batch_size, device=device,
                                   index=index, nprobe=nprobe, out=out, save_index=save_index, overwrite=overwrite,
-                                  source_options=_source_options(image_col, caption_col, image_root, split),
+                                  source_options=SourceOptions(image_col, caption_col, image_root, split),
                                   max_pixels=max_pixels, workers=workers, quiet=quiet)
         report = run(cfg)
     except UserError as e:
@@ -351,20 +393,20 @@ def _emit_report(report: dict, json_out: bool) -> None:
 def eval_zeroshot(
     source: str = typer.Argument(..., help="A class-per-folder tree (ROOT/<class>/<image>) or WebDataset shards with a class field."),
     model: List[str] = typer.Option(..., "--model", "-m", help="Model spec (repeatable); the first is the reference for retention %."),
-    classnames: str = typer.Option("imagenet", help="imagenet (open_clip's), folders (the folder names), or a file (.json list or one name a line)."),
-    templates: str = typer.Option("openai", help="openai (open_clip's 80 ImageNet prompts), simple, or a file of prompts with {c}."),
-    class_field: str = typer.Option("cls", help="Shards: the member (KEY.cls) or .json field holding the class index."),
-    batch_size: int = typer.Option(64, help="Images / prompts per forward."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the JSON report here."),
-    max_pixels: int = typer.Option(89_478_485, help="Decompression-bomb limit; larger images are skipped."),
-    workers: int = typer.Option(4, help="Image-decoding threads (0: decode in the main thread)."),
+    classnames: str = typer.Option(_d(_EZ, "classnames"), help="imagenet (open_clip's), folders (the folder names), or a file (.json list or one name a line)."),
+    templates: str = typer.Option(_d(_EZ, "templates"), help="openai (open_clip's 80 ImageNet prompts), simple, or a file of prompts with {c}."),
+    class_field: str = typer.Option(_d(_EZ, "class_field"), help="Shards: the member (KEY.cls) or .json field holding the class index."),
+    batch_size: int = typer.Option(_d(_EZ, "batch_size"), help="Images / prompts per forward."),
+    device: str = typer.Option(_d(_EZ, "device"), help="auto, cpu, cuda or cuda:N."),
+    out: Optional[Path] = typer.Option(_d(_EZ, "out"), "--out", "-o", help="Write the JSON report here."),
+    max_pixels: int = typer.Option(_d(_EZ, "max_pixels"), help="Decompression-bomb limit; larger images are skipped."),
+    workers: int = typer.Option(_d(_EZ, "workers"), help="Image-decoding threads (0: decode in the main thread)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
-    quiet: bool = typer.Option(False, help="No progress bar."),
+    quiet: bool = typer.Option(_d(_EZ, "quiet"), help="No progress bar."),
 ):
     """Zero-shot classification: top-1, top-5 and mean per-class recall (CLIP_benchmark's names)."""
     try:
-        from hierdctl.stages.eval_zeroshot import EvalZeroshotConfig, run
+        from hierdctl.stages.eval_zeroshot import run
 
         report = run(EvalZeroshotConfig(source=source, models=list(model), classnames=classnames, templates=templates,
                                         class_field=class_field, batch_size=batch_size, device=device, out=out,
@@ -397,7 +439,7 @@ def scenes(
                            shard_size=shard_size, seed=seed, min_objects=min_objects, max_objects=max_objects,
                            captions_per_image=captions_per_image, negatives_per_kind=negatives_per_kind,
                            fashion_path=fashion_path)
-        summary = run(cfg.validate())
+        summary = run(cfg)
     except UserError as e:
         _fail(e)
     from .console import console

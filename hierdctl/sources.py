@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from .configs import SourceOptions  # noqa: F401 (part of this module's interface)
 from .errors import UserError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -51,13 +52,6 @@ class Unit:
     label: str  # the input shard path, or "rows a..b of file"
 
 
-@dataclass
-class SourceOptions:
-    image_col: str = "image"
-    caption_col: str = "caption"
-    image_root: str | None = None  # Karpathy JSON; tables resolve paths against their own folder
-    split: str = "test"  # Karpathy JSON
-    rows_per_unit: int = 1000  # tables and Karpathy JSON
 
 
 def _clean_captions(raw) -> tuple[list[str], str | None]:

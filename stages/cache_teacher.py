@@ -17,89 +17,20 @@ and k-means on the device, and writes each unit's shard once its last sample is 
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from hierdctl import __version__
-from hierdctl import dist as D
-from hierdctl import atomic, cache_format
-from hierdctl.console import progress
-from hierdctl.errors import UserError, require
-from hierdctl.sources import SourceOptions, open_source
-
-
-@dataclass
-class CacheTeacherConfig:
-    source: str
-    out: Path
-    teacher: str
-    source_options: SourceOptions = field(default_factory=SourceOptions)
-    views: int = 2
-    clusters: int = 8
-    cluster_iters: int = 10
-    cluster_pos_weight: float = 0.0
-    max_phrases: int = 4
-    chunker: str = "auto"
-    store: str = "clusters"  # "clusters" | "tokens"
-    store_images: bool = True
-    dtype: str = "fp16"
-    crop_scale: tuple[float, float] = (0.9, 1.0)  # open_clip's training default
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.5
-    seed: int = 0
-    max_pixels: int = 89_478_485
-    batch_size: int = 64
-    device: str = "auto"
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast on GPU)
-    workers: int = -1  # -1: min(8, cpus - 1)
-    log_skipped: Path | None = None
-    overwrite: bool = False
-    rank: int | None = None
-    world_size: int | None = None
-    quiet: bool = False
-
-    def validate(self) -> None:
-        require(self.views >= 1, "must be at least 1", "--views")
-        require(0 <= self.clusters <= 255, "must be within 0..255 (assignments are uint8)", "--clusters")
-        require(self.cluster_iters >= 1, "must be at least 1", "--cluster-iters")
-        require(self.cluster_pos_weight >= 0, "must be ≥ 0", "--cluster-pos-weight")
-        require(0 <= self.max_phrases <= 64, "must be within 0..64", "--max-phrases")
-        require(self.store in ("clusters", "tokens"), "must be 'clusters' or 'tokens'", "--store")
-        require(self.dtype in cache_format.STORE_DTYPES, f"must be one of {', '.join(cache_format.STORE_DTYPES)}", "--dtype")
-        require(0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "must be 0 < lo ≤ hi ≤ 1", "--crop-scale")
-        require(0 < self.crop_ratio[0] <= self.crop_ratio[1], "must be 0 < lo ≤ hi", "--crop-ratio")
-        require(0 <= self.flip_p <= 1, "must be within [0, 1]", "--flip-p")
-        require(self.batch_size >= 1, "must be at least 1", "--batch-size")
-        require(self.precision in ("auto", "fp32", "bf16", "fp16"), "must be auto, fp32, bf16 or fp16", "--precision")
-        require(self.max_pixels > 0, "must be positive", "--max-pixels")
-        require(self.source_options.rows_per_unit >= 1, "must be at least 1", "--rows-per-shard")
-        if self.out.exists() and not self.out.is_dir():
-            raise UserError(f"{self.out} exists and is not a directory", "--out")
-
-    def identity(self) -> dict:
-        """Everything that decides the cache's bytes; a rerun must match it to resume."""
-        o = self.source_options
-        return {
-            "source": self.source,
-            "source_options": {"image_col": o.image_col, "caption_col": o.caption_col, "split": o.split,
-                               "image_root": o.image_root, "rows_per_unit": o.rows_per_unit},
-            "teacher": self.teacher,
-            "views": self.views,
-            "clusters": {"k": self.clusters, "iters": self.cluster_iters, "pos_weight": self.cluster_pos_weight,
-                         "algorithm": "spherical-kmeans/farthest-point-seeding"},
-            "phrases": {"max_phrases": self.max_phrases, "chunker": self.chunker},
-            "store": self.store,
-            "store_images": self.store_images,
-            "dtype": self.dtype,
-            "augment": {"crop_scale": list(self.crop_scale), "crop_ratio": list(self.crop_ratio), "flip_p": self.flip_p},
-            "seed": self.seed,
-            "max_pixels": self.max_pixels,
-        }
+from hierdctl import __version__, atomic, cache_format, distributed
+from hierdctl.configs import CacheTeacherConfig
+from hierdctl.console import console, progress
+from hierdctl.errors import UserError
+from hierdctl.sources import open_source
 
 
 # ----------------------------------------------------------------------------------
@@ -115,7 +46,6 @@ class _UnitStream:
         self.enc_info, self.eval_transform, self.tokenize = enc_info, eval_transform, tokenize
 
     def __iter__(self):
-        import torch
         from torch.utils.data import get_worker_info
 
         from hierdctl.images import BadImage, apply_view, decode_rgb, sample_views
@@ -179,8 +109,6 @@ def _identity_collate(x):
 
 class _Teacher:
     def __init__(self, enc, cfg: CacheTeacherConfig, device: str):
-        import torch
-
         self.enc, self.cfg, self.device = enc, cfg, device
         self.want_patches = cfg.clusters > 0 or cfg.store == "tokens"
         if self.want_patches and enc.patch_grid is None:
@@ -196,17 +124,12 @@ class _Teacher:
 
     def _autocast(self):
         import contextlib
-
-        import torch
-
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.split(":")[0], dtype=self.autocast_dtype)
 
     def text(self, tokens):
         """(T,L) tokens -> (T,D) embeddings and optionally token features, in chunks."""
-        import torch
-
         embs, toks = [], []
         for i in range(0, tokens.shape[0], 512):
             with torch.no_grad(), self._autocast():
@@ -218,8 +141,6 @@ class _Teacher:
 
     def process(self, items: list[dict]) -> list[dict]:
         """Teacher features for a batch of worker items -> per-item arrays (float32 numpy)."""
-        import torch
-
         from hierdctl.cluster import pool_clusters, spherical_kmeans
 
         cfg, V, K = self.cfg, self.cfg.views, self.cfg.clusters
@@ -261,33 +182,40 @@ class _Teacher:
                 pm = np.zeros((C, P), np.uint8)
                 for c, ps in enumerate(meta["phrases"]):
                     n = len(ps)
-                    pe[c, :n] = phr_emb[p0 : p0 + n]
-                    pm[c, :n] = 1
-                    p0 += n
+                    if n:  # a batch whose captions yield no phrase at all has phr_emb None
+                        pe[c, :n] = phr_emb[p0 : p0 + n]
+                        pm[c, :n] = 1
+                        p0 += n
                 arrays["phr_emb"], arrays["phr_mask"] = pe, pm
             results.append({"unit": it["unit"], "pos": it["pos"], "meta": meta, "image": it["image"], "arrays": arrays})
         assert c0 == txt_emb.shape[0], (c0, txt_emb.shape)
         return results
 
 
-def _prepare_out(cfg: CacheTeacherConfig, identity: dict, env: D.DistEnv) -> None:
-    """Create OUT, or check that it holds a cache of this very configuration."""
-    out = cfg.out
+def _prepare_out(cfg: CacheTeacherConfig, identity: dict, env: distributed.DistEnv) -> list[str]:
+    """Create OUT, or check that it holds a cache of this very configuration. Returns notes.
+
+    A non-empty OUT must be a hierdctl cache (cache-config.json with the format name):
+    another tool's files are never written over, and --overwrite removes only what
+    cache-teacher wrote (cache_format.clear)."""
+    out, notes = cfg.out, []
     cpath = out / cache_format.CONFIG_NAME
+    config = {"format": cache_format.FORMAT_NAME, "schema_version": cache_format.SCHEMA_VERSION, "config": identity}
     if env.is_main:
-        if cfg.overwrite and out.exists():
-            for p in out.iterdir():
-                if p.name.startswith("shard-") or p.name in (cache_format.CONFIG_NAME, cache_format.MANIFEST_NAME):
-                    p.unlink()
+        others = [p for p in out.iterdir() if not p.name.startswith(".hierdctl.")] if out.is_dir() else []
+        if others and not cache_format.is_cache_dir(out):
+            raise UserError(f"{out} is not empty and is not a hierdctl teacher cache (no {cache_format.CONFIG_NAME} "
+                            f"with format {cache_format.FORMAT_NAME!r}); pick a new or empty folder", "--out")
+        if cfg.overwrite and others:
+            removed = cache_format.clear(out)
+            notes.append(f"--overwrite: removed the earlier cache's {len(removed)} files")
         out.mkdir(parents=True, exist_ok=True)
         if not cpath.exists():
-            atomic.write_json_atomic(cpath, {"format": cache_format.FORMAT_NAME, "schema_version": cache_format.SCHEMA_VERSION,
-                                             "config": identity})
-    D.barrier(env)
+            atomic.write_json_atomic(cpath, config)
+    distributed.barrier(env)
     if not cpath.exists():  # a job-array rank that started before rank 0
         out.mkdir(parents=True, exist_ok=True)
-        atomic.write_json_atomic(cpath, {"format": cache_format.FORMAT_NAME, "schema_version": cache_format.SCHEMA_VERSION,
-                                         "config": identity})
+        atomic.write_json_atomic(cpath, config)
     have = json.loads(cpath.read_text())
     if have.get("schema_version") != cache_format.SCHEMA_VERSION:
         raise UserError(f"{out} holds a cache of schema version {have.get('schema_version')}; use --overwrite", "--out")
@@ -297,6 +225,7 @@ def _prepare_out(cfg: CacheTeacherConfig, identity: dict, env: D.DistEnv) -> Non
         detail = "; ".join(f"{k}: cache has {old.get(k)!r}, this run {identity.get(k)!r}" for k in diff[:4])
         raise UserError(f"{out} holds a cache made with another configuration ({detail}). "
                         "Use another --out, or --overwrite to start over", "--out")
+    return notes
 
 
 def _finish_unit(cfg, index: int, label: str, records: list[dict], skips: list[dict]) -> dict:
@@ -304,7 +233,7 @@ def _finish_unit(cfg, index: int, label: str, records: list[dict], skips: list[d
     for r in sorted(records, key=lambda r: r["pos"]):
         key = cache_format.sample_key(index, r["pos"])
         members += cache_format.encode_sample(key, r["meta"], r["image"], r["arrays"], cfg.dtype)
-    nbytes = atomic.write_tar_atomic(cfg.out / cache_format.shard_name(index), members)
+    written = atomic.write_tar_atomic(cfg.out / cache_format.shard_name(index), members)
     stats = {
         "index": index,
         "name": cache_format.shard_name(index),
@@ -315,23 +244,45 @@ def _finish_unit(cfg, index: int, label: str, records: list[dict], skips: list[d
         "skipped": dict(collections.Counter(s["reason"] for s in skips)),
         "skipped_samples": skips,
         "converted": dict(collections.Counter(r["meta"]["converted_from"] for r in records if r["meta"]["converted_from"])),
-        "bytes": nbytes,
+        "bytes": written.bytes,
+        "sha256": written.sha256,
     }
     atomic.write_json_atomic(cfg.out / cache_format.done_name(index), stats)  # the done-marker, last
     return stats
 
 
 def _done_stats(out: Path, index: int) -> dict | None:
-    """A unit's stats if it finished (done-marker present and its shard intact)."""
+    """A unit's stats if it finished (done-marker present and its shard of the recorded size)."""
     p = out / cache_format.done_name(index)
     if not p.exists():
         return None
     try:
         st = json.loads(p.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return None
     shard = out / cache_format.shard_name(index)
     return st if shard.exists() and shard.stat().st_size == st.get("bytes") else None
+
+
+def _verified_stats(out: Path, index: int) -> tuple[dict | None, str | None]:
+    """(stats, None) for a finished unit whose shard still has the bytes written (size, sample
+    count and sha256 re-checked); (None, why) for one to redo; (None, None) if never finished."""
+    p = out / cache_format.done_name(index)
+    if not p.exists():
+        return None, None
+    st = _done_stats(out, index)
+    if st is None:
+        return None, "its shard is missing or has another size than recorded"
+    shard = out / cache_format.shard_name(index)
+    if cache_format.verify_digests(out, [st]):
+        return None, "its bytes changed since they were written (sha256)"
+    try:
+        n = len(cache_format.index_shard(shard))
+    except cache_format.CorruptShard as e:
+        return None, str(e)
+    if n != st["samples"]:
+        return None, f"it holds {n} samples, {st['samples']} were written"
+    return st, None
 
 
 def _write_manifest(cfg, identity, teacher_info, source, started: float) -> dict:
@@ -362,7 +313,8 @@ def _write_manifest(cfg, identity, teacher_info, source, started: float) -> dict
         "shards_total": len(source.units),
         "shards_done": len(done),
         "complete": len(done) == len(source.units),
-        "shards": [{k: s[k] for k in ("name", "label", "samples", "captions", "bytes", "skipped")} for s in done],
+        "shards": [{k: s.get(k) for k in ("name", "label", "samples", "captions", "bytes", "sha256", "skipped")}
+                   for s in done],
         "wall_seconds_last_run": round(time.time() - started, 3),
     }
     atomic.write_json_atomic(cfg.out / cache_format.MANIFEST_NAME, manifest)
@@ -376,103 +328,130 @@ def _write_manifest(cfg, identity, teacher_info, source, started: float) -> dict
 
 def run(cfg: CacheTeacherConfig) -> dict:
     """Cache the teacher's features for `cfg.source` into `cfg.out`. Returns the manifest."""
+    cfg.validate()
+    started = time.time()
+    env = distributed.resolve(cfg.rank, cfg.world_size)
+    device = distributed.resolve_device(cfg.device, env)
+    distributed.init_process_group(env, device)
+    # One writer per cache folder: a plain run holds its lock alone; job-array ranks share it
+    # and each holds its own rank's lock; under torchrun, rank 0 holds it for the job.
+    if env.torchrun:
+        lock = atomic.FolderLock(cfg.out, "--out") if env.is_main else contextlib.nullcontext()
+    else:
+        part = f"rank-{env.rank}-of-{env.world_size}" if env.world_size > 1 else None
+        lock = atomic.FolderLock(cfg.out, "--out", part=part)
+    try:
+        if cfg.out.is_dir() and any(not p.name.startswith(".hierdctl.") for p in cfg.out.iterdir()) \
+                and not cache_format.is_cache_dir(cfg.out):  # before the lock file lands in someone's folder
+            raise UserError(f"{cfg.out} is not empty and is not a hierdctl teacher cache (no "
+                            f"{cache_format.CONFIG_NAME}); pick a new or empty folder", "--out")
+        with lock:
+            return _run(cfg, env, device, started, [f"took over the lock of a run that is gone ({o})"
+                                                    for o in getattr(lock, "took_over", [])])
+    finally:
+        distributed.destroy(env)
+
+
+def _run(cfg: CacheTeacherConfig, env, device: str, started: float, notes: list[str]) -> dict:
     from torch.utils.data import DataLoader, IterableDataset
 
     from hierdctl.specs import load_encoder
 
-    cfg.validate()
-    started = time.time()
-    env = D.resolve(cfg.rank, cfg.world_size)
-    device = D.resolve_device(cfg.device, env)
-    D.init_process_group(env, device)
-    try:
-        source = open_source(cfg.source, cfg.source_options)
-        enc = load_encoder(cfg.teacher, device, where="--teacher")
-        teacher = _Teacher(enc, cfg, device)
-        teacher_info = enc.describe() | {"fingerprint": enc.fingerprint(), "precision": teacher.precision}
-        identity = cfg.identity() | {"teacher_fingerprint": teacher_info["fingerprint"], "precision": teacher.precision}
-        _prepare_out(cfg, identity, env)
+    source = open_source(cfg.source, cfg.source_options)
+    enc = load_encoder(cfg.teacher, device, where="--teacher")
+    teacher = _Teacher(enc, cfg, device)
+    teacher_info = enc.describe() | {"fingerprint": enc.fingerprint(), "precision": teacher.precision}
+    identity = cfg.identity() | {"teacher_fingerprint": teacher_info["fingerprint"], "precision": teacher.precision}
+    notes += _prepare_out(cfg, identity, env)
 
-        mine = [u for u in source.units if u.index % env.world_size == env.rank]
-        todo = [u for u in mine if _done_stats(cfg.out, u.index) is None]
-        for u in todo:  # leftovers of a killed run
-            for p in cfg.out.glob(cache_format.shard_name(u.index) + ".tmp*"):
-                p.unlink()
-        workers = cfg.workers if cfg.workers >= 0 else min(8, max(0, (os.cpu_count() or 1) - 1))
-        workers = min(workers, len(todo))
-        enc_info = {"image_size": enc.image_size, "mean": enc.mean, "std": enc.std}
+    mine = [u for u in source.units if u.index % env.world_size == env.rank]
+    todo = []
+    for u in mine:  # finished shards are re-verified (size, count, sha256); damaged ones are redone
+        stats, why = _verified_stats(cfg.out, u.index)
+        if stats is None:
+            todo.append(u)
+            if why:
+                notes.append(f"{cache_format.shard_name(u.index)} is redone: {why}")
+                (cfg.out / cache_format.done_name(u.index)).unlink(missing_ok=True)
+    for u in todo:  # leftovers of a killed run
+        for p in cfg.out.glob(cache_format.shard_name(u.index) + ".tmp*"):
+            p.unlink()
+    if env.is_main and not cfg.quiet:
+        for n in notes:
+            console.print(f"[dim]cache-teacher:[/] {n}", soft_wrap=True)
+    workers = cfg.workers if cfg.workers >= 0 else min(8, max(0, (os.cpu_count() or 1) - 1))
+    workers = min(workers, len(todo))
+    enc_info = {"image_size": enc.image_size, "mean": enc.mean, "std": enc.std}
 
-        class _DS(IterableDataset):
-            def __init__(self, stream):
-                self.stream = stream
+    class _DS(IterableDataset):
+        def __init__(self, stream):
+            self.stream = stream
 
-            def __iter__(self):
-                return iter(self.stream)
+        def __iter__(self):
+            return iter(self.stream)
 
-        loader = DataLoader(
-            _DS(_UnitStream(source, todo, cfg, enc_info, enc.eval_transform, enc.tokenize)),
-            batch_size=None,
-            num_workers=workers,
-            collate_fn=_identity_collate,
-            pin_memory=device.startswith("cuda"),
-            # Items are single samples: let the workers decode a whole batch ahead while the
-            # teacher runs the current one (4 per worker left the teacher waiting for decodes).
-            prefetch_factor=max(4, -(-cfg.batch_size // workers)) if workers else None,
-        )
-        pending: list[dict] = []
-        records: dict[int, list[dict]] = collections.defaultdict(list)
-        skips: dict[int, list[dict]] = collections.defaultdict(list)
-        n_samples = n_skipped = units_done = 0
-        est_total = sum(source.unit_rows(u) for u in todo) if hasattr(source, "unit_rows") else None
+    loader = DataLoader(
+        _DS(_UnitStream(source, todo, cfg, enc_info, enc.eval_transform, enc.tokenize)),
+        batch_size=None,
+        num_workers=workers,
+        collate_fn=_identity_collate,
+        pin_memory=device.startswith("cuda"),
+        # Items are single samples: let the workers decode a whole batch ahead while the
+        # teacher runs the current one (4 per worker left the teacher waiting for decodes).
+        prefetch_factor=max(4, -(-cfg.batch_size // workers)) if workers else None,
+    )
+    pending: list[dict] = []
+    records: dict[int, list[dict]] = collections.defaultdict(list)
+    skips: dict[int, list[dict]] = collections.defaultdict(list)
+    n_samples = n_skipped = units_done = 0
+    est_total = sum(source.unit_rows(u) for u in todo) if hasattr(source, "unit_rows") else None
 
-        def flush():
-            nonlocal pending
-            if pending:
-                for r in teacher.process(pending):
-                    records[r["unit"]].append(r)
-                pending = []
+    def flush():
+        nonlocal pending
+        if pending:
+            for r in teacher.process(pending):
+                records[r["unit"]].append(r)
+            pending = []
 
-        loop_started = time.time()  # setup (model load, fingerprint, source listing) ends here
-        with progress(cfg.quiet or not env.is_main) as bar:
-            task = bar.add_task("cache-teacher", total=est_total, unit="samples", info="")
-            for item in loader:
-                kind = item["type"]
-                if kind == "sample":
-                    pending.append(item)
-                    if len(pending) >= cfg.batch_size:
-                        n = len(pending)
-                        flush()
-                        n_samples += n
-                        bar.advance(task, n)
-                elif kind == "skip":
-                    skips[item["unit"]].append({k: item[k] for k in ("key", "reason", "detail")})
-                    n_skipped += 1
-                    if est_total is not None:
-                        bar.advance(task, 1)
-                else:  # a unit ended: everything of it must be through the teacher
+    loop_started = time.time()  # setup (model load, fingerprint, source listing) ends here
+    with progress(cfg.quiet or not env.is_main) as bar:
+        task = bar.add_task("cache-teacher", total=est_total, unit="samples", info="")
+        for item in loader:
+            kind = item["type"]
+            if kind == "sample":
+                pending.append(item)
+                if len(pending) >= cfg.batch_size:
                     n = len(pending)
                     flush()
                     n_samples += n
                     bar.advance(task, n)
-                    u = item["unit"]
-                    _finish_unit(cfg, u, item["label"], records.pop(u, []), skips.pop(u, []))
-                    units_done += 1
-                    if est_total is None and units_done:  # shards: extrapolate from finished ones
-                        bar.update(task, total=int((n_samples + n_skipped) / units_done * len(todo)))
-                    bar.update(task, info=f"shards {units_done}/{len(todo)} skipped {n_skipped}")
-        D.barrier(env)
-        manifest = None
-        if env.is_main or not env.torchrun:
-            manifest = _write_manifest(cfg, identity, teacher_info, source, started)
-        manifest = D.broadcast_object(env, manifest)
-        if manifest["complete"] and manifest["samples"] == 0:
-            raise UserError(
-                f"no valid sample in {cfg.source} (skipped: {manifest['skipped'] or 'nothing found'})", "SOURCE"
-            )
-        manifest["this_run"] = {"samples": n_samples, "skipped": n_skipped, "shards": len(todo),
-                                "shards_resumed": len(mine) - len(todo), "seconds": round(time.time() - started, 3),
-                                "setup_seconds": round(loop_started - started, 3),
-                                "rank": env.rank, "world_size": env.world_size}
-        return manifest
-    finally:
-        D.destroy(env)
+            elif kind == "skip":
+                skips[item["unit"]].append({k: item[k] for k in ("key", "reason", "detail")})
+                n_skipped += 1
+                if est_total is not None:
+                    bar.advance(task, 1)
+            else:  # a unit ended: everything of it must be through the teacher
+                n = len(pending)
+                flush()
+                n_samples += n
+                bar.advance(task, n)
+                u = item["unit"]
+                _finish_unit(cfg, u, item["label"], records.pop(u, []), skips.pop(u, []))
+                units_done += 1
+                if est_total is None and units_done:  # shards: extrapolate from finished ones
+                    bar.update(task, total=int((n_samples + n_skipped) / units_done * len(todo)))
+                bar.update(task, info=f"shards {units_done}/{len(todo)} skipped {n_skipped}")
+    distributed.barrier(env)
+    manifest = None
+    if env.is_main or not env.torchrun:
+        manifest = _write_manifest(cfg, identity, teacher_info, source, started)
+    manifest = distributed.broadcast_object(env, manifest)
+    if manifest["complete"] and manifest["samples"] == 0:
+        raise UserError(
+            f"no valid sample in {cfg.source} (skipped: {manifest['skipped'] or 'nothing found'})", "SOURCE"
+        )
+    manifest["this_run"] = {"samples": n_samples, "skipped": n_skipped, "shards": len(todo),
+                            "shards_resumed": len(mine) - len(todo), "seconds": round(time.time() - started, 3),
+                            "setup_seconds": round(loop_started - started, 3), "notes": notes,
+                            "rank": env.rank, "world_size": env.world_size}
+    return manifest

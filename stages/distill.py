@@ -1,7 +1,9 @@
 """Stage 2, `hierdctl distill`: train a small open_clip student offline from a teacher cache.
 
 The teacher never runs here. Each cached sample carries the original image bytes and
-the teacher's features, so one read gives the student everything (docs/distill.md).
+the teacher's features, so one read gives the student everything (docs/distill.md); the
+reader is hierdctl/cache_format.py's CacheDataset, the run directory's layout and
+checkpoints are hierdctl/checkpoint.py's.
 
 Data order is a pure function of (seed, epoch, step): every epoch is a seeded
 permutation of all cached samples, cut into global batches; under torchrun each rank
@@ -10,243 +12,41 @@ batch before the losses (open_clip's gather_with_grad), so N processes see exact
 one process sees. Per sample, the view, the caption and MFD's mask come from a generator
 seeded by (seed, epoch, sample index). A checkpoint stores the step, so `--resume`
 continues the exact same stream and, on CPU, reproduces the uninterrupted loss curve.
-
-Checkpoint layout (the contract with `export`):
-    RUN_DIR/checkpoints/step-NNNNNNN.safetensors   wrapper state: student.* + projectors/κ/fusion
-    RUN_DIR/checkpoints/step-NNNNNNN.state.pt      optimizer, scaler, RNG, data position
-    RUN_DIR/checkpoints/step-NNNNNNN.json          model_cfg, preprocess_cfg, teacher, recipe, step
-    RUN_DIR/checkpoints/latest.json                names the newest complete step; written last
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+import torch
 
-from hierdctl import __version__
-from hierdctl import dist as D
-from hierdctl import atomic, cache_format
+from hierdctl import __version__, atomic, cache_format, checkpoint, distributed
+from hierdctl.configs import RESUME_KEYS, RUNTIME_KEYS, DistillConfig
 from hierdctl.console import console, progress
 from hierdctl.errors import UserError, require
+from hierdctl.losses.features import STUDENT_BATCH_FIELDS, TEACHER_BATCH_FIELDS
 
 
 class TrainingDiverged(RuntimeError):
     """A loss term became NaN/Inf; the last good checkpoint is kept."""
 
 
-@dataclass
-class DistillConfig:
-    cache: str
-    student: str
-    recipe: str
-    out: str
-    epochs: float | None = None
-    steps: int | None = None
-    batch_size: int = 256  # global, over all ranks
-    lr: float = 1e-3
-    warmup: int = 10_000
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
-    grad_clip: float | None = 1.0
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
-    device: str = "auto"
-    seed: int = 0
-    view_policy: str = "random"  # random | sequential
-    caption_policy: str = "random"  # random | first
-    exp_scales: bool = False
-    mask_ratio: float = 0.75
-    workers: int = -1
-    save_every: int = 1000
-    keep_checkpoints: int = 3
-    log_every: int = 10
-    resume: bool = False
-    overwrite: bool = False
-    quiet: bool = False
-
-    def validate(self) -> None:
-        require(self.epochs is not None or self.steps is not None, "give --epochs or --steps", "--steps")
-        require(self.steps is None or self.steps >= 1, "must be at least 1", "--steps")
-        require(self.epochs is None or self.epochs > 0, "must be positive", "--epochs")
-        require(self.batch_size >= 2, "must be at least 2 (contrastive losses need negatives)", "--batch-size")
-        require(self.lr > 0, "must be positive", "--lr")
-        require(self.warmup >= 0, "must be ≥ 0", "--warmup")
-        require(self.weight_decay >= 0, "must be ≥ 0", "--weight-decay")
-        require(self.grad_clip is None or self.grad_clip > 0, "must be positive", "--grad-clip")
-        require(self.precision in ("auto", "fp32", "bf16", "fp16"), "must be auto, fp32, bf16 or fp16", "--precision")
-        require(self.view_policy in ("random", "sequential"), "must be random or sequential", "--set view_policy")
-        require(self.caption_policy in ("random", "first"), "must be random or first", "--set caption_policy")
-        require(0 < self.mask_ratio < 1, "must be within (0, 1)", "--set mask_ratio")
-        require(self.save_every >= 1, "must be at least 1", "--save-every")
-        require(self.log_every >= 1, "must be at least 1", "--log-every")
-        require(self.keep_checkpoints >= 1, "must be at least 1", "--set keep_checkpoints")
-
-
-# Settings a resumed run must share with the run it continues.
-# steps/epochs too: the cosine schedule is a function of the run's length.
-RESUME_KEYS = ("cache", "student", "recipe", "steps", "epochs", "batch_size", "lr", "warmup", "weight_decay",
-               "beta1", "beta2", "eps", "grad_clip", "seed", "view_policy", "caption_policy", "exp_scales",
-               "mask_ratio", "precision")
-# Execution details that do not enter the resolved config.
-RUNTIME_KEYS = ("resume", "overwrite", "quiet", "device", "workers")
-
-
-def _coerce(name: str, value, where: str):
-    """Coerce a YAML/--set value to the type of DistillConfig.<name>."""
-    fields = {f.name: f for f in dataclasses.fields(DistillConfig)}
-    if name not in fields:
-        close = [f for f in fields if f.startswith(name[:3])]
-        raise UserError(f"unknown setting {name!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""), where)
-    t = str(fields[name].type)
-    if value is None:
-        if "None" in t:
-            return None
-        raise UserError(f"{name} cannot be empty", where)
-    try:
-        if t.startswith("bool"):
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                return value.lower() in ("true", "1", "yes")
-            return bool(value)
-        if t.startswith("int"):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if t.startswith("float"):
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{name}={value!r} is not a valid {t.split(' ')[0]}", where) from None
-
-
 def resolve_config(cli: dict, config_file: str | None = None, sets: list[str] = ()) -> DistillConfig:
-    """Defaults < --config FILE.yaml < explicit command-line options < --set key=value."""
-    import yaml
-
-    values: dict = {}
-    if config_file:
-        try:
-            loaded = yaml.safe_load(Path(config_file).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise UserError(f"cannot read config ({e})", config_file) from None
-        if not isinstance(loaded, dict):
-            raise UserError("must be a mapping of setting: value", config_file)
-        values.update({k.replace("-", "_"): _coerce(k.replace("-", "_"), v, config_file) for k, v in loaded.items()})
-    values.update({k: v for k, v in cli.items() if v is not None})
-    for s in sets:
-        if "=" not in s:
-            raise UserError(f"expected key=value, got {s!r}", "--set")
-        k, v = s.split("=", 1)
-        k = k.strip().replace("-", "_")
-        values[k] = _coerce(k, yaml.safe_load(v) if v.strip() else None, "--set")
-    for req in ("cache", "student", "recipe", "out"):
-        if not values.get(req):
-            raise UserError(f"{req} is required", f"--{req}" if req != "cache" else "CACHE")
-    cfg = DistillConfig(**values)
-    cfg.validate()
-    return cfg
+    """The CLI's entry: DistillConfig.resolve (defaults < --config < options < --set)."""
+    return DistillConfig.resolve(cli, config_file, sets)
 
 
 # ----------------------------------------------------------------------------------
-# Data: an index over cached samples, random access, a resumable global-batch sampler
+# Data: a resumable global-batch sampler over the cache reader's samples
 # ----------------------------------------------------------------------------------
-
-
-def index_shard(path: Path) -> list[tuple[int, int]]:
-    """(offset, length) of every sample's contiguous run of tar members, in order."""
-    spans: list[tuple[int, int]] = []
-    key, start, end = None, 0, 0
-    with tarfile.open(path, "r:") as tf:
-        for m in tf:
-            k = m.name.split(".", 1)[0]
-            if k != key:
-                if key is not None:
-                    spans.append((start, end - start))
-                key, start = k, m.offset
-            end = m.offset_data + ((m.size + 511) // 512) * 512
-    if key is not None:
-        spans.append((start, end - start))
-    return spans
-
-
-def parse_span(buf: bytes) -> dict[str, bytes]:
-    """Tar members of one sample span -> {extension: bytes}. Our shards are plain USTAR."""
-    out, pos = {}, 0
-    while pos + 512 <= len(buf):
-        info = tarfile.TarInfo.frombuf(buf[pos : pos + 512], "utf-8", "surrogateescape")
-        data = buf[pos + 512 : pos + 512 + info.size]
-        out[info.name.split(".", 1)[1]] = data
-        pos += 512 + ((info.size + 511) // 512) * 512
-    return out
-
-
-class CacheDataset:
-    """Map-style dataset over all cached samples; items are indexed by (sample, epoch)."""
-
-    def __init__(self, cache, spans, cfg: DistillConfig, student_io: dict, needs: dict):
-        self.paths = [str(p) for p in cache.shards]
-        self.spans = spans  # list of (shard_idx, offset, length)
-        self.cfg, self.io, self.needs = cfg, student_io, needs
-        self.P = cache.config["phrases"]["max_phrases"]
-        self._files: dict[int, object] = {}
-
-    def __len__(self):
-        return len(self.spans)
-
-    def _read(self, i: int) -> dict[str, bytes]:
-        s, off, n = self.spans[i]
-        f = self._files.get(s)
-        if f is None:
-            f = self._files[s] = open(self.paths[s], "rb")
-        f.seek(off)
-        return parse_span(f.read(n))
-
-    def __getitem__(self, item):
-        import torch
-
-        from hierdctl.images import View, apply_view, decode_rgb
-
-        i, epoch = item
-        cfg, io = self.cfg, self.io
-        members = self._read(i)
-        sample = cache_format.decode_sample("", members)
-        meta, a = sample.meta, sample.arrays
-        rng = np.random.default_rng([cfg.seed, epoch, i])
-        n_views, n_caps = len(meta["views"]), len(meta["captions"])
-        v = int(rng.integers(n_views)) if cfg.view_policy == "random" else epoch % n_views
-        c = int(rng.integers(n_caps)) if cfg.caption_policy == "random" else 0
-        img, _ = decode_rgb(sample.image)
-        out = {
-            "image": apply_view(img, View.from_json(meta["views"][v]), io["image_size"], io["mean"], io["std"],
-                                io["eval_transform"]),
-            "text": io["tokenize"]([meta["captions"][c]])[0],
-            "index": torch.tensor(i),
-        }
-        if self.needs["global"]:
-            out["img_t"] = torch.from_numpy(a["img_emb"][v])
-            out["txt_t"] = torch.from_numpy(a["txt_emb"][c])
-        if self.needs["clusters"]:
-            out["clu_t"] = torch.from_numpy(a["clu_emb"][v])
-            out["clu_assign"] = torch.from_numpy(a["clu_assign"][v].astype(np.int64))
-            out["clu_mask"] = torch.from_numpy(a["clu_count"][v] > 0)
-        if self.needs["phrases"]:
-            phrases = meta["phrases"][c] + [""] * (self.P - len(meta["phrases"][c]))
-            out["phr_t"] = torch.from_numpy(a["phr_emb"][c])
-            out["phr_mask"] = torch.from_numpy(a["phr_mask"][c].astype(bool))
-            out["phr_tok"] = io["tokenize"](phrases)
-        if self.needs["mask_noise"]:
-            out["mask_noise"] = torch.from_numpy(rng.random(io["grid_size"]).astype(np.float32))
-        return out
 
 
 class GlobalBatchSampler:
@@ -262,8 +62,6 @@ class GlobalBatchSampler:
         return self.total - self.start
 
     def __iter__(self):
-        import torch
-
         local = self.gb // self.world
         step = self.start
         while step < self.total:
@@ -340,72 +138,14 @@ def lr_at(step: int, base: float, warmup: int, total: int) -> float:
 
 
 # ----------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------
-
-
-def _ckpt_dir(out: Path) -> Path:
-    return out / "checkpoints"
-
-
-def save_checkpoint(out: Path, step: int, wrapper, optimizer, scaler, meta: dict, keep: int) -> Path:
-    import torch
-    from safetensors.torch import save_file
-
-    d = _ckpt_dir(out)
-    d.mkdir(parents=True, exist_ok=True)
-    stem = f"step-{step:07d}"
-    tmp = d / f".{stem}.safetensors.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in wrapper.state_dict().items()}, str(tmp))
-    os.replace(tmp, d / f"{stem}.safetensors")
-    state = {
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else {},
-        "step": step,
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    tmp = d / f".{stem}.state.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, d / f"{stem}.state.pt")
-    atomic.write_json_atomic(d / f"{stem}.json", meta | {"step": step})
-    atomic.write_json_atomic(d / "latest.json", {"step": step, "name": stem})  # the done-marker
-    steps = sorted(int(p.stem.split("-")[1]) for p in d.glob("step-*.json"))
-    for old in steps[:-keep]:
-        for p in d.glob(f"step-{old:07d}.*"):
-            p.unlink()
-    return d / f"{stem}.safetensors"
-
-
-def load_checkpoint(out: Path, wrapper, optimizer, scaler, device: str) -> int:
-    import torch
-    from safetensors.torch import load_file
-
-    d = _ckpt_dir(out)
-    latest = json.loads((d / "latest.json").read_text())
-    stem = latest["name"]
-    wrapper.load_state_dict(load_file(str(d / f"{stem}.safetensors"), device=device))
-    state = torch.load(d / f"{stem}.state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    if scaler is not None and state["scaler"]:
-        scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng_cpu"])
-    if state["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
-    return int(state["step"])
-
-
-# ----------------------------------------------------------------------------------
 # Gathering features across ranks
 # ----------------------------------------------------------------------------------
 
-def gather_features(f, env: D.DistEnv):
+
+def gather_features(f, env: distributed.DistEnv):
     """The global batch on every rank: student tensors keep their gradient (gather_with_grad)."""
-    import torch
     import torch.distributed as dist
     import torch.distributed.nn
-
-    from hierdctl.losses.features import STUDENT_BATCH_FIELDS, TEACHER_BATCH_FIELDS
 
     if not env.torchrun or env.world_size == 1:
         return f
@@ -430,13 +170,13 @@ def gather_features(f, env: D.DistEnv):
 # ----------------------------------------------------------------------------------
 
 
-def _plot(metrics_path: Path, png: Path) -> None:
+def _plot(run_dir: Path, png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows, _ = checkpoint.read_metrics(run_dir)
     if not rows:
         return
     keys = sorted({k for r in rows for k in r if k.endswith("_loss")})
@@ -451,10 +191,10 @@ def _plot(metrics_path: Path, png: Path) -> None:
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = png.with_name(png.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, png)
+    atomic.write_bytes_atomic(png, buf.getvalue())
 
 
 @dataclass
@@ -466,7 +206,7 @@ class Trainer:
     """
 
     cfg: DistillConfig
-    env: D.DistEnv
+    env: distributed.DistEnv
     device: str
     recipe: object  # hierdctl.losses.registry.Recipe
     teacher: dict  # the cache manifest's teacher entry
@@ -478,10 +218,11 @@ class Trainer:
     scaler: object
     amp_dtype: object
     needs: dict
-    dataset: CacheDataset
+    dataset: cache_format.CacheDataset
     n_samples: int
     steps_per_epoch: int
     total: int
+    warmup: int  # resolved: cfg.warmup, or auto = min(10,000, 10% of total)
     notes: list = field(default_factory=list)
 
     def loader(self, start: int):
@@ -497,7 +238,8 @@ class Trainer:
                           prefetch_factor=4 if workers else None)
 
     def to_device(self, batch: dict) -> dict:
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        """Tensors to the device (the loader's `bad` notes stay behind), plus the teacher's constants."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         if self.needs["global"]:
             batch["logit_scale_t"] = float(self.teacher["logit_scale"])
         if self.needs["clusters"]:
@@ -509,25 +251,21 @@ class Trainer:
 
         Raises TrainingDiverged (before touching the weights) if a term is NaN/Inf.
         """
-        import contextlib
-
-        import torch
-
-        from hierdctl.losses.registry import compute_terms, weighted_total
+        from hierdctl.losses import registry
 
         cfg, wrapper, optimizer, scaler = self.cfg, self.wrapper, self.optimizer, self.scaler
-        lr = lr_at(step, cfg.lr, cfg.warmup, self.total)
+        lr = lr_at(step, cfg.lr, self.warmup, self.total)
         for g in optimizer.param_groups:
             g["lr"] = lr
         autocast = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
         with autocast:
             f = self.net(batch)
         f = gather_features(f, self.env)
-        terms = compute_terms(self.recipe, f)
+        terms = registry.compute_terms(self.recipe, f)
         bad = [k for k, v in terms.items() if not torch.isfinite(v.detach()).all()]
         if bad:
             raise TrainingDiverged(f"loss term {', '.join(bad)} became {terms[bad[0]].item()} at step {step + 1}")
-        total_loss = weighted_total(terms, self.recipe)
+        total_loss = registry.weighted_total(terms, self.recipe)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(total_loss).backward()
@@ -541,15 +279,15 @@ class Trainer:
             scaler.update()
         else:
             optimizer.step()
-        with torch.no_grad():  # open_clip clamps the scale to ≤ 100
+        with torch.no_grad():  # open_clip's rule: the parameter, not exp() in the forward, is clamped to ≤ ln 100
             wrapper.student.logit_scale.clamp_(0, math.log(100))
         return terms, total_loss, lr
 
 
-def build_trainer(cfg: DistillConfig, cache, recipe, env: D.DistEnv, device: str) -> Trainer:
-    """Student, wrapper, losses, data set and optimizer for `cfg` (no run directory involved)."""
-    import torch
+def build_trainer(cfg: DistillConfig, cache, recipe, env: distributed.DistEnv, device: str) -> Trainer:
+    """Student, wrapper, data set and optimizer for `cfg` (no run directory involved).
 
+    Checks every shard against the manifest first (counts, sizes, the cache id)."""
     from hierdctl.student import StudentWrapper
 
     # --- student and its wrapper ---------------------------------------------------
@@ -569,13 +307,15 @@ def build_trainer(cfg: DistillConfig, cache, recipe, env: D.DistEnv, device: str
                      "teacher (trained, dropped by export; the task loss trains the student's own embedding)")
 
     # --- data ---------------------------------------------------------------------
-    spans = []
-    for s, path in enumerate(cache.shards):
-        spans += [(s, off, n) for off, n in index_shard(path)]
-    require(len(spans) >= cfg.batch_size,
-            f"the cache holds {len(spans)} samples, fewer than one global batch ({cfg.batch_size})", "--batch-size")
-    steps_per_epoch = len(spans) // cfg.batch_size
+    spans = cache_format.check_shards(cache)
+    n_samples = sum(len(s) for s in spans)
+    require(n_samples >= cfg.batch_size,
+            f"the cache holds {n_samples} samples, fewer than one global batch ({cfg.batch_size})", "--batch-size")
+    steps_per_epoch = n_samples // cfg.batch_size
     total = cfg.steps if cfg.steps is not None else max(1, int(round(cfg.epochs * steps_per_epoch)))
+    warmup = cfg.resolve_warmup(total)
+    notes.append(f"warm-up {warmup} steps of {total}" + (" (auto: min(10,000, 10% of the run))"
+                                                         if cfg.warmup == "auto" else ""))
     vs = model.visual.image_size
     student_io = {
         "image_size": vs[0] if isinstance(vs, (tuple, list)) else int(vs),
@@ -588,7 +328,7 @@ def build_trainer(cfg: DistillConfig, cache, recipe, env: D.DistEnv, device: str
     parts = set(recipe.cache_parts)
     needs = {"global": recipe.needs_teacher, "clusters": "clusters" in parts, "phrases": "phrases" in parts,
              "mask_noise": "masked_forward" in extras}
-    dataset = CacheDataset(cache, spans, cfg, student_io, needs)
+    dataset = cache_format.CacheDataset(cache, spans, cfg.seed, cfg.view_policy, cfg.caption_policy, student_io, needs)
 
     # --- optimisation -------------------------------------------------------------
     prec = cfg.precision if cfg.precision != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
@@ -606,25 +346,36 @@ def build_trainer(cfg: DistillConfig, cache, recipe, env: D.DistEnv, device: str
         net = wrapper
     return Trainer(cfg=cfg, env=env, device=device, recipe=recipe, teacher=teacher, model_cfg=model_cfg,
                    pp_cfg=pp_cfg, wrapper=wrapper, net=net, optimizer=optimizer, scaler=scaler,
-                   amp_dtype=amp_dtype, needs=needs, dataset=dataset, n_samples=len(spans),
-                   steps_per_epoch=steps_per_epoch, total=total, notes=notes)
+                   amp_dtype=amp_dtype, needs=needs, dataset=dataset, n_samples=n_samples,
+                   steps_per_epoch=steps_per_epoch, total=total, warmup=warmup, notes=notes)
+
+
+def _log_line(out: Path, mf, rec: dict) -> None:
+    """Append one metrics row; a full disk is one clear message, not a traceback."""
+    try:
+        mf.write(json.dumps(rec) + "\n")
+        mf.flush()
+    except OSError as e:
+        import errno
+
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise atomic.DiskFull(f"no space left on the device of {out} while appending to {checkpoint.METRICS}; "
+                                  "free some space and rerun with --resume: the last checkpoint is kept",
+                                  str(out)) from None
+        raise
 
 
 def run(cfg: DistillConfig) -> dict:
-    """Train. Returns a summary: steps, final loss terms, throughput, paths."""
-    import contextlib
-
-    import yaml
-
+    """Train. Returns a summary: steps, final loss terms, throughput, paths, skipped samples."""
     from hierdctl.losses.registry import load_recipe
 
     cfg.validate()
     started = time.time()
-    env = D.resolve()
-    device = D.resolve_device(cfg.device, env)
-    D.init_process_group(env, device)
+    env = distributed.resolve()
+    device = distributed.resolve_device(cfg.device, env)
+    distributed.init_process_group(env, device)
+    out = Path(cfg.out)
     try:
-        out = Path(cfg.out)
         cache = cache_format.open_cache(cfg.cache)
         recipe = load_recipe(cfg.recipe)
         _check_cache(cache, recipe)
@@ -633,87 +384,125 @@ def run(cfg: DistillConfig) -> dict:
 
         # --- the run directory: fresh, resumed, or a clear refusal ---------------------
         resolved = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUNTIME_KEYS}
-        has_ckpt = (_ckpt_dir(out) / "latest.json").exists()
-        if has_ckpt and not (cfg.resume or cfg.overwrite):
-            raise UserError(f"{out} already holds a run: add --resume to continue it or --overwrite to restart", "--out")
-        if cfg.resume and has_ckpt and (out / "config.resolved.yaml").exists():
-            old = yaml.safe_load((out / "config.resolved.yaml").read_text())
+        has_ckpt = checkpoint.check_run_target(out, cfg.resume, cfg.overwrite)
+        if cfg.resume and has_ckpt:
+            old = checkpoint.read_config(out) or {}
             diff = [k for k in RESUME_KEYS if old.get(k) != resolved.get(k)]
             if diff:
                 raise UserError("cannot resume with changed settings: " + ", ".join(
                     f"{k} {old.get(k)!r} → {resolved.get(k)!r}" for k in diff), "--resume")
-        if env.is_main:
-            if cfg.overwrite and out.exists():
-                import shutil
+        lock = atomic.FolderLock(out, "--out") if env.is_main else contextlib.nullcontext()
+        with lock:
+            notes = [f"took over the lock of a run that is gone ({o})" for o in getattr(lock, "took_over", [])]
+            resume = cfg.resume and has_ckpt
+            if env.is_main and not resume and out.exists():
+                removed = checkpoint.clear(out)  # only what a hierdctl run wrote (check_run_target)
+                if removed and cfg.overwrite:
+                    notes.append(f"--overwrite: removed the earlier run's {len(removed)} files")
+            distributed.barrier(env)
+            tr = build_trainer(cfg, cache, recipe, env, device)
+            notes = notes + tr.notes
+            if env.is_main:
+                checkpoint.write_config(out, resolved | {
+                    "warmup_steps": tr.warmup, "total_steps": tr.total, "hierdctl": __version__,
+                    "recipe_terms": [{"name": t.name, "weight": t.weight, "args": dict(t.args)} for t in recipe.terms]})
+            distributed.barrier(env)
+            return _train(cfg, out, cache, recipe, tr, env, resume, notes, started)
+    except cache_format.CorruptShard as e:  # re-raised from a loader worker
+        raise UserError(f"{e}; rerun cache-teacher on {cfg.cache} with the same options to redo damaged shards",
+                        "CACHE") from None
+    finally:
+        distributed.destroy(env)
 
-                shutil.rmtree(_ckpt_dir(out), ignore_errors=True)
-                for name in ("metrics.jsonl", "loss_curves.png"):
-                    (out / name).unlink(missing_ok=True)
-            out.mkdir(parents=True, exist_ok=True)
-            tmp = out / ".config.resolved.yaml.tmp"
-            tmp.write_text(yaml.safe_dump(resolved | {"hierdctl": __version__, "recipe_terms": [
-                {"name": t.name, "weight": t.weight, "args": dict(t.args)} for t in recipe.terms]}, sort_keys=False))
-            os.replace(tmp, out / "config.resolved.yaml")
-        D.barrier(env)
 
-        tr = build_trainer(cfg, cache, recipe, env, device)
-        notes, wrapper, total = tr.notes, tr.wrapper, tr.total
-        start = 0
-        if cfg.resume and has_ckpt:
-            start = load_checkpoint(out, wrapper, tr.optimizer, tr.scaler, device)
-            notes.append(f"resumed from step {start}")
-        loader = tr.loader(start)
-        metrics_path = out / "metrics.jsonl"
-        if env.is_main and metrics_path.exists():  # a resumed run rewrites what came after its checkpoint
-            keep = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
-            metrics_path.write_text("".join(k + "\n" for k in keep))
-        ckpt_meta = {"model_cfg": tr.model_cfg, "preprocess_cfg": tr.pp_cfg, "teacher": tr.teacher,
-                     "recipe": recipe.name, "recipe_terms": [{"name": t.name, "weight": t.weight} for t in recipe.terms],
-                     "data": str(cfg.cache), "student_spec": cfg.student, "hierdctl": __version__}
-        if env.is_main and not cfg.quiet:
-            for n in notes:
-                console.print(f"[dim]distill:[/] {n}")
+def _train(cfg: DistillConfig, out: Path, cache, recipe, tr: "Trainer", env, resume: bool, notes: list,
+           started: float) -> dict:
+    wrapper, total = tr.wrapper, tr.total
+    start = 0
+    if resume:
+        start = checkpoint.load_training_state(out, wrapper, tr.optimizer, tr.scaler, tr.device)
+        notes.append(f"resumed from step {start}")
+    if env.is_main:  # a resumed run rewrites what came after its checkpoint; a fresh one starts empty
+        kept, torn = checkpoint.truncate_metrics(out, start)
+        if torn:
+            notes.append(f"{checkpoint.METRICS}: dropped {torn} unreadable line(s) (torn by a crash mid-write)")
+    ckpt_meta = {"model_cfg": tr.model_cfg, "preprocess_cfg": tr.pp_cfg, "teacher": tr.teacher,
+                 "recipe": recipe.name, "recipe_terms": [{"name": t.name, "weight": t.weight} for t in recipe.terms],
+                 "data": str(cfg.cache), "student_spec": cfg.student, "hierdctl": __version__}
+    if env.is_main and not cfg.quiet:
+        for n in notes:
+            console.print(f"[dim]distill:[/] {n}")
+    tb = None
+    if cfg.report_to == "tensorboard" and env.is_main:
+        from torch.utils.tensorboard import SummaryWriter
 
-        # --- the loop -----------------------------------------------------------------
-        step, last_saved, last = start, start, {}
-        t_log, n_log = time.time(), 0
-        wrapper.train()
-        with progress(cfg.quiet or not env.is_main) as bar, open(metrics_path, "a") if env.is_main else contextlib.nullcontext() as mf:
-            task = bar.add_task("distill", total=total, completed=start, unit="steps", info="")
-            for batch in loader:
-                try:
-                    terms, total_loss, lr = tr.step(tr.to_device(batch), step)
-                except TrainingDiverged as e:
-                    raise TrainingDiverged(f"{e}; the last good checkpoint (step {last_saved}) is kept in "
-                                           f"{_ckpt_dir(out)}") from None
-                step += 1
-                n_log += cfg.batch_size
-                last = {k: float(v.detach()) for k, v in terms.items()} | {"loss": float(total_loss.detach())}
-                if env.is_main and (step % cfg.log_every == 0 or step == total or step == start + 1):
+        tb = SummaryWriter(str(out / checkpoint.TENSORBOARD), purge_step=start + 1)  # resume drops later events
+
+    # --- the loop -----------------------------------------------------------------
+    step, last_saved, last = start, (start if resume else None), {}
+    skipped, skipped_examples = 0, []
+    t_log, n_log = time.time(), 0
+    wrapper.train()
+    mf_ctx = open(out / checkpoint.METRICS, "a") if env.is_main else contextlib.nullcontext()
+    with progress(cfg.quiet or not env.is_main) as bar, mf_ctx as mf:
+        task = bar.add_task("distill", total=total, completed=start, unit="steps", info="")
+        for batch in tr.loader(start):
+            bad = [b for b in batch.get("bad", []) if b]
+            if bad:
+                skipped += sum(b.count("; ") + 1 for b in bad)
+                if not skipped_examples and env.is_main and not cfg.quiet:
+                    console.print(f"[yellow]distill:[/] skipped a damaged cached sample: {bad[0]} "
+                                  "(replaced by the next good one; counted in metrics.jsonl)", soft_wrap=True)
+                skipped_examples += bad[: max(0, 5 - len(skipped_examples))]
+            try:
+                terms, total_loss, lr = tr.step(tr.to_device(batch), step)
+            except TrainingDiverged as e:
+                kept = (f"the last good checkpoint (step {last_saved}) is kept in {checkpoint.checkpoint_dir(out)}"
+                        if last_saved is not None else "no checkpoint was written yet")
+                raise TrainingDiverged(f"{e}; {kept}") from None
+            step += 1
+            n_log += cfg.batch_size
+            last = {k: float(v.detach()) for k, v in terms.items()} | {"loss": float(total_loss.detach())}
+            if step % cfg.log_every == 0 or step == total or step == start + 1:
+                n_skipped = _sum_over_ranks(skipped, env)
+                if env.is_main:
                     now = time.time()
                     rec = {"step": step, "epoch": round(step / tr.steps_per_epoch, 4), "lr": lr, **last,
                            "logit_scale": float(wrapper.student.logit_scale.detach().exp()),
-                           "samples_per_s": round(n_log / max(now - t_log, 1e-9), 2)}
-                    mf.write(json.dumps(rec) + "\n")
-                    mf.flush()
+                           "samples_per_s": round(n_log / max(now - t_log, 1e-9), 2), "skipped_samples": n_skipped}
+                    _log_line(out, mf, rec)
+                    if tb is not None:
+                        for k, v in rec.items():
+                            if k not in ("step", "epoch"):
+                                tb.add_scalar(k if k.endswith("_loss") or k == "loss" else f"train/{k}", v, step)
+                        tb.flush()
                     t_log, n_log = now, 0
                     bar.update(task, info=f"{rec['samples_per_s']:,.0f} samples/s  " + " ".join(
                         f"{k.removesuffix('_loss')} {v:.3g}" for k, v in last.items()))
-                bar.advance(task)
-                if step % cfg.save_every == 0 or step == total:
-                    if env.is_main:
-                        save_checkpoint(out, step, wrapper, tr.optimizer, tr.scaler, ckpt_meta, cfg.keep_checkpoints)
-                    last_saved = step
-                    D.barrier(env)
-        if env.is_main:
-            _plot(metrics_path, out / "loss_curves.png")
-        seconds = time.time() - started
-        return {
-            "out": str(out), "steps": step, "resumed_from": start, "final": last, "recipe": recipe.name,
-            "samples_per_epoch": tr.n_samples, "steps_per_epoch": tr.steps_per_epoch,
-            "seconds": round(seconds, 2), "samples_per_s": round((step - start) * cfg.batch_size / max(seconds, 1e-9), 2),
-            "checkpoint": str(_ckpt_dir(out) / f"step-{step:07d}.safetensors"), "notes": notes,
-            "rank": env.rank,
-        }
-    finally:
-        D.destroy(env)
+            bar.advance(task)
+            if step % cfg.save_every == 0 or step == total:
+                if env.is_main:
+                    checkpoint.save(out, step, wrapper, tr.optimizer, tr.scaler, ckpt_meta, cfg.keep_checkpoints)
+                last_saved = step
+                distributed.barrier(env)
+    if tb is not None:
+        tb.close()
+    if env.is_main:
+        _plot(out, out / checkpoint.CURVES)
+    seconds = time.time() - started
+    return {
+        "out": str(out), "steps": step, "resumed_from": start, "final": last, "recipe": recipe.name,
+        "samples_per_epoch": tr.n_samples, "steps_per_epoch": tr.steps_per_epoch, "warmup_steps": tr.warmup,
+        "seconds": round(seconds, 2), "samples_per_s": round((step - start) * cfg.batch_size / max(seconds, 1e-9), 2),
+        "checkpoint": str(checkpoint.checkpoint_dir(out) / f"{checkpoint.stem(step)}.safetensors"), "notes": notes,
+        "skipped_samples": _sum_over_ranks(skipped, env), "skipped_examples": skipped_examples, "rank": env.rank,
+    }
+
+
+def _sum_over_ranks(n: int, env) -> int:
+    if not env.torchrun or env.world_size == 1:
+        return n
+    nccl = torch.distributed.get_backend() == "nccl"
+    t = torch.tensor([n], dtype=torch.int64, device=f"cuda:{torch.cuda.current_device()}" if nccl else "cpu")
+    torch.distributed.all_reduce(t)
+    return int(t.item())

@@ -15,165 +15,29 @@ reference's score, in %. The report (docs/eval.md) is one flat JSON object.
 from __future__ import annotations
 
 import json
-import platform
-import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from hierdctl.console import console, progress
-from hierdctl.errors import UserError, require
-from hierdctl.retrieval import INDEX_KINDS
-from hierdctl.sources import SourceOptions
+from hierdctl import distributed
+from hierdctl.atomic import publish_dir, write_json_atomic
+from hierdctl.configs import EvalRetrievalConfig
+from hierdctl.console import console
+from hierdctl.embedding import check_joint_space, encode_images, encode_texts, retention, versions
+from hierdctl.retrieval import build_index, check_ks, hardneg_accuracy, index_to_cpu, recall_from_ranked, search
+from hierdctl.sources import open_source
+from hierdctl.specs import load_encoder
 
 REPORT_SCHEMA = "hierdctl.eval-retrieval/1"  # the report's and --save-index's index.json "schema"
 INDEX_MARKER = "index.json"
 
 
-@dataclass
-class EvalRetrievalConfig:
-    source: str
-    models: list[str]
-    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
-    batch_size: int = 64
-    device: str = "auto"
-    index: str = "flat"
-    nprobe: int | None = None  # ivf only
-    out: Path | None = None
-    save_index: Path | None = None
-    overwrite: bool = False  # replace an earlier --save-index folder
-    source_options: SourceOptions = field(default_factory=SourceOptions)
-    max_pixels: int = 89_478_485
-    workers: int = 4  # decoding threads
-    quiet: bool = False
-
-    def validate(self) -> "EvalRetrievalConfig":
-        from hierdctl.specs import parse_spec
-
-        require(bool(self.models), "give at least one --model SPEC", "--model")
-        for m in self.models:
-            parse_spec(m, "--model")  # a malformed or unknown spec fails before any model loads
-        require(bool(self.ks) and min(self.ks) >= 1, f"K must be positive integers, got {self.ks}", "--k")
-        self.ks = sorted(set(self.ks))
-        require(self.index in INDEX_KINDS, f"unknown index {self.index!r} ({', '.join(INDEX_KINDS)})", "--index")
-        require(self.batch_size >= 1, "must be at least 1", "--batch-size")
-        require(self.workers >= 0, "must be 0 or more", "--workers")
-        require(self.nprobe is None or self.nprobe >= 1, "must be at least 1", "--nprobe")
-        require(self.nprobe is None or self.index == "ivf", f"only applies to --index ivf (not {self.index})", "--nprobe")
-        require(self.max_pixels > 0, f"must be positive, got {self.max_pixels}", "--max-pixels")
-        check_report_path(self.out)
-        if self.save_index is not None:
-            from hierdctl.atomic import check_dir_target
-
-            check_dir_target(Path(self.save_index), INDEX_MARKER, REPORT_SCHEMA, "--save-index", self.overwrite,
-                             "a saved index")
-        return self
-
-
-def check_report_path(out: Path | None, where: str = "--out") -> None:
-    """A report path must name a file in an existing folder (checked before any model loads)."""
-    if out is None:
-        return
-    out = Path(out)
-    require(not out.is_dir(), f"{out} is a directory; give a file name such as {out / 'report.json'}", where)
-    require(out.parent.is_dir(), f"the folder {out.parent} does not exist", where)
-
-
-def parse_ks(text: str, where: str = "--k") -> list[int]:
-    try:
-        ks = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"expected comma-separated integers like 1,5,10, got {text!r}", where) from None
-    require(bool(ks) and min(ks) >= 1, f"K must be positive integers, got {text!r}", where)
-    return ks
-
-
 # ----------------------------------------------------------------------------------
-# Reading and encoding (shared with eval-zeroshot)
+# Embedding one model's view of the source (hierdctl/embedding.py does the reading)
 # ----------------------------------------------------------------------------------
-
-
-def iter_samples(source, skipped: Counter):
-    """Every Sample of every unit, in order; Skips are counted by reason."""
-    from hierdctl.sources import Skip
-
-    for unit in source.units:
-        for item in source.iter_unit(unit):
-            if isinstance(item, Skip):
-                skipped[item.reason] += 1
-            else:
-                yield item
-
-
-def image_batches(samples, encoder, batch_size: int, workers: int, max_pixels: int, skipped: Counter):
-    """Decode + eval-transform in a thread pool; yield (samples, images (B,3,S,S)) batches.
-    Undecodable images are skipped and counted, never fatal."""
-    import itertools
-    from concurrent.futures import ThreadPoolExecutor
-
-    import torch
-
-    from hierdctl.images import BadImage, decode_rgb
-
-    def prep(s):
-        try:
-            img, _ = decode_rgb(s.image, max_pixels)
-        except BadImage as e:
-            return s, e.reason
-        return s, encoder.eval_transform(img)
-
-    pool = ThreadPoolExecutor(workers) if workers > 0 else None
-    try:
-        it = iter(samples)
-        while True:
-            chunk = list(itertools.islice(it, batch_size))
-            if not chunk:
-                return
-            done = list(pool.map(prep, chunk)) if pool else [prep(s) for s in chunk]
-            good = [(s, x) for s, x in done if not isinstance(x, str)]
-            for _, why in (d for d in done if isinstance(d[1], str)):
-                skipped[why] += 1
-            if good:
-                yield [s for s, _ in good], torch.stack([x for _, x in good])
-    finally:
-        if pool:
-            pool.shutdown()
-
-
-def encode_texts(encoder, texts: list[str], batch_size: int) -> np.ndarray:
-    """(N,D) float32, L2-normalised."""
-    import torch
-
-    out = []
-    with torch.inference_mode():
-        for a in range(0, len(texts), batch_size):
-            tok = encoder.tokenize(texts[a : a + batch_size]).to(encoder.device)
-            out.append(encoder.encode_text(tok)[0].float().cpu())
-    if not out:
-        return np.zeros((0, encoder.embed_dim), np.float32)
-    return torch.cat(out).numpy()
-
-
-def versions() -> dict:
-    import faiss
-    import torch
-
-    from hierdctl import __version__
-    from hierdctl.tv_shim import import_open_clip
-
-    v = {"hierdctl": __version__, "python": platform.python_version(), "torch": torch.__version__,
-         "numpy": np.__version__, "faiss": faiss.__version__, "open_clip": import_open_clip().__version__}
-    if "transformers" in sys.modules:
-        v["transformers"] = sys.modules["transformers"].__version__
-    return v
-
-
-def retention(metrics: dict, reference: dict) -> dict:
-    """A later model's score as % of the reference's, for every metric the reference has > 0."""
-    return {k: round(100.0 * v / reference[k], 2) for k, v in metrics.items() if reference.get(k, 0) > 0}
 
 
 @dataclass
@@ -189,48 +53,33 @@ class Embedded:
     timing: dict
 
 
-def embed_source(encoder, source, cfg: EvalRetrievalConfig, label: str) -> Embedded:
-    import torch
+def _captions_and_negatives(s) -> tuple[str, list[str], list[tuple[str, str]]]:
+    """What eval-retrieval keeps of a sample: key, captions, (kind, hard negative) pairs."""
+    hn = s.meta.get("hard_negatives") if isinstance(s.meta, dict) else None
+    negs = [(str(kind), " ".join(c.split())) for kind, items in (hn.items() if isinstance(hn, dict) else ())
+            for c in (items if isinstance(items, list) else []) if isinstance(c, str) and c.strip()]
+    return s.key, list(s.captions), negs
 
-    skipped: Counter = Counter()
-    keys, img_out, captions, owner, negs, neg_owner, neg_kind = [], [], [], [], [], [], []
-    total = len(getattr(source, "rows", [])) or None
-    t0 = time.perf_counter()
-    with progress(cfg.quiet) as bar, torch.inference_mode():
-        task = bar.add_task(f"encode {label}", total=total, unit="images", info="")
-        for batch, x in image_batches(iter_samples(source, skipped), encoder, cfg.batch_size, cfg.workers,
-                                      cfg.max_pixels, skipped):
-            img_out.append(encoder.encode_image(x.to(encoder.device))[0].float().cpu())
-            for s in batch:
-                i = len(keys)
-                keys.append(s.key)
-                captions += s.captions
-                owner += [i] * len(s.captions)
-                hn = s.meta.get("hard_negatives") if isinstance(s.meta, dict) else None
-                for kind, items in (hn.items() if isinstance(hn, dict) else ()):
-                    for c in items if isinstance(items, list) else []:
-                        if isinstance(c, str) and c.strip():
-                            negs.append(" ".join(c.split()))
-                            neg_owner.append(i)
-                            neg_kind.append(str(kind))
-            bar.advance(task, len(batch))
-    t_img = time.perf_counter() - t0
-    if not keys:
-        why = ", ".join(f"{k}: {v}" for k, v in skipped.items()) or "it holds no samples"
-        raise UserError(f"no usable image–caption pair in {cfg.source} (skipped: {why})", "SOURCE")
-    img = torch.cat(img_out).numpy()
+
+def embed_source(encoder, source, cfg: EvalRetrievalConfig, label: str) -> Embedded:
+    kept, img, skipped, t_img = encode_images(
+        encoder, source, batch_size=cfg.batch_size, workers=cfg.workers, max_pixels=cfg.max_pixels, label=label,
+        quiet=cfg.quiet, keep=_captions_and_negatives, what="image–caption pair", where_source=cfg.source)
+    keys = [k for k, _, _ in kept]
+    captions = [c for _, caps, _ in kept for c in caps]
+    owner = [i for i, (_, caps, _) in enumerate(kept) for _ in caps]
+    negs = [(i, kind, c) for i, (_, _, ns) in enumerate(kept) for kind, c in ns]
     t0 = time.perf_counter()
     txt = encode_texts(encoder, captions, cfg.batch_size)
-    neg = encode_texts(encoder, negs, cfg.batch_size) if negs else np.zeros((0, txt.shape[1]), np.float32)
+    neg = encode_texts(encoder, [c for _, _, c in negs], cfg.batch_size) if negs else np.zeros((0, txt.shape[1]),
+                                                                                              np.float32)
     t_txt = time.perf_counter() - t0
-    if img.shape[1] != txt.shape[1]:
-        raise UserError(f"{encoder.spec.raw} gives {img.shape[1]}-wide image embeddings but {txt.shape[1]}-wide "
-                        "text embeddings: they are not in one joint space", "--model")
+    check_joint_space(encoder.spec.raw, img.shape[1], txt.shape[1])
     n_txt = len(captions) + len(negs)
     timing = {"encode_images_s": round(t_img, 3), "encode_texts_s": round(t_txt, 3),
               "images_per_s": round(len(keys) / max(t_img, 1e-9), 1), "texts_per_s": round(n_txt / max(t_txt, 1e-9), 1)}
-    return Embedded(keys, img, txt, np.asarray(owner, np.int64), neg, np.asarray(neg_owner, np.int64), neg_kind,
-                    skipped, timing)
+    return Embedded(keys, img, txt, np.asarray(owner, np.int64), neg, np.asarray([i for i, _, _ in negs], np.int64),
+                    [k for _, k, _ in negs], skipped, timing)
 
 
 # ----------------------------------------------------------------------------------
@@ -251,8 +100,6 @@ def _counts(e: Embedded) -> dict:
 
 def evaluate(e: Embedded, cfg: EvalRetrievalConfig):
     """(metrics, index description, timing, (image index, caption index)) for one model's embeddings."""
-    from hierdctl.retrieval import build_index, hardneg_accuracy, recall_from_ranked, search
-
     k = max(cfg.ks)
     t0 = time.perf_counter()
     img_index, info = build_index(e.img, cfg.index, k, nprobe=cfg.nprobe)
@@ -271,9 +118,6 @@ def evaluate(e: Embedded, cfg: EvalRetrievalConfig):
 
 def _save_index(dirpath: Path, runs: list[dict], overwrite: bool) -> None:
     import faiss
-
-    from hierdctl.retrieval import index_to_cpu
-    from hierdctl.atomic import publish_dir
 
     def write(tmp: Path):
         entries = []
@@ -302,16 +146,10 @@ def _save_index(dirpath: Path, runs: list[dict], overwrite: bool) -> None:
 
 def run(cfg: EvalRetrievalConfig) -> dict:
     """Evaluate every model; return (and with cfg.out, write) the report of docs/eval.md."""
-    from hierdctl import dist as D
-    from hierdctl.retrieval import check_ks
-    from hierdctl.atomic import write_json_atomic
-    from hierdctl.sources import open_source
-    from hierdctl.specs import load_encoder
-
     cfg.validate()
     started = time.time()
     source = open_source(cfg.source, cfg.source_options)
-    device = D.resolve_device(cfg.device, D.resolve())
+    device = distributed.resolve_device(cfg.device, distributed.resolve())
     runs, ref = [], None  # ref: the first model's keys, text_to_image and counts (not its embeddings)
     for i, spec in enumerate(cfg.models):
         encoder = load_encoder(spec, device, "--model")

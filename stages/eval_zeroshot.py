@@ -18,45 +18,22 @@ import json
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from hierdctl.console import console, progress
+from hierdctl import distributed
+from hierdctl.atomic import write_json_atomic
+from hierdctl.configs import EvalZeroshotConfig
+from hierdctl.console import console
+from hierdctl.embedding import check_joint_space, encode_images, encode_texts, retention, versions
 from hierdctl.errors import UserError, require
-from hierdctl.sources import IMAGE_EXTS, Sample, TarSource
+from hierdctl.retrieval import classification_metrics
+from hierdctl.sources import IMAGE_EXTS, Sample, Skip, TarSource, open_source
+from hierdctl.specs import load_encoder
 
 REPORT_SCHEMA = "hierdctl.eval-zeroshot/1"
 FOLDER_IMAGE_EXTS = IMAGE_EXTS + ("bmp", "gif", "tif", "tiff", "jpe")
-
-
-@dataclass
-class EvalZeroshotConfig:
-    source: str
-    models: list[str]
-    classnames: str = "imagenet"  # imagenet | folders | FILE (.json list or one name a line)
-    templates: str = "openai"  # openai | simple | FILE (.json list or one a line, with {c})
-    class_field: str = "cls"
-    batch_size: int = 64
-    device: str = "auto"
-    out: Path | None = None
-    max_pixels: int = 89_478_485
-    workers: int = 4
-    quiet: bool = False
-
-    def validate(self) -> "EvalZeroshotConfig":
-        from hierdctl.specs import parse_spec
-        from hierdctl.stages.eval_retrieval import check_report_path
-
-        require(bool(self.models), "give at least one --model SPEC", "--model")
-        for m in self.models:
-            parse_spec(m, "--model")
-        require(self.batch_size >= 1, "must be at least 1", "--batch-size")
-        require(self.workers >= 0, "must be 0 or more", "--workers")
-        require(self.max_pixels > 0, f"must be positive, got {self.max_pixels}", "--max-pixels")
-        check_report_path(self.out)
-        return self
 
 
 # ----------------------------------------------------------------------------------
@@ -121,8 +98,6 @@ class LabelledShards(TarSource):
         self.by_name = {n: i for i, n in enumerate(names)}
 
     def _make(self, key: str, members: dict):
-        from hierdctl.sources import Skip
-
         ext = next((e for e in IMAGE_EXTS if e in members), None)
         if ext is None:
             return Skip(key, "missing_image")
@@ -165,8 +140,6 @@ class FolderTree:
         return {"kind": self.kind, "spec": str(self.root), "classes": len(self.classes), "files": len(self.files)}
 
     def iter_unit(self, unit):
-        from hierdctl.sources import Skip
-
         for path, label in self.files:
             key = os.path.relpath(path, self.root)
             try:
@@ -180,7 +153,6 @@ class FolderTree:
 
 def open_labelled(cfg: EvalZeroshotConfig) -> tuple[object, list[str], str]:
     """(source, class names, where the names come from)."""
-    from hierdctl.sources import open_source
     from hierdctl.tv_shim import import_open_clip
 
     p = Path(cfg.source)
@@ -215,8 +187,6 @@ def open_labelled(cfg: EvalZeroshotConfig) -> tuple[object, list[str], str]:
 
 def classifier(encoder, names: list[str], templates: list, batch_size: int) -> np.ndarray:
     """(C,D) class weights: the normalised mean of each class's normalised prompt embeddings."""
-    from hierdctl.stages.eval_retrieval import encode_texts
-
     prompts = [t(c) for c in names for t in templates]
     emb = encode_texts(encoder, prompts, batch_size).reshape(len(names), len(templates), -1)  # (C,T,D)
     w = emb.mean(axis=1)
@@ -224,45 +194,23 @@ def classifier(encoder, names: list[str], templates: list, batch_size: int) -> n
 
 
 def run(cfg: EvalZeroshotConfig) -> dict:
-    import torch
-
-    from hierdctl import dist as D
-    from hierdctl.retrieval import classification_metrics
-    from hierdctl.atomic import write_json_atomic
-    from hierdctl.specs import load_encoder
-    from hierdctl.stages.eval_retrieval import image_batches, iter_samples, retention, versions
-
     cfg.validate()
     started = time.time()
     templates, tpl_origin = load_templates(cfg.templates)
     source, names, origin = open_labelled(cfg)
-    device = D.resolve_device(cfg.device, D.resolve())
+    device = distributed.resolve_device(cfg.device, distributed.resolve())
     runs, ref_keys, skipped = [], None, Counter()
     for i, spec in enumerate(cfg.models):
         encoder = load_encoder(spec, device, "--model")
-        skipped = Counter()
         t0 = time.perf_counter()
         w = classifier(encoder, names, templates, cfg.batch_size)  # (C,D)
         t_cls = time.perf_counter() - t0
-        keys, labels, feats = [], [], []
-        t0 = time.perf_counter()
-        with progress(cfg.quiet) as bar, torch.inference_mode():
-            task = bar.add_task(f"encode [{i}] {spec}", total=len(getattr(source, "files", [])) or None,
-                                unit="images", info="")
-            for batch, x in image_batches(iter_samples(source, skipped), encoder, cfg.batch_size, cfg.workers,
-                                          cfg.max_pixels, skipped):
-                feats.append(encoder.encode_image(x.to(encoder.device))[0].float().cpu())
-                keys += [s.key for s in batch]
-                labels += [s.meta["label"] for s in batch]
-                bar.advance(task, len(batch))
-        t_img = time.perf_counter() - t0
-        if not keys:
-            why = ", ".join(f"{k}: {v}" for k, v in skipped.items()) or "it holds no samples"
-            raise UserError(f"no usable labelled image in {cfg.source} (skipped: {why})", "SOURCE")
-        img = torch.cat(feats).numpy()
-        if img.shape[1] != w.shape[1]:
-            raise UserError(f"{spec} gives {img.shape[1]}-wide image embeddings but {w.shape[1]}-wide text "
-                            "embeddings: they are not in one joint space", "--model")
+        kept, img, skipped, t_img = encode_images(
+            encoder, source, batch_size=cfg.batch_size, workers=cfg.workers, max_pixels=cfg.max_pixels,
+            label=f"[{i}] {spec}", quiet=cfg.quiet, keep=lambda s: (s.key, s.meta["label"]),
+            what="labelled image", where_source=cfg.source)
+        keys, labels = [k for k, _ in kept], [lb for _, lb in kept]
+        check_joint_space(spec, img.shape[1], w.shape[1])
         if ref_keys is None:
             ref_keys = keys
         assert keys == ref_keys, "same data for every model"

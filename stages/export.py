@@ -2,7 +2,8 @@
 
 Input: a run dir (its latest checkpoint, named by checkpoints/latest.json), a run's
 checkpoints/ folder, or one checkpoints/step-NNNNNNN.safetensors with its sibling .json
-(model_cfg, preprocess_cfg, teacher, recipe, step: stages/distill.py).
+(model_cfg, preprocess_cfg, teacher, recipe, step): the run directory's contract is
+hierdctl/checkpoint.py.
 
 Output DIR (written under a temporary name and renamed into place, so DIR is either the
 previous export or the complete new one):
@@ -30,128 +31,35 @@ PyTorch (max abs difference recorded, must be ≤ `atol`).
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import logging
-import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from hierdctl import checkpoint
+from hierdctl.atomic import check_dir_target, publish_dir, sha256_file
+from hierdctl.checkpoint import StudentCheckpoint
+from hierdctl.configs import ExportConfig
 from hierdctl.console import console
 from hierdctl.errors import UserError, require
 
-FORMATS = ("open_clip", "onnx", "all")
 MARKER = "export.json"
 SCHEMA = "hierdctl.export/1"  # export.json's "schema": what marks DIR as an export hierdctl may replace
-ONNX_MODULES = ("onnx", "onnxruntime")  # the `onnx` extra: exporting and checking the graphs
 
 
 class ExportMismatch(RuntimeError):
     """An exported model does not reproduce the checkpoint (a bug, not bad input)."""
 
 
-@dataclass
-class ExportConfig:
-    source: Path  # run dir, its checkpoints/ folder, or a step-NNNNNNN.safetensors
-    out: Path
-    format: str = "open_clip"
-    report: Path | None = None  # an eval-retrieval / eval-zeroshot report for the model card
-    opset: int = 17
-    atol: float = 1e-4  # ONNX vs PyTorch, on L2-normalised embeddings
-    overwrite: bool = False
-    quiet: bool = False
-
-    def validate(self) -> "ExportConfig":
-        require(self.format in FORMATS, f"unknown format {self.format!r} ({', '.join(FORMATS)})", "--format")
-        if "onnx" in self.formats:  # before any work, not after the open_clip export
-            missing = [m for m in ONNX_MODULES if importlib.util.find_spec(m) is None]
-            require(not missing, f"--format {self.format} needs {' and '.join(missing)}, which "
-                    f"{'is' if len(missing) == 1 else 'are'} not installed (pip install 'hierdctl[onnx]')", "--format")
-        require(self.opset >= 14, "ONNX opset must be at least 14", "--opset")
-        require(math.isfinite(self.atol) and self.atol > 0, f"must be a positive number, got {self.atol:g}", "--atol")
-        if self.report is not None:
-            require(Path(self.report).is_file(), f"{self.report} does not exist", "--report")
-        return self
-
-    @property
-    def formats(self) -> tuple[str, ...]:
-        return ("open_clip", "onnx") if self.format == "all" else (self.format,)
-
-
 # ----------------------------------------------------------------------------------
-# Reading a checkpoint
+# The student, rebuilt from a checkpoint (hierdctl/checkpoint.py reads it)
 # ----------------------------------------------------------------------------------
 
 
-@dataclass
-class Checkpoint:
-    path: Path  # the .safetensors
-    meta: dict  # its sibling .json
-    student: dict  # student state dict, prefix removed
-    dropped: list[str]  # wrapper keys that are not the student
-    run_dir: Path | None
-
-
-def resolve_checkpoint(source: Path, where: str = "RUN_DIR") -> tuple[Path, Path | None]:
-    """(checkpoint .safetensors, run dir or None) for a run dir, a checkpoints/ dir or a file."""
-    p = Path(source)
-    if p.is_file():
-        require(p.suffix == ".safetensors", f"{p} is not a .safetensors checkpoint", where)
-        d = p.parent
-        return p, (d.parent if d.name == "checkpoints" else None)
-    if not p.is_dir():
-        raise UserError(f"{p} does not exist", where)
-    for d, run in ((p / "checkpoints", p), (p, p.parent if p.name == "checkpoints" else None)):
-        latest = d / "latest.json"
-        if latest.is_file():
-            try:
-                name = json.loads(latest.read_text())["name"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{latest} is not a valid latest.json", where) from None
-            ck = d / f"{name}.safetensors"
-            require(ck.is_file(), f"{latest} names {ck.name}, which does not exist", where)
-            return ck, run
-    raise UserError(f"{p} holds no checkpoints/latest.json: not a hierdctl distill run dir", where)
-
-
-def load_checkpoint(source: Path, where: str = "RUN_DIR") -> Checkpoint:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path, run_dir = resolve_checkpoint(source, where)
-    meta_path = path.with_suffix(".json")
-    require(meta_path.is_file(), f"{path.name} has no sibling {meta_path.name} (model config); "
-            "it is not a hierdctl distill checkpoint", where)
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{meta_path} is not valid JSON ({e})", where) from None
-    require(isinstance(meta.get("model_cfg"), dict), f"{meta_path} carries no model_cfg", where)
-    try:
-        state = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"cannot read {path}: {e}", where) from None
-    prefix = "student."
-    student = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    require(bool(student), f"{path} holds no '{prefix}*' tensors: not a StudentWrapper checkpoint", where)
-    dropped = sorted(k for k in state if not k.startswith(prefix))
-    return Checkpoint(path, meta, student, dropped, run_dir)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def reference_model(ck: Checkpoint):
+def reference_model(ck: StudentCheckpoint):
     """The student exactly as the checkpoint holds it (built from model_cfg, strict load)."""
-    import torch
-
     from hierdctl.specs import register_model_config
     from hierdctl.tv_shim import import_open_clip
 
@@ -178,8 +86,6 @@ def reference_model(ck: Checkpoint):
 
 def _probe_inputs(model, tokenizer, batch: int, seed: int = 0):
     """Fixed random images (B,3,S,S) and real tokenised captions (B,L)."""
-    import torch
-
     size = model.visual.image_size
     s = size if isinstance(size, (tuple, list)) else (size, size)
     g = torch.Generator().manual_seed(seed)
@@ -191,8 +97,6 @@ def _probe_inputs(model, tokenizer, batch: int, seed: int = 0):
 
 
 def _embed(model, images, tokens):
-    import torch
-
     with torch.inference_mode():
         return model.encode_image(images, normalize=True), model.encode_text(tokens, normalize=True)
 
@@ -208,7 +112,7 @@ def _max_diff(a, b) -> float:
 # ----------------------------------------------------------------------------------
 
 
-def write_open_clip(ck: Checkpoint, d: Path) -> None:
+def write_open_clip(ck: StudentCheckpoint, d: Path) -> None:
     from safetensors.torch import save_file
 
     pp = dict(ck.meta.get("preprocess_cfg") or {})
@@ -224,8 +128,6 @@ def write_onnx(model, d: Path, opset: int, atol: float, tokenizer) -> dict:
 
     import onnx
     import onnxruntime as ort
-    import torch
-
     class ImageEncoder(torch.nn.Module):
         def __init__(self, m):
             super().__init__()
@@ -314,7 +216,7 @@ def _metrics_section(report: dict, out: Path) -> list[str]:
     return lines
 
 
-def model_card(ck: Checkpoint, manifest: dict, report: dict | None, out: Path) -> str:
+def model_card(ck: StudentCheckpoint, manifest: dict, report: dict | None, out: Path) -> str:
     meta, cfg = ck.meta, ck.meta["model_cfg"]
     teacher = meta.get("teacher") or {}
     vc, tc = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
@@ -385,7 +287,7 @@ def model_card(ck: Checkpoint, manifest: dict, report: dict | None, out: Path) -
 # ----------------------------------------------------------------------------------
 
 
-def cache_dir(ck: Checkpoint) -> Path | None:
+def cache_dir(ck: StudentCheckpoint) -> Path | None:
     """The teacher cache the checkpoint was trained from (meta["data"]), or None when unknown.
 
     A relative path is taken relative to the run dir, never to the current directory (which
@@ -399,7 +301,7 @@ def cache_dir(ck: Checkpoint) -> Path | None:
     return ck.run_dir / p if ck.run_dir is not None else None
 
 
-def _training_and_data(ck: Checkpoint) -> tuple[dict, dict]:
+def _training_and_data(ck: StudentCheckpoint) -> tuple[dict, dict]:
     import yaml
 
     train, data = {}, {}
@@ -423,10 +325,7 @@ def _training_and_data(ck: Checkpoint) -> tuple[dict, dict]:
 
 def run(cfg: ExportConfig) -> dict:
     """Export; return the manifest written as DIR/export.json."""
-    import torch
-
     from hierdctl import __version__
-    from hierdctl.atomic import check_dir_target, publish_dir
     from hierdctl.tv_shim import import_open_clip
 
     cfg.validate()
@@ -442,7 +341,7 @@ def run(cfg: ExportConfig) -> dict:
     check_dir_target(out, MARKER, SCHEMA, "--out", cfg.overwrite, "an export")  # before any work
 
     t0 = time.time()
-    ck = load_checkpoint(cfg.source)
+    ck = checkpoint.load_student(cfg.source)
     ref = reference_model(ck)
     open_clip = import_open_clip()
     train, data = _training_and_data(ck)
@@ -465,7 +364,7 @@ def run(cfg: ExportConfig) -> dict:
         manifest = {
             "schema": SCHEMA,
             "formats": list(cfg.formats),
-            "checkpoint": {"path": str(ck.path.resolve()), "sha256": _sha256(ck.path), "step": ck.meta.get("step")},
+            "checkpoint": {"path": str(ck.path.resolve()), "sha256": sha256_file(ck.path), "step": ck.meta.get("step")},
             "model_cfg": ck.meta["model_cfg"],
             "preprocess_cfg": dict(model.visual.preprocess_cfg),
             "embed_dim": int(ri.shape[1]),

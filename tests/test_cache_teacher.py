@@ -39,7 +39,7 @@ def _run(source: str, out: Path, teacher: str, **kw) -> dict:
 
 def _samples(out: Path) -> list[cache_format.CachedSample]:
     m = json.loads((out / cache_format.MANIFEST_NAME).read_text())
-    return [s for sh in m["shards"] for s in cache_format.iter_shard(out / sh["name"])]
+    return [s for sh in m["shards"] for s in cache_format.read_shard(out / sh["name"])]
 
 
 def _shard_bytes(out: Path) -> dict[str, bytes]:

@@ -65,7 +65,7 @@ def test_student_equal_to_teacher_gives_zero_relational_terms(cache, tmp_path):
     # The tiny teacher is tiny-test initialised with seed 0: with seed 0 the student starts
     # as an exact copy, so at step 1 every teacher-matching term is zero (to fp16 storage).
     out = tmp_path / "same"
-    S.run(_cfg(cache, out, recipe="hierd+rd", steps=1, seed=0))
+    S.run(_cfg(cache, out, recipe="hierd+rd", steps=1, seed=0, warmup=0))
     first = _metrics(out)[0]
     for term in ("crd_loss", "fd_loss", "hierd_clu_clu_loss", "hierd_clu_img_loss", "hierd_phr_phr_loss",
                  "hierd_phr_cap_loss", "hierd_clu_phr_loss", "hierd_phr_img_loss", "hierd_clu_cap_loss"):
@@ -78,7 +78,7 @@ def test_student_equal_to_teacher_gives_zero_relational_terms(cache, tmp_path):
 def test_resume_reproduces_the_uninterrupted_run(cache, tmp_path, monkeypatch):
     full, part = tmp_path / "full", tmp_path / "part"
     S.run(_cfg(cache, full, steps=10, save_every=4))
-    real_save = S.save_checkpoint
+    real_save = S.checkpoint.save
 
     def save_then_die(out, step, *a, **k):
         path = real_save(out, step, *a, **k)
@@ -86,10 +86,10 @@ def test_resume_reproduces_the_uninterrupted_run(cache, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # as if killed right after the step-4 checkpoint
         return path
 
-    monkeypatch.setattr(S, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(S.checkpoint, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         S.run(_cfg(cache, part, steps=10, save_every=4))
-    monkeypatch.setattr(S, "save_checkpoint", real_save)
+    monkeypatch.setattr(S.checkpoint, "save", real_save)
     summary = S.run(_cfg(cache, part, steps=10, save_every=4, resume=True))
     assert summary["resumed_from"] == 4
     a, b = _metrics(full), _metrics(part)
@@ -178,7 +178,7 @@ def test_config_file_and_set_overrides(tmp_path):
     with pytest.raises(UserError, match="unknown setting 'learning_rate'"):
         S.resolve_config(dict(cache="c", student="s", recipe="clip", out="o", steps=3), None, ["learning_rate=1"])
     with pytest.raises(UserError, match="--steps"):
-        S.resolve_config(dict(cache="c", student="s", recipe="clip", out="o"))
+        S.resolve_config(dict(cache="c", student="s", recipe="clip", out="o")).validate()  # run() validates once
 
 
 def _cli(*args):

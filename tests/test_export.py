@@ -17,7 +17,8 @@ from hierdctl.errors import UserError
 from hierdctl.stages import distill as S
 from hierdctl.stages.cache_teacher import CacheTeacherConfig
 from hierdctl.stages.cache_teacher import run as cache_run
-from hierdctl.stages.export import ExportConfig, load_checkpoint
+from hierdctl.checkpoint import load_student as load_checkpoint
+from hierdctl.configs import ExportConfig
 from hierdctl.stages.export import run as export_run
 from hierdctl.tv_shim import import_open_clip
 
@@ -281,7 +282,8 @@ def test_publish_dir_ignores_leftovers_and_cleans_up_after_a_failure(tmp_path, m
 
 
 def test_relative_cache_paths_resolve_against_the_run_dir(tmp_path, monkeypatch):
-    from hierdctl.stages.export import Checkpoint, _training_and_data, cache_dir
+    from hierdctl.checkpoint import StudentCheckpoint as Checkpoint
+    from hierdctl.stages.export import _training_and_data, cache_dir
 
     def manifest(folder: Path, n: int) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -332,7 +334,7 @@ def test_onnx_format_without_onnx_installed_is_a_user_error_before_any_work(runs
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))
-    monkeypatch.setattr(E, "load_checkpoint", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(E.checkpoint, "load_student", lambda *a, **k: pytest.fail("work started"))
     for fmt in ("onnx", "all"):
         r = _cli("export", runs["run"], "--out", tmp_path / "o", "--format", fmt)
         assert r.exit_code == 2 and "--format" in r.output and missing in r.output, r.output

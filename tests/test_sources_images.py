@@ -340,9 +340,10 @@ def test_sample_members_are_ordered_and_never_pickled(tmp_path):
     members = cache_format.encode_sample("00000_000000", meta, b"PNGDATA", arrays, "fp16")
     assert [n for n, _ in members] == ["00000_000000.meta.json", "00000_000000.image.png", "00000_000000.clu_assign.npy",
                                        "00000_000000.img_emb.npy", "00000_000000.txt_emb.npy"]
-    n = atomic.write_tar_atomic(tmp_path / "s.tar", members)
-    assert n == (tmp_path / "s.tar").stat().st_size and not list(tmp_path.glob("*.tmp*"))
-    (s,) = cache_format.iter_shard(tmp_path / "s.tar")
+    written = atomic.write_tar_atomic(tmp_path / "s.tar", members)
+    assert written.bytes == (tmp_path / "s.tar").stat().st_size and not list(tmp_path.glob("*.tmp*"))
+    assert written.sha256 == atomic.sha256_file(tmp_path / "s.tar")  # hashed while writing
+    (s,) = cache_format.read_shard(tmp_path / "s.tar")
     assert s.meta == meta and s.image == b"PNGDATA" and s.arrays["clu_assign"].dtype == np.uint8
     # Object arrays would need pickle: the loader refuses them.
     buf = io.BytesIO()
