@@ -7,9 +7,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +112,40 @@ def test_decompression_bomb_is_refused_before_decoding():
         decode_rgb(data, max_pixels=1_000_000)
     assert e.value.reason == "decompression_bomb" and "4000x4000" in e.value.detail
     assert decode_rgb(data, max_pixels=16_000_000)[0].size == (4000, 4000)
+
+
+def bomb_png(w=100_000, h=100_000) -> bytes:
+    """A valid PNG header claiming w x h RGB pixels, with a tiny IDAT: nothing is allocated."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit RGB, deflate, no filter, no interlace
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_a_bomb_beyond_pils_own_limit_is_a_bad_image():
+    """PIL raises DecompressionBombError inside Image.open for more than 2 x MAX_IMAGE_PIXELS
+    (here 10^10 pixels): that was an uncaught traceback; it is a counted decompression_bomb."""
+    data = bomb_png()
+    assert len(data) < 100
+    with pytest.raises(BadImage) as e:
+        decode_rgb(data)
+    assert e.value.reason == "decompression_bomb" and "100000x100000" in e.value.detail
+
+
+def test_the_callers_max_pixels_decides_not_pils_global(monkeypatch):
+    # With PIL's global limit lowered below the image, Image.open alone refuses it; decode_rgb
+    # follows its caller's max_pixels, and leaves PIL's global as it found it.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    data = _encode(_rgb(100, 100), "PNG")  # 10,000 pixels > 2 x 1000
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(data))
+    img, _ = decode_rgb(data, max_pixels=20_000)
+    assert img.size == (100, 100) and np.array_equal(np.asarray(img), np.asarray(_rgb(100, 100)))
+    with pytest.raises(BadImage) as e:
+        decode_rgb(data, max_pixels=9_999)
+    assert e.value.reason == "decompression_bomb" and "100x100 > 9999" in e.value.detail
+    assert Image.MAX_IMAGE_PIXELS == 1000
 
 
 # ----------------------------------------------------------------------------------
