@@ -7,7 +7,6 @@ a DecompressionBombError traceback and the caption a UnicodeDecodeError one."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
