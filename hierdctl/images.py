@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -22,6 +23,10 @@ import numpy as np
 from PIL import Image
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (~ 0.25 GB RGB)
+
+# decode_rgb applies the caller's max_pixels itself; PIL's warning at its own global threshold
+# would only repeat that check on stderr (and warnings.catch_warnings is not thread-safe).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class BadImage(Exception):
@@ -31,30 +36,53 @@ class BadImage(Exception):
 
 
 def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, str | None]:
-    """Decode to 8-bit RGB. Returns (image, original mode if it was converted, else None)."""
+    """Decode to 8-bit RGB. Returns (image, original mode if it was converted, else None).
+
+    `max_pixels` alone decides what is a decompression bomb: the size is read from the
+    header and checked before any pixel is decoded, whatever PIL's global limit says."""
     if not data:
         raise BadImage("empty_image")
-    try:
-        img = Image.open(io.BytesIO(data))
-    except (Image.UnidentifiedImageError, OSError, ValueError) as e:  # a cut inside the header lands here
-        raise BadImage(_failure_reason(e), str(e)[:200]) from None
+    img = _open(data)
     w, h = img.size
     if w * h > max_pixels:  # checked before any pixel is decoded
         raise BadImage("decompression_bomb", f"{w}x{h} > {max_pixels} pixels")
     if w < 1 or h < 1:
         raise BadImage("corrupt_image", f"size {w}x{h}")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img.load()
-    except Image.DecompressionBombWarning as e:
+        img.load()
+    except Image.DecompressionBombError as e:  # a later frame (GIF) larger than PIL's limit
         raise BadImage("decompression_bomb", str(e)[:200]) from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except (OSError, ValueError, SyntaxError) as e:
         raise BadImage(_failure_reason(e), str(e)[:200]) from None
     mode = img.mode
     if mode == "RGB":
         return img, None
     return _to_rgb(img), mode
+
+
+# PIL refuses images over 2 x Image.MAX_IMAGE_PIXELS inside Image.open already; such an image
+# is opened again with PIL's limit lifted, under this lock (the limit is a module global and
+# decoding runs in threads), so that its size meets the caller's max_pixels like any other.
+_UNLIMITED_OPEN = threading.Lock()
+
+
+def _open(data: bytes) -> Image.Image:
+    """The image with its header read, no pixel decoded."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        pass
+    except (Image.UnidentifiedImageError, OSError, ValueError) as e:  # a cut inside the header lands here
+        raise BadImage(_failure_reason(e), str(e)[:200]) from None
+    with _UNLIMITED_OPEN:
+        limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(io.BytesIO(data))
+        except (Image.UnidentifiedImageError, OSError, ValueError) as e:
+            raise BadImage(_failure_reason(e), str(e)[:200]) from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
 
 
 def _failure_reason(e: Exception) -> str:

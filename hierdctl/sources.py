@@ -7,6 +7,17 @@
     pairs.jsonl                 the same as JSON lines; a caption may be a list of captions
     dataset_coco.json           a COCO / Flickr30k Karpathy-split file (+ image root, split)
 
+WebDataset shards may also be URLs, brace-expanded the same way (docs/sources.md):
+
+    pipe:aws s3 cp s3://bucket/{00000..00331}.tar -    a shell command writing the shard to stdout
+    https://host/shards/{000..009}.tar                   fetched with curl (webdataset.gopen)
+    file:/data/{0..3}.tar                                a local file, as a URL
+    s3://bucket/{0..9}.tar, gs://…, hf://…               fsspec, with the protocol's backend installed
+
+Local shards must exist before any work starts; a URL shard that cannot be opened or read
+is one `unreadable_shard` skip. A shard cut short, or with a corrupt header, is one
+`truncated_tar` / `corrupt_tar` skip that says how many samples were read before it.
+
 A source is cut into *units* (one input shard, or a chunk of table rows) that stages
 process independently: units are what ranks split between them and what resumes.
 Iterating a unit yields `Sample`s and `Skip`s; a skip is never fatal and carries a reason
@@ -19,6 +30,7 @@ import csv
 import glob
 import json
 import os
+import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +78,8 @@ def _clean_captions(raw) -> tuple[list[str], str | None]:
                 return [], "undecodable_caption"
         if not isinstance(c, str):
             continue
+        if _undecodable(c):  # a table read with surrogateescape, or a "\udcXX" JSON escape
+            return [], "undecodable_caption"
         c = " ".join(c.split())
         if c:
             out.append(c)
@@ -73,11 +87,129 @@ def _clean_captions(raw) -> tuple[list[str], str | None]:
 
 
 # ----------------------------------------------------------------------------------
-# WebDataset shards
+# WebDataset shards: local paths and URLs
 # ----------------------------------------------------------------------------------
+
+# webdataset.gopen opens these (pipe: runs a shell command, http(s) runs curl, file: is a local
+# path); any other scheme://… goes to fsspec, when the backend for it is installed.
+GOPEN_SCHEMES = ("pipe", "http", "https", "file")
+_URL = re.compile(r"^(?:(pipe|file):|([A-Za-z][A-Za-z0-9+.-]*)://)")
+
+# curl's exit codes that a shard URL typically meets (`man curl`, EXIT CODES).
+_CURL_EXITS = {6: "could not resolve the host", 7: "could not connect to the server", 18: "partial transfer",
+               22: "the server answered with an HTTP error, 4xx or 5xx", 28: "timed out", 35: "TLS handshake failed",
+               52: "empty reply from the server", 56: "the connection broke", 60: "TLS certificate not trusted"}
+
+
+def url_scheme(spec: str) -> str | None:
+    """'pipe', 'file', 'https', 's3', ... for a URL; None for a local path (even one with a colon)."""
+    m = _URL.match(spec)
+    return (m.group(1) or m.group(2)).lower() if m else None
+
+
+def _file_url_path(url: str) -> str:
+    """The local path of a file: URL, as webdataset.gopen opens it."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    return url2pathname(urlparse(url).path)
+
+
+def _check_urls(spec: str, urls: list[str], where: str) -> None:
+    """What can be checked before any work: local files behind file: URLs exist, the tool or
+    fsspec backend a scheme needs is there. Remote shards are only known when opened."""
+    import shutil
+
+    schemes = sorted({url_scheme(u) for u in urls})
+    for scheme in schemes:
+        if scheme == "file":
+            missing = [u for u in urls if not Path(_file_url_path(u)).is_file()]
+            if len(missing) == len(urls):
+                raise UserError(f"no file of {spec} exists", where)
+            if missing:
+                raise UserError(f"{len(missing)} of {len(urls)} shards do not exist (first: {missing[0]})", where)
+        elif scheme in ("http", "https"):
+            if shutil.which("curl") is None:
+                raise UserError(f"{scheme}:// shards are fetched with curl (webdataset.gopen), and curl is not on PATH",
+                                where)
+        elif scheme != "pipe":
+            import fsspec
+
+            try:
+                fsspec.get_filesystem_class(scheme)
+            except ImportError as e:
+                raise UserError(f"{scheme}:// needs an fsspec backend that is not installed ({e}); or read the "
+                                "shards through a command, e.g. 'pipe:aws s3 cp s3://bucket/{00000..00099}.tar -'",
+                                where) from None
+            except ValueError:
+                raise UserError(f"unknown URL scheme {scheme}:// (known: pipe:, file:, http(s)://, and fsspec's "
+                                "protocols such as s3:// or gs:// with their backend installed)", where) from None
+
+
+def _open_shard(label: str):
+    """(what to read, what to close) for one shard: a local path, a webdataset.gopen URL or an
+    fsspec URL. A gopen Pipe (pipe: commands, curl) polls its command after every read and
+    raises once it exited non-zero, dropping output still in the pipe: its pipe is read
+    directly instead, to the end, and the Pipe's close() checks the exit status once."""
+    scheme = url_scheme(label)
+    if scheme is None:
+        f = open(label, "rb")
+        return f, f
+    if scheme in GOPEN_SCHEMES:
+        from webdataset.gopen import Pipe, gopen
+
+        f = gopen(label, "rb")
+        return (f.stream, f) if isinstance(f, Pipe) else (f, f)
+    import fsspec
+
+    f = fsspec.open(label, "rb").open()
+    return f, f
+
+
+def _stream_failure(stream, e: Exception) -> str:
+    """Why reading a shard's stream failed, in words: a pipe's or curl's exit status, or the error."""
+    status = getattr(stream, "status", None)
+    proc = getattr(stream, "proc", None)  # webdataset.gopen.Pipe: pipe: commands and curl
+    if proc is not None and status not in (None, 0):
+        args = proc.args
+        if isinstance(args, (list, tuple)) and args and args[0] == "curl":
+            return f"curl exit {status} ({_CURL_EXITS.get(status, 'see man curl')})"
+        return f"the command exited with status {status}"
+    return f"{type(e).__name__}: {e}"[:300]
+
+
+class _HeaderProbe(tarfile.TarInfo):
+    """Keeps the block that tarfile could not read as a header. In stream mode tarfile ends the
+    archive silently on any bad header after the first; that block tells the real end (zeros)
+    from a cut (a short or missing block) or a corrupt header (512 bytes that are no header).
+    TarSource makes one subclass per shard read, so each read has its own `failed`."""
+
+    failed: bytes | None = None
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):
+        try:
+            return super().frombuf(buf, encoding, errors)
+        except tarfile.HeaderError:
+            cls.failed = bytes(buf)
+            raise
+
+
+def _how_it_ended(block: bytes | None) -> tuple[str, str] | None:
+    """None when the archive ended with (a part of) its end-of-archive zero blocks: nothing lost.
+    Else (skip reason, what happened). A header never starts with a NUL byte (its name does)."""
+    if block is None or (block and not any(block)):
+        return None
+    if not block:
+        return "truncated_tar", "the archive ends between two members, without its end-of-archive blocks"
+    if len(block) < tarfile.BLOCKSIZE:
+        return "truncated_tar", f"the archive is cut inside a member header ({len(block)} of 512 bytes)"
+    return "corrupt_tar", "a member header is invalid (bad checksum or not a tar header)"
 
 
 class TarSource:
+    """WebDataset shards; each shard (a path or a URL) is a unit and its label."""
+
     kind = "webdataset"
 
     def __init__(self, spec: str, paths: list[str]):
@@ -88,35 +220,81 @@ class TarSource:
         return {"kind": self.kind, "spec": self.spec, "units": len(self.units)}
 
     def iter_unit(self, unit: Unit) -> Iterator[Sample | Skip]:
-        """Group consecutive members by key (webdataset's rule: the basename up to its first dot)."""
-        key, members = None, {}
+        """Group consecutive members by key (webdataset's rule: the basename up to its first dot).
+
+        A sample is yielded once a member of the next key arrives, or at the archive's end. If the
+        shard breaks first (cut, corrupt header, failing stream), the sample being read is not
+        yielded (its members may be incomplete): one skip reports the break, its key is that
+        sample's, and its detail says how many samples were read before."""
+        label = unit.label
         try:
-            with tarfile.open(unit.label, "r|*") as tf:
-                for m in tf:
-                    if not m.isfile():
-                        continue
-                    d, base = os.path.split(m.name)
-                    if "." not in base or base.startswith("."):
-                        continue
-                    k, ext = base.split(".", 1)
-                    k = f"{d}/{k}" if d else k
-                    if k != key:  # the previous sample is complete: yield it before reading on
-                        if key is not None:
-                            yield self._make(key, members)
-                        key, members = k, {}
-                    data = tf.extractfile(m).read()
-                    if len(data) != m.size:
-                        raise tarfile.ReadError("unexpected end of data")
-                    members[ext.lower()] = data
-        except (tarfile.ReadError, EOFError, OSError) as e:
-            # One skip per truncation: the sample being read when the archive broke is lost with
-            # the rest of the shard, and how many samples that rest held cannot be known.
-            yield Skip(key or unit.label, "truncated_tar",
-                       f"{unit.label}: {e}; the rest of the shard from here on is lost "
-                       "(how many samples it held cannot be known)")
+            stream, closer = _open_shard(label)
+        except (OSError, ValueError) as e:  # a missing file, a refused pipe:/file: URL, an fsspec error
+            yield Skip(label, "unreadable_shard", f"{label}: {_stream_failure(None, e)}")
             return
-        if key is not None:
+        probe = type("_Probe", (_HeaderProbe,), {})
+        key, members, n = None, {}, 0  # the sample being read, its members, samples yielded so far
+        broke: tuple[str, str] | None = None  # (reason, what) when the archive did not end cleanly
+        failure: str | None = None  # the stream itself failed (pipe or curl exit status, I/O error)
+        clean = False
+        try:
+            try:
+                tf = tarfile.open(fileobj=stream, mode="r|*", tarinfo=probe)
+            except tarfile.TarError as e:  # the first header, or the compression, is unreadable
+                if probe.failed == b"":
+                    broke = ("truncated_tar", "the shard is empty")
+                else:
+                    broke = _how_it_ended(probe.failed) or ("corrupt_tar", f"not a tar archive ({e})")
+            else:
+                with tf:
+                    for m in tf:
+                        tf.members = []  # stream mode would keep every header of the shard
+                        if not m.isfile():
+                            continue
+                        d, base = os.path.split(m.name)
+                        if "." not in base or base.startswith("."):
+                            continue
+                        k, ext = base.split(".", 1)
+                        k = f"{d}/{k}" if d else k
+                        if k != key:  # the previous sample is complete: yield it before reading on
+                            if key is not None:
+                                yield self._make(key, members)
+                                n += 1
+                            key, members = k, {}
+                        data = tf.extractfile(m).read()
+                        if len(data) != m.size:
+                            raise tarfile.ReadError("unexpected end of data")
+                        members[ext.lower()] = data
+                broke = _how_it_ended(probe.failed)
+                clean = broke is None
+                if clean and url_scheme(label) is not None:
+                    while stream.read(1 << 20):  # the rest (padding): a command then exits by itself, 0
+                        pass
+        except (tarfile.TarError, EOFError) as e:  # a cut inside member data, or after a pax/GNU header
+            broke = ("corrupt_tar", str(e)) if probe.failed and len(probe.failed) == tarfile.BLOCKSIZE and any(
+                probe.failed) else ("truncated_tar", f"the archive is cut ({e})")
+        except OSError as e:  # the stream: an I/O error, a broken connection (fsspec)
+            failure = _stream_failure(closer, e)
+        finally:
+            try:
+                closer.close()  # a Pipe waits for its command here and raises on a bad exit status
+            except OSError as e:
+                failure = failure or _stream_failure(closer, e)
+
+        if clean and key is not None:
             yield self._make(key, members)
+            n, key = n + 1, None
+        if failure is not None:
+            if clean:
+                yield Skip(label, "unreadable_shard", f"{label}: {failure}, after the archive's end ({n} samples read)")
+            elif n == 0 and key is None:
+                yield Skip(label, "unreadable_shard", f"{label}: {failure}")
+            else:
+                yield Skip(key or label, "truncated_tar", f"{label}: the stream failed ({failure}); "
+                           + _lost(n, key))
+        elif broke is not None:
+            reason, what = broke
+            yield Skip(key or label, reason, f"{label}: {what}; " + _lost(n, key))
 
     @staticmethod
     def _make(key: str, members: dict) -> Sample | Skip:
@@ -147,6 +325,12 @@ class TarSource:
             if c not in distinct:
                 distinct.append(c)
         return Sample(key, members[ext], ext, distinct, meta)
+
+def _lost(n: int, key: str | None) -> str:
+    """The end of a break's detail: how many samples came before it, what it cost."""
+    if key is None:
+        return f"{n} samples read before it; the rest of the shard is lost"
+    return f"{n} samples read before it; the sample being read ({key}) and the rest of the shard are lost"
 
 
 # ----------------------------------------------------------------------------------
@@ -188,15 +372,40 @@ class RowSource:
             except OSError as e:
                 yield Skip(row.key, "missing_file", f"{row.path}: {e.strerror}")
                 continue
+            except ValueError as e:  # a NUL byte or a lone surrogate (JSON escape) in the path
+                yield Skip(row.key, "missing_file", f"{_shown(row.path)}: {e}")
+                continue
             ext = Path(row.path).suffix.lstrip(".").lower() or "jpg"
             yield Sample(row.key, data, ext, captions, {"path": row.path})
 
 
+def _undecodable(text: str) -> bool:
+    """A string read with errors='surrogateescape' that held bytes that are not UTF-8 (or a
+    JSON "\\udcXX" escape): lone surrogates, which no UTF-8 encoder accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _shown(text: str) -> str:
+    """Printable: undecodable bytes as \\xNN, as the file holds them."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape, not from a byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _table_rows(path: Path, opts: SourceOptions) -> list[_Row]:
+    # Read as UTF-8 (a BOM dropped) with errors='surrogateescape': a row whose caption holds bytes
+    # that are not UTF-8 is skipped later (undecodable_caption), not fatal; image paths keep their
+    # bytes (the OS opens them as written); a header that is not UTF-8 text is a user error.
     base = path.parent
     rows: list[_Row] = []
+    text = dict(encoding="utf-8-sig", errors="surrogateescape")
     if path.suffix.lower() == ".jsonl":
-        with open(path, encoding="utf-8") as f:
+        with open(path, **text) as f:
             records = []
             for ln, line in enumerate(f, 1):
                 if not line.strip():
@@ -204,20 +413,30 @@ def _table_rows(path: Path, opts: SourceOptions) -> list[_Row]:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise UserError(f"line {ln} is not JSON ({e.msg})", str(path)) from None
+                    what = "UTF-8 text" if _undecodable(line) or "\x00" in line else f"JSON ({e.msg})"
+                    raise UserError(f"line {ln} is not {what}", str(path)) from None
     else:
         delim = "\t" if path.suffix.lower() == ".tsv" else ","
-        with open(path, newline="", encoding="utf-8") as f:
-            records = list(csv.DictReader(f, delimiter=delim))
+        with open(path, newline="", **text) as f:
+            try:
+                records = list(csv.DictReader(f, delimiter=delim))
+            except csv.Error as e:
+                raise UserError(f"is not a readable {path.suffix.lstrip('.').upper()} file ({e})", str(path)) from None
+        header = [str(c) for c in records[0]] if records else []
+        if any(_undecodable(c) or "\x00" in c for c in header):
+            raise UserError(f"is not UTF-8 text (header: {_shown(delim.join(header))[:120]!r})", str(path))
     if not records:
         raise UserError("has no rows", str(path))
     for flag, col in (("--image-col", opts.image_col), ("--caption-col", opts.caption_col)):
-        if col not in records[0]:
-            raise UserError(f"column {col!r} not found in {path} (columns: {', '.join(map(str, records[0]))})", flag)
+        if not isinstance(records[0], dict) or col not in records[0]:
+            cols = ", ".join(map(str, records[0])) if isinstance(records[0], dict) else "none: not a JSON object"
+            raise UserError(f"column {col!r} not found in {path} (columns: {_shown(cols)})", flag)
     width = len(str(len(records)))
     for i, r in enumerate(records):
-        p = str(r[opts.image_col] or "")
-        rows.append(_Row(str(i).zfill(max(9, width)), str(base / p) if p else "", r[opts.caption_col]))
+        if not isinstance(r, dict):
+            raise UserError(f"row {i + 1} is not a JSON object", str(path))
+        p = str(r.get(opts.image_col) or "")
+        rows.append(_Row(str(i).zfill(max(9, width)), str(base / p) if p else "", r.get(opts.caption_col)))
     return rows
 
 
@@ -249,10 +468,16 @@ def open_source(spec: str, opts: SourceOptions | None = None, where: str = "SOUR
     """Resolve a source spec to a TarSource or RowSource. Errors name `where`."""
     opts = opts or SourceOptions()
     p = Path(spec)
+    if url_scheme(spec) is not None:  # pipe:CMD, file:PATH, http(s)://, s3://, ...: WebDataset shards
+        urls = _expand(spec, where)
+        for u in urls:
+            if url_scheme(u) != "pipe" and Path(u.split("?", 1)[0]).suffix.lower() in (".csv", ".tsv", ".jsonl", ".json"):
+                raise UserError(f"URLs name WebDataset shards; a table or Karpathy JSON must be a local file ({u})",
+                                where)
+        _check_urls(spec, urls, where)
+        return TarSource(spec, urls)
     if "{" in spec and "}" in spec:
-        import braceexpand
-
-        paths = list(braceexpand.braceexpand(spec))
+        paths = _expand(spec, where)
         missing = [q for q in paths if not Path(q).is_file()]
         if len(missing) == len(paths):
             raise UserError(f"no file of {spec} exists", where)
@@ -274,3 +499,15 @@ def open_source(spec: str, opts: SourceOptions | None = None, where: str = "SOUR
     if suffix == ".json":
         return RowSource("karpathy", spec, _karpathy_rows(p, opts), opts.rows_per_unit)
     raise UserError(f"cannot read {spec}: expected .tar shards, a directory, .csv/.tsv/.jsonl or a Karpathy .json", where)
+
+
+def _expand(spec: str, where: str) -> list[str]:
+    """Brace expansion, webdataset's way: data/{00000..00099}.tar, https://host/{a,b}.tar."""
+    import braceexpand
+
+    if not ("{" in spec and "}" in spec):
+        return [spec]
+    try:
+        return list(braceexpand.braceexpand(spec))
+    except braceexpand.UnbalancedBracesError:
+        raise UserError(f"unbalanced braces in {spec}", where) from None

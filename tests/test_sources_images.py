@@ -7,9 +7,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import struct
 import subprocess
 import sys
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +113,40 @@ def test_decompression_bomb_is_refused_before_decoding():
         decode_rgb(data, max_pixels=1_000_000)
     assert e.value.reason == "decompression_bomb" and "4000x4000" in e.value.detail
     assert decode_rgb(data, max_pixels=16_000_000)[0].size == (4000, 4000)
+
+
+def bomb_png(w=100_000, h=100_000) -> bytes:
+    """A valid PNG header claiming w x h RGB pixels, with a tiny IDAT: nothing is allocated."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit RGB, deflate, no filter, no interlace
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_a_bomb_beyond_pils_own_limit_is_a_bad_image():
+    """PIL raises DecompressionBombError inside Image.open for more than 2 x MAX_IMAGE_PIXELS
+    (here 10^10 pixels): that was an uncaught traceback; it is a counted decompression_bomb."""
+    data = bomb_png()
+    assert len(data) < 100
+    with pytest.raises(BadImage) as e:
+        decode_rgb(data)
+    assert e.value.reason == "decompression_bomb" and "100000x100000" in e.value.detail
+
+
+def test_the_callers_max_pixels_decides_not_pils_global(monkeypatch):
+    # With PIL's global limit lowered below the image, Image.open alone refuses it; decode_rgb
+    # follows its caller's max_pixels, and leaves PIL's global as it found it.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    data = _encode(_rgb(100, 100), "PNG")  # 10,000 pixels > 2 x 1000
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(data))
+    img, _ = decode_rgb(data, max_pixels=20_000)
+    assert img.size == (100, 100) and np.array_equal(np.asarray(img), np.asarray(_rgb(100, 100)))
+    with pytest.raises(BadImage) as e:
+        decode_rgb(data, max_pixels=9_999)
+    assert e.value.reason == "decompression_bomb" and "100x100 > 9999" in e.value.detail
+    assert Image.MAX_IMAGE_PIXELS == 1000
 
 
 # ----------------------------------------------------------------------------------
@@ -249,8 +286,71 @@ def test_truncated_tar_keeps_what_came_before(tmp_path):
     recs = _collect(open_source(str(p)))
     assert [type(r).__name__ for r in recs] == ["Sample", "Sample", "Skip"]
     assert recs[2].reason == "truncated_tar" and recs[2].key == "k2"
-    # One skip per truncation, whatever was lost: the detail says so (the count cannot be known).
-    assert "rest of the shard" in recs[2].detail and "cannot be known" in recs[2].detail
+    # One skip per truncation: the detail says how many samples came before it, and what is lost.
+    assert "2 samples read before it" in recs[2].detail and "(k2) and the rest of the shard" in recs[2].detail
+
+
+def _tar_layout(path: Path) -> tuple[list[tarfile.TarInfo], int]:
+    """The members (offset = header, offset_data = data) and where the end-of-archive blocks start."""
+    with tarfile.open(path) as tf:
+        members = tf.getmembers()
+    last = members[-1]
+    return members, last.offset_data + -(-last.size // 512) * 512
+
+
+def test_a_cut_anywhere_is_one_truncated_tar_skip_with_the_count(tmp_path):
+    """Cut the tar at every 512-byte boundary, inside every header and inside every member's
+    data. Every sample whose successor's header was read is yielded; the sample being read and
+    the rest are one truncated_tar skip that says how many samples came before. tarfile's stream
+    mode took a cut inside (or right before) a header for the end of the archive: the partly read
+    sample came out as missing_caption and the loss went unreported. A cut inside the
+    end-of-archive zero blocks loses nothing: no skip."""
+    samples = [{"key": f"k{i}", "jpg": image_bytes(i), "json": {"i": i}, "txt": CAPTIONS[i]} for i in range(4)]
+    full = write_tar(tmp_path / "full.tar", samples).read_bytes()
+    members, end = _tar_layout(tmp_path / "full.tar")
+    first_header = {}  # key -> offset of its first member's header
+    for m in members:
+        first_header.setdefault(m.name.split(".")[0], m.offset)
+    keys = list(first_header)
+    cuts = set(range(0, end + 1, 512)) | {end + 1, end + 100, end + 512, end + 1024, len(full)}
+    for m in members:
+        cuts |= {m.offset + 1, m.offset + 300, m.offset_data + m.size // 2, m.offset_data + m.size}
+    p = tmp_path / "cut.tar"
+    for cut in sorted(cuts):
+        p.write_bytes(full[:cut])
+        recs = _collect(open_source(str(p)))
+        got = [r.key for r in recs if isinstance(r, Sample)]
+        skips = [r for r in recs if isinstance(r, Skip)]
+        if cut > end:  # (part of) the end-of-archive blocks are there: the whole archive was read
+            assert got == keys and not skips, cut
+            continue
+        # A sample is known complete once the next sample's first header has been read whole.
+        done = [k for j, k in enumerate(keys[:-1]) if first_header[keys[j + 1]] + 512 <= cut]
+        assert got == done, cut
+        assert [s.reason for s in skips] == ["truncated_tar"], (cut, skips)
+        (skip,) = skips
+        being_read = keys[len(done)] if cut >= first_header[keys[len(done)]] + 512 else None
+        assert skip.key == (being_read or str(p)), (cut, skip)
+        assert re.search(rf"; {len(done)} samples read before it; ", skip.detail), (cut, skip.detail)
+        assert recs[-1] is skip  # reported after the samples that came before it
+
+
+def test_a_corrupt_header_and_a_file_that_is_no_tar(tmp_path):
+    samples = [{"key": f"k{i}", "jpg": image_bytes(i), "txt": CAPTIONS[i]} for i in range(3)]
+    p = write_tar(tmp_path / "s.tar", samples)
+    members, _ = _tar_layout(p)
+    data = bytearray(p.read_bytes())
+    data[members[4].offset + 10] ^= 0xFF  # k2.jpg's header: its checksum no longer matches
+    p.write_bytes(bytes(data))
+    recs = _collect(open_source(str(p)))
+    assert [r.key for r in recs] == ["k0", "k1"]  # k1 was being read: is it whole? Unknown.
+    assert isinstance(recs[1], Skip) and recs[1].reason == "corrupt_tar" and "1 samples read before it" in recs[1].detail
+    (tmp_path / "html.tar").write_bytes(b"<html>" + b"x" * 2000 + b"</html>")
+    (tmp_path / "empty.tar").write_bytes(b"")
+    (rec,) = _collect(open_source(str(tmp_path / "html.tar")))
+    assert rec.reason == "corrupt_tar" and "0 samples read" in rec.detail
+    (rec,) = _collect(open_source(str(tmp_path / "empty.tar")))
+    assert rec.reason == "truncated_tar" and "the shard is empty" in rec.detail
 
 
 def _table(tmp_path: Path, kind: str) -> Path:
@@ -285,6 +385,52 @@ def test_tables(tmp_path, kind):
         assert recs[4].captions == ["one caption", "another"]  # a caption list, empties dropped
     with pytest.raises(UserError, match="column 'caption' not found"):
         open_source(str(p), SourceOptions(image_col="filepath"))
+
+
+def _table_bytes(kind: str, rows: list[tuple[bytes, bytes]], bom: bool = False) -> bytes:
+    """A table written byte for byte: rows of (image path, caption) as raw bytes."""
+    if kind == "jsonl":  # the bytes go inside JSON strings as they are (no escaping needed here)
+        body = b"".join(b'{"image": "' + f + b'", "caption": "' + c + b'"}\n' for f, c in rows)
+    else:
+        sep = b"\t" if kind == "tsv" else b","
+        body = b"image" + sep + b"caption\n" + b"".join(f + sep + c + b"\n" for f, c in rows)
+    return (b"\xef\xbb\xbf" if bom else b"") + body
+
+
+@pytest.mark.parametrize("kind", ["csv", "tsv", "jsonl"])
+def test_a_caption_that_is_not_utf8_skips_its_row(tmp_path, kind):
+    """A Latin-1 caption among UTF-8 ones was a UnicodeDecodeError traceback when the table was
+    read; now that row is an undecodable_caption skip (as in tar sources) and the rest load.
+    Image paths keep their bytes: a Latin-1 file name on disk is found."""
+    for i in range(3):
+        (tmp_path / f"{i}.jpg").write_bytes(image_bytes(i))
+    (tmp_path / os.fsdecode(b"caf\xe9.jpg")).write_bytes(image_bytes(3))
+    rows = [(b"0.jpg", "café au lait".encode("latin-1")), (b"1.jpg", b"a fine caption"),
+            (b"2.jpg", "naïve café".encode("utf-8")), (b"caf\xe9.jpg", b"a latin-1 file name")]
+    if kind == "jsonl":
+        rows.append((b"1.jpg", b"\\udce9 a lone surrogate, as a JSON escape"))
+    p = tmp_path / f"pairs.{kind}"
+    p.write_bytes(_table_bytes(kind, rows, bom=kind != "tsv"))  # a UTF-8 BOM is dropped
+    recs = _collect(open_source(str(p)))
+    assert isinstance(recs[0], Skip) and recs[0].reason == "undecodable_caption"
+    assert recs[1].captions == ["a fine caption"] and recs[1].image == image_bytes(1)
+    assert recs[2].captions == ["naïve café"]
+    assert isinstance(recs[3], Sample) and recs[3].image == image_bytes(3)
+    if kind == "jsonl":
+        assert isinstance(recs[4], Skip) and recs[4].reason == "undecodable_caption"
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "latin-1"])
+def test_a_header_that_is_not_utf8_is_one_user_error(tmp_path, encoding):
+    p = tmp_path / "pairs.csv"
+    p.write_bytes("image,légende\n0.jpg,un chat\n".encode(encoding))
+    with pytest.raises(UserError, match="is not UTF-8 text") as e:
+        open_source(str(p), SourceOptions(caption_col="légende"))
+    assert str(e.value).startswith(f"{p}: ") and "\n" not in str(e.value)
+    j = tmp_path / "pairs.jsonl"
+    j.write_bytes('{"image": "0.jpg", "caption": "un chat"}\n'.encode("utf-16"))
+    with pytest.raises(UserError, match="line 1 is not UTF-8 text"):
+        open_source(str(j))
 
 
 def test_karpathy_split(tmp_path):
