@@ -62,7 +62,7 @@ _SRC = SourceOptions()
 
 @app.command("cache-teacher")
 def cache_teacher(
-    source: str = typer.Argument(..., help="Shards (data/{00000..00099}.tar, a dir, one .tar), a .csv/.tsv/.jsonl, or a Karpathy .json."),
+    source: str = typer.Argument(..., help="Shards (data/{00000..00099}.tar, a dir, one .tar, or URLs: pipe:CMD, https://…, file:…, s3://…), a .csv/.tsv/.jsonl, or a Karpathy .json."),
     out: Path = typer.Option(..., "--out", "-o", help="Output cache directory (resumed if it exists)."),
     teacher: str = typer.Option(..., "--teacher", "-t", help="Model spec: open_clip:ARCH/TAG, open_clip:ARCH/CKPT, open_clip:CFG.json/CKPT, local-dir:PATH, hf:REPO_OR_PATH."),
     views: int = typer.Option(_d(_CT, "views"), help="Views per image: view 0 is the teacher's eval preprocessing, the rest random crops."),
@@ -348,7 +348,7 @@ def _print_eval_table(report: dict) -> None:
 
 @app.command("eval-retrieval")
 def eval_retrieval(
-    source: str = typer.Argument(..., help="Shards, a dir of shards, a .csv/.tsv/.jsonl, or a Karpathy .json (COCO, Flickr30k)."),
+    source: str = typer.Argument(..., help="Shards (paths or URLs: pipe:CMD, https://…, file:…), a dir of shards, a .csv/.tsv/.jsonl, or a Karpathy .json (COCO, Flickr30k)."),
     model: List[str] = typer.Option(..., "--model", "-m", help="Model spec (repeatable); the first is the reference for retention %."),
     k: str = typer.Option(",".join(map(str, _d(_ER, "ks"))), "--k", help="Comma-separated K of recall@K."),
     batch_size: int = typer.Option(_d(_ER, "batch_size"), help="Images / captions per forward."),
@@ -391,7 +391,7 @@ def _emit_report(report: dict, json_out: bool) -> None:
 
 @app.command("eval-zeroshot")
 def eval_zeroshot(
-    source: str = typer.Argument(..., help="A class-per-folder tree (ROOT/<class>/<image>) or WebDataset shards with a class field."),
+    source: str = typer.Argument(..., help="A class-per-folder tree (ROOT/<class>/<image>) or WebDataset shards (paths or URLs) with a class field."),
     model: List[str] = typer.Option(..., "--model", "-m", help="Model spec (repeatable); the first is the reference for retention %."),
     classnames: str = typer.Option(_d(_EZ, "classnames"), help="imagenet (open_clip's), folders (the folder names), or a file (.json list or one name a line)."),
     templates: str = typer.Option(_d(_EZ, "templates"), help="openai (open_clip's 80 ImageNet prompts), simple, or a file of prompts with {c}."),

@@ -29,7 +29,7 @@ from hierdctl.console import console
 from hierdctl.embedding import check_joint_space, encode_images, encode_texts, retention, versions
 from hierdctl.errors import UserError, require
 from hierdctl.retrieval import classification_metrics
-from hierdctl.sources import IMAGE_EXTS, Sample, Skip, TarSource, open_source
+from hierdctl.sources import IMAGE_EXTS, Sample, Skip, TarSource, open_source, url_scheme
 from hierdctl.specs import load_encoder
 
 REPORT_SCHEMA = "hierdctl.eval-zeroshot/1"
@@ -156,7 +156,7 @@ def open_labelled(cfg: EvalZeroshotConfig) -> tuple[object, list[str], str]:
     from hierdctl.tv_shim import import_open_clip
 
     p = Path(cfg.source)
-    if not ("{" in cfg.source and "}" in cfg.source):  # a brace pattern names shards open_source checks
+    if not ("{" in cfg.source and "}" in cfg.source) and url_scheme(cfg.source) is None:  # open_source checks these
         require(p.exists(), f"{cfg.source} does not exist", "SOURCE")
     folders = p.is_dir() and not any(p.glob("*.tar")) and any(d.is_dir() for d in p.iterdir())
     if cfg.classnames == "imagenet":
