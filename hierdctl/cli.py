@@ -231,7 +231,7 @@ def distill(
 def export(
     source: Path = typer.Argument(..., help="A distill run dir (its latest checkpoint), its checkpoints/ folder, or a step-NNNNNNN.safetensors."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written under a temporary name, then renamed into place)."),
-    fmt: str = typer.Option("open_clip", "--format", "-f", help="open_clip (local dir), onnx (image and text graphs), or all."),
+    fmt: str = typer.Option("open_clip", "--format", "-f", help="open_clip (local dir), onnx (image and text graphs), hf (local dir + a transformers CLIPModel in DIR/hf), or all (open_clip + onnx)."),
     report: Optional[Path] = typer.Option(None, help="An eval-retrieval / eval-zeroshot report.json whose metrics go into the model card."),
     opset: int = typer.Option(17, help="ONNX opset."),
     atol: float = typer.Option(1e-4, help="Largest ONNX-vs-PyTorch difference accepted (normalised embeddings)."),
@@ -264,6 +264,11 @@ def export(
     t.add_row("open_clip reload", f"max |Δ| image {oc['image_max_abs_diff']:.2e}, text {oc['text_max_abs_diff']:.2e}")
     for g, c in summary["checks"].get("onnx", {}).items():
         t.add_row(f"onnx {g} vs torch", f"max |Δ| {c['max_abs_diff']:.2e} (onnxruntime, batch {c['check_batch']})")
+    hf = summary["checks"].get("hf")
+    if hf:
+        t.add_row("hf vs open_clip", f"max |Δ| image {hf['image']['max_abs_diff']:.2e}, text {hf['text']['max_abs_diff']:.2e}"
+                  f" (token ids equal on {hf['text']['captions']} captions); pixels ≤ "
+                  f"{hf['image_processor']['max_levels']:.1f}/255 ({hf['image_processor']['class']})")
     console.print(t)
 
 

@@ -39,10 +39,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from hierdctl import hf_export
 from hierdctl.console import console
 from hierdctl.errors import UserError, require
 
-FORMATS = ("open_clip", "onnx", "all")
+# "all" is open_clip + onnx: hf is asked for by name (it needs transformers, and not every student maps).
+FORMATS = ("open_clip", "onnx", "hf", "all")
 MARKER = "export.json"
 SCHEMA = "hierdctl.export/1"  # export.json's "schema": what marks DIR as an export hierdctl may replace
 ONNX_MODULES = ("onnx", "onnxruntime")  # the `onnx` extra: exporting and checking the graphs
@@ -69,6 +71,9 @@ class ExportConfig:
             missing = [m for m in ONNX_MODULES if importlib.util.find_spec(m) is None]
             require(not missing, f"--format {self.format} needs {' and '.join(missing)}, which "
                     f"{'is' if len(missing) == 1 else 'are'} not installed (pip install 'hierdctl[onnx]')", "--format")
+        if "hf" in self.formats and importlib.util.find_spec("transformers") is None:
+            raise UserError(f"--format {self.format} needs transformers, which is not installed "
+                            "(pip install 'hierdctl[hf]')", "--format")
         require(self.opset >= 14, "ONNX opset must be at least 14", "--opset")
         require(math.isfinite(self.atol) and self.atol > 0, f"must be a positive number, got {self.atol:g}", "--atol")
         if self.report is not None:
@@ -77,7 +82,8 @@ class ExportConfig:
 
     @property
     def formats(self) -> tuple[str, ...]:
-        return ("open_clip", "onnx") if self.format == "all" else (self.format,)
+        # hf keeps the open_clip local dir beside DIR/hf: one folder for both libraries.
+        return {"all": ("open_clip", "onnx"), "hf": ("open_clip", "hf")}.get(self.format, (self.format,))
 
 
 # ----------------------------------------------------------------------------------
@@ -366,6 +372,11 @@ def model_card(ck: Checkpoint, manifest: dict, report: dict | None, out: Path) -
                   f"to {vc.get('image_size')} and normalised with mean {pp.get('mean')} / std {pp.get('std')} — and "
                   "returns `image_embeds` (B,D); `text_encoder.onnx` takes `text` (B,L) int64 open_clip tokens and "
                   f"returns `text_embeds` (B,D). Both L2-normalised, dynamic batch, opset {o['image']['opset']}.", ""]
+    if "hf" in manifest["formats"]:
+        lines += ["transformers (and sentence-transformers' `models.CLIPModel`): `CLIPModel.from_pretrained('"
+                  f"{name}/hf')` with `CLIPProcessor.from_pretrained('{name}/hf')`; `model(**processor(text=…, "
+                  "images=…, padding=True, truncation=True, return_tensors='pt'))` gives `image_embeds` / `text_embeds`, "
+                  "L2-normalised, equal to open_clip's.", ""]
     lines += ["## Checks at export", ""]
     oc = manifest["checks"]["open_clip"]
     lines += [f"- open_clip `local-dir:` reload vs the checkpoint: max abs difference {oc['image_max_abs_diff']:.2e} "
@@ -374,6 +385,13 @@ def model_card(ck: Checkpoint, manifest: dict, report: dict | None, out: Path) -
         for g, c in manifest["checks"]["onnx"].items():
             lines.append(f"- ONNX {g} encoder vs PyTorch (onnxruntime, batch {c['check_batch']}): "
                          f"max abs difference {c['max_abs_diff']:.2e}")
+    if "hf" in manifest["checks"]:
+        h = manifest["checks"]["hf"]
+        lines.append(f"- transformers {h['transformers']} CLIPModel vs open_clip: max abs difference "
+                     f"{h['image']['max_abs_diff']:.2e} (image), {h['text']['max_abs_diff']:.2e} (text; token ids "
+                     f"equal on {h['text']['captions']} captions); "
+                     f"{h['image_processor']['class']} vs open_clip preprocessing: at most "
+                     f"{h['image_processor']['max_levels']:.1f} of 255 grey levels")
     lines.append("")
     if report:
         lines += _metrics_section(report, out) + [""]
@@ -443,6 +461,9 @@ def run(cfg: ExportConfig) -> dict:
 
     t0 = time.time()
     ck = load_checkpoint(cfg.source)
+    if "hf" in cfg.formats:  # before any work: the student must map onto transformers' CLIPModel
+        reason = hf_export.check_convertible(ck.meta["model_cfg"], ck.meta.get("preprocess_cfg") or {})
+        require(reason is None, f"the student does not map onto transformers' CLIPModel: {reason}", "--format")
     ref = reference_model(ck)
     open_clip = import_open_clip()
     train, data = _training_and_data(ck)
@@ -459,6 +480,12 @@ def run(cfg: ExportConfig) -> dict:
             raise ExportMismatch(f"the open_clip local dir does not reproduce the checkpoint: {checks['open_clip']}")
         if "onnx" in cfg.formats:
             checks["onnx"] = write_onnx(model, tmp, cfg.opset, cfg.atol, tokenizer)
+        if "hf" in cfg.formats:  # DIR/hf, loaded back with transformers and compared with the student
+            files = hf_export.write_hf(model, ck.meta["model_cfg"], dict(model.visual.preprocess_cfg), tmp / "hf")
+            try:
+                checks["hf"] = hf_export.check_parity(model, tmp / "hf", tokenizer, preprocess) | {"files": files}
+            except hf_export.ParityError as e:
+                raise ExportMismatch(f"the transformers CLIPModel in hf/ does not reproduce the student: {e}") from None
         if "open_clip" not in cfg.formats:  # onnx only: the open_clip files were scaffolding
             for n in ("open_clip_config.json", "open_clip_model.safetensors"):
                 (tmp / n).unlink()
