@@ -170,7 +170,8 @@ def _text_reason(t: dict, quick_gelu: bool) -> str | None:
     if reason:
         return reason
     kw = t.get("tokenizer_kwargs") or {}
-    if any(kw.get(k, d) != d for k, d in (("clean", "lower"), ("reduction_mask", ""))) or set(kw) - {"clean", "reduction_mask"}:
+    defaults = {"clean": "lower", "reduction_mask": ""}  # SimpleTokenizer's
+    if any(kw.get(k, d) != d for k, d in defaults.items()) or set(kw) - set(defaults):
         return (f"text_cfg.tokenizer_kwargs={kw!r}: only open_clip's default SimpleTokenizer "
                 "(clean='lower', no reduction) maps onto CLIPTokenizer")
     pool = t.get("pool_type", "argmax")
@@ -261,9 +262,11 @@ def to_hf_config(model_cfg: dict, preprocess_cfg: dict):
                 layer_norm_eps=_ln_eps(t), pad_token_id=0, bos_token_id=SOT, eos_token_id=EOT)
     # eos_token_id = 49407: CLIPTextModel pools at the first end-of-text token, which is where
     # open_clip's argmax pooling lands too (49407 is the largest id the tokenizer emits).
+    scale = float(model_cfg.get("init_logit_scale", math.log(1 / 0.07)))  # the weights carry the trained one
     config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=dim,
-                                     logit_scale_init_value=float(model_cfg.get("init_logit_scale", math.log(1 / 0.07))))
-    resample = 2 if preprocess_cfg.get("interpolation") == "bilinear" else 3  # PIL BILINEAR / BICUBIC ('random': bicubic at eval)
+                                     logit_scale_init_value=scale)
+    # PIL's BILINEAR (2) or BICUBIC (3); open_clip evaluates 'random' with bicubic.
+    resample = 2 if preprocess_cfg.get("interpolation") == "bilinear" else 3
     squash = preprocess_cfg.get("resize_mode", "shortest") == "squash"
     processor = dict(do_resize=True, size={"height": size, "width": size} if squash else {"shortest_edge": size},
                      resample=resample, do_center_crop=not squash, crop_size={"height": size, "width": size},
