@@ -279,7 +279,7 @@ def distill(
 def export(
     source: Path = typer.Argument(..., help="A distill run dir (its latest checkpoint), its checkpoints/ folder, or a step-NNNNNNN.safetensors."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written under a temporary name, then renamed into place)."),
-    fmt: str = typer.Option(_d(_EX, "format"), "--format", "-f", help="open_clip (local dir), onnx (image and text graphs), or all."),
+    fmt: str = typer.Option(_d(_EX, "format"), "--format", "-f", help="open_clip (local dir), onnx (image and text graphs), hf (local dir + a transformers CLIPModel in DIR/hf), or all (open_clip + onnx)."),
     report: Optional[Path] = typer.Option(_d(_EX, "report"), help="An eval-retrieval / eval-zeroshot report.json whose metrics go into the model card."),
     opset: int = typer.Option(_d(_EX, "opset"), help="ONNX opset."),
     atol: float = typer.Option(_d(_EX, "atol"), help="Largest ONNX-vs-PyTorch difference accepted (normalised embeddings)."),
@@ -312,6 +312,11 @@ def export(
     t.add_row("open_clip reload", f"max |Δ| image {oc['image_max_abs_diff']:.2e}, text {oc['text_max_abs_diff']:.2e}")
     for g, c in summary["checks"].get("onnx", {}).items():
         t.add_row(f"onnx {g} vs torch", f"max |Δ| {c['max_abs_diff']:.2e} (onnxruntime, batch {c['check_batch']})")
+    hf = summary["checks"].get("hf")
+    if hf:
+        t.add_row("hf vs open_clip", f"max |Δ| image {hf['image']['max_abs_diff']:.2e}, text {hf['text']['max_abs_diff']:.2e}"
+                  f" (token ids equal on {hf['text']['captions']} captions); pixels ≤ "
+                  f"{hf['image_processor']['max_levels']:.1f}/255 ({hf['image_processor']['class']})")
     console.print(t)
 
 

@@ -20,7 +20,8 @@ DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (~ 0.2
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STORE_DTYPES = ("fp16", "fp32", "int8")  # cache float arrays (docs/cache-format.md)
 INDEX_KINDS = ("flat", "ivf", "hnsw")  # eval-retrieval's FAISS indexes
-EXPORT_FORMATS = ("open_clip", "onnx", "all")
+# "all" is open_clip + onnx: hf is asked for by name (it needs transformers, and not every student maps).
+EXPORT_FORMATS = ("open_clip", "onnx", "hf", "all")
 ONNX_MODULES = ("onnx", "onnxruntime")  # the `onnx` extra: exporting and checking the graphs
 REPORT_TO = ("none", "tensorboard")
 
@@ -334,6 +335,9 @@ class ExportConfig:
             missing = [m for m in ONNX_MODULES if importlib.util.find_spec(m) is None]
             require(not missing, f"--format {self.format} needs {' and '.join(missing)}, which "
                     f"{'is' if len(missing) == 1 else 'are'} not installed (pip install 'hierdctl[onnx]')", "--format")
+        if "hf" in self.formats and importlib.util.find_spec("transformers") is None:
+            raise UserError(f"--format {self.format} needs transformers, which is not installed "
+                            "(pip install 'hierdctl[hf]')", "--format")
         require(self.opset >= 14, "ONNX opset must be at least 14", "--opset")
         require(math.isfinite(self.atol) and self.atol > 0, f"must be a positive number, got {self.atol:g}", "--atol")
         if self.report is not None:
@@ -342,7 +346,8 @@ class ExportConfig:
 
     @property
     def formats(self) -> tuple[str, ...]:
-        return ("open_clip", "onnx") if self.format == "all" else (self.format,)
+        # hf keeps the open_clip local dir beside DIR/hf: one folder for both libraries.
+        return {"all": ("open_clip", "onnx"), "hf": ("open_clip", "hf")}.get(self.format, (self.format,))
 
 
 # ----------------------------------------------------------------------------------

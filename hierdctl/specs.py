@@ -267,8 +267,9 @@ class HFClipEncoder(ClipEncoder):
             raise UserError(f"cannot load {spec.raw}: {str(e).splitlines()[0]}", where) from e
         super().__init__(spec, model, device)
         crop = proc.crop_size
-        self.image_size = int(crop["height"] if isinstance(crop, dict) else crop)
-        short = proc.size.get("shortest_edge", self.image_size) if isinstance(proc.size, dict) else int(proc.size)
+        self.image_size = int(crop if isinstance(crop, int) else crop["height"])  # dict (transformers 4), SizeDict (5)
+        size = proc.size
+        short = int(size) if isinstance(size, int) else int(size.get("shortest_edge") or self.image_size)
         self.mean, self.std = tuple(proc.image_mean), tuple(proc.image_std)
         self.eval_transform = _pil_eval_transform(short, self.image_size, self.mean, self.std)
         vc = model.config.vision_config

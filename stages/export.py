@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from hierdctl import checkpoint
+from hierdctl import checkpoint, hf_export
 from hierdctl.atomic import check_dir_target, publish_dir, sha256_file
 from hierdctl.checkpoint import StudentCheckpoint
 from hierdctl.configs import ExportConfig
@@ -268,6 +268,11 @@ def model_card(ck: StudentCheckpoint, manifest: dict, report: dict | None, out: 
                   f"to {vc.get('image_size')} and normalised with mean {pp.get('mean')} / std {pp.get('std')} — and "
                   "returns `image_embeds` (B,D); `text_encoder.onnx` takes `text` (B,L) int64 open_clip tokens and "
                   f"returns `text_embeds` (B,D). Both L2-normalised, dynamic batch, opset {o['image']['opset']}.", ""]
+    if "hf" in manifest["formats"]:
+        lines += ["transformers (and sentence-transformers' `models.CLIPModel`): `CLIPModel.from_pretrained('"
+                  f"{name}/hf')` with `CLIPProcessor.from_pretrained('{name}/hf')`; `model(**processor(text=…, "
+                  "images=…, padding=True, truncation=True, return_tensors='pt'))` gives `image_embeds` / `text_embeds`, "
+                  "L2-normalised, equal to open_clip's.", ""]
     lines += ["## Checks at export", ""]
     oc = manifest["checks"]["open_clip"]
     lines += [f"- open_clip `local-dir:` reload vs the checkpoint: max abs difference {oc['image_max_abs_diff']:.2e} "
@@ -276,6 +281,13 @@ def model_card(ck: StudentCheckpoint, manifest: dict, report: dict | None, out: 
         for g, c in manifest["checks"]["onnx"].items():
             lines.append(f"- ONNX {g} encoder vs PyTorch (onnxruntime, batch {c['check_batch']}): "
                          f"max abs difference {c['max_abs_diff']:.2e}")
+    if "hf" in manifest["checks"]:
+        h = manifest["checks"]["hf"]
+        lines.append(f"- transformers {h['transformers']} CLIPModel vs open_clip: max abs difference "
+                     f"{h['image']['max_abs_diff']:.2e} (image), {h['text']['max_abs_diff']:.2e} (text; token ids "
+                     f"equal on {h['text']['captions']} captions); "
+                     f"{h['image_processor']['class']} vs open_clip preprocessing: at most "
+                     f"{h['image_processor']['max_levels']:.1f} of 255 grey levels")
     lines.append("")
     if report:
         lines += _metrics_section(report, out) + [""]
@@ -342,6 +354,9 @@ def run(cfg: ExportConfig) -> dict:
 
     t0 = time.time()
     ck = checkpoint.load_student(cfg.source)
+    if "hf" in cfg.formats:  # before any work: the student must map onto transformers' CLIPModel
+        reason = hf_export.check_convertible(ck.meta["model_cfg"], ck.meta.get("preprocess_cfg") or {})
+        require(reason is None, f"the student does not map onto transformers' CLIPModel: {reason}", "--format")
     ref = reference_model(ck)
     open_clip = import_open_clip()
     train, data = _training_and_data(ck)
@@ -358,6 +373,12 @@ def run(cfg: ExportConfig) -> dict:
             raise ExportMismatch(f"the open_clip local dir does not reproduce the checkpoint: {checks['open_clip']}")
         if "onnx" in cfg.formats:
             checks["onnx"] = write_onnx(model, tmp, cfg.opset, cfg.atol, tokenizer)
+        if "hf" in cfg.formats:  # DIR/hf, loaded back with transformers and compared with the student
+            files = hf_export.write_hf(model, ck.meta["model_cfg"], dict(model.visual.preprocess_cfg), tmp / "hf")
+            try:
+                checks["hf"] = hf_export.check_parity(model, tmp / "hf", tokenizer, preprocess) | {"files": files}
+            except hf_export.ParityError as e:
+                raise ExportMismatch(f"the transformers CLIPModel in hf/ does not reproduce the student: {e}") from None
         if "open_clip" not in cfg.formats:  # onnx only: the open_clip files were scaffolding
             for n in ("open_clip_config.json", "open_clip_model.safetensors"):
                 (tmp / n).unlink()
