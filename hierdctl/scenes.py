@@ -21,7 +21,9 @@ Output is img2dataset's WebDataset layout:
 
 Everything is a pure function of (config, seed): each sample's RNG is built from
 [seed, split id, index], so a sample does not depend on the shard it lands in, and the
-tar members carry fixed metadata, so two runs write byte-identical shards.
+tar members carry fixed metadata, so two runs write byte-identical shards. Every file is
+written through hierdctl.atomic (temporary name, fsync, rename): a killed run leaves
+complete files or none, never a torn shard.
 """
 
 from __future__ import annotations
@@ -31,9 +33,7 @@ import io
 import itertools
 import json
 import math
-import os
 import re
-import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,10 +41,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .atomic import write_json_atomic, write_tar_atomic
 from .errors import UserError
 
 # Bump when a change alters the bytes generated for a given config and seed.
-GENERATOR_VERSION = "1.0"
+# 1.1: shards and JSON files written through hierdctl.atomic (tar members now carry the
+# user and group name "hierdctl"; JSON keys sorted); member bytes are unchanged from 1.0.
+GENERATOR_VERSION = "1.1"
 
 FLAVOURS = ("shapes", "fashion")
 SHAPES = ("circle", "square", "triangle", "cross", "star", "ring", "diamond", "hexagon")
@@ -748,22 +751,8 @@ def make_sample(cfg: ScenesConfig, split: str, index: int, assets: Assets) -> tu
     return key, members, meta
 
 
-def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    """Write a tar with fixed member metadata to a temporary name, then rename it."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            tar.addfile(info, io.BytesIO(data))
-    os.replace(tmp, path)
-
-
-_SHARD_RE = re.compile(r"^\d{5}\.tar(\.tmp)?$")
+# A shard, or the temporary file of an interrupted write (atomic.py names it NAME.tmpPID).
+_SHARD_RE = re.compile(r"^\d{5}\.tar(\.tmp\d*)?$")
 
 
 def _write_split(cfg: ScenesConfig, split: str, n: int, folder: Path) -> dict:
@@ -793,7 +782,7 @@ def _write_split(cfg: ScenesConfig, split: str, n: int, folder: Path) -> dict:
             for kind, negs in meta.get("hard_negatives", {}).items():
                 counts["hard_negatives"][kind] += len(negs)
             n_captions += len(meta["captions"])
-        _write_tar(folder / name, members)
+        write_tar_atomic(folder / name, members)
 
     stats = {
         "split": split,
@@ -805,14 +794,8 @@ def _write_split(cfg: ScenesConfig, split: str, n: int, folder: Path) -> dict:
     }
     if split != "test":
         del stats["hard_negatives"]
-    _write_json(folder / "stats.json", stats)
+    write_json_atomic(folder / "stats.json", stats)
     return stats
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def run(cfg: ScenesConfig) -> dict:
@@ -845,5 +828,5 @@ def run(cfg: ScenesConfig) -> dict:
         "relation_margin_px": RELATION_MARGIN * cfg.image_size,
         "negative_kinds": list(NEGATIVE_KINDS),
     }
-    _write_json(out / "scenes.json", manifest)
+    write_json_atomic(out / "scenes.json", manifest)
     return {"out_dir": str(out), **manifest, "stats": stats}

@@ -297,7 +297,26 @@ def test_shards_read_back_with_webdataset_and_tarfile(tmp_path):
         members = tar.getmembers()
         assert [m.name for m in members[:3]] == ["000000000.png", "000000000.txt", "000000000.json"]
         assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 for m in members)
-    assert not list(out.rglob("*.tmp"))
+    assert not list(out.rglob("*.tmp*"))
+
+
+def test_every_file_is_written_atomically_and_leftovers_go(tmp_path, monkeypatch):
+    from hierdctl import atomic
+
+    synced = []
+    real_fsync = atomic.os.fsync
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    out = tmp_path / "o"
+    S.run(S.ScenesConfig(out_dir=out, n_train=5, n_test=3, shard_size=2))
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert len(written) == 3 + 2 + 2 + 1  # train and test shards, two stats.json, scenes.json
+    assert len(synced) == len(written)
+
+    # A kill mid-write leaves NAME.tmpPID (atomic.py's temporary name): the next run removes it.
+    leftover = out / "train" / "00001.tar.tmp4242"
+    leftover.write_bytes(b"torn")
+    S.run(S.ScenesConfig(out_dir=out, n_train=5, n_test=3, shard_size=2))
+    assert not leftover.exists()
 
 
 # --------------------------------------------------------------------------- fashion
