@@ -672,11 +672,17 @@ def _dilate(alpha: np.ndarray, w: int) -> np.ndarray:
 
 
 def _object_layers(obj: SceneObject, assets: Assets) -> tuple[np.ndarray, np.ndarray]:
-    """(alpha (side, side) int32 0..255, rgb (3,) or (side, side, 3) int32) of an object:
-    a drawn shape in flat colour, or a tinted Fashion-MNIST photo."""
-    if obj.shape in FASHION_ITEMS:
-        return _fashion_layers(obj, assets, CLUTTERED_INK_THRESHOLD)
-    return _shape_mask(obj.shape, obj.bbox[2] - obj.bbox[0], assets), np.array(COLOURS[obj.colour], np.int32)
+    """(alpha (side, side) int32 0..255, rgb (3,) or (side, side, 3) int32) of a cluttered
+    object: a drawn shape in flat colour, or a tinted Fashion-MNIST photo made opaque
+    inside its silhouette (dark folds and prints would let the photo show through; only
+    the rim keeps its soft edge, and the shading keeps the item's texture)."""
+    if obj.shape not in FASHION_ITEMS:
+        return _shape_mask(obj.shape, obj.bbox[2] - obj.bbox[0], assets), np.array(COLOURS[obj.colour], np.int32)
+    from scipy import ndimage  # a dependency of scikit-image, which the cluttered flavour needs
+
+    alpha, rgb = _fashion_layers(obj, assets, CLUTTERED_INK_THRESHOLD)
+    inside = ndimage.binary_erosion(ndimage.binary_fill_holes(alpha > 0))
+    return np.where(inside, 255, alpha).astype(np.int32), rgb
 
 
 def _background(scene: Scene) -> np.ndarray:
