@@ -20,6 +20,12 @@ into its fp32 model unchanged) and writes examples/teacher/TRAINING.json with th
 and wall times. Shipped run: 2 CPU cores; see TRAINING.json for the time it took.
 
     python examples/train_teacher.py [--work runs/teacher] [--out examples/teacher] [--flavour shapes]
+
+A teacher for another Scenes flavour goes to examples/teacher-FLAVOUR unless --out says
+otherwise (the shipped shapes teacher is never replaced by accident), e.g. the cluttered
+flavour (2-6 objects on photo crops; needs scikit-image, uses Fashion-MNIST when present):
+
+    python examples/train_teacher.py --flavour cluttered --work runs/teacher-cluttered
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "configs" / "scenes-teacher.json"
 
 SETTINGS = dict(seed=1, n_train=20000, epochs=6, batch_size=256, lr=1e-3, warmup=50, train_seed=0)
+FLAVOURS = ("shapes", "fashion", "cluttered")
+# Objects per image of each flavour, passed explicitly so the teacher's data never depends
+# on what the CLI defaults to.
+OBJECTS = {"shapes": (1, 4), "fashion": (1, 4), "cluttered": (2, 6)}
 
 
 def to_fp16(model_dir: Path) -> float:
@@ -106,21 +116,25 @@ def publish(staged: Path, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("runs/teacher"))
-    ap.add_argument("--out", type=Path, default=HERE / "teacher")
-    ap.add_argument("--flavour", default="shapes", help="shapes or fashion (Scenes flavour)")
+    ap.add_argument("--out", type=Path, default=None, help="[examples/teacher; examples/teacher-FLAVOUR for the others]")
+    ap.add_argument("--flavour", default="shapes", choices=FLAVOURS, help="Scenes flavour [shapes]")
     ap.add_argument("--epochs", type=float, default=SETTINGS["epochs"])
     ap.add_argument("--n-train", type=int, default=SETTINGS["n_train"])
     ap.add_argument("--batch-size", type=int, default=SETTINGS["batch_size"])
     ap.add_argument("--n-test", type=int, default=500, help="images of the teacher's own test split")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = HERE / ("teacher" if args.flavour == "shapes" else f"teacher-{args.flavour}")
+    lo, hi = OBJECTS[args.flavour]
     s = SETTINGS | {"epochs": args.epochs, "n_train": args.n_train, "batch_size": args.batch_size,
-                    "flavour": args.flavour}
+                    "flavour": args.flavour, "min_objects": lo, "max_objects": hi}
     w, times = args.work, {}
     started = time.time()
 
     hierdctl("scenes", "--out", str(w / "scenes"), "--flavour", args.flavour, "--seed", str(s["seed"]),
-             "--n-train", str(s["n_train"]), "--n-test", str(args.n_test), "--shard-size", "1000", times=times)
+             "--n-train", str(s["n_train"]), "--n-test", str(args.n_test), "--shard-size", "1000",
+             "--min-objects", str(lo), "--max-objects", str(hi), times=times)
     hierdctl("cache-teacher", str(w / "scenes" / "train"), "--out", str(w / "bootstrap-cache"),
              "--teacher", "open_clip:tiny-test", "--views", "1", "--clusters", "0", "--max-phrases", "0",
              "--batch-size", "256", "--device", args.device, "--quiet", times=times)

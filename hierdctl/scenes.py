@@ -1,8 +1,9 @@
 """Scenes: a synthetic compositional image–caption benchmark that needs no download.
 
 Each image holds 1–4 objects with a shape (or a Fashion-MNIST item), a colour and a size,
-on a plain or lightly textured background. Captions name the objects with their
-attributes and the spatial relations between them, from a small fixed grammar that
+on a plain or lightly textured background (the cluttered flavour: 2–6 objects, partly
+occluding each other, on crops of real photos, some left out of every caption).
+Captions name the objects with their attributes and the spatial relations between them, from a small fixed grammar that
 `scene_satisfies` parses back, so every caption can be checked against the scene graph.
 The test split also carries hard-negative captions (attribute swaps, relation flips,
 replaced objects), each verified false, to probe whether a student binds attributes to
@@ -13,27 +14,36 @@ Flavours:
     fashion   Fashion-MNIST item photos tinted with the object colour; the IDX files come
               from Debian's `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist)
               or from `fashion_path`. Train images feed the train split, t10k the test.
+    cluttered shapes and Fashion-MNIST items mixed (shapes only when Fashion-MNIST is
+              absent), outlined, on crops of scikit-image's bundled sample photos
+              (brick, grass, gravel, camera, ...): train crops come from the left 70%
+              of every photo, test crops from the right 30%. Later objects may hide
+              at most 30% of an earlier one; distractors are drawn but never named.
 
 Output is img2dataset's WebDataset layout:
     OUT/scenes.json               manifest: generator version, config, counts
     OUT/{split}/00000.tar ...     KEY.png (or .jpg), KEY.txt (first caption), KEY.json
     OUT/{split}/stats.json        per-split summary (object, attribute, relation counts)
+    OUT/clip_benchmark/...        optional: the test split in CLIP_benchmark's `wds/` layout
+                                  (every caption in KEY.txt, one a line)
 
 Everything is a pure function of (config, seed): each sample's RNG is built from
 [seed, split id, index], so a sample does not depend on the shard it lands in, and the
-tar members carry fixed metadata, so two runs write byte-identical shards.
+tar members carry fixed metadata, so two runs write byte-identical shards. Every file is
+written through hierdctl.atomic (temporary name, fsync, rename): a killed run leaves
+complete files or none, never a torn shard.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import itertools
 import json
 import math
-import os
 import re
-import tarfile
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,12 +51,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .atomic import write_bytes_atomic, write_json_atomic, write_tar_atomic
 from .errors import UserError
 
 # Bump when a change alters the bytes generated for a given config and seed.
-GENERATOR_VERSION = "1.0"
+# 1.1: shards and JSON files written through hierdctl.atomic (tar members now carry the
+# user and group name "hierdctl"; JSON keys sorted); member bytes are unchanged from 1.0.
+GENERATOR_VERSION = "1.1"
 
-FLAVOURS = ("shapes", "fashion")
+FLAVOURS = ("shapes", "fashion", "cluttered")
 SHAPES = ("circle", "square", "triangle", "cross", "star", "ring", "diamond", "hexagon")
 # In label order: FASHION_ITEMS[label] names a Fashion-MNIST class.
 FASHION_ITEMS = (
@@ -74,8 +87,11 @@ FLIPPED = {"left of": "right of", "right of": "left of", "above": "below", "belo
 # A relation holds only when the centres differ by at least this fraction of the image
 # side along its axis, so no stated relation is a judgement call (8 px at 64 px).
 RELATION_MARGIN = 0.125
-MIN_OBJECTS, MAX_OBJECTS = 1, 4
-NUMBER_WORDS = ("one", "two", "three", "four")
+MIN_OBJECTS = 1
+MAX_OBJECTS = {"shapes": 4, "fashion": 4, "cluttered": 6}  # the most an image of a flavour holds
+DEFAULT_OBJECTS = {"shapes": (1, 4), "fashion": (1, 4), "cluttered": (2, 6)}  # (min, max) when unset
+DEFAULT_TEXTURED_FRACTION = 0.5  # shapes and fashion: share of mottled backgrounds when unset
+NUMBER_WORDS = ("one", "two", "three", "four", "five", "six")
 SPLIT_IDS = {"train": 0, "test": 1}
 NEGATIVE_KINDS = ("swap_attribute", "swap_relation", "replace_object")
 IMAGE_FORMATS = ("png", "jpg")
@@ -89,6 +105,9 @@ SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: smooth, determi
 TEXTURE_AMPLITUDE = 10  # grey levels of the smooth background mottling
 GRAIN_AMPLITUDE = 3  # grey levels of the per-pixel grain on top
 INK_THRESHOLD = 8  # Fashion-MNIST pixels at or below this are background
+# Some Fashion-MNIST photos sit on a faint grey rectangle (levels 10-25): invisible on the
+# plain flavours' light grey, but on a photo its outline would draw a box. Cut above it.
+CLUTTERED_INK_THRESHOLD = 32
 PLACEMENT_ATTEMPTS = 200  # whole-scene restarts; in practice one or two are needed
 POSITION_TRIES = 40  # positions tried per object before the scene restarts
 MAX_SAMPLES_PER_SPLIT = 10**9 - 1  # keys are nine digits
@@ -104,6 +123,27 @@ RELATION_FORMS = {
 }
 PREFIXES = ("", "there is ", "a picture of ", "an image of ")
 
+# The cluttered flavour. Backgrounds: sample photos that scikit-image ships inside its
+# wheel (skimage.data reads them from the package: no download). Left out on purpose:
+# text and page (printed words), chessboard, colorwheel, logo and horse (drawn shapes and
+# colour fields that would compete with the objects), retina (one red disc), cell and
+# clock (nearly flat).
+BACKGROUND_PHOTOS = ("brick", "grass", "gravel", "camera", "coins", "moon", "coffee", "chelsea", "astronaut",
+                     "rocket", "hubble_deep_field")  # fmt: skip
+# A photo's columns from this fraction of its width on feed the test split, the columns
+# before it the train split: test backgrounds are pixels the train split never shows.
+TEST_REGION_START = 0.7
+CROP_SIDE = (96, 160)  # a background crop's side in photo pixels (then resized to the image)
+# Backgrounds keep this share of their colour saturation and of their contrast around
+# their mean: the photo stays recognisable, and the objects' saturated colours stand out.
+BACKGROUND_SATURATION = 0.4
+BACKGROUND_CONTRAST = 0.8
+# Every object keeps at least this share of its ink visible: objects drawn later may hide
+# at most 30% of an earlier one, so each object stays recognisable.
+MIN_VISIBLE = 0.7
+OUTLINE_LUMA_SPLIT = 128  # an object on a background darker than this gets a white outline
+OUTLINES = {"black": (0, 0, 0), "white": (255, 255, 255)}
+
 
 # --------------------------------------------------------------------------- config
 
@@ -117,13 +157,23 @@ class ScenesConfig:
     image_size: int = 64
     shard_size: int = 1_000
     seed: int = 0
-    min_objects: int = 1
-    max_objects: int = 4
+    min_objects: int | None = None  # None: the flavour's default (DEFAULT_OBJECTS)
+    max_objects: int | None = None
     captions_per_image: int = 4
     negatives_per_kind: int = 2  # hard negatives of each kind per test image, at most
     image_format: str = "png"
-    textured_fraction: float = 0.5  # share of images with a mottled background
+    textured_fraction: float | None = None  # shapes/fashion: share of mottled backgrounds (None: 0.5)
     fashion_path: str | Path | None = None  # a folder of Fashion-MNIST IDX files
+    clip_benchmark: bool = False  # also write OUT/clip_benchmark: the test split for CLIP_benchmark
+
+    def object_range(self) -> tuple[int, int]:
+        """(fewest, most) objects per image: the fields, or the flavour's defaults."""
+        lo, hi = DEFAULT_OBJECTS.get(self.flavour, (1, 4))
+        return (lo if self.min_objects is None else self.min_objects, hi if self.max_objects is None else self.max_objects)
+
+    def texture_share(self) -> float:
+        """Share of mottled backgrounds (shapes and fashion; cluttered backgrounds are photos)."""
+        return DEFAULT_TEXTURED_FRACTION if self.textured_fraction is None else self.textured_fraction
 
     def validate(self) -> "ScenesConfig":
         """Check every field; raise UserError naming the flag at fault. Returns self."""
@@ -149,34 +199,48 @@ class ScenesConfig:
             raise UserError(f"more than {MAX_SHARDS} shards per split; raise it", where="--shard-size")
         if not is_int(self.seed) or self.seed < 0:
             raise UserError(f"must be a non-negative integer, got {self.seed!r}", where="--seed")
-        if not is_int(self.min_objects) or not MIN_OBJECTS <= self.min_objects <= MAX_OBJECTS:
-            raise UserError(f"must be from {MIN_OBJECTS} to {MAX_OBJECTS}, got {self.min_objects!r}", where="--min-objects")
-        if not is_int(self.max_objects) or not self.min_objects <= self.max_objects <= MAX_OBJECTS:
-            raise UserError(
-                f"must be from --min-objects ({self.min_objects}) to {MAX_OBJECTS}, got {self.max_objects!r}",
-                where="--max-objects",
-            )
+        most = MAX_OBJECTS[self.flavour]
+        lo, hi = self.object_range()
+        if not is_int(lo) or not MIN_OBJECTS <= lo <= most:
+            raise UserError(f"must be from {MIN_OBJECTS} to {most} for {self.flavour}, got {lo!r}", where="--min-objects")
+        if not is_int(hi) or not lo <= hi <= most:
+            raise UserError(f"must be from --min-objects ({lo}) to {most} for {self.flavour}, got {hi!r}", where="--max-objects")
         if not is_int(self.captions_per_image) or not 1 <= self.captions_per_image <= 8:
             raise UserError(f"must be from 1 to 8, got {self.captions_per_image!r}", where="--captions-per-image")
         if not is_int(self.negatives_per_kind) or not 1 <= self.negatives_per_kind <= 5:
             raise UserError(f"must be from 1 to 5, got {self.negatives_per_kind!r}", where="--negatives-per-kind")
         if self.image_format not in IMAGE_FORMATS:
             raise UserError(f"must be one of {', '.join(IMAGE_FORMATS)}, got {self.image_format!r}", where="--image-format")
-        if not isinstance(self.textured_fraction, (int, float)) or not 0.0 <= self.textured_fraction <= 1.0:
-            raise UserError(f"must be a number from 0 to 1, got {self.textured_fraction!r}", where="--textured-fraction")
-        if self.flavour == "fashion":
+        share = self.textured_fraction
+        if share is not None:
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+                raise UserError(f"must be a number from 0 to 1, got {share!r}", where="--textured-fraction")
+            if self.flavour == "cluttered":
+                raise UserError("cluttered backgrounds are always photos; the mottled share applies to "
+                                "--flavour shapes and fashion", where="--textured-fraction")
+        if not isinstance(self.clip_benchmark, bool):
+            raise UserError(f"must be true or false, got {self.clip_benchmark!r}", where="--clip-benchmark")
+        if self.clip_benchmark and self.n_test == 0:
+            raise UserError("the CLIP_benchmark copy is of the test split: --n-test is 0", where="--clip-benchmark")
+        if self.flavour == "fashion" or (self.flavour == "cluttered" and self.fashion_path is not None):
             folder = fashion_dir(self.fashion_path)
             for split, n in (("train", self.n_train), ("test", self.n_test)):
                 if n:
                     _fashion_split_files(folder, split)  # raises when a file is missing
         elif self.fashion_path is not None:
-            raise UserError("only the fashion flavour reads Fashion-MNIST; add --flavour fashion", where="--fashion-path")
+            raise UserError("only the fashion and cluttered flavours read Fashion-MNIST", where="--fashion-path")
+        if self.flavour == "cluttered":
+            _skimage_data()  # raises when scikit-image is missing
         return self
 
 
-def vocabulary(flavour: str) -> tuple[str, ...]:
-    """The object nouns of a flavour."""
-    return FASHION_ITEMS if flavour == "fashion" else SHAPES
+def vocabulary(flavour: str, fashion: bool = True) -> tuple[str, ...]:
+    """The object nouns of a flavour; `fashion=False`: cluttered without Fashion-MNIST."""
+    if flavour == "fashion":
+        return FASHION_ITEMS
+    if flavour == "cluttered" and fashion:
+        return SHAPES + FASHION_ITEMS
+    return SHAPES
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST
@@ -249,16 +313,67 @@ def load_fashion(folder: str | Path, split: str) -> tuple[np.ndarray, np.ndarray
     return images.astype(np.uint8), labels.astype(np.int64)
 
 
+def cluttered_fashion_dir(fashion_path: str | Path | None) -> Path | None:
+    """Where the cluttered flavour reads Fashion-MNIST: the given folder (which must hold
+    it), else Debian's when installed, else None: the flavour falls back to shapes only."""
+    if fashion_path is not None:
+        return fashion_dir(fashion_path)
+    return next((Path(d) for d in DEFAULT_FASHION_DIRS if Path(d).is_dir()), None)
+
+
+# --------------------------------------------------------------------------- photos
+
+
+def _skimage_data():
+    """skimage.data, imported on first use: only the cluttered flavour needs it."""
+    try:
+        import skimage.data
+    except ImportError as e:
+        raise UserError("the cluttered flavour draws its backgrounds from scikit-image's sample photos: "
+                        f"pip install scikit-image ({e})", where="--flavour") from e
+    return skimage.data
+
+
+@functools.lru_cache(maxsize=1)
+def load_photos() -> dict[str, np.ndarray]:
+    """BACKGROUND_PHOTOS as RGB arrays (H, W, 3) uint8; greyscale photos are repeated to RGB."""
+    data = _skimage_data()
+    photos = {}
+    for name in BACKGROUND_PHOTOS:
+        a = np.asarray(getattr(data, name)())
+        if a.ndim == 2:
+            a = np.repeat(a[..., None], 3, axis=2)
+        assert a.ndim == 3 and a.shape[2] == 3 and a.dtype == np.uint8, (name, a.shape, a.dtype)
+        assert a.shape[1] * (1 - TEST_REGION_START) >= CROP_SIDE[0] and a.shape[0] >= CROP_SIDE[0], (name, a.shape)
+        a = np.ascontiguousarray(a)
+        a.flags.writeable = False  # shared by every caller (cached)
+        photos[name] = a
+    return photos
+
+
+def crop_region(photo_shape: tuple[int, ...], split: str) -> tuple[int, int, int, int]:
+    """The (x0, y0, x1, y1) part of a photo that a split's background crops come from:
+    train the columns left of TEST_REGION_START of the width, test those from it on."""
+    h, w = photo_shape[:2]
+    cut = int(w * TEST_REGION_START)
+    return (0, 0, cut, h) if split == "train" else (cut, 0, w, h)
+
+
 # --------------------------------------------------------------------------- scenes
 
 
 @dataclass(frozen=True)
 class SceneObject:
-    shape: str  # a SHAPES name, or a FASHION_ITEMS name in the fashion flavour
+    shape: str  # a SHAPES name or a FASHION_ITEMS name (its noun)
     colour: str
     size: str  # "small" | "large"
     bbox: tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels; x1, y1 exclusive
     variant: int = 0  # which Fashion-MNIST photo of the item is drawn; unused by shapes
+    # The cluttered flavour: the share of the object's ink that later objects leave
+    # visible, whether captions leave it out, and the colour of its outline.
+    visible: float = 1.0
+    distractor: bool = False
+    outline: str | None = None  # an OUTLINES name; None: no outline
 
     @property
     def centre(self) -> tuple[float, float]:
@@ -274,6 +389,12 @@ class Scene:
     background: tuple[int, int, int]  # base RGB
     texture_seed: int | None  # None: a plain background
     margin: float  # pixels by which centres must differ for a relation to hold
+    # The cluttered flavour: the photo and its (x0, y0, x1, y1) crop behind the objects,
+    # the outline width in pixels, and the nouns objects were drawn from.
+    photo: str | None = None
+    crop: tuple[int, int, int, int] | None = None
+    outline_px: int = 0
+    nouns: tuple[str, ...] | None = None  # None: vocabulary(flavour)
 
 
 def holds(scene: Scene, i: int, relation: str, j: int) -> bool:
@@ -301,22 +422,27 @@ def side_px(size: str, image_size: int) -> int:
     return round(SIZE_FRACTION[size] * image_size)
 
 
-def make_scene(rng: np.random.Generator, cfg: ScenesConfig) -> Scene:
+def make_scene(rng: np.random.Generator, cfg: ScenesConfig, assets: Assets | None = None) -> Scene:
     """Draw a scene: object count, attributes, non-overlapping positions, background.
+    (The cluttered flavour: see _make_cluttered_scene; it needs the split's `assets`,
+    and loads the train split's when none are given.)
 
     Two rules keep captions unambiguous. No two objects share colour and shape, so a
     "colour shape" phrase names exactly one object. Boxes never overlap and keep a gap,
     so any two objects are apart along x or y by more than a small object's side, which
     exceeds the relation margin: every pair has at least one relation that holds.
     """
+    if cfg.flavour == "cluttered":
+        return _make_cluttered_scene(rng, cfg, assets if assets is not None else load_assets(cfg, "train"))
     s = cfg.image_size
     nouns = vocabulary(cfg.flavour)
     gap = max(2, s // 32)
-    n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+    lo, hi = cfg.object_range()
+    n = int(rng.integers(lo, hi + 1))
     grey = int(rng.integers(200, 236))
     tint = rng.integers(-8, 9, size=3)
     background = tuple(min(255, max(0, grey + int(t))) for t in tint)
-    textured = bool(rng.random() < cfg.textured_fraction)
+    textured = bool(rng.random() < cfg.texture_share())
     texture_seed = int(rng.integers(2**31)) if textured else None
 
     for _attempt in range(PLACEMENT_ATTEMPTS):
@@ -344,6 +470,97 @@ def make_scene(rng: np.random.Generator, cfg: ScenesConfig) -> Scene:
     raise RuntimeError(f"could not place {n} objects in {s}x{s} px after {PLACEMENT_ATTEMPTS} attempts")
 
 
+def _make_cluttered_scene(rng: np.random.Generator, cfg: ScenesConfig, assets: Assets) -> Scene:
+    """A cluttered scene: a photo crop, then objects placed one after another, each drawn
+    over the ones before it. Three rules keep every caption checkable:
+
+    - no two objects share colour and noun, so "a red circle" names at most one object;
+    - any two objects' centres differ by the relation margin along x or y, so every pair
+      (distractors included) has a relation that holds;
+    - an object may cover earlier ones only while each keeps MIN_VISIBLE of its ink
+      (alpha after the outline and fill of every later object; integer arithmetic).
+
+    Then up to half of the objects (never all) become distractors: drawn, never named.
+    Each object's outline is white on a dark local background and black on a light one.
+    """
+    s = cfg.image_size
+    nouns = assets.nouns
+    w = max(1, round(s / 64))  # outline width: 1 px at 64, 2 px at 128
+    lo, hi = cfg.object_range()
+    n = int(rng.integers(lo, hi + 1))
+    photo = BACKGROUND_PHOTOS[int(rng.integers(len(BACKGROUND_PHOTOS)))]
+    rx0, ry0, rx1, ry1 = crop_region(assets.photos[photo].shape, assets.split)
+    side_max = min(CROP_SIDE[1], rx1 - rx0, ry1 - ry0)
+    c = int(rng.integers(min(CROP_SIDE[0], side_max), side_max + 1))
+    cx0, cy0 = int(rng.integers(rx0, rx1 - c + 1)), int(rng.integers(ry0, ry1 - c + 1))
+    crop = (cx0, cy0, cx0 + c, cy0 + c)
+    margin = RELATION_MARGIN * s
+
+    for _attempt in range(PLACEMENT_ATTEMPTS):
+        objects: list[SceneObject] = []
+        inks: list[np.ndarray] = []  # per placed object: (side, side) int64 ink still visible, 0..255*255
+        totals: list[int] = []  # per placed object: its full ink, the sum of its alpha * 255
+        for _ in range(n):
+            while True:  # at most 6 of 144 (colour, noun) pairs are taken: this ends fast
+                noun = nouns[int(rng.integers(len(nouns)))]
+                colour = COLOUR_NAMES[int(rng.integers(len(COLOUR_NAMES)))]
+                if all((o.colour, o.shape) != (colour, noun) for o in objects):
+                    break
+            size = SIZES[int(rng.integers(len(SIZES)))]
+            side = side_px(size, s)
+            variant = int(rng.integers(2**31))
+            alpha = _object_layers(SceneObject(noun, colour, size, (0, 0, side, side), variant), assets)[0]
+            foot = _dilate(alpha, w)  # (side + 2w, side + 2w): outline and fill
+            for _try in range(POSITION_TRIES):
+                x0, y0 = (int(v) for v in rng.integers(w, s - side - w + 1, size=2))
+                box = (x0, y0, x0 + side, y0 + side)
+                cx, cy = x0 + side / 2, y0 + side / 2
+                if not all(max(abs(cx - o.centre[0]), abs(cy - o.centre[1])) >= margin for o in objects):
+                    continue
+                covered = [_cover(ink, o.bbox, foot, (x0 - w, y0 - w)) for ink, o in zip(inks, objects)]
+                if all(int(k.sum()) * 100 >= round(MIN_VISIBLE * 100) * t for k, t in zip(covered, totals)):
+                    inks = covered
+                    inks.append(alpha.astype(np.int64) * 255)
+                    totals.append(int(alpha.sum()) * 255)
+                    objects.append(SceneObject(noun, colour, size, box, variant))
+                    break
+            else:
+                break  # no room for this object: redraw the whole scene
+        if len(objects) == n:
+            break
+    else:
+        raise RuntimeError(f"could not place {n} objects in {s}x{s} px after {PLACEMENT_ATTEMPTS} attempts")
+
+    distractors = {int(k) for k in rng.choice(n, size=int(rng.integers(0, n // 2 + 1)), replace=False)}
+    luma = _luma(_photo_background(assets.photos[photo], crop, s))
+    final = []
+    for k, (o, ink, total) in enumerate(zip(objects, inks, totals)):
+        x0, y0, x1, y1 = o.bbox
+        local = luma[max(0, y0 - 2 * w) : y1 + 2 * w, max(0, x0 - 2 * w) : x1 + 2 * w]  # the photo around and under it
+        outline = "white" if int(local.sum()) < OUTLINE_LUMA_SPLIT * local.size else "black"  # integers: exact
+        visible = int(ink.sum()) / total if total else 1.0
+        final.append(SceneObject(o.shape, o.colour, o.size, o.bbox, o.variant, visible, k in distractors, outline))
+    # background and texture_seed are the plain flavours'; the photo crop replaces them.
+    return Scene(final, s, "cluttered", (0, 0, 0), None, margin, photo, crop, w, nouns)
+
+
+def _cover(ink: np.ndarray, bbox: tuple[int, int, int, int], foot: np.ndarray, at: tuple[int, int]) -> np.ndarray:
+    """`ink` (the visible ink of an object at `bbox`) after a footprint `foot` (alpha 0..255)
+    is drawn with its top-left corner at `at`: each covered pixel keeps (255 - foot) / 255."""
+    x0, y0 = bbox[0], bbox[1]
+    fx0, fy0 = at
+    h, w = ink.shape
+    fh, fw = foot.shape
+    ox0, oy0 = max(x0, fx0), max(y0, fy0)
+    ox1, oy1 = min(x0 + w, fx0 + fw), min(y0 + h, fy0 + fh)
+    if ox0 >= ox1 or oy0 >= oy1:
+        return ink
+    out = ink.copy()
+    f = foot[oy0 - fy0 : oy1 - fy0, ox0 - fx0 : ox1 - fx0].astype(np.int64)
+    out[oy0 - y0 : oy1 - y0, ox0 - x0 : ox1 - x0] = out[oy0 - y0 : oy1 - y0, ox0 - x0 : ox1 - x0] * (255 - f) // 255
+    return out
+
+
 def _apart(a: tuple[int, int, int, int], b: tuple[int, int, int, int], gap: int) -> bool:
     """Boxes separated by at least `gap` pixels along x or along y."""
     return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
@@ -354,24 +571,37 @@ def _apart(a: tuple[int, int, int, int], b: tuple[int, int, int, int], gap: int)
 
 @dataclass
 class Assets:
-    """What rendering needs beyond the scene: cached shape masks, Fashion-MNIST photos."""
+    """What drawing needs beyond the scene: cached shape masks, Fashion-MNIST photos, and
+    for the cluttered flavour the split, the background photos and the nouns in use."""
 
     flavour: str
     fashion_images: np.ndarray | None = None  # (N, 28, 28) uint8, one split
     fashion_by_class: list[np.ndarray] | None = None  # photo indices of each label
     masks: dict = field(default_factory=dict)  # (shape, side) -> alpha, filled lazily
+    split: str = "train"
+    photos: dict[str, np.ndarray] | None = None  # cluttered: BACKGROUND_PHOTOS, (H, W, 3) uint8
+
+    @property
+    def nouns(self) -> tuple[str, ...]:
+        return vocabulary(self.flavour, fashion=self.fashion_images is not None)
 
 
 def load_assets(cfg: ScenesConfig, split: str = "train") -> Assets:
-    """Assets for one split: the fashion flavour reads that split's Fashion-MNIST photos."""
-    if cfg.flavour != "fashion":
-        return Assets(cfg.flavour)
-    images, labels = load_fashion(fashion_dir(cfg.fashion_path), split)
-    by_class = [np.flatnonzero(labels == k) for k in range(len(FASHION_ITEMS))]
-    for k, pool in enumerate(by_class):
-        if len(pool) == 0:
-            raise UserError(f"the {split} split has no {FASHION_ITEMS[k]} (label {k}) photos", where="--fashion-path")
-    return Assets("fashion", images, by_class)
+    """Assets for one split: the fashion flavour reads that split's Fashion-MNIST photos;
+    the cluttered flavour also the background photos, and Fashion-MNIST only if present."""
+    if cfg.flavour == "shapes":
+        return Assets(cfg.flavour, split=split)
+    folder = fashion_dir(cfg.fashion_path) if cfg.flavour == "fashion" else cluttered_fashion_dir(cfg.fashion_path)
+    images = by_class = None
+    if folder is not None:
+        images, labels = load_fashion(folder, split)
+        by_class = [np.flatnonzero(labels == k) for k in range(len(FASHION_ITEMS))]
+        for k, pool in enumerate(by_class):
+            if len(pool) == 0:
+                raise UserError(f"the {split} split has no {FASHION_ITEMS[k]} (label {k}) photos", where="--fashion-path")
+    if cfg.flavour == "fashion":
+        return Assets("fashion", images, by_class, split=split)
+    return Assets("cluttered", images, by_class, split=split, photos=load_photos())  # no images: shapes only
 
 
 def render(scene: Scene, cfg: ScenesConfig, assets: Assets | None = None) -> Image.Image:
@@ -379,6 +609,8 @@ def render(scene: Scene, cfg: ScenesConfig, assets: Assets | None = None) -> Ima
     fashion flavour would otherwise reload Fashion-MNIST's train split on every call)."""
     if assets is None:
         assets = load_assets(cfg, "train")
+    if scene.flavour == "cluttered":
+        return _render_cluttered(scene, assets)
     canvas = _background(scene)
     for obj in scene.objects:
         if scene.flavour == "fashion":
@@ -391,6 +623,66 @@ def render(scene: Scene, cfg: ScenesConfig, assets: Assets | None = None) -> Ima
         # Integer alpha blending, rounded: exact and platform-independent.
         canvas[y0:y1, x0:x1] = (canvas[y0:y1, x0:x1] * (255 - a) + rgb * a + 127) // 255
     return Image.fromarray(canvas.astype(np.uint8))
+
+
+def _render_cluttered(scene: Scene, assets: Assets) -> Image.Image:
+    """The photo crop, then each object in order: its outline (the fill's alpha dilated by
+    scene.outline_px) and its fill, so later objects cover earlier ones."""
+    w = scene.outline_px
+    canvas = _photo_background(assets.photos[scene.photo], scene.crop, scene.image_size)
+    for obj in scene.objects:
+        alpha, rgb = _object_layers(obj, assets)
+        x0, y0, x1, y1 = obj.bbox
+        foot = _dilate(alpha, w)[..., None]  # (side + 2w, side + 2w, 1)
+        under = canvas[y0 - w : y1 + w, x0 - w : x1 + w]  # a view: writing it draws the outline
+        under[...] = (under * (255 - foot) + np.array(OUTLINES[obj.outline], np.int32) * foot + 127) // 255
+        a = alpha[..., None]
+        canvas[y0:y1, x0:x1] = (canvas[y0:y1, x0:x1] * (255 - a) + rgb * a + 127) // 255
+    return Image.fromarray(canvas.astype(np.uint8))
+
+
+def _photo_background(photo: np.ndarray, crop: tuple[int, int, int, int], s: int) -> np.ndarray:
+    """(s, s, 3) int32: the crop resized, its saturation and contrast turned down."""
+    x0, y0, x1, y1 = crop
+    img = Image.fromarray(photo[y0:y1, x0:x1]).resize((s, s), Image.Resampling.LANCZOS)
+    rgb = np.asarray(img, np.int32)
+    luma = _luma(rgb)[..., None]
+    sat = round(BACKGROUND_SATURATION * 100)
+    rgb = luma + (rgb - luma) * sat // 100
+    mean = int(luma.mean())
+    con = round(BACKGROUND_CONTRAST * 100)
+    return np.clip(mean + (rgb - mean) * con // 100, 0, 255)
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    """Rec. 601 luma (..., ) int of RGB (..., 3) ints."""
+    return (299 * rgb[..., 0] + 587 * rgb[..., 1] + 114 * rgb[..., 2]) // 1000
+
+
+def _dilate(alpha: np.ndarray, w: int) -> np.ndarray:
+    """(H + 2w, W + 2w) max of `alpha` over a (2w + 1)-square window: its outline footprint."""
+    h, wd = alpha.shape
+    padded = np.zeros((h + 4 * w, wd + 4 * w), alpha.dtype)
+    padded[2 * w : 2 * w + h, 2 * w : 2 * w + wd] = alpha
+    out = np.zeros((h + 2 * w, wd + 2 * w), alpha.dtype)
+    for dy in range(2 * w + 1):
+        for dx in range(2 * w + 1):
+            np.maximum(out, padded[dy : dy + h + 2 * w, dx : dx + wd + 2 * w], out=out)
+    return out
+
+
+def _object_layers(obj: SceneObject, assets: Assets) -> tuple[np.ndarray, np.ndarray]:
+    """(alpha (side, side) int32 0..255, rgb (3,) or (side, side, 3) int32) of a cluttered
+    object: a drawn shape in flat colour, or a tinted Fashion-MNIST photo made opaque
+    inside its silhouette (dark folds and prints would let the photo show through; only
+    the rim keeps its soft edge, and the shading keeps the item's texture)."""
+    if obj.shape not in FASHION_ITEMS:
+        return _shape_mask(obj.shape, obj.bbox[2] - obj.bbox[0], assets), np.array(COLOURS[obj.colour], np.int32)
+    from scipy import ndimage  # a dependency of scikit-image, which the cluttered flavour needs
+
+    alpha, rgb = _fashion_layers(obj, assets, CLUTTERED_INK_THRESHOLD)
+    inside = ndimage.binary_erosion(ndimage.binary_fill_holes(alpha > 0))
+    return np.where(inside, 255, alpha).astype(np.int32), rgb
 
 
 def _background(scene: Scene) -> np.ndarray:
@@ -451,18 +743,20 @@ def _shape_mask(shape: str, side: int, assets: Assets) -> np.ndarray:
     return mask
 
 
-def _fashion_layers(obj: SceneObject, assets: Assets) -> tuple[np.ndarray, np.ndarray]:
+def _fashion_layers(obj: SceneObject, assets: Assets, threshold: int = INK_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
     """(alpha, rgb) of a Fashion-MNIST photo tinted with the object's colour.
 
     The photo is cropped to its ink, scaled to fit the box keeping its aspect, and
     centred. Ink intensity sets opacity (the faint rim fades out) and shading (70–100%
-    of the colour), so the item keeps its texture but reads as one colour.
+    of the colour), so the item keeps its texture but reads as one colour. Pixels at or
+    below `threshold` are background (the cluttered flavour cuts higher: see
+    CLUTTERED_INK_THRESHOLD).
     """
     if assets.fashion_images is None:
         raise ValueError("rendering a fashion scene needs assets from load_assets(cfg, split)")
     pool = assets.fashion_by_class[FASHION_ITEMS.index(obj.shape)]
     photo = assets.fashion_images[pool[obj.variant % len(pool)]]
-    ys, xs = np.nonzero(photo > INK_THRESHOLD)
+    ys, xs = np.nonzero(photo > threshold)
     if len(ys):
         photo = photo[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
     side = obj.bbox[2] - obj.bbox[0]
@@ -473,7 +767,7 @@ def _fashion_layers(obj: SceneObject, assets: Assets) -> tuple[np.ndarray, np.nd
     ink = np.zeros((side, side), np.int32)
     top, left = (side - nh) // 2, (side - nw) // 2
     ink[top : top + nh, left : left + nw] = small
-    alpha = np.clip((ink - INK_THRESHOLD) * 255 // 40, 0, 255)
+    alpha = np.clip((ink - threshold) * 255 // 40, 0, 255)
     shade = 178 + (77 * ink) // 255  # 178/255 = 70%
     rgb = np.array(COLOURS[obj.colour], np.int32) * shade[..., None] // 255
     return alpha, rgb
@@ -490,7 +784,9 @@ def _fashion_layers(obj: SceneObject, assets: Assets) -> tuple[np.ndarray, np.nd
 #   np       := ("a" | "an" | "the") [size] [colour] noun
 # A clause holds when some objects match its noun phrases (and are related as stated);
 # a count holds when the scene has exactly that many objects and the phrases match
-# distinct objects. Every clause of a conjunction must hold.
+# distinct objects. Every clause of a conjunction must hold. Only a recognisable object
+# (at least MIN_VISIBLE of it visible) matches a phrase; distractors count like any
+# object, so a caption true of a distractor is true, and a count counts them.
 
 
 def _np(size: str | None, colour: str | None, noun: str) -> str:
@@ -526,14 +822,26 @@ def _pair_relations(scene: Scene, a: int, b: int) -> list[tuple[int, str, int]]:
     return [(i, r, j) for i, j in ((a, b), (b, a)) for r in RELATIONS if holds(scene, i, r, j)]
 
 
+def _mentioned(scene: Scene) -> list[int]:
+    """Indices of the objects captions may name: all but the distractors."""
+    return [k for k, o in enumerate(scene.objects) if not o.distractor]
+
+
 def captions(scene: Scene, rng: np.random.Generator, n: int = 4) -> list[str]:
     """`n` distinct true captions. The first is the most complete: full noun phrases,
-    and for several objects a chain of relations that mentions every object."""
+    and for several objects a chain of relations that mentions every object.
+
+    Distractors are never named. A count caption must list every object, so a scene
+    with distractors gets a plain "there is a red circle" where a count would go.
+    """
     objs = scene.objects
-    if len(objs) == 1:
-        first = _np(objs[0].size, objs[0].colour, objs[0].shape)
+    named = _mentioned(scene)
+    countable = len(named) == len(objs)
+    if len(named) == 1:
+        obj = objs[named[0]]
+        first = _np(obj.size, obj.colour, obj.shape)
     else:
-        order = [int(k) for k in rng.permutation(len(objs))]
+        order = [named[int(k)] for k in rng.permutation(len(named))]
         # Pairs (o0, o1), (o2, o3); an odd one out is related to o0.
         pairs = [(order[k], order[k + 1]) for k in range(0, len(order) - 1, 2)]
         if len(order) % 2:
@@ -547,24 +855,27 @@ def captions(scene: Scene, rng: np.random.Generator, n: int = 4) -> list[str]:
         first = ", and ".join(clauses)
 
     out = [first]
-    rels = relations(scene)
+    rels = [(i, r, j) for i, r, j in relations(scene) if not (objs[i].distractor or objs[j].distractor)]
     # Draw candidates until there are n distinct ones; the cap only guards against a
     # tiny candidate space (it is never near for n <= 8).
     for _ in range(30 * n):
         if len(out) >= n:
             break
         kind = rng.random()
-        if len(objs) == 1:
-            obj = objs[0]
-            if kind < 0.2:
+        if len(named) == 1:
+            obj = objs[named[0]]
+            if kind < 0.2 and countable:
                 cand = _count_caption(rng, [_describe(rng, obj)])
             else:
                 cand = PREFIXES[int(rng.integers(len(PREFIXES)))] + _describe(rng, obj)
         elif kind < 0.6:
             i, r, j = rels[int(rng.integers(len(rels)))]
             cand = _relation_clause(rng, _describe(rng, objs[i]), r, _describe(rng, objs[j]))
-        elif kind < 0.8:
+        elif kind < 0.8 and countable:
             cand = _count_caption(rng, [_describe(rng, o) for o in objs])
+        elif kind < 0.8:
+            obj = objs[named[int(rng.integers(len(named)))]]
+            cand = PREFIXES[1 + int(rng.integers(len(PREFIXES) - 1))] + _describe(rng, obj)
         else:
             picks = rng.choice(len(rels), size=2, replace=False)
             cand = ", and ".join(
@@ -583,23 +894,30 @@ def hard_negatives(scene: Scene, rng: np.random.Generator, per_kind: int = 2) ->
     swap_relation   a relation flipped, or its two objects swapped
     replace_object  one object's noun replaced by one not in the scene
 
-    Each candidate is kept only if `scene_satisfies` says it is false. A single-object
-    scene has nothing to swap or relate, so it gets replace_object negatives only.
+    Each candidate is kept only if `scene_satisfies` says it is false of the whole scene,
+    distractors included (a swap that happens to describe a distractor is dropped). The
+    candidates are built from the named objects (not distractors), like the captions. A
+    scene with one named object has nothing to swap or relate, so it gets replace_object
+    negatives only.
     """
     objs = scene.objects
-    absent = [s for s in vocabulary(scene.flavour) if s not in {o.shape for o in objs}]
-    rels = relations(scene)
+    assert all(o.visible >= MIN_VISIBLE for o in objs), "negatives are checked against recognisable objects only"
+    named = _mentioned(scene)
+    countable = len(named) == len(objs)
+    nouns = scene.nouns or vocabulary(scene.flavour)
+    absent = [s for s in nouns if s not in {o.shape for o in objs}]
+    rels = [(i, r, j) for i, r, j in relations(scene) if not (objs[i].distractor or objs[j].distractor)]
     rels = [rels[int(k)] for k in rng.permutation(len(rels))]
     candidates: dict[str, list[str]] = {k: [] for k in NEGATIVE_KINDS}
 
     def replaced(obj: SceneObject) -> tuple[str | None, str, str]:
         return (obj.size if rng.random() < 0.5 else None, obj.colour, absent[int(rng.integers(len(absent)))])
 
-    if len(objs) == 1:
-        obj = objs[0]
+    if len(named) == 1:
+        obj = objs[named[0]]
         for _ in range(3 * per_kind):
             phrase = _np(*replaced(obj))
-            if rng.random() < 0.2:
+            if rng.random() < 0.2 and countable:
                 candidates["replace_object"].append(_count_caption(rng, [phrase]))
             else:
                 candidates["replace_object"].append(PREFIXES[int(rng.integers(len(PREFIXES)))] + phrase)
@@ -618,7 +936,7 @@ def hard_negatives(scene: Scene, rng: np.random.Generator, per_kind: int = 2) ->
             candidates["replace_object"].append(_relation_clause(rng, _np(*replaced(a)), r, _describe(rng, b)))
         else:
             candidates["replace_object"].append(_relation_clause(rng, _describe(rng, a), r, _np(*replaced(b))))
-    if len(objs) > 1:
+    if len(objs) > 1 and countable:
         # Binding in a plain listing: the scene's objects with two colours traded.
         a, b = (int(k) for k in rng.choice(len(objs), size=2, replace=False))
         if objs[a].colour != objs[b].colour:
@@ -661,8 +979,10 @@ def _parse_np(text: str) -> tuple[str | None, str | None, str]:
 
 
 def _matches(obj: SceneObject, phrase: tuple[str | None, str | None, str]) -> bool:
+    """Does the phrase describe `obj`? An object hidden beyond MIN_VISIBLE is no evidence."""
     size, colour, noun = phrase
-    return obj.shape == noun and (size is None or obj.size == size) and (colour is None or obj.colour == colour)
+    return (obj.shape == noun and (size is None or obj.size == size) and (colour is None or obj.colour == colour)
+            and obj.visible >= MIN_VISIBLE)
 
 
 def scene_satisfies(scene: Scene, caption: str) -> bool:
@@ -682,7 +1002,7 @@ def scene_satisfies(scene: Scene, caption: str) -> bool:
             raise ValueError(f"count and listed objects disagree in {caption!r}")
         if len(phrases) != len(objs):
             return False
-        # At most 4! assignments of phrases to distinct objects.
+        # At most 6! assignments of phrases to distinct objects.
         return any(all(_matches(objs[k], p) for k, p in zip(perm, phrases)) for perm in itertools.permutations(range(len(objs))))
 
     for clause in text.split(", and "):
@@ -719,17 +1039,24 @@ def make_sample(cfg: ScenesConfig, split: str, index: int, assets: Assets) -> tu
     """(key, tar members as (name, bytes), metadata) of one sample, independent of sharding."""
     seed = sample_seed(cfg, split, index)
     rng = np.random.default_rng(seed)
-    scene = make_scene(rng, cfg)
+    scene = make_scene(rng, cfg, assets)
     caps = captions(scene, rng, cfg.captions_per_image)
     key = f"{index:09d}"
+    objects = [{"shape": o.shape, "colour": o.colour, "size": o.size, "bbox": list(o.bbox)} for o in scene.objects]
+    if scene.flavour == "cluttered":
+        for d, o in zip(objects, scene.objects):
+            d.update(visible=round(o.visible, 4), distractor=o.distractor, outline=o.outline)
     meta = {
         "key": key,
         "captions": caps,
-        "objects": [{"shape": o.shape, "colour": o.colour, "size": o.size, "bbox": list(o.bbox)} for o in scene.objects],
+        "objects": objects,
         "relations": [[i, r, j] for i, r, j in relations(scene)],
         "flavour": scene.flavour,
         "seed": seed,
     }
+    if scene.flavour == "cluttered":
+        meta["background"] = {"photo": scene.photo, "crop": list(scene.crop)}
+        meta["outline_px"] = scene.outline_px
     if split == "test":
         meta["hard_negatives"] = hard_negatives(scene, rng, cfg.negatives_per_kind)
 
@@ -748,25 +1075,15 @@ def make_sample(cfg: ScenesConfig, split: str, index: int, assets: Assets) -> tu
     return key, members, meta
 
 
-def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    """Write a tar with fixed member metadata to a temporary name, then rename it."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            tar.addfile(info, io.BytesIO(data))
-    os.replace(tmp, path)
+# A shard, or the temporary file of an interrupted write (atomic.py names it NAME.tmpPID).
+_SHARD_RE = re.compile(r"^\d{5}\.tar(\.tmp\d*)?$")
+_CB_SHARD_RE = re.compile(r"^\d+\.tar(\.tmp\d*)?$")  # CLIP_benchmark names shards 0.tar, 1.tar, ...
+CLIP_BENCHMARK_DIR = "clip_benchmark"
 
 
-_SHARD_RE = re.compile(r"^\d{5}\.tar(\.tmp)?$")
-
-
-def _write_split(cfg: ScenesConfig, split: str, n: int, folder: Path) -> dict:
+def _write_split(cfg: ScenesConfig, split: str, n: int, folder: Path, cb_folder: Path | None = None) -> dict:
+    """Write one split's shards and stats.json; with `cb_folder`, also its CLIP_benchmark
+    copy there: shard k as k.tar, each sample's image and all its captions in KEY.txt."""
     folder.mkdir(parents=True, exist_ok=True)
     n_shards = math.ceil(n / cfg.shard_size)
     shard_names = [f"{k:05d}.tar" for k in range(n_shards)]
@@ -774,15 +1091,35 @@ def _write_split(cfg: ScenesConfig, split: str, n: int, folder: Path) -> dict:
     for p in folder.iterdir():
         if _SHARD_RE.match(p.name) and p.name not in shard_names:
             p.unlink()
+    if cb_folder is not None:
+        cb_folder.mkdir(parents=True, exist_ok=True)
+        for p in cb_folder.iterdir():
+            if _CB_SHARD_RE.match(p.name) and p.name not in {f"{k}.tar" for k in range(n_shards)}:
+                p.unlink()
 
-    counts = {name: Counter() for name in ("objects_per_image", "shapes", "colours", "sizes", "relations", "hard_negatives")}
+    names = ["objects_per_image", "shapes", "colours", "sizes", "relations", "hard_negatives"]
+    if cfg.flavour == "cluttered":
+        names += ["distractors_per_image", "backgrounds", "outlines"]
+    counts = {name: Counter() for name in names}
+    visible: list[float] = []
     n_captions = 0
     assets = load_assets(cfg, split) if n else None
     for shard, name in enumerate(shard_names):
         members: list[tuple[str, bytes]] = []
+        cb_members: list[tuple[str, bytes]] = []
         for index in range(shard * cfg.shard_size, min(n, (shard + 1) * cfg.shard_size)):
-            _key, sample_members, meta = make_sample(cfg, split, index, assets)
+            key, sample_members, meta = make_sample(cfg, split, index, assets)
             members += sample_members
+            if cb_folder is not None:
+                # CLIP_benchmark reads KEY.txt with str.splitlines: one caption a line.
+                assert all("\n" not in c and "\r" not in c for c in meta["captions"]), key
+                cb_members += [sample_members[0], (f"{key}.txt", "\n".join(meta["captions"]).encode("utf-8"))]
+            if cfg.flavour == "cluttered":
+                counts["distractors_per_image"][str(sum(o["distractor"] for o in meta["objects"]))] += 1
+                counts["backgrounds"][meta["background"]["photo"]] += 1
+                for o in meta["objects"]:
+                    counts["outlines"][o["outline"]] += 1
+                    visible.append(o["visible"])
             counts["objects_per_image"][str(len(meta["objects"]))] += 1
             for o in meta["objects"]:
                 counts["shapes"][o["shape"]] += 1
@@ -793,7 +1130,11 @@ def _write_split(cfg: ScenesConfig, split: str, n: int, folder: Path) -> dict:
             for kind, negs in meta.get("hard_negatives", {}).items():
                 counts["hard_negatives"][kind] += len(negs)
             n_captions += len(meta["captions"])
-        _write_tar(folder / name, members)
+        write_tar_atomic(folder / name, members)
+        if cb_folder is not None:
+            write_tar_atomic(cb_folder / f"{shard}.tar", cb_members)
+    if cb_folder is not None:
+        write_bytes_atomic(cb_folder / "nshards.txt", f"{n_shards}\n".encode())
 
     stats = {
         "split": split,
@@ -805,14 +1146,24 @@ def _write_split(cfg: ScenesConfig, split: str, n: int, folder: Path) -> dict:
     }
     if split != "test":
         del stats["hard_negatives"]
-    _write_json(folder / "stats.json", stats)
+    if visible:
+        stats["visible"] = {
+            "objects": len(visible),
+            "occluded": sum(v < 1 for v in visible),  # partly covered by a later object
+            "mean": round(sum(visible) / len(visible), 4),
+            "min": min(visible),
+        }
+    write_json_atomic(folder / "stats.json", stats)
     return stats
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+def clip_benchmark_command(root: str | Path = f"OUT/{CLIP_BENCHMARK_DIR}") -> str:
+    """How to run CLIP_benchmark on the copy at `root` (the files say OUT/clip_benchmark, so
+    they do not depend on where the output was written). --output is needed: the default
+    file name holds the model name, and "local-dir:PATH" has slashes. --no_amp: fp32, as
+    hierdctl's eval-retrieval computes (amp's bf16 on CPU can reorder near ties)."""
+    return (f"clip_benchmark eval --dataset wds/scenes --dataset_root {root} --task zeroshot_retrieval "
+            "--model local-dir:MODEL_DIR --pretrained none --recall_k 1 5 10 --no_amp --output scenes_clip_benchmark.json")
 
 
 def run(cfg: ScenesConfig) -> dict:
@@ -826,10 +1177,23 @@ def run(cfg: ScenesConfig) -> dict:
         raise UserError(f"{out} is not empty and holds no scenes.json: pick a new or empty folder", where="--out")
     out.mkdir(parents=True, exist_ok=True)
 
-    stats = {split: _write_split(cfg, split, n, out / split) for split, n in (("train", cfg.n_train), ("test", cfg.n_test))}
+    cb = out / CLIP_BENCHMARK_DIR
+    if not cfg.clip_benchmark and cb.is_dir():
+        shutil.rmtree(cb)  # an earlier run's copy of a test split that is about to change
+    stats = {
+        "train": _write_split(cfg, "train", cfg.n_train, out / "train"),
+        "test": _write_split(cfg, "test", cfg.n_test, out / "test", cb / "test" if cfg.clip_benchmark else None),
+    }
     config = {k: v for k, v in vars(cfg).items() if k != "out_dir"}  # the manifest lives in out_dir
+    config["min_objects"], config["max_objects"] = cfg.object_range()  # the flavour's defaults filled in
+    config["textured_fraction"] = None if cfg.flavour == "cluttered" else cfg.texture_share()
+    nouns = vocabulary(cfg.flavour)
     if cfg.flavour == "fashion":
         config["fashion_path"] = str(fashion_dir(cfg.fashion_path))
+    if cfg.flavour == "cluttered":
+        folder = cluttered_fashion_dir(cfg.fashion_path)
+        config["fashion_path"] = None if folder is None else str(folder)
+        nouns = vocabulary("cluttered", fashion=folder is not None)
     manifest = {
         "generator": "hierdctl.scenes",
         "version": GENERATOR_VERSION,
@@ -837,7 +1201,7 @@ def run(cfg: ScenesConfig) -> dict:
         "counts": {split: s["count"] for split, s in stats.items()},
         "shards": {split: len(s["shards"]) for split, s in stats.items()},
         "vocabulary": {
-            "shapes": list(vocabulary(cfg.flavour)),
+            "shapes": list(nouns),
             "colours": list(COLOURS),
             "sizes": list(SIZES),
             "relations": list(RELATIONS),
@@ -845,5 +1209,36 @@ def run(cfg: ScenesConfig) -> dict:
         "relation_margin_px": RELATION_MARGIN * cfg.image_size,
         "negative_kinds": list(NEGATIVE_KINDS),
     }
-    _write_json(out / "scenes.json", manifest)
-    return {"out_dir": str(out), **manifest, "stats": stats}
+    if cfg.flavour == "cluttered":
+        import skimage
+
+        photos = load_photos()
+        manifest["cluttered"] = {
+            "objects": "shapes and Fashion-MNIST items" if folder is not None
+            else "shapes only: Fashion-MNIST not found (install Debian's dataset-fashion-mnist or pass --fashion-path)",
+            "fashion_mnist": config["fashion_path"],
+            "backgrounds": {
+                "source": f"scikit-image {skimage.__version__} sample photos (skimage.data, bundled in the wheel)",
+                "photos": list(BACKGROUND_PHOTOS),
+                # Per photo, the (x0, y0, x1, y1) region each split's crops come from: disjoint.
+                "regions": {name: {split: list(crop_region(p.shape, split)) for split in SPLIT_IDS} for name, p in photos.items()},
+                "crop_side_px": list(CROP_SIDE),
+                "saturation": BACKGROUND_SATURATION,
+                "contrast": BACKGROUND_CONTRAST,
+            },
+            "min_visible": MIN_VISIBLE,
+            "outline_px": max(1, round(cfg.image_size / 64)),
+        }
+    if cfg.clip_benchmark:
+        # CLIP_benchmark's wds/ layout: dataset_type.txt beside test/{nshards.txt, 0.tar, ...}.
+        write_bytes_atomic(cb / "dataset_type.txt", b"retrieval\n")
+        manifest["clip_benchmark"] = {"dir": CLIP_BENCHMARK_DIR, "split": "test", "shards": len(stats["test"]["shards"]),
+                                      "command": clip_benchmark_command()}
+        write_json_atomic(cb / "scenes.json", {"generator": "hierdctl.scenes", "version": GENERATOR_VERSION,
+                                              "layout": "CLIP_benchmark wds (retrieval)", "of": "../test",
+                                              "count": cfg.n_test, **manifest["clip_benchmark"]})
+    write_json_atomic(out / "scenes.json", manifest)
+    summary = {"out_dir": str(out), **manifest, "stats": stats}
+    if cfg.clip_benchmark:
+        summary["clip_benchmark"] = {**manifest["clip_benchmark"], "command": clip_benchmark_command(cb)}
+    return summary
