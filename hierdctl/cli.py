@@ -16,7 +16,7 @@ from typing import List, Optional
 import typer
 
 from .configs import (CacheTeacherConfig, DistillConfig, EvalRetrievalConfig, EvalZeroshotConfig, ExportConfig,
-                      SourceOptions, default, parse_ks, parse_pair, parse_warmup)
+                      ScenesConfig, SourceOptions, default, parse_ks, parse_pair, parse_warmup)
 from .errors import UserError
 
 app = typer.Typer(
@@ -52,6 +52,7 @@ def _pair_text(pair) -> str:
 
 
 _CT, _DC, _EX, _ER, _EZ = CacheTeacherConfig, DistillConfig, ExportConfig, EvalRetrievalConfig, EvalZeroshotConfig
+_SC = ScenesConfig
 _SRC = SourceOptions()
 
 
@@ -424,26 +425,30 @@ def eval_zeroshot(
 @app.command("scenes")
 def scenes(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: OUT/train/*.tar, OUT/test/*.tar, OUT/scenes.json."),
-    flavour: str = typer.Option("shapes", help="shapes (drawn, no dependency) or fashion (Fashion-MNIST photos)."),
-    n_train: int = typer.Option(10_000, help="Training images."),
-    n_test: int = typer.Option(1_000, help="Test images (these carry hard-negative captions)."),
-    image_size: int = typer.Option(64, help="Image side in pixels."),
-    shard_size: int = typer.Option(1_000, help="Samples per shard."),
-    seed: int = typer.Option(0, help="Seed; the same seed gives byte-identical shards."),
-    min_objects: int = typer.Option(1, help="Fewest objects per image."),
-    max_objects: int = typer.Option(4, help="Most objects per image."),
-    captions_per_image: int = typer.Option(4, help="Captions per image."),
-    negatives_per_kind: int = typer.Option(2, help="Hard negatives of each kind per test image."),
-    fashion_path: Optional[Path] = typer.Option(None, help="Folder of Fashion-MNIST IDX files (default: Debian's dataset-fashion-mnist)."),
+    flavour: str = typer.Option(_d(_SC, "flavour"), help="shapes (drawn), fashion (Fashion-MNIST photos) or cluttered (2–6 shapes and Fashion-MNIST items on photo crops, occlusion, distractors)."),
+    n_train: int = typer.Option(_d(_SC, "n_train"), help="Training images."),
+    n_test: int = typer.Option(_d(_SC, "n_test"), help="Test images (these carry hard-negative captions)."),
+    image_size: int = typer.Option(_d(_SC, "image_size"), help="Image side in pixels."),
+    shard_size: int = typer.Option(_d(_SC, "shard_size"), help="Samples per shard."),
+    seed: int = typer.Option(_d(_SC, "seed"), help="Seed; the same seed gives byte-identical shards."),
+    min_objects: Optional[int] = typer.Option(_d(_SC, "min_objects"), help="Fewest objects per image [flavour's default: 1, cluttered 2]."),
+    max_objects: Optional[int] = typer.Option(_d(_SC, "max_objects"), help="Most objects per image [flavour's default: 4, cluttered 6]."),
+    captions_per_image: int = typer.Option(_d(_SC, "captions_per_image"), help="Captions per image."),
+    negatives_per_kind: int = typer.Option(_d(_SC, "negatives_per_kind"), help="Hard negatives of each kind per test image."),
+    image_format: str = typer.Option(_d(_SC, "image_format"), help="png or jpg (quality 95)."),
+    textured_fraction: Optional[float] = typer.Option(_d(_SC, "textured_fraction"), help="Share of mottled backgrounds, shapes and fashion [0.5]."),
+    fashion_path: Optional[Path] = typer.Option(_d(_SC, "fashion_path"), help="Folder of Fashion-MNIST IDX files (default: Debian's dataset-fashion-mnist), for fashion and cluttered (cluttered falls back to shapes only without it)."),
+    clip_benchmark: bool = typer.Option(_d(_SC, "clip_benchmark"), "--clip-benchmark/--no-clip-benchmark", help="Also write OUT/clip_benchmark: the test split in CLIP_benchmark's wds layout, every caption."),
 ):
     """Write the Scenes benchmark: compositional image–caption shards with hard negatives."""
     try:
-        from hierdctl.scenes import ScenesConfig, run
+        from hierdctl.scenes import run
 
         cfg = ScenesConfig(out_dir=out, flavour=flavour, n_train=n_train, n_test=n_test, image_size=image_size,
                            shard_size=shard_size, seed=seed, min_objects=min_objects, max_objects=max_objects,
                            captions_per_image=captions_per_image, negatives_per_kind=negatives_per_kind,
-                           fashion_path=fashion_path)
+                           image_format=image_format, textured_fraction=textured_fraction, fashion_path=fashion_path,
+                           clip_benchmark=clip_benchmark)
         summary = run(cfg)
     except UserError as e:
         _fail(e)
@@ -451,6 +456,10 @@ def scenes(
 
     counts = summary.get("counts", {})
     console.print(f"scenes ({flavour}) → {out}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    if summary.get("cluttered", {}).get("objects"):
+        console.print(f"cluttered objects: {_escape(str(summary['cluttered']['objects']))}", soft_wrap=True)
+    if summary.get("clip_benchmark", {}).get("command"):
+        console.print(f"CLIP_benchmark: {_escape(summary['clip_benchmark']['command'])}", soft_wrap=True)
 
 
 @app.command("version")

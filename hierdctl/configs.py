@@ -413,3 +413,107 @@ class EvalZeroshotConfig:
         require(self.max_pixels > 0, f"must be positive, got {self.max_pixels}", "--max-pixels")
         check_report_path(self.out)
         return self
+
+
+# ----------------------------------------------------------------------------------
+# scenes (the benchmark generator, hierdctl/scenes.py)
+# ----------------------------------------------------------------------------------
+
+FLAVOURS = ("shapes", "fashion", "cluttered")
+MIN_OBJECTS = 1
+MAX_OBJECTS = {"shapes": 4, "fashion": 4, "cluttered": 6}  # the most an image of a flavour holds
+DEFAULT_OBJECTS = {"shapes": (1, 4), "fashion": (1, 4), "cluttered": (2, 6)}  # (min, max) when unset
+DEFAULT_TEXTURED_FRACTION = 0.5  # shapes and fashion: share of mottled backgrounds when unset
+IMAGE_FORMATS = ("png", "jpg")
+MAX_SAMPLES_PER_SPLIT = 10**9 - 1  # keys are nine digits
+MAX_SHARDS = 10**5  # shard names are five digits
+
+
+@dataclass
+class ScenesConfig:
+    out_dir: str | Path = "out/scenes"
+    flavour: str = "shapes"
+    n_train: int = 10_000
+    n_test: int = 1_000
+    image_size: int = 64
+    shard_size: int = 1_000
+    seed: int = 0
+    min_objects: int | None = None  # None: the flavour's default (DEFAULT_OBJECTS)
+    max_objects: int | None = None
+    captions_per_image: int = 4
+    negatives_per_kind: int = 2  # hard negatives of each kind per test image, at most
+    image_format: str = "png"
+    textured_fraction: float | None = None  # shapes/fashion: share of mottled backgrounds (None: 0.5)
+    fashion_path: str | Path | None = None  # a folder of Fashion-MNIST IDX files
+    clip_benchmark: bool = False  # also write OUT/clip_benchmark: the test split for CLIP_benchmark
+
+    def object_range(self) -> tuple[int, int]:
+        """(fewest, most) objects per image: the fields, or the flavour's defaults."""
+        lo, hi = DEFAULT_OBJECTS.get(self.flavour, (1, 4))
+        return (lo if self.min_objects is None else self.min_objects, hi if self.max_objects is None else self.max_objects)
+
+    def texture_share(self) -> float:
+        """Share of mottled backgrounds (shapes and fashion; cluttered backgrounds are photos)."""
+        return DEFAULT_TEXTURED_FRACTION if self.textured_fraction is None else self.textured_fraction
+
+    def validate(self) -> "ScenesConfig":
+        """Check every field; raise UserError naming the flag at fault. Returns self."""
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not str(self.out_dir).strip():
+            raise UserError("an output folder is required", where="--out")
+        if self.flavour not in FLAVOURS:
+            raise UserError(f"unknown flavour {self.flavour!r}; choose one of {', '.join(FLAVOURS)}", where="--flavour")
+        for flag, v in (("--n-train", self.n_train), ("--n-test", self.n_test)):
+            if not is_int(v) or not 0 <= v <= MAX_SAMPLES_PER_SPLIT:
+                raise UserError(f"must be an integer from 0 to {MAX_SAMPLES_PER_SPLIT}, got {v!r}", where=flag)
+        if self.n_train + self.n_test == 0:
+            raise UserError("nothing to generate: --n-train and --n-test are both 0", where="--n-train")
+        # Below 32 px a small object is under 7 px wide and shapes stop being recognisable.
+        if not is_int(self.image_size) or not 32 <= self.image_size <= 1024:
+            raise UserError(f"must be an integer from 32 to 1024, got {self.image_size!r}", where="--image-size")
+        if not is_int(self.shard_size) or self.shard_size < 1:
+            raise UserError(f"must be a positive integer, got {self.shard_size!r}", where="--shard-size")
+        if math.ceil(max(self.n_train, self.n_test) / self.shard_size) > MAX_SHARDS:
+            raise UserError(f"more than {MAX_SHARDS} shards per split; raise it", where="--shard-size")
+        if not is_int(self.seed) or self.seed < 0:
+            raise UserError(f"must be a non-negative integer, got {self.seed!r}", where="--seed")
+        most = MAX_OBJECTS[self.flavour]
+        lo, hi = self.object_range()
+        if not is_int(lo) or not MIN_OBJECTS <= lo <= most:
+            raise UserError(f"must be from {MIN_OBJECTS} to {most} for {self.flavour}, got {lo!r}", where="--min-objects")
+        if not is_int(hi) or not lo <= hi <= most:
+            raise UserError(f"must be from --min-objects ({lo}) to {most} for {self.flavour}, got {hi!r}", where="--max-objects")
+        if not is_int(self.captions_per_image) or not 1 <= self.captions_per_image <= 8:
+            raise UserError(f"must be from 1 to 8, got {self.captions_per_image!r}", where="--captions-per-image")
+        if not is_int(self.negatives_per_kind) or not 1 <= self.negatives_per_kind <= 5:
+            raise UserError(f"must be from 1 to 5, got {self.negatives_per_kind!r}", where="--negatives-per-kind")
+        if self.image_format not in IMAGE_FORMATS:
+            raise UserError(f"must be one of {', '.join(IMAGE_FORMATS)}, got {self.image_format!r}", where="--image-format")
+        share = self.textured_fraction
+        if share is not None:
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+                raise UserError(f"must be a number from 0 to 1, got {share!r}", where="--textured-fraction")
+            if self.flavour == "cluttered":
+                raise UserError("cluttered backgrounds are always photos; the mottled share applies to "
+                                "--flavour shapes and fashion", where="--textured-fraction")
+        if not isinstance(self.clip_benchmark, bool):
+            raise UserError(f"must be true or false, got {self.clip_benchmark!r}", where="--clip-benchmark")
+        if self.clip_benchmark and self.n_test == 0:
+            raise UserError("the CLIP_benchmark copy is of the test split: --n-test is 0", where="--clip-benchmark")
+        if self.flavour == "fashion" or (self.flavour == "cluttered" and self.fashion_path is not None):
+            from hierdctl.scenes import _fashion_split_files, _skimage_data, fashion_dir
+
+            folder = fashion_dir(self.fashion_path)
+            for split, n in (("train", self.n_train), ("test", self.n_test)):
+                if n:
+                    _fashion_split_files(folder, split)  # raises when a file is missing
+        elif self.fashion_path is not None:
+            raise UserError("only the fashion and cluttered flavours read Fashion-MNIST", where="--fashion-path")
+        if self.flavour == "cluttered":
+            from hierdctl.scenes import _skimage_data
+
+            _skimage_data()  # raises when scikit-image is missing
+        return self
