@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from . import faults
 from .errors import UserError
 
 
@@ -85,7 +86,9 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        faults.point(f"write:{path.name}:before-rename")
         os.replace(tmp, path)
+    faults.point(f"write:{path.name}:after-rename")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -136,7 +139,9 @@ def write_tar_atomic(path: Path, members: list[tuple[str, bytes]]) -> Written:
                     tf.addfile(info, io.BytesIO(data))
             f.flush()
             os.fsync(f.fileno())
+        faults.point(f"write:{path.name}:before-rename")
         os.replace(tmp, path)
+    faults.point(f"write:{path.name}:after-rename")
     assert w.n == path.stat().st_size, (w.n, path)
     return Written(w.n, w.sha.hexdigest())
 

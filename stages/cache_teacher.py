@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hierdctl import __version__, atomic, cache_format, distributed
+from hierdctl import __version__, atomic, cache_format, distributed, faults
 from hierdctl.configs import CacheTeacherConfig
 from hierdctl.console import console, progress
 from hierdctl.errors import UserError
@@ -437,6 +437,7 @@ def _run(cfg: CacheTeacherConfig, env, device: str, started: float, notes: list[
                 bar.advance(task, n)
                 u = item["unit"]
                 _finish_unit(cfg, u, item["label"], records.pop(u, []), skips.pop(u, []))
+                faults.point(f"cache-teacher:unit-done:{u}")
                 units_done += 1
                 if est_total is None and units_done:  # shards: extrapolate from finished ones
                     bar.update(task, total=int((n_samples + n_skipped) / units_done * len(todo)))

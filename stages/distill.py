@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from hierdctl import __version__, atomic, cache_format, checkpoint, distributed
+from hierdctl import __version__, atomic, cache_format, checkpoint, distributed, faults
 from hierdctl.configs import RESUME_KEYS, RUNTIME_KEYS, DistillConfig
 from hierdctl.console import console, progress
 from hierdctl.errors import UserError, require
@@ -461,6 +461,7 @@ def _train(cfg: DistillConfig, out: Path, cache, recipe, tr: "Trainer", env, res
                         if last_saved is not None else "no checkpoint was written yet")
                 raise TrainingDiverged(f"{e}; {kept}") from None
             step += 1
+            faults.point(f"distill:step:{step}")
             n_log += cfg.batch_size
             last = {k: float(v.detach()) for k, v in terms.items()} | {"loss": float(total_loss.detach())}
             if step % cfg.log_every == 0 or step == total or step == start + 1:
