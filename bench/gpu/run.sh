@@ -3,13 +3,16 @@
 # part (run_gpu.py) under its budget. On the GPU machine, from the repo root, .whl carried:
 #
 #   bash bench/gpu/run.sh                    # writes into $OUT (the device tool's folder)
-#   bash bench/gpu/run.sh DIR [run_gpu.py options, e.g. --budget 300 --only cache,distill]
+#   bash bench/gpu/run.sh [DIR] [run_gpu.py options, e.g. --budget 300 --only cache,distill]
 #
 # PYTHON (default python3) and WHL may be overridden, as for install.sh.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
-OUT=${1:-${OUT:?give an output folder or set OUT}}
-shift || true
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then  # a first argument that is not an option: the folder
+    OUT=$1
+    shift
+fi
+OUT=${OUT:?give an output folder or set OUT}
 PY=${PYTHON:-python3}
 SITE=${SITE:-/tmp/site}
 mkdir -p "$OUT"
