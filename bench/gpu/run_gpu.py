@@ -487,7 +487,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="folder for summary.md, results.json, log.txt, pytest.txt (required)")
     ap.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: exercises every part (make test)")
     ap.add_argument("--budget", type=float, default=None, help="total seconds for all parts [420; 600 with --smoke]")
-    ap.add_argument("--only", default=None, help="comma-separated parts to run (others are skipped)")
+    ap.add_argument("--only", default=None, help="comma-separated parts to run besides env (others are skipped)")
     ap.add_argument("--cap", action="append", default=[], metavar="PART=SECONDS", help="another cap for one part")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak for MFU")
     ap.add_argument("--keep-work", action="store_true", help="keep the scratch folder (data, caches, runs)")
@@ -540,11 +540,14 @@ def main(argv=None) -> int:
 
     for part in PARTS:
         name = part.name
-        if only is not None and name not in only:
+        if only is not None and name not in only and name != "env":  # env always runs: it finds the device
             record(name, status="skipped", reason="not in --only")
             continue
         env_data = results["parts"].get("env", {}).get("data") or {}
         cuda = bool(env_data.get("cuda_available"))
+        if name != "env" and not args.smoke and env_data and not cuda:
+            record(name, status="skipped", reason="no CUDA device here (--smoke runs the toy sizes on the CPU)")
+            continue
         cmd, log_to = None, log
         if name == "env":
             cmd = py("env", {})
