@@ -237,7 +237,8 @@ def worker_search(cfg: dict) -> int:
 
     torch_search()  # warm-up (cuBLAS handles, kernels)
     t_torch = _best_of(torch_search, repeat, sync)
-    res |= {"torch_device": dev, "torch_s": t_torch, "torch_qps": q / t_torch, "torch_score_gap": score_gap(out["torch"]),
+    res |= {"torch_device": dev, "torch_s": t_torch, "torch_qps": q / t_torch,
+            "torch_score_gap": score_gap(out["torch"]),
             "torch_same_ids": float((out["torch"] == out["cpu"]).all(axis=1).mean()),
             "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32)}
     res["faiss_gpus"] = faiss_gpus()
@@ -311,11 +312,26 @@ def profile_summary(path: Path) -> dict:
         parts = Path(f).parts
         return f"{'/'.join(parts[-2:])}:{ln}({fn})"
 
+    def cum(file_end: str, func: str) -> float | None:
+        hits = [v[3] for (f, _, fn), v in st.items() if fn == func and f.endswith(file_end)]
+        return max(hits) if hits else None
+
+    # The stage's own steps, top to bottom (a function missing from the profile is left out).
+    steps = [("set-up: load the teacher", "specs.py", "load_encoder"),
+             ("set-up: fingerprint its weights", "specs.py", "fingerprint"),
+             ("waiting for decoded samples (DataLoader.__next__)", "dataloader.py", "__next__"),
+             ("teacher batches (flush: process + bookkeeping)", "cache_teacher.py", "flush"),
+             ("of which image forward (encode_image)", "specs.py", "encode_image"),
+             ("of which text forward (_Teacher.text)", "cache_teacher.py", "text"),
+             ("of which k-means (spherical_kmeans)", "cluster.py", "spherical_kmeans"),
+             ("writing shards (_finish_unit)", "cache_teacher.py", "_finish_unit"),
+             ("manifest (_write_manifest)", "cache_teacher.py", "_write_manifest")]
+    breakdown = [(what, t) for what, f, fn in steps if (t := cum(f, fn)) is not None]
     ours = [(label(*key), v[3]) for key, v in st.items()
             if any(s in key[0] for s in ("hierdctl", "stages", "torch/utils/data")) and v[3] >= 0.02 * total]
     ours.sort(key=lambda x: -x[1])
     self_time = sorted(((label(*key), v[2]) for key, v in st.items()), key=lambda x: -x[1])[:10]
-    return {"total_s": total, "cumulative": ours[:15], "self": self_time}
+    return {"total_s": total, "breakdown": breakdown, "cumulative": ours[:15], "self": self_time}
 
 
 def worker_distill_extra(cfg: dict) -> int:
@@ -382,7 +398,8 @@ def worker_distill_extra(cfg: dict) -> int:
             for _ in range(cfg["stream_batches"]):
                 next(it)
             t2 = time.perf_counter()
-            res["stream"][name] = {"workers": loader.num_workers, "warm_batches": warm, "batches": cfg["stream_batches"],
+            res["stream"][name] = {"workers": loader.num_workers, "warm_batches": warm,
+                                   "batches": cfg["stream_batches"],
                                    "samples_per_s": cfg["stream_batches"] * B / (t2 - t1), "warm_s": t1 - t0,
                                    "step_samples_per_s": B / t}
             del it, loader
@@ -483,7 +500,8 @@ def peak_for(name: str | None, override: float | None) -> float | None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, help="folder for summary.md, results.json, log.txt, pytest.txt (required)")
     ap.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: exercises every part (make test)")
     ap.add_argument("--budget", type=float, default=None, help="total seconds for all parts [420; 600 with --smoke]")
@@ -583,7 +601,8 @@ def main(argv=None) -> int:
                                "argv": sizes["cache_profile"] + ["--device", device, "--profile", str(prof)]})
         left = deadline - time.time()
         if left < part.min_s:
-            record(name, status="skipped", reason=f"budget: {max(0.0, left):.0f} s left, the part needs ≥ {part.min_s:.0f} s")
+            record(name, status="skipped",
+                   reason=f"budget: {max(0.0, left):.0f} s left, the part needs ≥ {part.min_s:.0f} s")
             continue
         cap = min(caps[name], left)
         if name == "tests":
@@ -594,7 +613,8 @@ def main(argv=None) -> int:
         try:
             if name == "tests":
                 log_to.close()
-                print(f"(pytest output in pytest.txt)\n{text.strip().splitlines()[-1] if text.strip() else ''}", file=log)
+                last = text.strip().splitlines()[-1] if text.strip() else ""
+                print(f"(pytest output in pytest.txt)\n{last}", file=log)
                 data = parse_pytest(text)
             else:
                 data = parse_result(text)
@@ -676,7 +696,8 @@ def summary_md(r: dict) -> str:
     t = parts.get("tests", {})
     if t.get("data"):
         c = t["data"]["counts"]
-        L.append("`pytest -m gpu tests/test_gpu.py`: " + (", ".join(f"{v} {k}" for k, v in c.items()) or "no summary line")
+        L.append("`pytest -m gpu tests/test_gpu.py`: "
+                 + (", ".join(f"{v} {k}" for k, v in c.items()) or "no summary line")
                  + (f" in {t['seconds']:.0f} s" if t.get("seconds") else "") + ".")
         for name, outcome in t["data"]["tests"]:
             L.append(f"- `{name.split('::', 1)[1]}`: {outcome}")
@@ -700,7 +721,8 @@ def summary_md(r: dict) -> str:
         L += ["| measure | value |", "|---|---:|",
               f"| teacher forward alone | {_f(j.get('forward_samples_per_s'), '{:,.1f}')} samples/s |",
               f"| cache-teacher, steady state | {_f(j.get('cache_samples_per_s'), '{:,.1f}')} samples/s |",
-              f"| **ratio** (target ≥ {TARGETS['cache_ratio']}) | **{_f(ratio)}**{_mark(None if ratio is None else ratio >= TARGETS['cache_ratio'])} |",
+              f"| **ratio** (target ≥ {TARGETS['cache_ratio']}) | **{_f(ratio)}**"
+              f"{_mark(None if ratio is None else ratio >= TARGETS['cache_ratio'])} |",
               f"| ratio, end to end (model load and fingerprint included) | {_f(j.get('ratio_end_to_end'))} |",
               f"| peak GPU memory, allocated / reserved (of {_f(mem.get('device_total_gb'), '{:.0f}')} GB) | "
               f"{_f(mem.get('max_allocated_gb'))} / {_f(mem.get('max_reserved_gb'))} GB |", ""]
@@ -711,10 +733,14 @@ def summary_md(r: dict) -> str:
     prof = (cp.get("data") or {}).get("profile")
     if prof:
         tot = prof["total_s"]
+        argv = cp["data"].get("argv") or []
+        if "--profile" in argv:  # the scratch path says nothing
+            i = argv.index("--profile")
+            argv = argv[:i] + argv[i + 2:]
         L += [f"Where the time goes: cProfile of cache-teacher's main process in a second, smaller run "
-              f"(`{shlex.join(cp['data'].get('argv') or [])}`), {tot:.1f} s in `run`:", "",
-              "| function (cumulative) | s | % of run |", "|---|---:|---:|"]
-        L += [f"| `{n}` | {v:.2f} | {100 * v / tot:.0f} % |" for n, v in prof["cumulative"]]
+              f"(`{shlex.join(argv)}`), {tot:.1f} s in `run` (GPU work shows where the CPU waits for it, "
+              "e.g. in `.cpu()`):", "", "| step (cumulative time) | s | % of run |", "|---|---:|---:|"]
+        L += [f"| {n} | {v:.2f} | {100 * v / tot:.0f} % |" for n, v in prof.get("breakdown", [])]
         L += ["", "| self time, top 10 | s | % of run |", "|---|---:|---:|"]
         L += [f"| `{n}` | {v:.2f} | {100 * v / tot:.0f} % |" for n, v in prof["self"]]
         L.append("")
@@ -734,9 +760,11 @@ def summary_md(r: dict) -> str:
               "| TFLOP per step | MFU |", "|---|---:|---:|---:|---|---:|---:|---:|"]
         for name, row in tb["recipes"].items():
             e = (ex.get("recipes") or {}).get(name, {})
-            target = "—" if name == "clip" else f"≤ {TARGETS.get(name, 0):.2f}{_mark(row['vs_clip'] <= TARGETS.get(name, 0))}"
+            limit = TARGETS.get(name, 0)
+            target = "—" if name == "clip" else f"≤ {limit:.2f}{_mark(row['vs_clip'] <= limit)}"
             on = row["vs_online_speed"]
-            L.append(f"| `{name}` from cache | {row['step_s']:.4f} | {row['samples_per_s']:,.0f} | {row['vs_clip']:.2f}× | "
+            L.append(f"| `{name}` from cache | {row['step_s']:.4f} | {row['samples_per_s']:,.0f} | "
+                     f"{row['vs_clip']:.2f}× | "
                      f"{target} | {_f(on)}{_mark(None if (on is None or tgt is None) else on >= tgt)} | "
                      f"{_f(e.get('flops') and e['flops'] / 1e12, '{:.3g}')} | {_f(e.get('mfu'), '{:.1%}')} |")
         if tb.get("online_s"):
@@ -780,7 +808,8 @@ def summary_md(r: dict) -> str:
         L += [f"{shape}; FAISS with {q['cpu_threads']} CPU threads.", "",
               "| search | time (s) | queries/s | speed vs FAISS CPU | max score error vs float64 brute force |",
               "|---|---:|---:|---:|---:|",
-              f"| FAISS `IndexFlatIP`, CPU (eval-retrieval's index) | {q['faiss_cpu_s']:.4f} | {q['faiss_cpu_qps']:,.0f} | "
+              f"| FAISS `IndexFlatIP`, CPU (eval-retrieval's index) | {q['faiss_cpu_s']:.4f} | "
+              f"{q['faiss_cpu_qps']:,.0f} | "
               f"1.00× | {q['faiss_cpu_score_gap']:.1e} |",
               f"| torch matmul + topk, {q['torch_device'].upper()} | {q['torch_s']:.4f} | {q['torch_qps']:,.0f} | "
               f"{q['faiss_cpu_s'] / q['torch_s']:.1f}× | {q['torch_score_gap']:.1e} |"]
