@@ -24,5 +24,6 @@ else
     grep -E "^(FAIL|error)" "$OUT/install.txt" | head -20
 fi
 export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 HIERDCTL_NO_PROGRESS=1
+export MPLCONFIGDIR=${MPLCONFIGDIR:-/tmp/hierdctl-mpl}  # matplotlib's font cache, built once for every part
 export GPU_RUN_COMMAND="bash bench/gpu/run.sh${*:+ $*}"
 cd "$REPO" && exec "$PY" bench/gpu/run_gpu.py --out "$OUT" "$@"

@@ -681,6 +681,10 @@ def summary_md(r: dict) -> str:
              f"/dev/shm {env.get('shm_gb', '?')} GB. "
              "Every ratio is measured within this one run, with absolute figures beside it. Budget "
              f"{r['budget_s']:.0f} s, used {r.get('seconds', 0):.0f} s.")
+    if env.get("shm_gb") is not None and env["shm_gb"] < 8:
+        L.append(f"**/dev/shm holds only {env['shm_gb']} GB**: DataLoader workers hand their samples over through "
+                 "it (cache-teacher with 16 workers: ~0.3 GB in flight; distill with 8 workers at batch 256: ~5 GB), "
+                 "so a bus error or 'No space left on device' in parts cache or distill comes from there.")
     L.append("")
 
     def status_line(name):
