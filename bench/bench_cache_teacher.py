@@ -193,7 +193,7 @@ def main() -> None:
 
     import torch
 
-    from hierdctl.dist import DistEnv, resolve_device
+    from hierdctl.distributed import DistEnv, resolve_device
     from hierdctl.specs import load_encoder
     from hierdctl.stages import cache_teacher as CT
 

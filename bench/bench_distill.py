@@ -220,7 +220,7 @@ def main(argv=None) -> int:
         for name in recipes:
             out = work / "runs" / name
             cfg = S.resolve_config(dict(cache=str(cache_dir), student=student_spec, recipe=name, out=str(out),
-                                        steps=args.e2e_steps, batch_size=args.batch_size, lr=1e-4, warmup=100,
+                                        steps=args.e2e_steps, batch_size=args.batch_size, lr=1e-4, warmup="auto",
                                         device=args.device, precision=args.precision, workers=args.workers,
                                         log_every=1, save_every=10**9, quiet=True, overwrite=True))
             summary = S.run(cfg)

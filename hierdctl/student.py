@@ -148,7 +148,7 @@ class StudentWrapper(nn.Module):
             pooled, tokens = vit_tokens(m.visual, images)  # (N,D_s), (N,G,D_s)
         else:
             pooled, tokens = m.encode_image(images), None
-        txt = m.encode_text(text)  # (N,D_s)
+        txt = encode_text_trimmed(m, text)  # (N,D_s); exact: padding after the batch's last token is cut
         # The parameter is clamped to ≤ ln 100 after each optimizer step (open_clip's rule), not
         # here: clamping exp() would pass no gradient once the scale reaches its cap.
         f = Features(img_s=pooled, txt_s=txt, logit_scale_s=m.logit_scale.exp(),

@@ -152,7 +152,10 @@ class _Teacher:
         from hierdctl.cluster import pool_clusters, spherical_kmeans
 
         cfg, V, K = self.cfg, self.cfg.views, self.cfg.clusters
-        pixels = torch.cat([it["pixels"] for it in items]).to(self.device, non_blocking=True)  # (B·V,3,S,S)
+        pixels = torch.cat([it["pixels"] for it in items])  # (B·V,3,S,S)
+        if self.device.startswith("cuda"):  # a pinned staging copy makes the host-to-device copy asynchronous
+            pixels = pixels.pin_memory()
+        pixels = pixels.to(self.device, non_blocking=True)
         with torch.no_grad(), self._autocast():
             img_emb, patches = self.enc.encode_image(pixels, want_patches=self.want_patches)
         img_emb = img_emb.float()
@@ -450,7 +453,7 @@ def _run(cfg: CacheTeacherConfig, env, device: str, started: float, notes: list[
         batch_size=None,
         num_workers=workers,
         collate_fn=_identity_collate,
-        pin_memory=device.startswith("cuda"),
+        pin_memory=False,  # items are single samples; the batch is pinned once it is assembled (_Teacher.process)
         # Items are single samples: let the workers decode a whole batch ahead while the
         # teacher runs the current one (4 per worker left the teacher waiting for decodes).
         prefetch_factor=max(4, -(-cfg.batch_size // workers)) if workers else None,

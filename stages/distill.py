@@ -264,7 +264,8 @@ class Trainer:
             f = self.net(batch)
         f = gather_features(f, self.env)
         terms = registry.compute_terms(self.recipe, f)
-        bad = [k for k, v in terms.items() if not torch.isfinite(v.detach()).all()]
+        finite = torch.stack([v.detach().float() for v in terms.values()]).isfinite()  # one device sync, not one per term
+        bad = [] if bool(finite.all()) else [k for k, ok in zip(terms, finite.tolist()) if not ok]
         if bad:
             raise TrainingDiverged(f"loss term {', '.join(bad)} became {terms[bad[0]].item()} at step {step + 1}")
         total_loss = registry.weighted_total(terms, self.recipe)

@@ -343,15 +343,14 @@ def worker_distill_extra(cfg: dict) -> int:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from hierdctl import cache_format
-    from hierdctl import dist as D
+    from hierdctl import cache_format, distributed
     from hierdctl.losses.registry import load_recipe
     from hierdctl.stages import distill as S
 
     work = Path(cfg["work"])
     cache = cache_format.open_cache(work / "cache")
-    env = D.resolve()
-    device = D.resolve_device(cfg["device"], env)
+    env = distributed.resolve()
+    device = distributed.resolve_device(cfg["device"], env)
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     peak = cfg.get("peak_tflops")
