@@ -170,7 +170,11 @@ def write_onnx(model, d: Path, opset: int, atol: float, tokenizer) -> dict:
         with torch.inference_mode():
             want = module(check).numpy()
         diff = _max_diff(got, want)
+        # The batch axis is dynamic; the text graph's token axis is not: its attention mask and
+        # positional embedding are traced at the context length, so inputs must have exactly L tokens.
+        shape = ["batch"] + [int(d) for d in check.shape[1:]]
         checks[name] = {"file": path.name, "input": inp, "output": outp, "opset": opset,
+                        "input_shape": shape, "input_dtype": str(check.dtype).removeprefix("torch."),
                         "check_batch": int(check.shape[0]), "max_abs_diff": diff, "atol": atol}
         if not diff <= atol:
             raise ExportMismatch(f"ONNX {name} encoder differs from PyTorch by {diff:.3g} (> {atol:g})")
@@ -266,7 +270,9 @@ def model_card(ck: StudentCheckpoint, manifest: dict, report: dict | None, out: 
         pp = manifest.get("preprocess_cfg", {})
         lines += ["ONNX (onnxruntime): `image_encoder.onnx` takes `image` (B,3,S,S) float32 — resized, centre-cropped "
                   f"to {vc.get('image_size')} and normalised with mean {pp.get('mean')} / std {pp.get('std')} — and "
-                  "returns `image_embeds` (B,D); `text_encoder.onnx` takes `text` (B,L) int64 open_clip tokens and "
+                  f"returns `image_embeds` (B,D); `text_encoder.onnx` takes `text` (B,{o['text']['input_shape'][1]}) int64 "
+                  f"open_clip tokens — exactly {o['text']['input_shape'][1]} tokens, the exported context length "
+                  "(`open_clip.get_tokenizer('local-dir:…')` pads and cuts to it; another length fails) — and "
                   f"returns `text_embeds` (B,D). Both L2-normalised, dynamic batch, opset {o['image']['opset']}.", ""]
     if "hf" in manifest["formats"]:
         lines += ["transformers (and sentence-transformers' `models.CLIPModel`): `CLIPModel.from_pretrained('"

@@ -391,3 +391,26 @@ def test_perturbations_and_cluster_crops_reach_the_student(tmp_path, tiny_teache
     assert f.neg_s.shape == (4, 2, 32) and f.neg_t.shape == (4, 2, 32) and f.clu_crop_t.shape == (4, 3, 32)
     assert f.neg_st is f.neg_s or torch.equal(f.neg_st, f.neg_s)  # same width: no projector
     assert (f.neg_s[~f.neg_mask] == 0).all() and (f.neg_s[f.neg_mask].abs().sum(-1) > 0).all()
+
+
+def test_warmup_auto_fits_the_run_and_an_impossible_one_is_refused(cache, tmp_path):
+    import yaml
+
+    # auto = min(10,000, 10% of the run): 20 steps -> 2, announced and recorded.
+    summary = S.run(_cfg(cache, tmp_path / "auto", steps=20, warmup="auto"))
+    assert summary["warmup_steps"] == 2 and any("warm-up 2 steps of 20" in n for n in summary["notes"])
+    resolved = yaml.safe_load((tmp_path / "auto" / "config.resolved.yaml").read_text())
+    assert resolved["warmup"] == "auto" and resolved["warmup_steps"] == 2 and resolved["total_steps"] == 20
+    assert S.DistillConfig("c", "s", "r", "o", steps=10**6).resolve_warmup(10**6) == 10_000
+    assert S.DistillConfig("c", "s", "r", "o").warmup == "auto"  # the default
+    # An explicit warm-up as long as the run would never reach --lr: exit 2 naming --warmup, before any step.
+    r = _cli("distill", str(cache), "--student", "tiny-test", "--recipe", "clip", "--out", str(tmp_path / "long"),
+             "--steps", "5", "--warmup", "5", "--batch-size", "8", "--workers", "0", "--quiet")
+    assert r.exit_code == 2 and "--warmup" in r.output and "never reach --lr" in r.output, r.output
+    assert not (tmp_path / "long" / "checkpoints").exists()
+    r = _cli("distill", str(cache), "--student", "tiny-test", "--recipe", "clip", "--out", str(tmp_path / "x"),
+             "--warmup", "soon", "--steps", "5")
+    assert r.exit_code == 2 and "--warmup" in r.output, r.output
+    r = _cli("distill", str(cache), "--student", "tiny-test", "--recipe", "clip", "--out", str(tmp_path / "x"),
+             "--epochs", "inf")
+    assert r.exit_code == 2 and "--epochs" in r.output and "Traceback" not in r.output, r.output

@@ -128,6 +128,12 @@ def test_onnx_parity_with_pytorch_at_other_batch_sizes(runs, tmp_path):
         assert got_i.shape == (n, 32) and got_t.shape == (n, 32)
         np.testing.assert_allclose(got_i, want_i, atol=1e-5)
         np.testing.assert_allclose(got_t, want_t, atol=1e-5)
+    # The text graph takes exactly the exported context length: export.json and the model card say so.
+    L = model.context_length
+    manifest = json.loads((out / "export.json").read_text())
+    assert manifest["checks"]["onnx"]["text"]["input_shape"] == ["batch", L]
+    assert manifest["checks"]["onnx"]["text"]["input_dtype"] == "int64"
+    assert f"exactly {L} tokens" in (out / "README.md").read_text()
     onnx_only = export_run(ExportConfig(source=runs["run"], out=tmp_path / "onnx", format="onnx", quiet=True))
     assert sorted(onnx_only["files"]) == ["README.md", "export.json", "image_encoder.onnx", "text_encoder.onnx"]
     assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == sorted(onnx_only["files"])

@@ -85,6 +85,20 @@ def test_recipe_from_a_path(tmp_path):
     assert recipe.name == "copy" and recipe.terms == load_recipe("clip-kd").terms
 
 
+def test_a_fixed_scale_pins_both_sides_of_affinity_and_clip():
+    """TinyCLIP's --logit-scale 50: args {scale: 50} replaces s and s_T by 50 on both sides."""
+    pinned = Recipe("t", (Term("clip", 0.5, {"scale": 50}), Term("affinity", 0.5, {"scale": 50})))
+    assert [t.inputs()[-2:] for t in pinned.terms][1] == (50.0, 50.0) and pinned.terms[0].inputs()[-1] == 50.0
+    assert "logit_scale_s" not in pinned.fields and "logit_scale_t" not in pinned.fields
+    f = make_features()
+    out = compute_terms(pinned, f)
+    learned = compute_terms(load_recipe("tinyclip"), make_features())
+    assert out["affinity_loss"].item() != pytest.approx(learned["affinity_loss"].item())
+    f50 = make_features(logit_scale_s=torch.tensor(50.0))
+    f50.logit_scale_t = 50.0
+    assert out["affinity_loss"].item() == pytest.approx(compute_terms(load_recipe("tinyclip"), f50)["affinity_loss"].item())
+
+
 def test_args_reach_the_terms(tmp_path):
     path = write(
         tmp_path,
