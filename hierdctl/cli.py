@@ -289,7 +289,7 @@ def export(
     overwrite: bool = typer.Option(_d(_EX, "overwrite"), help="Replace an earlier export in --out."),
     quiet: bool = typer.Option(_d(_EX, "quiet"), help="No notes."),
 ):
-    """Export a trained student as an open_clip local dir (open_clip, CLIP_benchmark, clip-retrieval) and/or ONNX."""
+    """Export a trained student as an open_clip local dir (open_clip, CLIP_benchmark), ONNX, and/or a transformers CLIPModel."""
     try:
         from hierdctl.stages.export import ExportMismatch, run
 

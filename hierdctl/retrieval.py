@@ -68,8 +68,10 @@ def recall_from_scores(scores, text_to_image, ks: list[int]) -> dict[str, float]
 
     s = torch.as_tensor(scores, dtype=torch.float32)
     k = max(ks)
-    img_for_text = s.topk(k, dim=1).indices.numpy()  # (Nt,k)
-    text_for_img = s.T.topk(k, dim=1).indices.numpy()  # (Ni,k)
+    # Ties (within TIE_ATOL) to the lower index, as `search` ranks them.
+    sn = s.numpy()
+    img_for_text = _lowest_id_first(sn, np.broadcast_to(np.arange(sn.shape[1]), sn.shape))[:, :k]  # (Nt,k)
+    text_for_img = _lowest_id_first(sn.T, np.broadcast_to(np.arange(sn.shape[0]), sn.T.shape))[:, :k]  # (Ni,k)
     return recall_from_ranked(img_for_text, text_for_img, np.asarray(text_to_image), ks)
 
 
@@ -151,13 +153,52 @@ def build_index(vectors: np.ndarray, kind: str = "flat", k: int = 10, use_gpu: b
     return index, IndexInfo(kind, kind == "flat", "gpu" if on_gpu else "cpu", params)
 
 
-def search(index, queries: np.ndarray, k: int, batch: int = 16384) -> np.ndarray:
-    """(Q,k) int64 ids, best first; in query batches so GPU memory stays bounded."""
+def search(index, queries: np.ndarray, k: int, batch: int = 16384, gallery: np.ndarray | None = None) -> np.ndarray:
+    """(Q,k) int64 ids, best first; in query batches so GPU memory stays bounded.
+
+    With `gallery` (the vectors an exact index holds), equal scores (within TIE_ATOL) rank the
+    lower gallery id first — CLIP_benchmark's ordering for its recall@1 (torch.topk, k = 1), so duplicate
+    captions cannot make the two tools disagree. FAISS's own order among ties is its heap's:
+    the index is asked for a few more than k, each row is re-sorted by (score desc, id asc),
+    and a row whose tie group may run past what was returned is ranked exactly by brute force."""
     q = np.ascontiguousarray(queries, dtype=np.float32)
     out = np.empty((q.shape[0], k), dtype=np.int64)
+    extra = 0 if gallery is None else min(16, index.ntotal - k)
     for a in range(0, q.shape[0], batch):
-        out[a : a + batch] = index.search(q[a : a + batch], k)[1]
+        scores, ids = index.search(q[a : a + batch], k + extra)
+        if gallery is not None:
+            ids = _ties_to_lowest_id(scores, ids, k, q[a : a + batch], gallery)
+        out[a : a + batch] = ids[:, :k]
     return out
+
+
+TIE_ATOL = 1e-6  # cosine scores this close are one tie: identical vectors may differ in the last bit by the
+# order a BLAS or SIMD kernel sums them in, so exact equality would not see duplicate captions as ties
+
+
+def _lowest_id_first(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Order each row by score descending, scores within TIE_ATOL of their neighbour forming one
+    tie group ordered by id ascending. scores, ids (Q,M) -> (Q,M) positions."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    s = np.take_along_axis(scores, order, axis=1)
+    group = np.concatenate([np.zeros((len(s), 1), np.int64), np.cumsum(s[:, :-1] - s[:, 1:] > TIE_ATOL, axis=1)],
+                           axis=1)  # (Q,M) tie-group number along the descending order
+    inner = np.lexsort((np.take_along_axis(ids, order, axis=1), group), axis=1)
+    return np.take_along_axis(order, inner, axis=1)
+
+
+def _ties_to_lowest_id(scores: np.ndarray, ids: np.ndarray, k: int, queries: np.ndarray,
+                       gallery: np.ndarray) -> np.ndarray:
+    """Re-sort each row of a k' ≥ k result, ties to the lower id; exact brute force where a tie
+    at rank k may continue past the k' returned."""
+    pos = _lowest_id_first(scores, ids)
+    ids = np.take_along_axis(ids, pos, axis=1)
+    scores = np.take_along_axis(scores, pos, axis=1)
+    unsure = (np.abs(scores[:, k - 1] - scores.min(axis=1)) <= TIE_ATOL) & (ids.shape[1] < gallery.shape[0])
+    for r in np.flatnonzero(unsure):
+        full = (gallery @ queries[r])[None]  # (1,N) the same float32 inner products
+        ids[r] = _lowest_id_first(full, np.arange(full.shape[1])[None])[0, : ids.shape[1]]
+    return ids
 
 
 def index_to_cpu(index):

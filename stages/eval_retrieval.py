@@ -106,8 +106,9 @@ def evaluate(e: Embedded, cfg: EvalRetrievalConfig):
     txt_index, _ = build_index(e.txt, cfg.index, k, nprobe=cfg.nprobe)
     t_build = time.perf_counter() - t0
     t0 = time.perf_counter()
-    img_for_text = search(img_index, e.txt, k)  # (Nt,k) images ranked per caption
-    text_for_img = search(txt_index, e.img, k)  # (Ni,k) captions ranked per image
+    exact = info.exact  # ties break to the lower id, as CLIP_benchmark ranks them (exact indexes only)
+    img_for_text = search(img_index, e.txt, k, gallery=e.img if exact else None)  # (Nt,k) images per caption
+    text_for_img = search(txt_index, e.img, k, gallery=e.txt if exact else None)  # (Ni,k) captions per image
     t_search = time.perf_counter() - t0
     metrics = recall_from_ranked(img_for_text, text_for_img, e.text_to_image, cfg.ks)
     metrics |= hardneg_accuracy(e.img, e.txt, e.text_to_image, e.neg, e.neg_image, e.neg_kind)

@@ -262,8 +262,8 @@ def model_card(ck: StudentCheckpoint, manifest: dict, report: dict | None, out: 
     lines += ["## Use", "", "```python", "import open_clip",
               f"model, _, preprocess = open_clip.create_model_and_transforms('local-dir:{name}')",
               f"tokenizer = open_clip.get_tokenizer('local-dir:{name}')", "```", "",
-              "CLIP_benchmark and clip-retrieval load it through open_clip: give `local-dir:PATH` as the open_clip "
-              "model name (open_clip ignores the pretrained argument for `local-dir:`). "
+              "CLIP_benchmark loads it through open_clip: `--model local-dir:PATH --pretrained none`, and `--no_amp` "
+              "to reproduce hierdctl's numbers exactly (its default bf16 autocast moves recall@1). "
               f"hierdctl: `hierdctl eval-retrieval DATA --model local-dir:{name}`.", ""]
     if "onnx" in manifest["formats"]:
         o = manifest["checks"]["onnx"]

@@ -414,3 +414,19 @@ def test_warmup_auto_fits_the_run_and_an_impossible_one_is_refused(cache, tmp_pa
     r = _cli("distill", str(cache), "--student", "tiny-test", "--recipe", "clip", "--out", str(tmp_path / "x"),
              "--epochs", "inf")
     assert r.exit_code == 2 and "--epochs" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_report_to_tensorboard_writes_every_scalar(cache, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    S.run(_cfg(cache, out, recipe="clip-kd", steps=4, report_to="tensorboard"))
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"clip_loss", "crd_loss", "icl_loss", "fd_loss", "loss", "train/lr", "train/logit_scale",
+            "train/samples_per_s"} <= tags, tags
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4]
+    rows = _metrics(out)  # metrics.jsonl stays, with the same numbers
+    assert [round(e.value, 4) for e in acc.Scalars("fd_loss")] == [round(r["fd_loss"], 4) for r in rows]
+    assert (out / "loss_curves.png").exists()

@@ -563,3 +563,33 @@ def test_zeroshot_bad_input_exits_2(class_tree, tiny_teacher, tmp_path):
     r = _cli(*base, "--classnames", "folders")
     assert r.exit_code == 0, r.output
     assert "acc1" in r.output
+
+
+def test_ties_rank_the_lower_index_first_as_clip_benchmark_does():
+    """Duplicate captions give exactly equal scores: the lower id must come first, for FAISS's
+    exact index as for the brute-force reference (CLIP_benchmark's recall@1 is torch.topk, k = 1)."""
+    from hierdctl import retrieval as R
+
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((300, 16)).astype(np.float32)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    g[[7, 40, 123, 250]] = g[250]  # four identical gallery rows
+    g[[3, 299]] = g[3]
+    q = np.concatenate([g[[250, 3]], rng.standard_normal((20, 16)).astype(np.float32)])
+    index, _ = R.build_index(g, "flat", 5)
+    got = R.search(index, q, 5, gallery=g)
+    assert got[0, :4].tolist() == [7, 40, 123, 250] and got[1, :2].tolist() == [3, 299]
+    scores = q @ g.T
+    rounded = np.round(scores, 5)  # identical vectors' scores may differ in the last bit: one tie
+    want = np.lexsort((np.broadcast_to(np.arange(300), scores.shape), -rounded), axis=1)[:, :5]
+    assert (got == want).all()
+    # A tie group longer than what FAISS returns is ranked exactly by brute force.
+    h = np.repeat(g[:1], 40, axis=0)
+    idx, _ = R.build_index(h, "flat", 1)
+    assert R.search(idx, h[:1], 3, gallery=h)[0].tolist() == [0, 1, 2]
+    # The brute-force reference ranks the same way.
+    ref = R.recall_from_scores(scores, np.arange(22) % 300, [1, 5])
+    idx2, _ = R.build_index(g, "flat", 5)
+    ranked = R.search(idx2, q, 5, gallery=g)
+    assert ranked[0, 0] == 7 and ref == R.recall_from_ranked(ranked, R.search(R.build_index(q, "flat", 5)[0], g, 5,
+                                                                                  gallery=q), np.arange(22) % 300, [1, 5])
