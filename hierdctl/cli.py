@@ -80,6 +80,8 @@ def cache_teacher(
     crop_scale: str = typer.Option(_pair_text(_d(_CT, "crop_scale")), help="RandomResizedCrop area range for views ≥ 1."),
     crop_ratio: str = typer.Option(_pair_text(_d(_CT, "crop_ratio")), help="RandomResizedCrop aspect range for views ≥ 1."),
     flip_p: float = typer.Option(_d(_CT, "flip_p"), help="Horizontal-flip probability for views ≥ 1."),
+    augment: str = typer.Option(_d(_CT, "augment"), help="Views ≥ 1: rrc+flip, or rrc+flip+randaugment (DataCompDR's; the drawn ops and magnitudes are stored and replayed exactly by distill)."),
+    randaugment: str = typer.Option(",".join(map(str, _d(_CT, "randaugment"))), help="RandAugment N,M: ops per view and magnitude (of 30)."),
     seed: int = typer.Option(_d(_CT, "seed"), help="Seed of the augmentations (views depend on seed and image bytes only)."),
     image_col: str = typer.Option(_SRC.image_col, help="Tables: the image-path column."),
     caption_col: str = typer.Option(_SRC.caption_col, help="Tables: the caption column."),
@@ -107,7 +109,8 @@ def cache_teacher(
             views=views, clusters=clusters, cluster_iters=cluster_iters, cluster_pos_weight=cluster_pos_weight,
             max_phrases=max_phrases, chunker=chunker, perturbations=perturbations, cluster_crops=cluster_crops, store=store, store_images=store_images, dtype=dtype,
             crop_scale=parse_pair(crop_scale, "--crop-scale"), crop_ratio=parse_pair(crop_ratio, "--crop-ratio"),
-            flip_p=flip_p, seed=seed, max_pixels=max_pixels, batch_size=batch_size, device=device, precision=precision,
+            flip_p=flip_p, augment=augment, randaugment=tuple(int(x) for x in parse_pair(randaugment, "--randaugment")),
+            seed=seed, max_pixels=max_pixels, batch_size=batch_size, device=device, precision=precision,
             workers=workers, log_skipped=log_skipped, overwrite=overwrite, rank=rank, world_size=world_size, quiet=quiet,
         )
         manifest = run(cfg)

@@ -24,6 +24,7 @@ INDEX_KINDS = ("flat", "ivf", "hnsw")  # eval-retrieval's FAISS indexes
 EXPORT_FORMATS = ("open_clip", "onnx", "hf", "all")
 ONNX_MODULES = ("onnx", "onnxruntime")  # the `onnx` extra: exporting and checking the graphs
 REPORT_TO = ("none", "tensorboard")
+AUGMENTS = ("rrc+flip", "rrc+flip+randaugment")
 
 
 def default(cls, name: str):
@@ -104,6 +105,8 @@ class CacheTeacherConfig:
     crop_scale: tuple[float, float] = (0.9, 1.0)  # open_clip's training default
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_p: float = 0.5
+    augment: str = "rrc+flip"  # rrc+flip | rrc+flip+randaugment (DataCompDR's), for views ≥ 1
+    randaugment: tuple[int, int] = (2, 9)  # RandAugment's (ops per view, magnitude of 30)
     seed: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
     batch_size: int = 64
@@ -131,6 +134,10 @@ class CacheTeacherConfig:
         require(0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "must be 0 < lo ≤ hi ≤ 1", "--crop-scale")
         require(0 < self.crop_ratio[0] <= self.crop_ratio[1], "must be 0 < lo ≤ hi", "--crop-ratio")
         require(0 <= self.flip_p <= 1, "must be within [0, 1]", "--flip-p")
+        require(self.augment in AUGMENTS, f"must be one of {', '.join(AUGMENTS)}", "--augment")
+        n, m = self.randaugment
+        require(1 <= n <= 8 and 0 <= m <= 30, f"must be N,M with 1 ≤ N ≤ 8 ops and magnitude 0 ≤ M ≤ 30, got {n},{m}",
+                "--randaugment")
         require(self.batch_size >= 1, "must be at least 1", "--batch-size")
         require(self.precision in PRECISIONS, "must be auto, fp32, bf16 or fp16", "--precision")
         require(self.max_pixels > 0, "must be positive", "--max-pixels")
@@ -156,7 +163,9 @@ class CacheTeacherConfig:
             "store": self.store,
             "store_images": self.store_images,
             "dtype": self.dtype,
-            "augment": {"crop_scale": list(self.crop_scale), "crop_ratio": list(self.crop_ratio), "flip_p": self.flip_p},
+            "augment": {"crop_scale": list(self.crop_scale), "crop_ratio": list(self.crop_ratio), "flip_p": self.flip_p,
+                        "ops": self.augment} | ({"randaugment": list(self.randaugment)}
+                                               if self.augment.endswith("randaugment") else {}),
             "seed": self.seed,
             "max_pixels": self.max_pixels,
         }

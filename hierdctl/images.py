@@ -109,18 +109,24 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 @dataclass(frozen=True)
 class View:
-    """kind 'eval': the model's eval preprocessing; 'crop': box (x, y, w, h) in original pixels + flip."""
+    """kind 'eval': the model's eval preprocessing; 'crop': box (x, y, w, h) in original pixels,
+    flip, and RandAugment's drawn (op, value) pairs (empty without --augment …+randaugment)."""
 
     kind: str
     box: tuple[int, int, int, int]
     flip: bool = False
+    ops: tuple[tuple[str, float], ...] = ()
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "box": list(self.box), "flip": self.flip}
+        d = {"kind": self.kind, "box": list(self.box), "flip": self.flip}
+        if self.ops:
+            d["ops"] = [[name, value] for name, value in self.ops]
+        return d
 
     @staticmethod
     def from_json(d: dict) -> "View":
-        return View(d["kind"], tuple(int(v) for v in d["box"]), bool(d.get("flip", False)))
+        ops = tuple((str(n), float(v)) for n, v in d.get("ops", ()))
+        return View(d["kind"], tuple(int(v) for v in d["box"]), bool(d.get("flip", False)), ops)
 
 
 def eval_box(w: int, h: int) -> tuple[int, int, int, int]:
@@ -151,12 +157,72 @@ def random_resized_crop_box(rng: np.random.Generator, w: int, h: int, scale, rat
     return ((w - cw) // 2, (h - ch) // 2, cw, ch)
 
 
-def sample_views(rng: np.random.Generator, w: int, h: int, n_views: int, scale, ratio, flip_p: float) -> list[View]:
+def sample_views(rng: np.random.Generator, w: int, h: int, n_views: int, scale, ratio, flip_p: float,
+                 randaugment: tuple[int, int] | None = None) -> list[View]:
+    """View 0 = eval; the others RandomResizedCrop + flip [+ RandAugment (n ops, magnitude m of 30)]."""
     views = [View("eval", eval_box(w, h), False)]
     for _ in range(n_views - 1):
         box = random_resized_crop_box(rng, w, h, scale, ratio)
-        views.append(View("crop", box, bool(rng.random() < flip_p)))
+        flip = bool(rng.random() < flip_p)
+        ops = draw_randaugment(rng, *randaugment) if randaugment else ()
+        views.append(View("crop", box, flip, ops))
     return views
+
+
+# --- RandAugment (Cubuk et al. 2020; torchvision's op set), replayable ----------------
+# Each op's value is drawn once and stored resolution-free (degrees, a fraction of the image
+# side, an enhancement factor, bits, a threshold), so a student at another resolution
+# replays exactly the view its teacher saw: DataCompDR keeps only these draws too.
+
+RANDAUGMENT_OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
+                   "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
+_SIGNED = {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast", "Sharpness"}
+
+
+def draw_randaugment(rng: np.random.Generator, n: int, m: int) -> tuple[tuple[str, float], ...]:
+    """n ops drawn uniformly, each at magnitude m of 30 (random sign where the op has one)."""
+    f = m / 30.0
+    out = []
+    for _ in range(n):
+        name = RANDAUGMENT_OPS[int(rng.integers(len(RANDAUGMENT_OPS)))]
+        sign = -1.0 if (name in _SIGNED and rng.random() < 0.5) else 1.0
+        value = {"ShearX": 0.3 * f, "ShearY": 0.3 * f, "TranslateX": 0.45 * f, "TranslateY": 0.45 * f,
+                 "Rotate": 30.0 * f, "Brightness": 0.9 * f, "Color": 0.9 * f, "Contrast": 0.9 * f,
+                 "Sharpness": 0.9 * f, "Posterize": float(8 - int(4 * f)), "Solarize": 255.0 * (1.0 - f),
+                 }.get(name, 0.0)
+        out.append((name, round(sign * value, 6)))
+    return tuple(out)
+
+
+def apply_randaugment(img: Image.Image, ops) -> Image.Image:
+    """Apply stored (op, value) pairs in order; geometric ops fill with black (torchvision's default)."""
+    from PIL import ImageEnhance, ImageOps
+
+    w, h = img.size
+    for name, v in ops:
+        if name == "ShearX":
+            img = img.transform((w, h), Image.AFFINE, (1, v, -v * h / 2, 0, 1, 0), Image.NEAREST, fillcolor=(0, 0, 0))
+        elif name == "ShearY":
+            img = img.transform((w, h), Image.AFFINE, (1, 0, 0, v, 1, -v * w / 2), Image.NEAREST, fillcolor=(0, 0, 0))
+        elif name == "TranslateX":
+            img = img.transform((w, h), Image.AFFINE, (1, 0, -v * w, 0, 1, 0), Image.NEAREST, fillcolor=(0, 0, 0))
+        elif name == "TranslateY":
+            img = img.transform((w, h), Image.AFFINE, (1, 0, 0, 0, 1, -v * h), Image.NEAREST, fillcolor=(0, 0, 0))
+        elif name == "Rotate":
+            img = img.rotate(v, resample=Image.NEAREST, fillcolor=(0, 0, 0))
+        elif name in ("Brightness", "Color", "Contrast", "Sharpness"):
+            img = getattr(ImageEnhance, name)(img).enhance(1.0 + v)
+        elif name == "Posterize":
+            img = ImageOps.posterize(img, int(v))
+        elif name == "Solarize":
+            img = ImageOps.solarize(img, int(v))
+        elif name == "AutoContrast":
+            img = ImageOps.autocontrast(img)
+        elif name == "Equalize":
+            img = ImageOps.equalize(img)
+        else:
+            assert name == "Identity", name
+    return img
 
 
 def to_tensor(img: Image.Image, mean, std):
@@ -176,6 +242,8 @@ def apply_crop(img: Image.Image, view: View, size: int, mean, std):
     out = img.resize((size, size), Image.BICUBIC, box=(x, y, x + w, y + h))
     if view.flip:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    if view.ops:
+        out = apply_randaugment(out, view.ops)
     return to_tensor(out, mean, std)
 
 

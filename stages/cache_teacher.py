@@ -70,7 +70,8 @@ class _UnitStream:
                 digest = cache_format.sha256(rec.image)
                 # Views depend only on (seed, image bytes): the same on any rank, worker or rerun.
                 rng = np.random.default_rng([cfg.seed, int(digest[:16], 16)])
-                views = sample_views(rng, img.width, img.height, cfg.views, cfg.crop_scale, cfg.crop_ratio, cfg.flip_p)
+                views = sample_views(rng, img.width, img.height, cfg.views, cfg.crop_scale, cfg.crop_ratio, cfg.flip_p,
+                                     cfg.randaugment if cfg.augment.endswith("randaugment") else None)
                 pixels = torch.stack(
                     [apply_view(img, v, info["image_size"], info["mean"], info["std"], self.eval_transform) for v in views]
                 )

@@ -437,3 +437,40 @@ def test_torchrun_two_processes_match_one(ref, data, tiny_teacher, tmp_path):
         assert x.arrays.keys() == y.arrays.keys()
         for k in x.arrays:
             np.testing.assert_allclose(x.arrays[k], y.arrays[k], rtol=0, atol=1e-5, err_msg=k)
+
+
+def test_randaugment_views_replay_bit_for_bit_at_any_resolution(data, tiny_teacher, enc, tmp_path):
+    """--augment rrc+flip+randaugment: each crop view stores its (op, value) draws; re-applying
+    the stored view to the original bytes gives the teacher's pixels exactly, and the same view
+    at another resolution (a student's) is the same geometry."""
+    from hierdctl.images import RANDAUGMENT_OPS, apply_view
+
+    out = tmp_path / "ra"
+    seen: dict[str, torch.Tensor] = {}
+    real = CT._Teacher.process
+
+    def spy(self, items):
+        for it in items:
+            seen[it["meta"]["sha256"]] = it["pixels"].clone()
+        return real(self, items)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CT._Teacher, "process", spy)
+        m = _run(data, out, tiny_teacher, views=4, augment="rrc+flip+randaugment", randaugment=(2, 9))
+    assert m["config"]["augment"]["ops"] == "rrc+flip+randaugment" and m["config"]["augment"]["randaugment"] == [2, 9]
+    drawn = set()
+    for s in _samples(out):
+        img, _ = decode_rgb(s.image)
+        views = [View.from_json(v) for v in s.meta["views"]]
+        assert views[0].ops == () and all(len(v.ops) == 2 for v in views[1:])
+        for i, v in enumerate(views):
+            got = apply_view(img, v, enc.image_size, enc.mean, enc.std, enc.eval_transform)
+            assert torch.equal(got, seen[s.meta["sha256"]][i])  # bit for bit
+            drawn |= {name for name, _ in v.ops}
+        big = apply_crop(img, views[1], 64, enc.mean, enc.std)  # a student at twice the resolution
+        small = torch.nn.functional.avg_pool2d(big[None], 2)[0]
+        assert (small - seen[s.meta["sha256"]][1]).abs().mean() < 0.25  # the same view, resampled
+    assert drawn <= set(RANDAUGMENT_OPS) and len(drawn) >= 4
+    # Without randaugment the views carry no ops (and the cache's bytes are today's).
+    plain = _samples(tmp_path / "ra") and _run(data, tmp_path / "plain", tiny_teacher)
+    assert all("ops" not in v for s in _samples(tmp_path / "plain") for v in s.meta["views"]) and plain

@@ -603,3 +603,21 @@ def test_help_lists_the_commands():
     assert p.returncode == 0, p.stderr
     for cmd in ("cache-teacher", "cache-info", "distill", "export", "eval-retrieval"):
         assert cmd in p.stdout, cmd
+
+
+def test_every_randaugment_op_replays_deterministically():
+    from PIL import Image
+
+    from hierdctl.images import RANDAUGMENT_OPS, apply_randaugment, draw_randaugment
+
+    img = Image.open(io.BytesIO(image_bytes(3, size=(40, 40)))).convert("RGB")
+    for name in RANDAUGMENT_OPS:
+        op = ((name, {"Posterize": 5.0, "Solarize": 180.0, "Rotate": 15.0}.get(name, 0.25)),)
+        a, b = apply_randaugment(img, op), apply_randaugment(img, op)
+        assert a.size == img.size and a.tobytes() == b.tobytes(), name
+        changed = a.tobytes() != img.tobytes()
+        assert changed == (name != "Identity"), name
+    draws = [draw_randaugment(np.random.default_rng(s), 2, 9) for s in range(50)]
+    assert all(len(d) == 2 for d in draws) and draws[0] == draw_randaugment(np.random.default_rng(0), 2, 9)
+    assert {n for d in draws for n, _ in d} == set(RANDAUGMENT_OPS)
+    assert all(abs(v) == pytest.approx(9.0) for d in draws for n, v in d if n == "Rotate")  # 30° · 9/30
