@@ -42,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import tarfile
 from dataclasses import dataclass, field
@@ -382,6 +383,85 @@ def verify_digests(root: Path, entries: list[dict]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------
+# Images from where they are: joining a cache made with --no-store-images with its source
+# ----------------------------------------------------------------------------------
+
+
+class ImageJoin:
+    """The original image bytes of cached samples, read from the source instead of the cache.
+
+    A cache written with `--no-store-images` keeps every sample's source key and the sha256 of
+    its image; cache shard u holds unit u of its source. `ImageJoin(source)` finds sample
+    (u, key) by random access: for WebDataset shards an index of each shard's image members
+    (its tar headers, read on first use: no payload), for tables and Karpathy JSON the row's
+    file. Every image's sha256 is checked against the cache, so a moved, edited or reordered
+    source is a counted `image_mismatch`, never a silent wrong pair. Only local shards are
+    indexed (random access); a URL source is refused up front.
+    """
+
+    def __init__(self, spec: str, source_options, expected_units: int, where: str = "--images"):
+        from hierdctl.sources import RowSource, TarSource, open_source, url_scheme
+
+        require_local = [u for u in [spec] if url_scheme(u) is not None]
+        if require_local:
+            raise UserError("images are joined by random access into local files: copy the shards to a local disk "
+                            f"or keep them in the cache (a URL source cannot be indexed): {spec}", where)
+        self.source = open_source(spec, source_options, where)
+        if len(self.source.units) != expected_units:
+            raise UserError(f"{spec} has {len(self.source.units)} units (shards or row chunks) but the cache was made "
+                            f"from {expected_units}: it is not the cache's source", where)
+        self.tar = isinstance(self.source, TarSource)
+        assert self.tar or isinstance(self.source, RowSource), type(self.source)
+        self._index: dict[int, dict[str, tuple[int, int]]] = {}  # unit -> key -> (offset, size) of its image
+        self._rows: dict[str, str] | None = None  # RowSource: key -> path
+        self._files: dict[int, object] = {}
+
+    def _tar_index(self, unit: int) -> dict[str, tuple[int, int]]:
+        idx = self._index.get(unit)
+        if idx is None:
+            from hierdctl.sources import IMAGE_EXTS
+
+            idx, path = {}, self.source.units[unit].label
+            order = {e: r for r, e in enumerate(IMAGE_EXTS)}
+            try:
+                with tarfile.open(path, "r:") as tf:
+                    for m in tf:
+                        d, base = os.path.split(m.name)
+                        if not m.isfile() or "." not in base or base.startswith("."):
+                            continue
+                        k, ext = base.split(".", 1)
+                        k, ext = (f"{d}/{k}" if d else k), ext.lower()
+                        best = idx.get(k)
+                        # the sources' rule: the first of IMAGE_EXTS a sample has is its image
+                        if ext in order and (best is None or order[ext] < best[2]):
+                            idx[k] = (m.offset_data, m.size, order[ext])
+            except (tarfile.TarError, OSError):
+                pass  # a broken source shard: its samples are counted as missing below
+            self._index[unit] = idx
+        return idx
+
+    def read(self, unit: int, key: str) -> bytes | None:
+        """The image bytes of sample `key` of unit `unit`, or None when the source lacks it."""
+        if self.tar:
+            hit = self._tar_index(unit).get(key)
+            if hit is None:
+                return None
+            f = self._files.get(unit)
+            if f is None:
+                f = self._files[unit] = open(self.source.units[unit].label, "rb")
+            f.seek(hit[0])
+            return f.read(hit[1])
+        if self._rows is None:
+            self._rows = {r.key: r.path for r in self.source.rows}
+        path = self._rows.get(key)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except (OSError, TypeError):
+            return None
+
+
+# ----------------------------------------------------------------------------------
 # The training-time reader
 # ----------------------------------------------------------------------------------
 
@@ -398,8 +478,10 @@ class CacheDataset:
     """
 
     def __init__(self, cache: Cache, spans: list[list[tuple[int, int]]], seed: int, view_policy: str,
-                 caption_policy: str, student_io: dict, needs: dict):
+                 caption_policy: str, student_io: dict, needs: dict, images: ImageJoin | None = None):
         self.paths = [str(p) for p in cache.shards]
+        self.units = [int(e["name"].removeprefix("shard-").split(".")[0]) for e in cache.shard_entries]  # unit of each shard
+        self.images = images  # None: the cache holds the images
         # (shard, offset, length, position in the shard) of every sample
         self.index = [(s, off, n, pos) for s, shard in enumerate(spans) for pos, (off, n) in enumerate(shard)]
         self.seed, self.view_policy, self.caption_policy = seed, view_policy, caption_policy
@@ -448,6 +530,15 @@ class CacheDataset:
         io_ = self.io
         sample = self._read(i)
         meta, a = sample.meta, sample.arrays
+        if self.images is not None:
+            data = self.images.read(self.units[self.index[i][0]], meta.get("key", ""))
+            if data is None:
+                raise CorruptSample("image_missing", f"{sample.key}: source key {meta.get('key')!r} is not in "
+                                    f"unit {self.units[self.index[i][0]]} of --images")
+            if sha256(data) != meta.get("sha256"):
+                raise CorruptSample("image_mismatch", f"{sample.key}: the source's image for {meta.get('key')!r} is "
+                                    "not the one the teacher saw (sha256 differs)")
+            sample.image = data
         try:
             rng = np.random.default_rng([self.seed, epoch, i])
             n_views, n_caps = len(meta["views"]), len(meta["captions"])

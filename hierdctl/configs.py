@@ -204,6 +204,7 @@ class DistillConfig:
     keep_checkpoints: int = 3
     log_every: int = 10
     report_to: str = "none"  # none | tensorboard (scalars under RUN_DIR/tensorboard)
+    images: str | None = None  # a cache made with --no-store-images: its source, joined by key (sha256-checked)
     resume: bool = False
     overwrite: bool = False
     quiet: bool = False

@@ -81,10 +81,14 @@ class GlobalBatchSampler:
 # ----------------------------------------------------------------------------------
 
 
-def _check_cache(cache, recipe) -> None:
+def _check_cache(cache, recipe, images: str | None) -> None:
     have = {p: cache.has(p) for p in ("global", "clusters", "phrases", "perturbations", "cluster_crops", "images")}
-    if not have["images"]:
-        raise UserError("the cache holds no images (made with --no-store-images); distill reads images from it", "CACHE")
+    if not have["images"] and images is None:
+        raise UserError(f"the cache holds no images (made with --no-store-images): give its source with --images SOURCE "
+                        f"(it was made from {cache.config['source']}); images are joined by key and checked by sha256",
+                        "CACHE")
+    if have["images"] and images is not None:
+        raise UserError("the cache holds its images; --images is for caches made with --no-store-images", "--images")
     missing = [p for p in recipe.cache_parts if not have.get(p, False)]
     if missing:
         how = {"clusters": "rerun cache-teacher with --clusters K (K > 0)",
@@ -332,7 +336,15 @@ def build_trainer(cfg: DistillConfig, cache, recipe, env: distributed.DistEnv, d
     needs = {"global": recipe.needs_teacher, "clusters": "clusters" in parts, "phrases": "phrases" in parts,
              "perturbations": "perturbations" in parts, "cluster_crops": "cluster_crops" in parts,
              "mask_noise": "masked_forward" in extras}
-    dataset = cache_format.CacheDataset(cache, spans, cfg.seed, cfg.view_policy, cfg.caption_policy, student_io, needs)
+    join = None
+    if cfg.images is not None:
+        from hierdctl.configs import SourceOptions
+
+        join = cache_format.ImageJoin(cfg.images, SourceOptions(**cache.config["source_options"]),
+                                      cache.manifest["shards_total"])
+        notes.append(f"images joined from {cfg.images} by key (sha256-checked)")
+    dataset = cache_format.CacheDataset(cache, spans, cfg.seed, cfg.view_policy, cfg.caption_policy, student_io, needs,
+                                        join)
 
     # --- optimisation -------------------------------------------------------------
     prec = cfg.precision if cfg.precision != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
@@ -382,7 +394,7 @@ def run(cfg: DistillConfig) -> dict:
     try:
         cache = cache_format.open_cache(cfg.cache)
         recipe = load_recipe(cfg.recipe)
-        _check_cache(cache, recipe)
+        _check_cache(cache, recipe, cfg.images)
         require(cfg.batch_size % env.world_size == 0,
                 f"global batch {cfg.batch_size} is not divisible by {env.world_size} processes", "--batch-size")
 

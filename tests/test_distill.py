@@ -430,3 +430,37 @@ def test_report_to_tensorboard_writes_every_scalar(cache, tmp_path):
     rows = _metrics(out)  # metrics.jsonl stays, with the same numbers
     assert [round(e.value, 4) for e in acc.Scalars("fd_loss")] == [round(r["fd_loss"], 4) for r in rows]
     assert (out / "loss_curves.png").exists()
+
+
+def test_a_cache_without_images_joins_its_source_by_key(tmp_path, tiny_teacher):
+    """--no-store-images + distill --images SOURCE: the same training as a cache with images (the
+    source may have moved); an image that changed since caching is counted, never trained on."""
+    import shutil
+
+    src = make_shards(tmp_path / "data", n_shards=2, per_shard=8)
+    kw = dict(views=2, clusters=0, max_phrases=0, workers=0, quiet=True)
+    cache_run(CacheTeacherConfig(source=src, out=tmp_path / "with", teacher=tiny_teacher, **kw))
+    cache_run(CacheTeacherConfig(source=src, out=tmp_path / "without", teacher=tiny_teacher, store_images=False, **kw))
+    with_bytes = sum(p.stat().st_size for p in (tmp_path / "with").glob("*.tar"))
+    without_bytes = sum(p.stat().st_size for p in (tmp_path / "without").glob("*.tar"))
+    assert without_bytes < with_bytes
+    r = _cli("distill", str(tmp_path / "without"), "--student", "tiny-test", "--recipe", "clip-kd", "--out",
+             str(tmp_path / "r0"), "--steps", "2", "--batch-size", "8", "--workers", "0", "--quiet")
+    assert r.exit_code == 2 and "--images" in r.output, r.output
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "data", moved)
+    a = S.run(_cfg(tmp_path / "with", tmp_path / "a", recipe="clip-kd", steps=4))
+    b = S.run(_cfg(tmp_path / "without", tmp_path / "b", recipe="clip-kd", steps=4,
+                   images=str(moved / "{00000..00001}.tar")))
+    assert [r["loss"] for r in _metrics(tmp_path / "a")] == [r["loss"] for r in _metrics(tmp_path / "b")]
+    assert a["skipped_samples"] == b["skipped_samples"] == 0
+    # One source image replaced after caching: that sample is skipped and counted, by name.
+    from conftest import image_bytes, write_tar
+
+    samples = [{"key": f"{i:09d}", "jpg": image_bytes(100 + i if i == 3 else i), "txt": "a photo"} for i in range(8)]
+    write_tar(moved / "00000.tar", samples)
+    c = S.run(_cfg(tmp_path / "without", tmp_path / "c", recipe="clip-kd", steps=2, batch_size=16,
+                   images=str(moved / "{00000..00001}.tar")))
+    assert c["skipped_samples"] >= 1 and any("image_mismatch" in x for x in c["skipped_examples"]), c
+    with pytest.raises(UserError, match="units"):
+        S.run(_cfg(tmp_path / "without", tmp_path / "d", steps=2, images=str(moved / "00000.tar")))
