@@ -29,6 +29,8 @@ Members of one sample (KEY = UUUUU_IIIIII, unit and position; no dots):
                                     (their texts: meta "perturbations"); padding rows are 0
     KEY.neg_mask.npy    (C, Q)      uint8, 1 where a perturbation exists
     KEY.clu_crop_emb.npy (V, K, D)  --cluster-crops: teacher embedding of each cluster's crop; 0 = empty
+    KEY.img_emb_tK.npy  (V, D_k)    teacher K ≥ 1 of an ensemble (--teacher A --teacher B): its image embeddings
+    KEY.txt_emb_tK.npy  (C, D_k)    ... and its text embeddings; everything else is the first teacher's
     KEY.img_tok.npy     (V, G, D)   --store tokens: projected patch tokens (unnormalised)
     KEY.txt_tok.npy     (C, L, W)   --store tokens: final text token features
 
@@ -151,6 +153,13 @@ class CachedSample:
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+_ENSEMBLE_MEMBER = re.compile(r"^(img|txt)_emb_t[1-9]$")  # teacher k ≥ 1 of an ensemble: its global embeddings
+
+
+def is_float_member(name: str) -> bool:
+    return name in FLOAT_MEMBERS or bool(_ENSEMBLE_MEMBER.match(name))
+
+
 def encode_sample(key: str, meta: dict, image: bytes | None, arrays: dict[str, np.ndarray], dtype: str):
     """Tar members (name, bytes) for one sample, in a fixed order."""
     out = [(f"{key}.meta.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode())]
@@ -161,7 +170,7 @@ def encode_sample(key: str, meta: dict, image: bytes | None, arrays: dict[str, n
         if name in INT_MEMBERS:
             out.append((f"{key}.{name}.npy", npy_bytes(np.asarray(a).astype(INT_MEMBERS[name]))))
         else:
-            assert name in FLOAT_MEMBERS, name
+            assert is_float_member(name), name
             out += [(f"{key}.{n}", b) for n, b in encode_float(name, a, dtype)]
     return out
 
@@ -184,7 +193,8 @@ def decode_sample(key: str, members: dict[str, bytes]) -> CachedSample:
             raise ValueError("meta.json is not an object")
         image = members.get(f"image.{meta.get('image_ext')}")
         arrays = {}
-        for name in FLOAT_MEMBERS:
+        names = FLOAT_MEMBERS + tuple(m[:-4] for m in members if m.endswith(".npy") and _ENSEMBLE_MEMBER.match(m[:-4]))
+        for name in names:
             a = decode_float(members, name)
             if a is not None:
                 arrays[name] = a
@@ -289,6 +299,11 @@ class Cache:
     @property
     def schema_version(self) -> int:
         return int(self.manifest["schema_version"])
+
+    @property
+    def teachers(self) -> list[dict]:
+        """Every teacher of the cache (an ensemble, or the one), the first first."""
+        return self.manifest.get("teachers") or [self.manifest["teacher"]]
 
     @property
     def shard_entries(self) -> list[dict]:
@@ -554,6 +569,9 @@ class CacheDataset:
             if self.needs["global"]:
                 out["img_t"] = torch.from_numpy(a["img_emb"][v])
                 out["txt_t"] = torch.from_numpy(a["txt_emb"][c])
+                for k in range(1, self.needs.get("teachers", 1)):  # the ensemble's other teachers
+                    out[f"img_t_{k}"] = torch.from_numpy(a[f"img_emb_t{k}"][v])
+                    out[f"txt_t_{k}"] = torch.from_numpy(a[f"txt_emb_t{k}"][c])
             if self.needs["clusters"]:
                 out["clu_t"] = torch.from_numpy(a["clu_emb"][v])
                 out["clu_assign"] = torch.from_numpy(a["clu_assign"][v].astype(np.int64))
@@ -576,7 +594,7 @@ class CacheDataset:
             raise CorruptSample("bad_image", f"{sample.key}: {e}") from None
         except (KeyError, IndexError, TypeError, ValueError) as e:
             raise CorruptSample("inconsistent_sample", f"{sample.key}: {type(e).__name__} {str(e)[:120]}") from None
-        for name in ("img_t", "txt_t", "clu_t", "phr_t", "neg_t", "clu_crop_t"):
-            if name in out and not torch.isfinite(out[name]).all():
+        for name in [n for n in out if n.startswith(("img_t", "txt_t", "clu_t", "phr_t", "neg_t", "clu_crop_t"))]:
+            if not torch.isfinite(out[name]).all():
                 raise CorruptSample("non_finite_teacher_features", f"{sample.key}: {name}")
         return out

@@ -65,7 +65,7 @@ _SRC = SourceOptions()
 def cache_teacher(
     source: str = typer.Argument(..., help="Shards (data/{00000..00099}.tar, a dir, one .tar, or URLs: pipe:CMD, https://…, file:…, s3://…), a .csv/.tsv/.jsonl, or a Karpathy .json."),
     out: Path = typer.Option(..., "--out", "-o", help="Output cache directory (resumed if it exists)."),
-    teacher: str = typer.Option(..., "--teacher", "-t", help="Model spec: open_clip:ARCH/TAG, open_clip:ARCH/CKPT, open_clip:CFG.json/CKPT, local-dir:PATH, hf:REPO_OR_PATH."),
+    teacher: List[str] = typer.Option(..., "--teacher", "-t", help="Model spec: open_clip:ARCH/TAG, open_clip:ARCH/CKPT, open_clip:CFG.json/CKPT, local-dir:PATH, hf:REPO_OR_PATH. Repeat for an ensemble: every teacher's global embeddings are cached; clusters, phrases, perturbations and crops come from the first."),
     views: int = typer.Option(_d(_CT, "views"), help="Views per image: view 0 is the teacher's eval preprocessing, the rest random crops."),
     clusters: int = typer.Option(_d(_CT, "clusters"), help="K clusters of patch tokens per view (0: no clusters)."),
     cluster_iters: int = typer.Option(_d(_CT, "cluster_iters"), help="Spherical k-means iterations."),
@@ -104,7 +104,7 @@ def cache_teacher(
         from hierdctl.stages.cache_teacher import run
 
         cfg = CacheTeacherConfig(
-            source=source, out=out, teacher=teacher,
+            source=source, out=out, teacher=teacher[0], ensemble=tuple(teacher[1:]),
             source_options=SourceOptions(image_col, caption_col, image_root, split, rows_per_shard),
             views=views, clusters=clusters, cluster_iters=cluster_iters, cluster_pos_weight=cluster_pos_weight,
             max_phrases=max_phrases, chunker=chunker, perturbations=perturbations, cluster_crops=cluster_crops, store=store, store_images=store_images, dtype=dtype,

@@ -91,6 +91,7 @@ class CacheTeacherConfig:
     out: Path
     teacher: str
     source_options: SourceOptions = field(default_factory=SourceOptions)
+    ensemble: tuple[str, ...] = ()  # more teachers (--teacher A --teacher B): their global embeddings too
     views: int = 2  # view 0 = the teacher's eval preprocessing, the rest random crops
     clusters: int = 8
     cluster_iters: int = 10
@@ -121,6 +122,10 @@ class CacheTeacherConfig:
 
     def validate(self) -> "CacheTeacherConfig":
         self.out = Path(self.out)
+        self.ensemble = tuple(self.ensemble)
+        require(len(self.ensemble) <= 8, "at most 9 teachers", "--teacher")
+        require(self.teacher not in self.ensemble and len(set(self.ensemble)) == len(self.ensemble),
+                "a teacher is given twice", "--teacher")
         require(self.views >= 1, "must be at least 1", "--views")
         require(0 <= self.clusters <= 255, "must be within 0..255 (assignments are uint8)", "--clusters")
         require(self.cluster_iters >= 1, "must be at least 1", "--cluster-iters")
@@ -154,6 +159,7 @@ class CacheTeacherConfig:
             "source_options": {"image_col": o.image_col, "caption_col": o.caption_col, "split": o.split,
                                "image_root": o.image_root, "rows_per_unit": o.rows_per_unit},
             "teacher": self.teacher,
+            "ensemble": list(self.ensemble),
             "views": self.views,
             "clusters": {"k": self.clusters, "iters": self.cluster_iters, "pos_weight": self.cluster_pos_weight,
                          "algorithm": "spherical-kmeans/farthest-point-seeding"},

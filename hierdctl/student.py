@@ -97,7 +97,9 @@ class StudentWrapper(nn.Module):
         fields: tuple[str, ...] = ("img_s", "txt_s", "logit_scale_s"),
         exp_scales: bool = False,
         mask_ratio: float = 0.75,
+        ensemble_dims: tuple[int, ...] = (),
     ):
+        """ensemble_dims: the widths of teachers 1.. of an ensemble (teacher 0 is `teacher_dim`)."""
         super().__init__()
         self.student = student
         self.fields = frozenset(fields)
@@ -108,6 +110,12 @@ class StudentWrapper(nn.Module):
         if self.project:
             self.img_proj = nn.Linear(student_dim, teacher_dim)
             self.txt_proj = nn.Linear(student_dim, teacher_dim)
+        # An ensemble's other teachers: one projector pair each into its space (identity when widths match).
+        self.ensemble_dims = tuple(ensemble_dims)
+        self.ens_img_proj = nn.ModuleList(
+            nn.Linear(student_dim, d) if projected and d != student_dim else nn.Identity() for d in self.ensemble_dims)
+        self.ens_txt_proj = nn.ModuleList(
+            nn.Linear(student_dim, d) if projected and d != student_dim else nn.Identity() for d in self.ensemble_dims)
         # With exp_scales the parameter is log κ, so both start at the same effective κ.
         init = math.log(KAPPA_INIT) if exp_scales else KAPPA_INIT
         keys = [k for k in ("x", "v", "t") if f"kappa_{k}" in self.fields]
@@ -179,6 +187,7 @@ class StudentWrapper(nn.Module):
                 setattr(f, f"{part}_mask", batch[f"{part}_mask"])
         if "clu_crop_t" in want:
             f.clu_crop_t = batch["clu_crop_t"]
+        masked = None
         if "img_st_masked" in want:
             assert self.is_vit, "MFD needs a ViT student"
             # Per-sample noise comes from the data (seeded by sample and epoch), so the
@@ -188,7 +197,17 @@ class StudentWrapper(nn.Module):
             assert noise.shape == (images.shape[0], G), (noise.shape, G)
             n_keep = max(1, int(round(G * (1 - self.mask_ratio))))
             keep = noise.argsort(dim=1)[:, :n_keep].sort(dim=1).values  # (N,G_keep) kept patch indices
-            f.img_st_masked = self._proj_img(vit_tokens(m.visual, images, keep)[0])
+            masked = vit_tokens(m.visual, images, keep)[0]  # (N,D_s)
+            f.img_st_masked = self._proj_img(masked)
+        if batch.get("ensemble"):  # teachers 1.. of an ensemble: theirs, and the student in their spaces
+            first = {"img_t": f.img_t, "txt_t": f.txt_t, "logit_scale_t": f.logit_scale_t, "img_st": f.img_st,
+                     "txt_st": f.txt_st, "img_st_masked": f.img_st_masked}
+            f.ensemble = [first]
+            for k, t in enumerate(batch["ensemble"]):
+                ip, tp = self.ens_img_proj[k], self.ens_txt_proj[k]
+                f.ensemble.append(dict(t) | {
+                    "img_st": ip(pooled) if "img_st" in want else None, "txt_st": tp(txt) if "txt_st" in want else None,
+                    "img_st_masked": ip(masked) if masked is not None else None})
         if want & {"img_fused", "txt_fused"}:
             f.img_fused = self.img_fusion(torch.cat([F.normalize(pooled, dim=-1), batch["img_t"]], dim=-1))
             f.txt_fused = self.txt_fusion(torch.cat([F.normalize(txt, dim=-1), batch["txt_t"]], dim=-1))

@@ -41,9 +41,9 @@ from hierdctl.sources import open_source
 class _UnitStream:
     """Iterable over the units of this rank; each DataLoader worker takes every W-th unit."""
 
-    def __init__(self, source, units, cfg: CacheTeacherConfig, enc_info: dict, eval_transform, tokenize):
-        self.source, self.units, self.cfg = source, units, cfg
-        self.enc_info, self.eval_transform, self.tokenize = enc_info, eval_transform, tokenize
+    def __init__(self, source, units, cfg: CacheTeacherConfig, preps: list[dict]):
+        """preps: each teacher's preprocessing {image_size, mean, std, eval_transform, tokenize}, teacher 0 first."""
+        self.source, self.units, self.cfg, self.preps = source, units, cfg, preps
 
     def __iter__(self):
         from torch.utils.data import get_worker_info
@@ -54,7 +54,7 @@ class _UnitStream:
 
         wi = get_worker_info()
         units = self.units if wi is None else self.units[wi.id :: wi.num_workers]
-        cfg, info = self.cfg, self.enc_info
+        cfg, first = self.cfg, self.preps[0]
         chunker = Chunker(cfg.chunker) if cfg.max_phrases > 0 or cfg.perturbations > 0 else None
         for unit in units:
             pos = 0
@@ -72,9 +72,9 @@ class _UnitStream:
                 rng = np.random.default_rng([cfg.seed, int(digest[:16], 16)])
                 views = sample_views(rng, img.width, img.height, cfg.views, cfg.crop_scale, cfg.crop_ratio, cfg.flip_p,
                                      cfg.randaugment if cfg.augment.endswith("randaugment") else None)
-                pixels = torch.stack(
-                    [apply_view(img, v, info["image_size"], info["mean"], info["std"], self.eval_transform) for v in views]
-                )
+                # Every teacher sees the same views, each at its own resolution and normalisation.
+                pixels = [torch.stack([apply_view(img, v, p["image_size"], p["mean"], p["std"], p["eval_transform"])
+                                       for v in views]) for p in self.preps]
                 # Perturbations are built from every noun chunk (up to 8), phrases keep max_phrases of them.
                 chunks = [chunker(c, max(cfg.max_phrases, 8)) for c in rec.captions] if chunker else \
                     [[] for _ in rec.captions]
@@ -98,10 +98,12 @@ class _UnitStream:
                         "image_ext": rec.image_ext,
                     } | ({"perturbations": negs} if negs is not None else {}),
                     "image": rec.image if cfg.store_images else None,
-                    "pixels": pixels,  # (V,3,S,S)
-                    "cap_tok": self.tokenize(rec.captions),  # (C,L) or (C,2,L)
-                    "phr_tok": self.tokenize(flat) if flat else None,
-                    "neg_tok": self.tokenize(flat_negs) if flat_negs else None,
+                    "pixels": pixels[0],  # (V,3,S,S)
+                    "cap_tok": first["tokenize"](rec.captions),  # (C,L) or (C,2,L)
+                    "phr_tok": first["tokenize"](flat) if flat else None,
+                    "neg_tok": first["tokenize"](flat_negs) if flat_negs else None,
+                    # the other teachers of an ensemble: their own pixels and tokens (global embeddings only)
+                    "ensemble": [(px, p["tokenize"](rec.captions)) for px, p in zip(pixels[1:], self.preps[1:])],
                 }
                 pos += 1
             yield {"type": "end", "unit": unit.index, "label": unit.label}
@@ -117,9 +119,10 @@ def _identity_collate(x):
 
 
 class _Teacher:
-    def __init__(self, enc, cfg: CacheTeacherConfig, device: str):
+    def __init__(self, enc, cfg: CacheTeacherConfig, device: str, parts: bool = True):
+        """parts: this teacher provides clusters/tokens (the first one); the others only global embeddings."""
         self.enc, self.cfg, self.device = enc, cfg, device
-        self.want_patches = cfg.clusters > 0 or cfg.store == "tokens"
+        self.want_patches = parts and (cfg.clusters > 0 or cfg.store == "tokens")
         if self.want_patches and enc.patch_grid is None:
             raise UserError(
                 f"teacher {cfg.teacher} exposes no patch tokens (not a plain ViT): use --clusters 0 and --store clusters",
@@ -218,6 +221,21 @@ class _Teacher:
         assert c0 == txt_emb.shape[0], (c0, txt_emb.shape)
         assert neg_emb is None or q0 == neg_emb.shape[0], (q0, neg_emb.shape)
         return results
+
+    def global_embeddings(self, items: list[dict], k: int) -> list[dict]:
+        """Teacher k (k ≥ 1) of an ensemble: per item its img_emb_t{k} (V,D_k) and txt_emb_t{k} (C,D_k)."""
+        V = self.cfg.views
+        pixels = torch.cat([it["ensemble"][k - 1][0] for it in items]).to(self.device, non_blocking=True)
+        with torch.no_grad(), self._autocast():
+            img = self.enc.encode_image(pixels)[0].float().view(len(items), V, -1).cpu().numpy()
+        txt = self.text(torch.cat([it["ensemble"][k - 1][1] for it in items]))[0].cpu().numpy()
+        out, c0 = [], 0
+        for i, it in enumerate(items):
+            C = len(it["meta"]["captions"])
+            out.append({f"img_emb_t{k}": img[i], f"txt_emb_t{k}": txt[c0 : c0 + C]})
+            c0 += C
+        assert c0 == txt.shape[0], (c0, txt.shape)
+        return out
 
     def _crop_embeddings(self, pixels, assign, counts):
         """CLIPSelf-style part embeddings: the teacher's embedding of each cluster's bounding-box
@@ -344,7 +362,7 @@ def _verified_stats(out: Path, index: int) -> tuple[dict | None, str | None]:
     return st, None
 
 
-def _write_manifest(cfg, identity, teacher_info, source, started: float) -> dict:
+def _write_manifest(cfg, identity, teacher_info, source, started: float, infos: list[dict]) -> dict:
     stats = [_done_stats(cfg.out, u.index) for u in source.units]
     done = [s for s in stats if s is not None]
     skipped: collections.Counter = collections.Counter()
@@ -359,7 +377,8 @@ def _write_manifest(cfg, identity, teacher_info, source, started: float) -> dict
         "schema_version": cache_format.SCHEMA_VERSION,
         "created_by": f"hierdctl {__version__}",
         "config": identity,
-        "teacher": teacher_info,
+        "teacher": teacher_info,  # the first teacher (clusters, phrases and the unsuffixed embeddings are its)
+        "teachers": infos,  # every teacher of the ensemble, the first first
         "source": source.describe(),
         "samples": samples,
         "captions": sum(s["captions"] for s in done),
@@ -417,10 +436,15 @@ def _run(cfg: CacheTeacherConfig, env, device: str, started: float, notes: list[
     from hierdctl.specs import load_encoder
 
     source = open_source(cfg.source, cfg.source_options)
-    enc = load_encoder(cfg.teacher, device, where="--teacher")
-    teacher = _Teacher(enc, cfg, device)
-    teacher_info = enc.describe() | {"fingerprint": enc.fingerprint(), "precision": teacher.precision}
+    encs = [load_encoder(spec, device, where="--teacher") for spec in (cfg.teacher, *cfg.ensemble)]
+    # The first teacher gives clusters, phrases, perturbations and crops; the others global embeddings.
+    teachers = [_Teacher(e, cfg, device, parts=k == 0) for k, e in enumerate(encs)]
+    teacher = teachers[0]
+    infos = [e.describe() | {"fingerprint": e.fingerprint(), "precision": t.precision} for e, t in zip(encs, teachers)]
+    teacher_info = infos[0]
     identity = cfg.identity() | {"teacher_fingerprint": teacher_info["fingerprint"], "precision": teacher.precision}
+    if cfg.ensemble:
+        identity["ensemble_fingerprints"] = [i["fingerprint"] for i in infos[1:]]
     notes += _prepare_out(cfg, identity, env)
 
     mine = [u for u in source.units if u.index % env.world_size == env.rank]
@@ -440,7 +464,8 @@ def _run(cfg: CacheTeacherConfig, env, device: str, started: float, notes: list[
             console.print(f"[dim]cache-teacher:[/] {n}", soft_wrap=True)
     workers = cfg.workers if cfg.workers >= 0 else min(8, max(0, (os.cpu_count() or 1) - 1))
     workers = min(workers, len(todo))
-    enc_info = {"image_size": enc.image_size, "mean": enc.mean, "std": enc.std}
+    preps = [{"image_size": e.image_size, "mean": e.mean, "std": e.std, "eval_transform": e.eval_transform,
+              "tokenize": e.tokenize} for e in encs]
 
     class _DS(IterableDataset):
         def __init__(self, stream):
@@ -450,7 +475,7 @@ def _run(cfg: CacheTeacherConfig, env, device: str, started: float, notes: list[
             return iter(self.stream)
 
     loader = DataLoader(
-        _DS(_UnitStream(source, todo, cfg, enc_info, enc.eval_transform, enc.tokenize)),
+        _DS(_UnitStream(source, todo, cfg, preps)),
         batch_size=None,
         num_workers=workers,
         collate_fn=_identity_collate,
@@ -468,7 +493,10 @@ def _run(cfg: CacheTeacherConfig, env, device: str, started: float, notes: list[
     def flush():
         nonlocal pending
         if pending:
-            for r in teacher.process(pending):
+            extra = [t.global_embeddings(pending, k) for k, t in enumerate(teachers) if k > 0]
+            for i, r in enumerate(teacher.process(pending)):
+                for per_teacher in extra:
+                    r["arrays"].update(per_teacher[i])
                 records[r["unit"]].append(r)
             pending = []
 
@@ -504,7 +532,7 @@ def _run(cfg: CacheTeacherConfig, env, device: str, started: float, notes: list[
     distributed.barrier(env)
     manifest = None
     if env.is_main or not env.torchrun:
-        manifest = _write_manifest(cfg, identity, teacher_info, source, started)
+        manifest = _write_manifest(cfg, identity, teacher_info, source, started, infos)
     manifest = distributed.broadcast_object(env, manifest)
     if manifest["complete"] and manifest["samples"] == 0:
         raise UserError(

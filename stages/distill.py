@@ -162,12 +162,28 @@ def gather_features(f, env: distributed.DistEnv):
             if id(t) not in done:
                 done[id(t)] = torch.cat(torch.distributed.nn.all_gather(t), dim=0)
             setattr(f, name, done[id(t)])
+    def plain(t):
+        parts = [torch.empty_like(t) for _ in range(env.world_size)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts, dim=0)
+
     for name in TEACHER_BATCH_FIELDS:
         t = getattr(f, name)
         if t is not None:
-            parts = [torch.empty_like(t) for _ in range(env.world_size)]
-            dist.all_gather(parts, t.contiguous())
-            setattr(f, name, torch.cat(parts, dim=0))
+            setattr(f, name, plain(t))
+    for k, entry in enumerate(f.ensemble or []):
+        if k == 0:  # teacher 0's tensors are the fields just gathered
+            f.ensemble[0] = {n: getattr(f, n) for n in entry}
+            continue
+        for n, t in entry.items():
+            if not isinstance(t, torch.Tensor):
+                continue
+            if n.endswith("_t"):
+                entry[n] = plain(t)
+            else:  # the student in teacher k's space; the very tensor of another field when nothing is projected
+                if id(t) not in done:
+                    done[id(t)] = torch.cat(torch.distributed.nn.all_gather(t), dim=0)
+                entry[n] = done[id(t)]
     return f
 
 
@@ -215,7 +231,8 @@ class Trainer:
     env: distributed.DistEnv
     device: str
     recipe: object  # hierdctl.losses.registry.Recipe
-    teacher: dict  # the cache manifest's teacher entry
+    teacher: dict  # the cache manifest's teacher entry (the first teacher)
+    teachers: list  # every teacher of the cache's ensemble (one entry without an ensemble)
     model_cfg: dict
     pp_cfg: dict
     wrapper: object  # StudentWrapper
@@ -244,10 +261,15 @@ class Trainer:
                           prefetch_factor=4 if workers else None)
 
     def to_device(self, batch: dict) -> dict:
-        """Tensors to the device (the loader's `bad` notes stay behind), plus the teacher's constants."""
+        """Tensors to the device (the loader's `bad` notes stay behind), plus the teachers' constants."""
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         if self.needs["global"]:
             batch["logit_scale_t"] = float(self.teacher["logit_scale"])
+            teachers = self.needs.get("teachers", 1)
+            if teachers > 1:  # an ensemble: teacher k's embeddings and scale, k ≥ 1
+                batch["ensemble"] = [{"img_t": batch.pop(f"img_t_{k}"), "txt_t": batch.pop(f"txt_t_{k}"),
+                                      "logit_scale_t": float(self.teachers[k]["logit_scale"])}
+                                     for k in range(1, teachers)]
         if self.needs["clusters"]:
             batch["teacher_grid"] = tuple(self.teacher["patch_grid"])
         return batch
@@ -301,13 +323,23 @@ def build_trainer(cfg: DistillConfig, cache, recipe, env: distributed.DistEnv, d
     torch.manual_seed(cfg.seed)
     model, model_cfg, pp_cfg, eval_tf, tokenizer = build_student(cfg, device)
     student_dim = int(model_cfg["embed_dim"])
-    teacher = cache.manifest["teacher"]
+    teacher, teachers = cache.manifest["teacher"], cache.teachers
     teacher_dim = int(teacher["embed_dim"]) if recipe.needs_teacher else None
     extras = recipe.extras
-    wrapper = StudentWrapper(model, student_dim, teacher_dim, recipe.fields, cfg.exp_scales, cfg.mask_ratio).to(device)
+    n_teachers = len(teachers) if recipe.needs_teacher else 1
+    for t in recipe.terms:
+        which = t.args.get("teacher", "all")
+        require(which == "all" or which < len(teachers), f"term {t.name} names teacher {which}, but the cache has "
+                f"{len(teachers)} teacher(s) (0 = the first --teacher)", "--recipe")
+    wrapper = StudentWrapper(model, student_dim, teacher_dim, recipe.fields, cfg.exp_scales, cfg.mask_ratio,
+                             ensemble_dims=tuple(int(t["embed_dim"]) for t in teachers[1:n_teachers])).to(device)
+    notes = []
+    if n_teachers > 1:
+        notes.append(f"teacher ensemble of {n_teachers}: in-batch distribution terms average the teachers' softmaxes, "
+                     "feature terms average over the teachers (each through its own projector); parts come from the "
+                     "first")
     if ("patch_tokens" in extras or "masked_forward" in extras) and not wrapper.is_vit:
         raise UserError(f"recipe {recipe.name!r} needs patch tokens but the student is not a ViT", "--student")
-    notes = []
     if wrapper.project:
         notes.append(f"student width {student_dim} ≠ teacher width {teacher_dim}: added projectors "
                      f"Linear({student_dim}, {teacher_dim}) for the terms that compare the student with the "
@@ -335,7 +367,7 @@ def build_trainer(cfg: DistillConfig, cache, recipe, env: distributed.DistEnv, d
     parts = set(recipe.cache_parts)
     needs = {"global": recipe.needs_teacher, "clusters": "clusters" in parts, "phrases": "phrases" in parts,
              "perturbations": "perturbations" in parts, "cluster_crops": "cluster_crops" in parts,
-             "mask_noise": "masked_forward" in extras}
+             "mask_noise": "masked_forward" in extras, "teachers": n_teachers}
     join = None
     if cfg.images is not None:
         from hierdctl.configs import SourceOptions
@@ -360,7 +392,8 @@ def build_trainer(cfg: DistillConfig, cache, recipe, env: distributed.DistEnv, d
         net = DDP(wrapper, device_ids=[device] if device.startswith("cuda") else None)
     else:
         net = wrapper
-    return Trainer(cfg=cfg, env=env, device=device, recipe=recipe, teacher=teacher, model_cfg=model_cfg,
+    return Trainer(cfg=cfg, env=env, device=device, recipe=recipe, teacher=teacher, teachers=teachers,
+                   model_cfg=model_cfg,
                    pp_cfg=pp_cfg, wrapper=wrapper, net=net, optimizer=optimizer, scaler=scaler,
                    amp_dtype=amp_dtype, needs=needs, dataset=dataset, n_samples=n_samples,
                    steps_per_epoch=steps_per_epoch, total=total, warmup=warmup, notes=notes)

@@ -464,3 +464,46 @@ def test_a_cache_without_images_joins_its_source_by_key(tmp_path, tiny_teacher):
     assert c["skipped_samples"] >= 1 and any("image_mismatch" in x for x in c["skipped_examples"]), c
     with pytest.raises(UserError, match="units"):
         S.run(_cfg(tmp_path / "without", tmp_path / "d", steps=2, images=str(moved / "00000.tar")))
+
+
+def test_a_teacher_ensemble_is_cached_and_distilled(tmp_path, tiny_teacher):
+    """cache-teacher --teacher A --teacher B stores both teachers' global embeddings (B is 48-d,
+    A 32-d); distill averages their softmaxes for CRD and runs FD/ICL through a projector per
+    teacher; a term naming one teacher uses it alone."""
+    from conftest import make_tiny_model, save_local_dir
+
+    from hierdctl import cache_format
+
+    cfg48 = json.loads(json.dumps(__import__("conftest").TINY_CFG)) | {"embed_dim": 48}
+    second = f"local-dir:{save_local_dir(make_tiny_model(cfg48, seed=1), cfg48, tmp_path / 'b')}"
+    src = make_shards(tmp_path / "data", n_shards=1, per_shard=8)
+    r = _cli("cache-teacher", src, "--out", str(tmp_path / "cache"), "--teacher", tiny_teacher, "--teacher", second,
+             "--views", "2", "--clusters", "2", "--max-phrases", "0", "--workers", "0", "--quiet")
+    assert r.exit_code == 0, r.output
+    cache = cache_format.open_cache(tmp_path / "cache")
+    assert [t["embed_dim"] for t in cache.teachers] == [32, 48] and cache.manifest["teacher"]["embed_dim"] == 32
+    assert cache.teachers[0]["fingerprint"] != cache.teachers[1]["fingerprint"]
+    s = next(cache_format.read_shard(cache.shards[0]))
+    assert s.arrays["img_emb"].shape == (2, 32) and s.arrays["img_emb_t1"].shape == (2, 48)
+    assert s.arrays["txt_emb_t1"].shape == (1, 48) and "clu_emb_t1" not in s.arrays
+    from hierdctl.specs import load_encoder
+
+    enc = load_encoder(second, "cpu")
+    with torch.no_grad():
+        want = enc.encode_text(enc.tokenize(s.meta["captions"]))[0].numpy()
+    np.testing.assert_allclose(s.arrays["txt_emb_t1"], want, atol=2e-3)  # fp16 storage
+    summary = S.run(_cfg(tmp_path / "cache", tmp_path / "run", recipe="clip-kd", steps=3))
+    assert any("ensemble of 2" in n for n in summary["notes"])
+    from safetensors.torch import load_file
+
+    w = load_file(summary["checkpoint"])
+    assert "ens_img_proj.0.weight" in w and w["ens_img_proj.0.weight"].shape == (48, 32)
+    assert "img_proj.weight" not in w  # teacher 0 has the student's width: no projector
+    one = tmp_path / "one.yaml"
+    one.write_text("terms:\n  - {name: clip, weight: 1}\n  - {name: crd, weight: 1, args: {teacher: 1}}\n"
+                   "  - {name: fd, weight: 100, args: {teacher: 1}}\n")
+    S.run(_cfg(tmp_path / "cache", tmp_path / "run1", recipe=str(one), steps=2))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("terms:\n  - {name: crd, weight: 1, args: {teacher: 2}}\n")
+    with pytest.raises(UserError, match="teacher 2"):
+        S.run(_cfg(tmp_path / "cache", tmp_path / "run2", recipe=str(bad), steps=2))

@@ -442,3 +442,55 @@ def test_all_terms_are_float32_under_bf16_autocast():
         assert value.dtype == torch.float32 and torch.isfinite(value), key
     sum(out.values()).backward()
     assert torch.isfinite(f.img_s.grad).all()
+
+
+# --- teacher ensembles ---------------------------------------------------------------------
+
+
+def _ensemble(f: Features, *others: dict) -> Features:
+    """f with an ensemble: teacher 0 = f's teacher fields, then `others`."""
+    first = {"img_t": f.img_t, "txt_t": f.txt_t, "logit_scale_t": f.logit_scale_t, "img_st": f.img_st,
+             "txt_st": f.txt_st, "img_st_masked": f.img_st_masked}
+    f.ensemble = [first] + [first | o for o in others]
+    return f
+
+
+def test_an_ensemble_of_one_teacher_twice_is_that_teacher():
+    single = terms(("crd", "affinity", "fd", "icl", "vrd", "xrd", "gd"), make_features())
+    twice = terms(("crd", "affinity", "fd", "icl", "vrd", "xrd", "gd"), _ensemble(make_features(), {}))
+    for k in single:
+        assert twice[k].item() == pytest.approx(single[k].item(), rel=1e-5), k
+
+
+def test_ensemble_terms_average_softmaxes_or_terms():
+    a = np_inputs()
+    rng = np.random.default_rng(3)
+    vt2, tt2 = np_unit(a["img_t"] + 0.7 * rng.standard_normal(a["img_t"].shape)), np_unit(a["txt_t"] + 0.7 * rng.standard_normal(a["txt_t"].shape))
+    s2 = 7.0
+    other = {"img_t": torch.tensor(vt2, dtype=torch.float32), "txt_t": torch.tensor(tt2, dtype=torch.float32),
+             "logit_scale_t": s2}
+    f = _ensemble(make_features(), other)
+    out = terms(("crd", "affinity", "fd"), f)
+    # crd: KL from the mean of the two teachers' softmaxes (DataCompDR), not the mean of two KLs.
+    vs, ts = np_unit(a["img_s"]), np_unit(a["txt_s"])
+    p = 0.5 * (np_softmax(S_T * a["img_t"] @ a["txt_t"].T) + np_softmax(s2 * vt2 @ tt2.T))
+    q = 0.5 * (np_softmax(S_T * a["txt_t"] @ a["img_t"].T) + np_softmax(s2 * tt2 @ vt2.T))
+
+    def kl(y, pt):
+        return np.mean((pt * (np.log(pt) - np_log_softmax(y))).sum(-1))
+
+    crd = 0.5 * (kl(S * vs @ ts.T, p) + kl(S * ts @ vs.T, q))
+    assert out["crd_loss"].item() == pytest.approx(crd, rel=1e-4)
+    ent = 0.5 * (np.mean(-(p * np.log(p)).sum(-1)) + np.mean(-(q * np.log(q)).sum(-1)))
+    assert out["affinity_loss"].item() == pytest.approx(crd + ent, rel=1e-4)
+    # fd: the mean over teachers of each teacher's FD.
+    fd = 0.5 * ((np.mean((vs - a["img_t"]) ** 2) + np.mean((ts - a["txt_t"]) ** 2))
+                + (np.mean((vs - vt2) ** 2) + np.mean((ts - tt2) ** 2)))
+    assert out["fd_loss"].item() == pytest.approx(fd, rel=1e-4)
+    # A term that names one teacher uses that one alone.
+    only = Recipe("t", (Term("fd", 1.0, {"teacher": 1}), Term("crd", 1.0, {"teacher": 0})))
+    got = compute_terms(only, _ensemble(make_features(), other))
+    assert got["fd_loss"].item() == pytest.approx(np.mean((vs - vt2) ** 2) + np.mean((ts - tt2) ** 2), rel=1e-4)
+    assert got["crd_loss"].item() == pytest.approx(terms(["crd"], make_features())["crd_loss"].item(), rel=1e-5)
+    with pytest.raises(UserError, match="teacher"):
+        parse_recipe({"terms": [{"name": "hierd_clu_clu", "weight": 1, "args": {"teacher": 1}}]}, "r", "r.yaml")

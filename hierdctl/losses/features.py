@@ -73,11 +73,18 @@ class Features:
     neg_mask: torch.Tensor | None = None  # (N, Q) bool, False for padding
     clu_crop_t: torch.Tensor | None = None  # (N, K, D_t) teacher embedding of each cluster's crop; 0 = empty
 
+    # --- a teacher ensemble (cache-teacher --teacher A --teacher B ...) -------------------
+    # One entry per teacher, teacher 0 first (the same tensors as the fields above): its
+    # "img_t", "txt_t", "logit_scale_t", and the student projected into its space ("img_st",
+    # "txt_st", "img_st_masked" where the recipe needs them). None with a single teacher.
+    ensemble: list[dict] | None = None
+
 
 # Per-sample fields (first dimension N), for gathering across ranks: the student's keep
 # their graph (gather_with_grad), the teacher's are constants.
 STUDENT_BATCH_FIELDS = ("img_s", "txt_s", "img_st", "txt_st", "img_st_masked", "clu_st", "phr_st", "neg_st",
                         "img_fused", "txt_fused", "clu_s", "phr_s", "neg_s")
 TEACHER_BATCH_FIELDS = ("img_t", "txt_t", "clu_t", "clu_mask", "phr_t", "phr_mask", "neg_t", "neg_mask", "clu_crop_t")
+ENSEMBLE_FIELDS = ("img_t", "txt_t", "logit_scale_t", "img_st", "txt_st", "img_st_masked")  # per teacher
 assert set(STUDENT_BATCH_FIELDS + TEACHER_BATCH_FIELDS) | {"logit_scale_s", "logit_scale_t", "kappa_x", "kappa_v",
-                                                           "kappa_t"} == {f.name for f in fields(Features)}
+                                                           "kappa_t", "ensemble"} == {f.name for f in fields(Features)}

@@ -222,6 +222,43 @@ def affinity(
     return 0.5 * (soft_ce(logits_s, p_i2t) + soft_ce(logits_s.T, p_t2i))
 
 
+# --- teacher ensembles (DataCompDR: the teachers' softmaxes averaged) ---------------
+
+
+def ensemble_targets(teachers: list[tuple[Tensor, Tensor, Scale]]) -> tuple[Tensor, Tensor]:
+    """The mean over teachers of their in-batch distributions, both directions.
+
+    teachers: [(img_t (N,D_k), txt_t (N,D_k), s_T,k)] -> (P_i2t (N,N), P_t2i (N,N)), rows sum to 1."""
+    p_i2t = p_t2i = 0.0
+    for img_t, txt_t, scale_t in teachers:
+        logits_t = scale_t * frozen(img_t) @ frozen(txt_t).T  # (N, N)
+        p_i2t = p_i2t + F.softmax(logits_t.float(), dim=-1)
+        p_t2i = p_t2i + F.softmax(logits_t.T.float(), dim=-1)
+    return p_i2t / len(teachers), p_t2i / len(teachers)
+
+
+def kl_probs(logits: Tensor, target_probs: Tensor) -> Tensor:
+    """`kl_rows` with the target given as probabilities (rows sum to 1; detached). (R, M) -> ()."""
+    log_q = F.log_softmax(logits.float(), dim=-1)
+    p = target_probs.detach().float()
+    return (torch.xlogy(p, p) - p * log_q).sum(-1).mean()
+
+
+def crd_ensemble(img_s: Tensor, txt_s: Tensor, scale_s: Scale, teachers: list) -> Tensor:
+    """CRD against the teachers' averaged softmaxes: ½[KL(s·vs·tsᵀ ; P̄_i2t) + KL(s·ts·vsᵀ ; P̄_t2i)].
+    With one teacher it equals `crd`."""
+    logits_s = scale_s * unit(img_s) @ unit(txt_s).T  # (N, N)
+    p_i2t, p_t2i = ensemble_targets(teachers)
+    return 0.5 * (kl_probs(logits_s, p_i2t) + kl_probs(logits_s.T, p_t2i))
+
+
+def affinity_ensemble(img_s: Tensor, txt_s: Tensor, scale_s: Scale, teachers: list) -> Tensor:
+    """Affinity mimicking against the teachers' averaged softmaxes (equals `affinity` for one)."""
+    logits_s = scale_s * unit(img_s) @ unit(txt_s).T  # (N, N)
+    p_i2t, p_t2i = ensemble_targets(teachers)
+    return 0.5 * (soft_ce(logits_s, p_i2t) + soft_ce(logits_s.T, p_t2i))
+
+
 # --- CLIP-RD (Chung et al., 2026) --------------------------------------------------
 
 

@@ -30,6 +30,7 @@ teacher's), or a positive number used on both sides (TinyCLIP's released scripts
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import os
@@ -60,8 +61,14 @@ def check_gd_form(form: object) -> str | None:
     return None if form in ("public", "autograd") else f"form must be 'public' or 'autograd', not {form!r}"
 
 
+def check_teacher(teacher: object) -> str | None:
+    ok = teacher == "all" or (isinstance(teacher, int) and not isinstance(teacher, bool) and teacher >= 0)
+    return None if ok else f"teacher must be 'all' or a teacher's index (0 = the first --teacher), not {teacher!r}"
+
+
 # How each accepted arg is checked: value -> None if fine, else the problem.
-ARG_CHECKS: dict[str, Callable[[object], str | None]] = {"scale": check_scale, "form": check_gd_form}
+ARG_CHECKS: dict[str, Callable[[object], str | None]] = {"scale": check_scale, "form": check_gd_form,
+                                                         "teacher": check_teacher}
 
 
 @dataclass(frozen=True)
@@ -73,10 +80,16 @@ class TermSpec:
     summary: str
     scale: str | None = None  # default of the `scale` arg; None: the term takes no scale
     kwargs: tuple[str, ...] = ()  # other args, passed to fn by keyword
+    # With a teacher ensemble: "each" = the mean of the term over the teachers, each through its
+    # own projector; "softmax" = against the teachers' averaged in-batch softmaxes (DataCompDR),
+    # computed by `ensemble_fn(img_s, txt_s, scale_s, [(img_t, txt_t, s_T)...])`; "first" = the
+    # first teacher only (parts, fused features: what the cache has of the first teacher alone).
+    ensemble: str = "first"
+    ensemble_fn: Callable[..., Tensor] | None = None
 
     @property
     def args(self) -> tuple[str, ...]:
-        return (("scale",) if self.scale else ()) + self.kwargs
+        return (("scale",) if self.scale else ()) + self.kwargs + (("teacher",) if self.ensemble != "first" else ())
 
 
 _S = ("img_s", "txt_s")  # the student in its own space
@@ -91,20 +104,24 @@ TERMS: dict[str, TermSpec] = {
     "clip": TermSpec(L.clip_loss, _S + ("scale_s",), "CLIP contrastive loss on the student", scale="student"),
     # --- CLIP-KD (Yang et al., CVPR 2024), as in the authors' public code, except that MFD
     # masks for real and AFD's CLIP loss on the fused features uses the student's scale s.
-    "fd": TermSpec(L.fd, _ST + _T, "feature distillation, MSE to the teacher embeddings"),
-    "mfd": TermSpec(L.fd, ("img_st_masked", "txt_st") + _T, "FD with 75% of the student's image patches masked"),
-    "crd": TermSpec(L.crd, _S + _T + _SCALES, "KL between teacher and student in-batch logits", scale="student"),
-    "icl": TermSpec(L.icl, _ST + _T + ("kappa_x",), "InfoNCE with student anchors and teacher contrasts"),
+    "fd": TermSpec(L.fd, _ST + _T, "feature distillation, MSE to the teacher embeddings", ensemble="each"),
+    "mfd": TermSpec(L.fd, ("img_st_masked", "txt_st") + _T, "FD with 75% of the student's image patches masked",
+                    ensemble="each"),
+    "crd": TermSpec(L.crd, _S + _T + _SCALES, "KL between teacher and student in-batch logits", scale="student",
+                    ensemble="softmax", ensemble_fn=L.crd_ensemble),
+    "icl": TermSpec(L.icl, _ST + _T + ("kappa_x",), "InfoNCE with student anchors and teacher contrasts",
+                    ensemble="each"),
     "gd": TermSpec(L.gd, _ST + _T + ("logit_scale_s", "logit_scale_t"),
-                   "MSE between teacher and student contrastive-loss gradients", kwargs=("form",)),
+                   "MSE between teacher and student contrastive-loss gradients", kwargs=("form",), ensemble="each"),
     "afd": TermSpec(L.clip_loss, ("img_fused", "txt_fused", "logit_scale_s"), "CLIP loss on student/teacher fused features"),
     # --- TinyCLIP (Wu et al., ICCV 2023): mixed with clip by the recipe's weights
     "affinity": TermSpec(L.affinity, _S + _T + _SCALES, "soft cross-entropy to the teacher's affinities",
-                         scale="student"),
+                         scale="student", ensemble="softmax", ensemble_fn=L.affinity_ensemble),
     # --- CLIP-RD (Chung et al., 2026): κv, κt, κx multiplied in directly, as in the authors' code
     "vrd": TermSpec(L.vrd, _ST + _T + ("kappa_v", "kappa_t"),
-                    "vertical (teacher<->student within a modality) relations"),
-    "xrd": TermSpec(L.xrd, _ST + _T + ("kappa_x",), "cross-modal teacher<->student relation symmetry"),
+                    "vertical (teacher<->student within a modality) relations", ensemble="each"),
+    "xrd": TermSpec(L.xrd, _ST + _T + ("kappa_x",), "cross-modal teacher<->student relation symmetry",
+                    ensemble="each"),
     # --- HieRD (our reconstruction, docs/hierd.md): relational KLs within and across levels
     "hierd_clu_clu": TermSpec(L.part_relation, _CLU + _SCALES, "per sample: cluster<->cluster relations",
                               scale="teacher"),
@@ -370,16 +387,45 @@ def list_recipes() -> list[tuple[str, str]]:
 
 
 def compute_terms(recipe: Recipe, f: Features) -> dict[str, Tensor]:
-    """{'<term>_loss': unweighted () tensor} for every term of the recipe, on one Features."""
+    """{'<term>_loss': unweighted () tensor} for every term of the recipe, on one Features.
+
+    With a teacher ensemble (f.ensemble), each term follows its spec's `ensemble` rule and its
+    `teacher` arg ('all', the default, or one teacher's index)."""
     out = {}
     for term in recipe.terms:
-        inputs = term.inputs()
-        missing = [x for x in inputs if isinstance(x, str) and getattr(f, x) is None]
-        assert not missing, f"{term.name} needs feature(s) {missing} that this step did not provide"
-        values = [getattr(f, x) if isinstance(x, str) else x for x in inputs]
-        kwargs = {k: term.args[k] for k in term.spec.kwargs if k in term.args}
-        out[term.key] = term.spec.fn(*values, **kwargs)
+        spec, inputs = term.spec, term.inputs()
+        kwargs = {k: term.args[k] for k in spec.kwargs if k in term.args}
+        teachers = _chosen_teachers(term, f)
+        if teachers is None:  # one teacher (or a term of the first one only)
+            out[term.key] = spec.fn(*_values(term, inputs, f), **kwargs)
+        elif spec.ensemble == "each" or len(teachers) == 1:
+            views = [dataclasses.replace(f, **f.ensemble[k]) for k in teachers]
+            out[term.key] = sum(spec.fn(*_values(term, inputs, v), **kwargs) for v in views) / len(views)
+        else:  # "softmax": one KL against the teachers' averaged distributions
+            assert spec.ensemble == "softmax" and spec.ensemble_fn is not None, term.name
+            img_s, txt_s, _, _, scale_s, scale_t = _values(term, inputs, f)
+            fixed = not isinstance(inputs[-1], str)  # a pinned number: every teacher at it too
+            pairs = [(f.ensemble[k]["img_t"], f.ensemble[k]["txt_t"], scale_t if fixed else f.ensemble[k]["logit_scale_t"])
+                     for k in teachers]
+            out[term.key] = spec.ensemble_fn(img_s, txt_s, scale_s, pairs)
     return out
+
+
+def _chosen_teachers(term: Term, f: Features) -> list[int] | None:
+    """Indices of the ensemble's teachers this term uses, or None for the single-teacher path."""
+    if f.ensemble is None or term.spec.ensemble == "first":
+        return None
+    which = term.args.get("teacher", "all")
+    if which == "all":
+        return list(range(len(f.ensemble)))
+    assert which < len(f.ensemble), f"{term.name}: teacher {which} of {len(f.ensemble)}"
+    return [which]
+
+
+def _values(term: Term, inputs, f: Features) -> list:
+    missing = [x for x in inputs if isinstance(x, str) and getattr(f, x) is None]
+    assert not missing, f"{term.name} needs feature(s) {missing} that this step did not provide"
+    return [getattr(f, x) if isinstance(x, str) else x for x in inputs]
 
 
 def weighted_total(terms: dict[str, Tensor], recipe: Recipe) -> Tensor:
