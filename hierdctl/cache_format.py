@@ -315,7 +315,7 @@ class Cache:
         return [self.root / s["name"] for s in self.shard_entries]
 
     def has(self, part: str) -> bool:
-        """'global', 'clusters', 'phrases', 'tokens', 'images', 'perturbations', 'cluster_crops'."""
+        """'global', 'clusters', 'phrases', 'tokens', 'images', 'perturbations', 'cluster_crops', 'synthetic'."""
         c = self.config
         return {
             "global": True,
@@ -325,6 +325,7 @@ class Cache:
             "images": c["store_images"],
             "perturbations": c.get("perturbations", {}).get("per_caption", 0) > 0,
             "cluster_crops": bool(c.get("cluster_crops", False)),
+            "synthetic": bool(c.get("captioner")),
         }[part]
 
 
@@ -537,6 +538,20 @@ class CacheDataset:
             return out
         raise CorruptShard(f"{len(bad)} consecutive cached samples do not decode, from {self.where(i)}: {bad[0]}")
 
+    def _captions(self, rng, n_caps: int, real: int) -> tuple[int, int | None]:
+        """(the caption of this step, the second one for real+synthetic or None). Captions 0..real-1 are
+        real, real.. synthetic (--captioner); an image the captioner gave nothing stays on a real one."""
+        pol, synthetic = self.caption_policy, n_caps - real
+        if pol == "first":
+            return 0, None
+        if pol == "any":
+            return int(rng.integers(n_caps)), None
+        c = int(rng.integers(real))  # random, and the real half of real+synthetic
+        if pol == "random":
+            return c, None
+        s = real + int(rng.integers(synthetic)) if synthetic > 0 else c
+        return (s, None) if pol == "synthetic" else (c, s)
+
     def _item(self, i: int, epoch: int) -> dict:
         import torch
 
@@ -558,7 +573,7 @@ class CacheDataset:
             rng = np.random.default_rng([self.seed, epoch, i])
             n_views, n_caps = len(meta["views"]), len(meta["captions"])
             v = int(rng.integers(n_views)) if self.view_policy == "random" else epoch % n_views
-            c = int(rng.integers(n_caps)) if self.caption_policy == "random" else 0
+            c, c2 = self._captions(rng, n_caps, int(meta.get("real_captions", n_caps)))
             img, _ = decode_rgb(sample.image)
             out = {
                 "image": apply_view(img, View.from_json(meta["views"][v]), io_["image_size"], io_["mean"], io_["std"],
@@ -572,6 +587,12 @@ class CacheDataset:
                 for k in range(1, self.needs.get("teachers", 1)):  # the ensemble's other teachers
                     out[f"img_t_{k}"] = torch.from_numpy(a[f"img_emb_t{k}"][v])
                     out[f"txt_t_{k}"] = torch.from_numpy(a[f"txt_emb_t{k}"][c])
+            if c2 is not None:  # real+synthetic: the second caption of the step, and its teachers' embeddings
+                out["text_2"] = io_["tokenize"]([meta["captions"][c2]])[0]
+                if self.needs["global"]:
+                    out["txt_t_2"] = torch.from_numpy(a["txt_emb"][c2])
+                    for k in range(1, self.needs.get("teachers", 1)):
+                        out[f"txt_t_{k}_2"] = torch.from_numpy(a[f"txt_emb_t{k}"][c2])
             if self.needs["clusters"]:
                 out["clu_t"] = torch.from_numpy(a["clu_emb"][v])
                 out["clu_assign"] = torch.from_numpy(a["clu_assign"][v].astype(np.int64))

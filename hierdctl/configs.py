@@ -25,6 +25,9 @@ EXPORT_FORMATS = ("open_clip", "onnx", "hf", "all")
 ONNX_MODULES = ("onnx", "onnxruntime")  # the `onnx` extra: exporting and checking the graphs
 REPORT_TO = ("none", "tensorboard")
 AUGMENTS = ("rrc+flip", "rrc+flip+randaugment")
+# distill's caption per sample: a real one at random (the default), the first real one, a synthetic one
+# (--captioner caches), any of them, or DataCompDR's real and synthetic in every step (both, averaged)
+CAPTION_POLICIES = ("random", "first", "synthetic", "any", "real+synthetic")
 
 
 def default(cls, name: str):
@@ -100,6 +103,8 @@ class CacheTeacherConfig:
     chunker: str = "auto"  # auto (spaCy if installed, else TextBlob) | spacy | textblob
     perturbations: int = 0  # compositional caption perturbations per caption (hierdctl/perturb.py), 0 = none
     cluster_crops: bool = False  # also the teacher's embedding of each cluster's crop (CLIPSelf-style)
+    captioner: str | None = None  # an open_clip CoCa spec: synthetic captions beside the real ones (DataCompDR)
+    synthetic_captions: int = 5  # with --captioner: generated captions per image
     store: str = "clusters"  # "clusters" | "tokens"
     store_images: bool = True
     dtype: str = "fp16"
@@ -134,6 +139,7 @@ class CacheTeacherConfig:
         require(self.chunker in ("auto", "spacy", "textblob"), "must be auto, spacy or textblob", "--chunker")
         require(0 <= self.perturbations <= 16, "must be within 0..16", "--perturbations")
         require(not self.cluster_crops or self.clusters > 0, "needs clusters (--clusters K > 0)", "--cluster-crops")
+        require(1 <= self.synthetic_captions <= 32, "must be within 1..32", "--synthetic-captions")
         require(self.store in ("clusters", "tokens"), "must be 'clusters' or 'tokens'", "--store")
         require(self.dtype in STORE_DTYPES, f"must be one of {', '.join(STORE_DTYPES)}", "--dtype")
         require(0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "must be 0 < lo ≤ hi ≤ 1", "--crop-scale")
@@ -166,6 +172,7 @@ class CacheTeacherConfig:
             "phrases": {"max_phrases": self.max_phrases, "chunker": self.chunker},
             "perturbations": {"per_caption": self.perturbations, "ops": "swap_modifiers/swap_heads/swap_chunks"},
             "cluster_crops": self.cluster_crops,
+            "captioner": {"spec": self.captioner, "per_image": self.synthetic_captions} if self.captioner else None,
             "store": self.store,
             "store_images": self.store_images,
             "dtype": self.dtype,
@@ -202,7 +209,7 @@ class DistillConfig:
     device: str = "auto"
     seed: int = 0
     view_policy: str = "random"  # random | sequential
-    caption_policy: str = "random"  # random | first
+    caption_policy: str = "random"  # random (a real caption) | first | synthetic | any | real+synthetic
     exp_scales: bool = False
     mask_ratio: float = 0.75
     workers: int = -1
@@ -230,7 +237,8 @@ class DistillConfig:
         require(self.grad_clip is None or self.grad_clip > 0, "must be positive", "--grad-clip")
         require(self.precision in PRECISIONS, "must be auto, fp32, bf16 or fp16", "--precision")
         require(self.view_policy in ("random", "sequential"), "must be random or sequential", "--set view_policy")
-        require(self.caption_policy in ("random", "first"), "must be random or first", "--set caption_policy")
+        require(self.caption_policy in CAPTION_POLICIES, f"must be one of {', '.join(CAPTION_POLICIES)}",
+                "--set caption_policy")
         require(0 < self.mask_ratio < 1, "must be within (0, 1)", "--set mask_ratio")
         require(self.save_every >= 1, "must be at least 1", "--save-every")
         require(self.log_every >= 1, "must be at least 1", "--log-every")

@@ -13,6 +13,7 @@ Export keeps only `student.*` and drops the rest.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -199,6 +200,13 @@ class StudentWrapper(nn.Module):
             keep = noise.argsort(dim=1)[:, :n_keep].sort(dim=1).values  # (N,G_keep) kept patch indices
             masked = vit_tokens(m.visual, images, keep)[0]  # (N,D_s)
             f.img_st_masked = self._proj_img(masked)
+        if batch.get("second"):  # real+synthetic: the same images with each sample's synthetic caption
+            sec = batch["second"]
+            txt2 = encode_text_trimmed(m, sec["text"])  # (N,D_s)
+            f.second = dataclasses.replace(
+                f, txt_s=txt2, txt_t=sec.get("txt_t"), txt_st=self._proj_txt(txt2) if "txt_st" in want else None,
+                txt_fused=(self.txt_fusion(torch.cat([F.normalize(txt2, dim=-1), sec["txt_t"]], dim=-1))
+                           if f.txt_fused is not None else None), second=None)
         if batch.get("ensemble"):  # teachers 1.. of an ensemble: theirs, and the student in their spaces
             first = {"img_t": f.img_t, "txt_t": f.txt_t, "logit_scale_t": f.logit_scale_t, "img_st": f.img_st,
                      "txt_st": f.txt_st, "img_st_masked": f.img_st_masked}
@@ -208,6 +216,12 @@ class StudentWrapper(nn.Module):
                 f.ensemble.append(dict(t) | {
                     "img_st": ip(pooled) if "img_st" in want else None, "txt_st": tp(txt) if "txt_st" in want else None,
                     "img_st_masked": ip(masked) if masked is not None else None})
+            if f.second is not None:  # the second caption's view of the ensemble
+                sec = batch["second"]
+                f.second.ensemble = [e | {"txt_t": f.second.txt_t if k == 0 else sec[f"txt_t_{k}"],
+                                          "txt_st": (f.second.txt_st if k == 0 else self.ens_txt_proj[k - 1](f.second.txt_s))
+                                          if e["txt_st"] is not None else None}
+                                     for k, e in enumerate(f.ensemble)]
         if want & {"img_fused", "txt_fused"}:
             f.img_fused = self.img_fusion(torch.cat([F.normalize(pooled, dim=-1), batch["img_t"]], dim=-1))
             f.txt_fused = self.txt_fusion(torch.cat([F.normalize(txt, dim=-1), batch["txt_t"]], dim=-1))

@@ -61,9 +61,32 @@ def ensure_torchvision() -> str:
     return _STATE
 
 
+def _coca_generation_with_transformers_5() -> None:
+    """open_clip 3.3's CoCa imports `BeamSearchScorer`, which transformers 5 removed; the failed
+    import switches off *all* of CoCa's `generate`, top-p sampling included. Give the name a
+    stand-in that only refuses beam search, so sampling (what cache-teacher --captioner uses)
+    runs through open_clip's own generate. Runs only before open_clip is imported."""
+    import sys
+
+    if "open_clip" in sys.modules or importlib.util.find_spec("transformers") is None:
+        return
+    import transformers.generation as generation
+
+    if hasattr(generation, "BeamSearchScorer"):
+        return
+
+    class BeamSearchScorer:  # noqa: D401 — a stand-in
+        def __init__(self, *a, **k):
+            raise RuntimeError("CoCa beam search needs transformers < 5 (BeamSearchScorer was removed); "
+                               "hierdctl samples captions with top-p instead")
+
+    generation.BeamSearchScorer = BeamSearchScorer
+
+
 def import_open_clip():
-    """open_clip, with the shim applied first. Use this instead of `import open_clip`."""
+    """open_clip, with the shims applied first. Use this instead of `import open_clip`."""
     ensure_torchvision()
+    _coca_generation_with_transformers_5()
     import open_clip
 
     return open_clip

@@ -41,9 +41,11 @@ from hierdctl.sources import open_source
 class _UnitStream:
     """Iterable over the units of this rank; each DataLoader worker takes every W-th unit."""
 
-    def __init__(self, source, units, cfg: CacheTeacherConfig, preps: list[dict]):
-        """preps: each teacher's preprocessing {image_size, mean, std, eval_transform, tokenize}, teacher 0 first."""
+    def __init__(self, source, units, cfg: CacheTeacherConfig, preps: list[dict], caption_transform=None):
+        """preps: each teacher's preprocessing {image_size, mean, std, eval_transform, tokenize}, teacher 0 first;
+        caption_transform: the captioner's eval transform (--captioner), else None."""
         self.source, self.units, self.cfg, self.preps = source, units, cfg, preps
+        self.caption_transform = caption_transform
 
     def __iter__(self):
         from torch.utils.data import get_worker_info
@@ -104,6 +106,7 @@ class _UnitStream:
                     "neg_tok": first["tokenize"](flat_negs) if flat_negs else None,
                     # the other teachers of an ensemble: their own pixels and tokens (global embeddings only)
                     "ensemble": [(px, p["tokenize"](rec.captions)) for px, p in zip(pixels[1:], self.preps[1:])],
+                    "cap_pixels": self.caption_transform(img) if self.caption_transform else None,
                 }
                 pos += 1
             yield {"type": "end", "unit": unit.index, "label": unit.label}
@@ -362,7 +365,8 @@ def _verified_stats(out: Path, index: int) -> tuple[dict | None, str | None]:
     return st, None
 
 
-def _write_manifest(cfg, identity, teacher_info, source, started: float, infos: list[dict]) -> dict:
+def _write_manifest(cfg, identity, teacher_info, source, started: float, infos: list[dict],
+                    captioner: dict | None = None) -> dict:
     stats = [_done_stats(cfg.out, u.index) for u in source.units]
     done = [s for s in stats if s is not None]
     skipped: collections.Counter = collections.Counter()
@@ -379,6 +383,7 @@ def _write_manifest(cfg, identity, teacher_info, source, started: float, infos: 
         "config": identity,
         "teacher": teacher_info,  # the first teacher (clusters, phrases and the unsuffixed embeddings are its)
         "teachers": infos,  # every teacher of the ensemble, the first first
+        "captioner": captioner,  # --captioner: its spec, sampling and fingerprint (None without one)
         "source": source.describe(),
         "samples": samples,
         "captions": sum(s["captions"] for s in done),
@@ -466,6 +471,39 @@ def _run(cfg: CacheTeacherConfig, env, device: str, started: float, notes: list[
     workers = min(workers, len(todo))
     preps = [{"image_size": e.image_size, "mean": e.mean, "std": e.std, "eval_transform": e.eval_transform,
               "tokenize": e.tokenize} for e in encs]
+    captioner = None
+    if cfg.captioner:
+        from hierdctl.captioner import Captioner
+        from hierdctl.perturb import perturb
+        from hierdctl.phrases import Chunker
+
+        captioner = Captioner(cfg.captioner, device, cfg.synthetic_captions, cfg.seed)
+        chunker = Chunker(cfg.chunker) if cfg.max_phrases > 0 or cfg.perturbations > 0 else None
+
+        def add_synthetic(it: dict) -> None:
+            """Append the captioner's captions to an item: meta, tokens, phrases, perturbations, ensemble tokens."""
+            meta = it["meta"]
+            syn = [c for c in captioner.captions(it["cap_pixels"], meta["sha256"]) if c not in meta["captions"]]
+            meta["real_captions"] = len(meta["captions"])
+            meta["captions"] = meta["captions"] + syn
+            if not syn:
+                return
+            it["cap_tok"] = torch.cat([it["cap_tok"], preps[0]["tokenize"](syn)])
+            chunks = [chunker(c, max(cfg.max_phrases, 8)) for c in syn] if chunker else [[] for _ in syn]
+            phrases = [ch[: cfg.max_phrases] for ch in chunks]
+            meta["phrases"] = meta["phrases"] + phrases
+            flat = [p for ps in phrases for p in ps]
+            if flat:
+                tok = preps[0]["tokenize"](flat)
+                it["phr_tok"] = tok if it["phr_tok"] is None else torch.cat([it["phr_tok"], tok])
+            if cfg.perturbations > 0:
+                negs = [perturb(c, ch, cfg.perturbations, cfg.seed) for c, ch in zip(syn, chunks)]
+                meta["perturbations"] = meta["perturbations"] + negs
+                flat_negs = [n for ns in negs for n in ns]
+                if flat_negs:
+                    tok = preps[0]["tokenize"](flat_negs)
+                    it["neg_tok"] = tok if it["neg_tok"] is None else torch.cat([it["neg_tok"], tok])
+            it["ensemble"] = [(px, torch.cat([t, p["tokenize"](syn)])) for (px, t), p in zip(it["ensemble"], preps[1:])]
 
     class _DS(IterableDataset):
         def __init__(self, stream):
@@ -475,7 +513,7 @@ def _run(cfg: CacheTeacherConfig, env, device: str, started: float, notes: list[
             return iter(self.stream)
 
     loader = DataLoader(
-        _DS(_UnitStream(source, todo, cfg, preps)),
+        _DS(_UnitStream(source, todo, cfg, preps, captioner.eval_transform if captioner else None)),
         batch_size=None,
         num_workers=workers,
         collate_fn=_identity_collate,
@@ -493,6 +531,9 @@ def _run(cfg: CacheTeacherConfig, env, device: str, started: float, notes: list[
     def flush():
         nonlocal pending
         if pending:
+            if captioner is not None:
+                for it in pending:
+                    add_synthetic(it)
             extra = [t.global_embeddings(pending, k) for k, t in enumerate(teachers) if k > 0]
             for i, r in enumerate(teacher.process(pending)):
                 for per_teacher in extra:
@@ -532,7 +573,8 @@ def _run(cfg: CacheTeacherConfig, env, device: str, started: float, notes: list[
     distributed.barrier(env)
     manifest = None
     if env.is_main or not env.torchrun:
-        manifest = _write_manifest(cfg, identity, teacher_info, source, started, infos)
+        manifest = _write_manifest(cfg, identity, teacher_info, source, started, infos,
+                                   captioner.describe() if captioner else None)
     manifest = distributed.broadcast_object(env, manifest)
     if manifest["complete"] and manifest["samples"] == 0:
         raise UserError(

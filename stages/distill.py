@@ -81,12 +81,19 @@ class GlobalBatchSampler:
 # ----------------------------------------------------------------------------------
 
 
-def _check_cache(cache, recipe, images: str | None) -> None:
+def _check_cache(cache, recipe, images: str | None, cfg_policy: str = "random") -> None:
     have = {p: cache.has(p) for p in ("global", "clusters", "phrases", "perturbations", "cluster_crops", "images")}
     if not have["images"] and images is None:
         raise UserError(f"the cache holds no images (made with --no-store-images): give its source with --images SOURCE "
                         f"(it was made from {cache.config['source']}); images are joined by key and checked by sha256",
                         "CACHE")
+    if cfg_policy in ("synthetic", "real+synthetic") and not cache.has("synthetic"):
+        raise UserError(f"caption_policy {cfg_policy} needs synthetic captions: the cache was made without "
+                        "--captioner", "--set caption_policy")
+    if cfg_policy == "real+synthetic" and {"phrases", "perturbations"} & set(recipe.cache_parts):
+        raise UserError("caption_policy real+synthetic averages global terms over the two captions; recipe "
+                        f"{recipe.name!r} also needs phrases or perturbations of one caption: use --set "
+                        "caption_policy=any (a random real or synthetic caption per sample)", "--set caption_policy")
     if have["images"] and images is not None:
         raise UserError("the cache holds its images; --images is for caches made with --no-store-images", "--images")
     missing = [p for p in recipe.cache_parts if not have.get(p, False)]
@@ -270,6 +277,11 @@ class Trainer:
                 batch["ensemble"] = [{"img_t": batch.pop(f"img_t_{k}"), "txt_t": batch.pop(f"txt_t_{k}"),
                                       "logit_scale_t": float(self.teachers[k]["logit_scale"])}
                                      for k in range(1, teachers)]
+        if "text_2" in batch:  # caption_policy real+synthetic: the second caption and its teachers' embeddings
+            second = {"text": batch.pop("text_2")}
+            for k in [k for k in batch if k.startswith("txt_t") and k.endswith("_2")]:
+                second[k[: -len("_2")]] = batch.pop(k)
+            batch["second"] = second
         if self.needs["clusters"]:
             batch["teacher_grid"] = tuple(self.teacher["patch_grid"])
         return batch
@@ -290,6 +302,9 @@ class Trainer:
             f = self.net(batch)
         f = gather_features(f, self.env)
         terms = registry.compute_terms(self.recipe, f)
+        if f.second is not None:  # real+synthetic: every term is the mean over the two captions
+            other = registry.compute_terms(self.recipe, gather_features(f.second, self.env))
+            terms = {k: 0.5 * (v + other[k]) for k, v in terms.items()}
         finite = torch.stack([v.detach().float() for v in terms.values()]).isfinite()  # one device sync, not one per term
         bad = [] if bool(finite.all()) else [k for k, ok in zip(terms, finite.tolist()) if not ok]
         if bad:
@@ -427,7 +442,7 @@ def run(cfg: DistillConfig) -> dict:
     try:
         cache = cache_format.open_cache(cfg.cache)
         recipe = load_recipe(cfg.recipe)
-        _check_cache(cache, recipe, cfg.images)
+        _check_cache(cache, recipe, cfg.images, cfg.caption_policy)
         require(cfg.batch_size % env.world_size == 0,
                 f"global batch {cfg.batch_size} is not divisible by {env.world_size} processes", "--batch-size")
 

@@ -507,3 +507,49 @@ def test_a_teacher_ensemble_is_cached_and_distilled(tmp_path, tiny_teacher):
     bad.write_text("terms:\n  - {name: crd, weight: 1, args: {teacher: 2}}\n")
     with pytest.raises(UserError, match="teacher 2"):
         S.run(_cfg(tmp_path / "cache", tmp_path / "run2", recipe=str(bad), steps=2))
+
+
+TINY_COCA = {"embed_dim": 32, "custom_text": True,
+             "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 8,
+                            "attentional_pool": True, "attn_pooler_heads": 2, "output_tokens": True},
+             "text_cfg": {"context_length": 76, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
+                          "embed_cls": True, "output_tokens": True},
+             "multimodal_cfg": {"context_length": 76, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
+                                "attn_pooler_heads": 2}}
+
+
+@pytest.mark.slow
+def test_synthetic_captions_from_a_coca_captioner(tmp_path, tiny_teacher):
+    """cache-teacher --captioner (a tiny random CoCa saved locally: the path is real, its captions
+    are noise) adds N generated captions per image after the real ones, embedded by the teacher;
+    they are the same on a rerun; distill can train on them, or on real+synthetic per step."""
+    from conftest import save_local_dir
+
+    from hierdctl import cache_format
+    from hierdctl.specs import register_model_config
+    from hierdctl.tv_shim import import_open_clip
+
+    oc = import_open_clip()
+    torch.manual_seed(0)
+    coca = oc.create_model(register_model_config(oc, TINY_COCA, "test-tiny-coca"))
+    captioner = f"local-dir:{save_local_dir(coca, TINY_COCA, tmp_path / 'coca')}"
+    src = make_shards(tmp_path / "data", n_shards=1, per_shard=4)
+    args = ["cache-teacher", src, "--teacher", tiny_teacher, "--captioner", captioner, "--synthetic-captions", "2",
+            "--views", "1", "--clusters", "0", "--max-phrases", "2", "--workers", "0", "--quiet"]
+    assert _cli(*args, "--out", str(tmp_path / "cache")).exit_code == 0
+    cache = cache_format.open_cache(tmp_path / "cache")
+    assert cache.has("synthetic") and cache.manifest["captioner"]["per_image"] == 2
+    samples = list(cache_format.read_shard(cache.shards[0]))
+    for s in samples:
+        real = s.meta["real_captions"]
+        assert real == 1 and 1 <= len(s.meta["captions"]) - real <= 2
+        assert s.arrays["txt_emb"].shape[0] == len(s.meta["captions"]) == len(s.meta["phrases"])
+    assert _cli(*args, "--out", str(tmp_path / "again")).exit_code == 0  # seeded per image: the same captions
+    again = list(cache_format.read_shard(cache_format.open_cache(tmp_path / "again").shards[0]))
+    assert [s.meta["captions"] for s in samples] == [s.meta["captions"] for s in again]
+    for policy in ("synthetic", "any", "real+synthetic"):
+        summary = S.run(_cfg(tmp_path / "cache", tmp_path / policy, recipe="clip-kd", steps=2, batch_size=4,
+                             caption_policy=policy))
+        assert summary["steps"] == 2
+    with pytest.raises(UserError, match="caption_policy"):  # real+synthetic averages global terms only
+        S.run(_cfg(tmp_path / "cache", tmp_path / "h", recipe="hierd", steps=1, caption_policy="real+synthetic"))

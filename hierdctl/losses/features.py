@@ -79,6 +79,10 @@ class Features:
     # "txt_st", "img_st_masked" where the recipe needs them). None with a single teacher.
     ensemble: list[dict] | None = None
 
+    # --- caption_policy real+synthetic (DataCompDR): the same batch with each sample's synthetic
+    # caption instead of its real one; the step's terms are the mean over the two --------------
+    second: "Features | None" = None
+
 
 # Per-sample fields (first dimension N), for gathering across ranks: the student's keep
 # their graph (gather_with_grad), the teacher's are constants.
@@ -87,4 +91,4 @@ STUDENT_BATCH_FIELDS = ("img_s", "txt_s", "img_st", "txt_st", "img_st_masked", "
 TEACHER_BATCH_FIELDS = ("img_t", "txt_t", "clu_t", "clu_mask", "phr_t", "phr_mask", "neg_t", "neg_mask", "clu_crop_t")
 ENSEMBLE_FIELDS = ("img_t", "txt_t", "logit_scale_t", "img_st", "txt_st", "img_st_masked")  # per teacher
 assert set(STUDENT_BATCH_FIELDS + TEACHER_BATCH_FIELDS) | {"logit_scale_s", "logit_scale_t", "kappa_x", "kappa_v",
-                                                           "kappa_t", "ensemble"} == {f.name for f in fields(Features)}
+                                                           "kappa_t", "ensemble", "second"} == {f.name for f in fields(Features)}
