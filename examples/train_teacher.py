@@ -123,14 +123,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=SETTINGS["batch_size"])
     ap.add_argument("--n-test", type=int, default=500, help="images of the teacher's own test split")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--seed", type=int, default=SETTINGS["seed"], help="Scenes seed of the teacher's data [1]")
+    ap.add_argument("--train-seed", type=int, default=SETTINGS["train_seed"], help="distill --seed [0]")
     args = ap.parse_args(argv)
     if args.out is None:
         args.out = HERE / ("teacher" if args.flavour == "shapes" else f"teacher-{args.flavour}")
     lo, hi = OBJECTS[args.flavour]
     s = SETTINGS | {"epochs": args.epochs, "n_train": args.n_train, "batch_size": args.batch_size,
-                    "flavour": args.flavour, "min_objects": lo, "max_objects": hi}
+                    "flavour": args.flavour, "min_objects": lo, "max_objects": hi, "seed": args.seed,
+                    "train_seed": args.train_seed}
     w, times = args.work, {}
     started = time.time()
+    steps = int(round(s["epochs"] * (s["n_train"] // s["batch_size"])))
+    warmup = str(s["warmup"]) if steps > s["warmup"] else "auto"  # a tiny run (tests) cannot warm up for 50 steps
 
     hierdctl("scenes", "--out", str(w / "scenes"), "--flavour", args.flavour, "--seed", str(s["seed"]),
              "--n-train", str(s["n_train"]), "--n-test", str(args.n_test), "--shard-size", "1000",
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
              "--batch-size", "256", "--device", args.device, "--quiet", times=times)
     hierdctl("distill", str(w / "bootstrap-cache"), "--student", f"open_clip:{CONFIG}", "--recipe", "clip",
              "--out", str(w / "run"), "--epochs", str(s["epochs"]), "--batch-size", str(s["batch_size"]),
-             "--lr", str(s["lr"]), "--warmup", str(s["warmup"]), "--seed", str(s["train_seed"]),
+             "--lr", str(s["lr"]), "--warmup", warmup, "--seed", str(s["train_seed"]),
              "--device", args.device, "--save-every", "50", "--quiet",
              *(["--resume"] if (w / "run" / "checkpoints").is_dir() else []), times=times)
     staged = w / "export"
