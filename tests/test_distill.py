@@ -553,3 +553,24 @@ def test_synthetic_captions_from_a_coca_captioner(tmp_path, tiny_teacher):
         assert summary["steps"] == 2
     with pytest.raises(UserError, match="caption_policy"):  # real+synthetic averages global terms only
         S.run(_cfg(tmp_path / "cache", tmp_path / "h", recipe="hierd", steps=1, caption_policy="real+synthetic"))
+
+
+def test_a_schema_1_cache_still_trains_and_another_version_is_refused(cache, tmp_path):
+    """Schema 2 added per-shard sha256; a version-1 cache (no digests) still reads, with size and
+    count checks; an unknown version is one line asking to rebuild."""
+    import shutil
+
+    old = tmp_path / "v1"
+    shutil.copytree(cache, old)
+    m = json.loads((old / "manifest.json").read_text())
+    m["schema_version"] = 1
+    for s in m["shards"]:
+        s.pop("sha256", None)
+    (old / "manifest.json").write_text(json.dumps(m))
+    assert S.run(_cfg(old, tmp_path / "run", steps=2))["steps"] == 2
+    r = _cli("cache-info", str(old), "--verify")
+    assert r.exit_code == 0 and "verified" in r.output, r.output
+    m["schema_version"] = 99
+    (old / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(UserError, match="schema version 99.*rebuild"):
+        S.run(_cfg(old, tmp_path / "run2", steps=2))
