@@ -289,7 +289,7 @@ def read_shard(path: str | Path) -> Iterator[CachedSample]:
 
 @dataclass
 class Cache:
-    root: Path
+    root: Path | str  # a local folder, or a URL (str) read by CacheStream
     manifest: dict
 
     @property
@@ -329,17 +329,46 @@ class Cache:
         }[part]
 
 
+def is_remote(root) -> bool:
+    """True for a cache given as a URL (http(s)://, file:, s3://, …): read by the streaming reader."""
+    from hierdctl.sources import url_scheme
+
+    return isinstance(root, str) and url_scheme(root) is not None
+
+
+def cache_file(root, name: str) -> str:
+    """The path or URL of a file of the cache at `root`."""
+    return f"{root.rstrip('/')}/{name}" if is_remote(root) else str(Path(root) / name)
+
+
 def open_cache(root: str | Path, where: str = "CACHE") -> Cache:
-    """Open a finished cache, checking its format and schema version."""
-    root = Path(root)
-    mpath = root / MANIFEST_NAME
-    if not mpath.is_file():
-        if (root / CONFIG_NAME).is_file():
-            raise UserError(f"{root} is an unfinished cache (no manifest.json): rerun cache-teacher to finish it", where)
-        raise UserError(f"{root} is not a hierdctl teacher cache (no manifest.json)", where)
+    """Open a finished cache (a local folder, or a URL: its manifest is fetched), checking its
+    format and schema version."""
+    if is_remote(str(root)):
+        from hierdctl.sources import _open_shard
+
+        mpath = cache_file(str(root), MANIFEST_NAME)
+        try:
+            stream, closer = _open_shard(mpath)
+            try:
+                text = stream.read().decode("utf-8")
+            finally:
+                closer.close()
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read {mpath} ({e})", where) from None
+        root = str(root)
+    else:
+        root = Path(root)
+        mpath = root / MANIFEST_NAME
+        if not mpath.is_file():
+            if (root / CONFIG_NAME).is_file():
+                raise UserError(f"{root} is an unfinished cache (no manifest.json): rerun cache-teacher to finish it",
+                                where)
+            raise UserError(f"{root} is not a hierdctl teacher cache (no manifest.json)", where)
+        text = mpath.read_text(errors="replace")
     try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as e:
         raise UserError(f"{mpath} is not valid JSON ({e})", where) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise UserError(f"{mpath} is not a hierdctl teacher-cache manifest", where)
@@ -509,6 +538,9 @@ class CacheDataset:
     def __len__(self):
         return len(self.index)
 
+    def _shard_of(self, i: int) -> int:
+        return self.index[i][0]
+
     def where(self, i: int) -> str:
         """Where sample i lives: 'shard-00003.tar sample 42'."""
         s, _, _, pos = self.index[i]
@@ -553,18 +585,21 @@ class CacheDataset:
         return (s, None) if pol == "synthetic" else (c, s)
 
     def _item(self, i: int, epoch: int) -> dict:
+        return self.build(self._read(i), i, epoch)
+
+    def build(self, sample: CachedSample, i: int, epoch: int) -> dict:
+        """The training item of cached sample `i` (its global index) at `epoch`. Raises CorruptSample."""
         import torch
 
         from hierdctl.images import BadImage, View, apply_view, decode_rgb
 
         io_ = self.io
-        sample = self._read(i)
         meta, a = sample.meta, sample.arrays
         if self.images is not None:
-            data = self.images.read(self.units[self.index[i][0]], meta.get("key", ""))
+            data = self.images.read(self.units[self._shard_of(i)], meta.get("key", ""))
             if data is None:
                 raise CorruptSample("image_missing", f"{sample.key}: source key {meta.get('key')!r} is not in "
-                                    f"unit {self.units[self.index[i][0]]} of --images")
+                                    f"unit {self.units[self._shard_of(i)]} of --images")
             if sha256(data) != meta.get("sha256"):
                 raise CorruptSample("image_mismatch", f"{sample.key}: the source's image for {meta.get('key')!r} is "
                                     "not the one the teacher saw (sha256 differs)")
@@ -619,3 +654,118 @@ class CacheDataset:
             if not torch.isfinite(out[name]).all():
                 raise CorruptSample("non_finite_teacher_features", f"{sample.key}: {name}")
         return out
+
+
+# ----------------------------------------------------------------------------------
+# The streaming reader: caches that do not sit on a local disk
+# ----------------------------------------------------------------------------------
+
+
+class CacheStream:
+    """Sequential reading of a cache's shards (a local folder or a URL: http(s)://, file:, s3://,
+    gs://… through hierdctl.sources' openers), for caches on object storage.
+
+    Per epoch the shard order is a permutation seeded by (seed, epoch); rank r takes every
+    world-th shard of it and DataLoader worker w every W-th of those; each worker reads its
+    shards front to back and shuffles the samples through a buffer seeded by (seed, epoch,
+    rank, worker). So that every rank and worker yields the same number of batches (DDP needs
+    equal steps), each yields `steps_per_worker` batches per epoch, the most the smallest
+    share allows; what is left over in an epoch is not used that epoch (docs/distill.md).
+    Resume is exact: the stream of an epoch is a pure function of (seed, epoch, world, W), and
+    the batches already consumed are skipped by reading, not decoding, their samples.
+    """
+
+    def __init__(self, cache: Cache, dataset: CacheDataset, world: int, rank: int, workers: int,
+                 local_batch: int, buffer: int, seed: int):
+        self.cache, self.ds = cache, dataset
+        self.world, self.rank, self.workers = world, rank, max(1, workers)
+        self.B, self.buffer, self.seed = local_batch, buffer, seed
+        counts = [e["samples"] for e in cache.shard_entries]
+        self.first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)  # global index of each shard's first
+        self.counts = counts
+        self.epoch, self.skip_batches = 0, 0
+
+    def shards_of(self, epoch: int, rank: int, worker: int) -> list[int]:
+        order = np.random.default_rng([self.seed, epoch, 7919]).permutation(len(self.counts))
+        return order[rank :: self.world][worker :: self.workers].tolist()
+
+    def steps_per_worker(self, epoch: int) -> int:
+        return min(sum(self.counts[s] for s in self.shards_of(epoch, r, w)) // self.B
+                   for r in range(self.world) for w in range(self.workers))
+
+    def steps_per_epoch(self, epoch: int) -> int:
+        return self.steps_per_worker(epoch) * self.workers
+
+    def _samples(self, shard: int):
+        """(global index, CachedSample | CorruptSample) of one shard, read front to back."""
+        from hierdctl.sources import _open_shard
+
+        label = cache_file(self.cache.root, self.cache.shard_entries[shard]["name"])
+        stream, closer = _open_shard(label)
+        try:
+            key, members, pos = None, {}, 0
+            with tarfile.open(fileobj=stream, mode="r|") as tf:
+                for m in tf:
+                    tf.members = []
+                    k, ext = m.name.split(".", 1)
+                    if k != key and key is not None:
+                        yield int(self.first[shard]) + pos, key, members
+                        pos, members = pos + 1, {}
+                    key = k
+                    members[ext] = tf.extractfile(m).read()
+            if key is not None:
+                yield int(self.first[shard]) + pos, key, members
+        finally:
+            closer.close()
+
+    def __iter__(self):
+        from torch.utils.data import get_worker_info
+
+        wi = get_worker_info()
+        w = 0 if wi is None else wi.id
+        epoch = self.epoch
+        budget = self.steps_per_worker(epoch) * self.B  # items this worker yields this epoch
+        # Batches are taken from the workers in turn: worker w made batches w, w+W, … of the epoch.
+        skip_items = (self.skip_batches // self.workers + (w < self.skip_batches % self.workers)) * self.B
+        rng = np.random.default_rng([self.seed, epoch, self.rank, w])
+        buf: list = []
+        state = {"n": 0, "bad": []}  # items counted towards the budget; damaged samples not yet reported
+
+        def take(entry):
+            """The item of one buffered sample, or None (skipped on resume, or damaged: counted)."""
+            i, key, members = entry
+            state["n"] += 1
+            if state["n"] <= skip_items:  # consumed before a resume: read, not decoded
+                return None
+            try:
+                item = self.ds.build(decode_sample(key, members), i, epoch)
+            except CorruptSample as e:  # the next good sample takes its place, as in the random-access reader
+                state["n"] -= 1
+                state["bad"].append(f"{self.where(i)}: {e}")
+                return None
+            item["bad"], state["bad"] = "; ".join(state["bad"]), []
+            return item
+
+        for shard in self.shards_of(epoch, self.rank, w):
+            for entry in self._samples(shard):
+                buf.append(entry)
+                if len(buf) < self.buffer:
+                    continue
+                j = int(rng.integers(len(buf)))
+                buf[j], buf[-1] = buf[-1], buf[j]
+                if state["n"] >= budget:
+                    return
+                item = take(buf.pop())
+                if item is not None:
+                    yield item
+        order = rng.permutation(len(buf))
+        for j in order:
+            if state["n"] >= budget:
+                return
+            item = take(buf[j])
+            if item is not None:
+                yield item
+
+    def where(self, i: int) -> str:
+        s = int(np.searchsorted(self.first, i, side="right") - 1)
+        return f"{self.cache.shard_entries[s]['name']} sample {i - int(self.first[s])}"

@@ -226,6 +226,7 @@ def distill(
     save_every: int = typer.Option(_d(_DC, "save_every"), help="Checkpoint every N steps."),
     log_every: int = typer.Option(_d(_DC, "log_every"), help="Write metrics every N steps."),
     images: Optional[str] = typer.Option(_d(_DC, "images"), help="For a cache made with --no-store-images: its source (the same shards or table, any location); images are joined by key and checked by sha256."),
+    cache_reader: str = typer.Option(_d(_DC, "cache_reader"), help="random (random access to local shards), stream (shards read in order, per-epoch shard shuffle and a shuffle buffer: caches on object storage), or auto (stream for a URL)."),
     report_to: str = typer.Option(_d(_DC, "report_to"), help="none, or tensorboard (every loss term, lr, logit scale and samples/s under RUN_DIR/tensorboard)."),
     resume: bool = typer.Option(_d(_DC, "resume"), help="Continue the run in --out from its latest checkpoint."),
     overwrite: bool = typer.Option(_d(_DC, "overwrite"), help="Discard the run in --out (only what distill wrote) and start over."),
@@ -254,7 +255,7 @@ def distill(
         given = dict(cache=cache, student=student, recipe=recipe, out=out, epochs=epochs, steps=steps,
                      batch_size=batch_size, lr=lr, warmup=parse_warmup(warmup), weight_decay=weight_decay,
                      grad_clip=grad_clip, precision=precision, device=device, seed=seed, workers=workers,
-                     save_every=save_every, log_every=log_every, report_to=report_to, images=images, resume=resume,
+                     save_every=save_every, log_every=log_every, report_to=report_to, images=images, cache_reader=cache_reader, resume=resume,
                      overwrite=overwrite, quiet=quiet)
         # Only what the command line said overrides --config; the rest are the config's defaults.
         cli = {k: v for k, v in given.items() if ctx.get_parameter_source(k) != ParameterSource.DEFAULT}

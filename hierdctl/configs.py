@@ -218,6 +218,8 @@ class DistillConfig:
     log_every: int = 10
     report_to: str = "none"  # none | tensorboard (scalars under RUN_DIR/tensorboard)
     images: str | None = None  # a cache made with --no-store-images: its source, joined by key (sha256-checked)
+    cache_reader: str = "auto"  # random (random access, local) | stream (sequential, URLs too) | auto (stream for URLs)
+    shuffle_buffer: int = 1000  # the streaming reader's shuffle buffer, in samples per reader
     resume: bool = False
     overwrite: bool = False
     quiet: bool = False
@@ -244,6 +246,8 @@ class DistillConfig:
         require(self.log_every >= 1, "must be at least 1", "--log-every")
         require(self.keep_checkpoints >= 1, "must be at least 1", "--set keep_checkpoints")
         require(self.report_to in REPORT_TO, f"must be one of {', '.join(REPORT_TO)}", "--report-to")
+        require(self.cache_reader in ("auto", "random", "stream"), "must be auto, random or stream", "--cache-reader")
+        require(self.shuffle_buffer >= 1, "must be at least 1", "--set shuffle_buffer")
         if self.report_to == "tensorboard":
             import importlib.util
 
@@ -294,7 +298,7 @@ class DistillConfig:
 # steps/epochs too: the cosine schedule is a function of the run's length.
 RESUME_KEYS = ("cache", "student", "recipe", "steps", "epochs", "batch_size", "lr", "warmup", "weight_decay",
                "beta1", "beta2", "eps", "grad_clip", "seed", "view_policy", "caption_policy", "exp_scales",
-               "mask_ratio", "precision")
+               "mask_ratio", "precision", "cache_reader", "shuffle_buffer")
 # Execution details that do not enter the resolved config.
 RUNTIME_KEYS = ("resume", "overwrite", "quiet", "device", "workers", "report_to")
 

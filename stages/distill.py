@@ -254,18 +254,51 @@ class Trainer:
     total: int
     warmup: int  # resolved: cfg.warmup, or auto = min(10,000, 10% of total)
     notes: list = field(default_factory=list)
+    stream: object = None  # cache_format.CacheStream when the cache is streamed, else None (random access)
+    workers: int = 0  # DataLoader workers, resolved
 
     def loader(self, start: int):
         """The data stream from global step `start` on: this rank's slice of each global batch."""
         from torch.utils.data import DataLoader
 
-        cfg, env = self.cfg, self.env
-        workers = cfg.workers if cfg.workers >= 0 else min(8, max(0, (os.cpu_count() or 1) // max(1, env.world_size) - 1))
+        cfg, env, workers = self.cfg, self.env, self.workers
+        if self.stream is not None:
+            return self._streamed(start)
         sampler = GlobalBatchSampler(self.n_samples, cfg.batch_size, env.rank, env.world_size, cfg.seed, start,
                                      self.total)
         return DataLoader(self.dataset, batch_sampler=sampler, num_workers=workers,
                           pin_memory=self.device.startswith("cuda"), persistent_workers=False,
                           prefetch_factor=4 if workers else None)
+
+    def _streamed(self, start: int):
+        """Streamed batches from global step `start` on: epoch by epoch, each a fresh pass whose
+        first batches (those a resumed run already took) are read but not decoded."""
+        from torch.utils.data import DataLoader, IterableDataset
+
+        class Streamed(IterableDataset):  # CacheStream itself stays torch-free (cache-info imports its module)
+            def __init__(self, stream):
+                self.stream = stream
+
+            def __iter__(self):
+                return iter(self.stream)
+
+        st, step, epoch, done = self.stream, 0, 0, 0
+        while done + st.steps_per_epoch(epoch) <= start:  # the epoch `start` falls in
+            done += st.steps_per_epoch(epoch)
+            epoch += 1
+        step = start
+        while step < self.total:
+            st.epoch, st.skip_batches = epoch, step - done
+            loader = DataLoader(Streamed(st), batch_size=st.B, drop_last=True, num_workers=self.workers,
+                                pin_memory=self.device.startswith("cuda"), persistent_workers=False,
+                                prefetch_factor=4 if self.workers else None)
+            for batch in loader:
+                if step >= self.total or step - done >= st.steps_per_epoch(epoch):
+                    break
+                yield batch
+                step += 1
+            done += st.steps_per_epoch(epoch)
+            epoch += 1
 
     def to_device(self, batch: dict) -> dict:
         """Tensors to the device (the loader's `bad` notes stay behind), plus the teachers' constants."""
@@ -361,12 +394,30 @@ def build_trainer(cfg: DistillConfig, cache, recipe, env: distributed.DistEnv, d
                      "teacher (trained, dropped by export; the task loss trains the student's own embedding)")
 
     # --- data ---------------------------------------------------------------------
-    spans = cache_format.check_shards(cache)
+    remote = cache_format.is_remote(str(cache.root))
+    stream = cfg.cache_reader == "stream" or (cfg.cache_reader == "auto" and remote)
+    require(not (remote and not stream), "a cache given as a URL is read by the streaming reader: drop "
+            "--cache-reader random", "--cache-reader")
+    # A local cache is checked against its manifest first; a remote one is read as it streams.
+    spans = [[(0, 0)] * e["samples"] for e in cache.shard_entries] if remote else cache_format.check_shards(cache)
     n_samples = sum(len(s) for s in spans)
     require(n_samples >= cfg.batch_size,
             f"the cache holds {n_samples} samples, fewer than one global batch ({cfg.batch_size})", "--batch-size")
-    steps_per_epoch = n_samples // cfg.batch_size
-    total = cfg.steps if cfg.steps is not None else max(1, int(round(cfg.epochs * steps_per_epoch)))
+    workers = cfg.workers if cfg.workers >= 0 else min(8, max(0, (os.cpu_count() or 1) // max(1, env.world_size) - 1))
+    streamer = None
+    if stream:
+        streamer = cache_format.CacheStream(cache, None, env.world_size, env.rank, workers,
+                                            cfg.batch_size // env.world_size, cfg.shuffle_buffer, cfg.seed)
+        require(streamer.steps_per_epoch(0) >= 1, f"streaming {len(cache.shard_entries)} shards over "
+                f"{env.world_size} process(es) × {max(1, workers)} worker(s) leaves fewer samples per worker than one "
+                "batch: fewer --workers or a smaller --batch-size", "--cache-reader")
+        steps_per_epoch = streamer.steps_per_epoch(0)
+        total = cfg.steps if cfg.steps is not None else _stream_total(streamer, cfg.epochs)
+        notes.append(f"streaming the cache: {max(1, workers)} reader(s) per process, shuffle buffer "
+                     f"{cfg.shuffle_buffer}, {steps_per_epoch} steps per epoch")
+    else:
+        steps_per_epoch = n_samples // cfg.batch_size
+        total = cfg.steps if cfg.steps is not None else max(1, int(round(cfg.epochs * steps_per_epoch)))
     warmup = cfg.resolve_warmup(total)
     notes.append(f"warm-up {warmup} steps of {total}" + (" (auto: min(10,000, 10% of the run))"
                                                          if cfg.warmup == "auto" else ""))
@@ -392,6 +443,8 @@ def build_trainer(cfg: DistillConfig, cache, recipe, env: distributed.DistEnv, d
         notes.append(f"images joined from {cfg.images} by key (sha256-checked)")
     dataset = cache_format.CacheDataset(cache, spans, cfg.seed, cfg.view_policy, cfg.caption_policy, student_io, needs,
                                         join)
+    if streamer is not None:
+        streamer.ds = dataset
 
     # --- optimisation -------------------------------------------------------------
     prec = cfg.precision if cfg.precision != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
@@ -411,7 +464,8 @@ def build_trainer(cfg: DistillConfig, cache, recipe, env: distributed.DistEnv, d
                    model_cfg=model_cfg,
                    pp_cfg=pp_cfg, wrapper=wrapper, net=net, optimizer=optimizer, scaler=scaler,
                    amp_dtype=amp_dtype, needs=needs, dataset=dataset, n_samples=n_samples,
-                   steps_per_epoch=steps_per_epoch, total=total, warmup=warmup, notes=notes)
+                   steps_per_epoch=steps_per_epoch, total=total, warmup=warmup, notes=notes, stream=streamer,
+                   workers=workers)
 
 
 def _log_line(out: Path, mf, rec: dict) -> None:
@@ -466,9 +520,15 @@ def run(cfg: DistillConfig) -> dict:
             distributed.barrier(env)
             tr = build_trainer(cfg, cache, recipe, env, device)
             notes = notes + tr.notes
+            readers = max(1, tr.workers) if tr.stream is not None else None
+            if resume and readers != (checkpoint.read_config(out) or {}).get("stream_readers"):
+                raise UserError(f"the streamed data order depends on the number of readers: resume with the --workers "
+                                f"of the run ({(checkpoint.read_config(out) or {}).get('stream_readers')}), not "
+                                f"{readers}", "--workers")
             if env.is_main:
                 checkpoint.write_config(out, resolved | {
-                    "warmup_steps": tr.warmup, "total_steps": tr.total, "hierdctl": __version__,
+                    "warmup_steps": tr.warmup, "total_steps": tr.total, "stream_readers": readers,
+                    "hierdctl": __version__,
                     "recipe_terms": [{"name": t.name, "weight": t.weight, "args": dict(t.args)} for t in recipe.terms]})
             distributed.barrier(env)
             return _train(cfg, out, cache, recipe, tr, env, resume, notes, started)
@@ -562,6 +622,13 @@ def _train(cfg: DistillConfig, out: Path, cache, recipe, tr: "Trainer", env, res
         "checkpoint": str(checkpoint.checkpoint_dir(out) / f"{checkpoint.stem(step)}.safetensors"), "notes": notes,
         "skipped_samples": _sum_over_ranks(skipped, env), "skipped_examples": skipped_examples, "rank": env.rank,
     }
+
+
+def _stream_total(streamer, epochs: float) -> int:
+    """Steps of `epochs` epochs of a streamed cache (each epoch's steps depend on its shard shuffle)."""
+    whole, frac = int(epochs), epochs - int(epochs)
+    total = sum(streamer.steps_per_epoch(e) for e in range(whole))
+    return max(1, total + int(round(frac * streamer.steps_per_epoch(whole))))
 
 
 def _sum_over_ranks(n: int, env) -> int:
