@@ -311,7 +311,10 @@ class Cache:
         return [s for s in self.manifest["shards"] if s["samples"] > 0]
 
     @property
-    def shards(self) -> list[Path]:
+    def shards(self) -> list[Path | str]:
+        """Each shard's path (or URL, for a remote cache)."""
+        if isinstance(self.root, str):
+            return [cache_file(self.root, s["name"]) for s in self.shard_entries]
         return [self.root / s["name"] for s in self.shard_entries]
 
     def has(self, part: str) -> bool:
