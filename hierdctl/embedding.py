@@ -13,6 +13,7 @@ import platform
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
@@ -121,3 +122,16 @@ def versions() -> dict:
     if "transformers" in sys.modules:
         v["transformers"] = sys.modules["transformers"].__version__
     return v
+
+
+def finish_report(report: dict, out, quiet: bool, stage: str) -> dict:
+    """Write the report (atomically) where --out says, and say what was skipped."""
+    from hierdctl.atomic import write_json_atomic
+    from hierdctl.console import console
+
+    if out:
+        write_json_atomic(Path(out), report)
+    if not quiet and report["counts"]["skipped_total"]:
+        console.print(f"[dim]{stage}:[/] skipped {report['counts']['skipped_total']} samples: "
+                      + ", ".join(f"{k} {v}" for k, v in report["counts"]["skipped"].items()))
+    return report

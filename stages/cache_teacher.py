@@ -199,27 +199,10 @@ class _Teacher:
                 arrays["txt_tok"] = txt_tok[c0 : c0 + C]
             c0 += C
             if cfg.max_phrases > 0:
-                P = cfg.max_phrases
-                pe = np.zeros((C, P, D_), np.float32)
-                pm = np.zeros((C, P), np.uint8)
-                for c, ps in enumerate(meta["phrases"]):
-                    n = len(ps)
-                    if n:  # a batch whose captions yield no phrase at all has phr_emb None
-                        pe[c, :n] = phr_emb[p0 : p0 + n]
-                        pm[c, :n] = 1
-                        p0 += n
-                arrays["phr_emb"], arrays["phr_mask"] = pe, pm
+                arrays["phr_emb"], arrays["phr_mask"], p0 = _per_caption(meta["phrases"], phr_emb, p0, cfg.max_phrases, D_)
             if cfg.perturbations > 0:
-                Q = cfg.perturbations
-                ne = np.zeros((C, Q, D_), np.float32)
-                nm = np.zeros((C, Q), np.uint8)
-                for c, ns in enumerate(meta["perturbations"]):
-                    n = len(ns)
-                    if n:
-                        ne[c, :n] = neg_emb[q0 : q0 + n]
-                        nm[c, :n] = 1
-                        q0 += n
-                arrays["neg_emb"], arrays["neg_mask"] = ne, nm
+                arrays["neg_emb"], arrays["neg_mask"], q0 = _per_caption(meta["perturbations"], neg_emb, q0,
+                                                                         cfg.perturbations, D_)
             results.append({"unit": it["unit"], "pos": it["pos"], "meta": meta, "image": it["image"], "arrays": arrays})
         assert c0 == txt_emb.shape[0], (c0, txt_emb.shape)
         assert neg_emb is None or q0 == neg_emb.shape[0], (q0, neg_emb.shape)
@@ -270,6 +253,21 @@ class _Teacher:
             for (i, k), e in zip(where[a : a + 256], emb.float()):
                 out[i, k] = e
         return out
+
+
+def _per_caption(parts: list[list[str]], emb, start: int, width: int, dim: int):
+    """Spread the embeddings of every caption's parts (phrases, perturbations), flattened in caption
+    order from row `start` of emb (T,D), into (C,width,D) with a (C,width) uint8 mask; returns them
+    and the next row. A batch whose captions have no part at all has emb None."""
+    out = np.zeros((len(parts), width, dim), np.float32)
+    mask = np.zeros((len(parts), width), np.uint8)
+    for c, ps in enumerate(parts):
+        n = len(ps)
+        if n:
+            out[c, :n] = emb[start : start + n]
+            mask[c, :n] = 1
+            start += n
+    return out, mask, start
 
 
 def _prepare_out(cfg: CacheTeacherConfig, identity: dict, env: distributed.DistEnv) -> list[str]:

@@ -23,10 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from hierdctl import distributed
-from hierdctl.atomic import publish_dir, write_json_atomic
+from hierdctl.atomic import publish_dir
 from hierdctl.configs import EvalRetrievalConfig
-from hierdctl.console import console
-from hierdctl.embedding import check_joint_space, encode_images, encode_texts, retention, versions
+from hierdctl.embedding import check_joint_space, encode_images, encode_texts, finish_report, retention, versions
 from hierdctl.retrieval import build_index, check_ks, hardneg_accuracy, index_to_cpu, recall_from_ranked, search
 from hierdctl.sources import open_source
 from hierdctl.specs import load_encoder
@@ -189,9 +188,4 @@ def run(cfg: EvalRetrievalConfig) -> dict:
         "seconds": round(time.time() - started, 3),
         "versions": versions(),
     }
-    if cfg.out:
-        write_json_atomic(Path(cfg.out), report)
-    if not cfg.quiet and report["counts"]["skipped_total"]:
-        console.print(f"[dim]eval-retrieval:[/] skipped {report['counts']['skipped_total']} samples: "
-                      + ", ".join(f"{k} {v}" for k, v in report["counts"]["skipped"].items()))
-    return report
+    return finish_report(report, cfg.out, cfg.quiet, "eval-retrieval")

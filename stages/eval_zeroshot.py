@@ -23,10 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from hierdctl import distributed
-from hierdctl.atomic import write_json_atomic
 from hierdctl.configs import EvalZeroshotConfig
-from hierdctl.console import console
-from hierdctl.embedding import check_joint_space, encode_images, encode_texts, retention, versions
+from hierdctl.embedding import check_joint_space, encode_images, encode_texts, finish_report, retention, versions
 from hierdctl.errors import UserError, require
 from hierdctl.retrieval import classification_metrics
 from hierdctl.sources import IMAGE_EXTS, Sample, Skip, TarSource, open_source, url_scheme
@@ -241,9 +239,4 @@ def run(cfg: EvalZeroshotConfig) -> dict:
     }
     if len(names) < 5:
         report["notes"] = ["acc5 is not reported: fewer than 5 classes"]
-    if cfg.out:
-        write_json_atomic(Path(cfg.out), report)
-    if not cfg.quiet and report["counts"]["skipped_total"]:
-        console.print(f"[dim]eval-zeroshot:[/] skipped {report['counts']['skipped_total']} samples: "
-                      + ", ".join(f"{k} {v}" for k, v in report["counts"]["skipped"].items()))
-    return report
+    return finish_report(report, cfg.out, cfg.quiet, "eval-zeroshot")

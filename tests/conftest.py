@@ -3,6 +3,7 @@ small img2dataset-layout shards. Everything is made on the fly; nothing is downl
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -103,3 +104,37 @@ def make_shards(root: Path, n_shards=2, per_shard=5, start=0) -> str:
 @pytest.fixture()
 def shards(tmp_path) -> str:
     return make_shards(tmp_path / "data")
+
+
+@contextlib.contextmanager
+def http_server(directory: Path):
+    """http://127.0.0.1:PORT serving `directory` from a thread, stopped on exit. Nothing but
+    127.0.0.1 is ever contacted (use with the `no_proxy` fixture so curl ignores proxies)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        timeout = 30  # a stuck client cannot hold a handler thread longer
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.fixture()
+def no_proxy(monkeypatch):
+    """curl follows proxy variables: never let it reach anything but 127.0.0.1."""
+    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")

@@ -60,6 +60,12 @@ def data(tmp_path_factory) -> str:
 def ref(data, tiny_teacher, tmp_path_factory):
     """The reference cache (fp32, 2 views, K=4, 3 phrases) and the pixels the teacher saw."""
     out = tmp_path_factory.mktemp("ref") / "cache"
+    manifest, seen = _run_seeing(data, out, tiny_teacher)
+    return out, manifest, seen
+
+
+def _run_seeing(source, out, teacher, **kw) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A cache-teacher run and, per image sha256, the (V,3,S,S) pixels the teacher was given."""
     seen: dict[str, torch.Tensor] = {}
     real = CT._Teacher.process
 
@@ -70,8 +76,8 @@ def ref(data, tiny_teacher, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(CT._Teacher, "process", spy)
-        manifest = _run(data, out, tiny_teacher)
-    return out, manifest, seen
+        manifest = _run(source, out, teacher, **kw)
+    return manifest, seen
 
 
 @pytest.fixture(scope="module")
@@ -446,17 +452,7 @@ def test_randaugment_views_replay_bit_for_bit_at_any_resolution(data, tiny_teach
     from hierdctl.images import RANDAUGMENT_OPS, apply_view
 
     out = tmp_path / "ra"
-    seen: dict[str, torch.Tensor] = {}
-    real = CT._Teacher.process
-
-    def spy(self, items):
-        for it in items:
-            seen[it["meta"]["sha256"]] = it["pixels"].clone()
-        return real(self, items)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(CT._Teacher, "process", spy)
-        m = _run(data, out, tiny_teacher, views=4, augment="rrc+flip+randaugment", randaugment=(2, 9))
+    m, seen = _run_seeing(data, out, tiny_teacher, views=4, augment="rrc+flip+randaugment", randaugment=(2, 9))
     assert m["config"]["augment"]["ops"] == "rrc+flip+randaugment" and m["config"]["augment"]["randaugment"] == [2, 9]
     drawn = set()
     for s in _samples(out):

@@ -616,35 +616,15 @@ def test_streaming_a_cache_resumes_exactly_and_reads_urls(cache, tmp_path, monke
         S.run(_cfg(cache, tmp_path / "part", resume=True, workers=2, **kw))
 
 
-def test_a_cache_served_over_http_streams(cache, tmp_path, monkeypatch):
+def test_a_cache_served_over_http_streams(cache, tmp_path, no_proxy):
     """A cache on a web server (an http.server on 127.0.0.1, stopped at the end): its manifest is
     fetched, its shards streamed through curl; the run equals the local streamed run."""
-    import functools
-    import threading
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    from conftest import http_server
 
-    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-
-    class Quiet(SimpleHTTPRequestHandler):
-        timeout = 30
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(cache)))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
+    with http_server(cache) as url:
         kw = dict(steps=4, batch_size=4, shuffle_buffer=4)
         S.run(_cfg(url, tmp_path / "http", **kw))  # auto: a URL is streamed
         S.run(_cfg(cache, tmp_path / "local", cache_reader="stream", **kw))
         assert [r["loss"] for r in _metrics(tmp_path / "http")] == [r["loss"] for r in _metrics(tmp_path / "local")]
         with pytest.raises(UserError, match="--cache-reader"):
             S.run(_cfg(url, tmp_path / "x", cache_reader="random", **kw))
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)

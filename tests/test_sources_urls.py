@@ -7,19 +7,16 @@ contacted is 127.0.0.1: an http.server in a thread, stopped by its fixture."""
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 import socket
 import tarfile
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from conftest import CAPTIONS, image_bytes, write_tar
+from conftest import CAPTIONS, http_server, image_bytes, write_tar
 from hierdctl import cache_format
 from hierdctl.cli import app
 from hierdctl.errors import UserError
@@ -65,22 +62,8 @@ def shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def http_base(shards):
     """http://127.0.0.1:PORT serving the shards folder, for this module only."""
-
-    class Quiet(SimpleHTTPRequestHandler):
-        timeout = 30  # a stuck client cannot hold a handler thread longer
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(shards)))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    with http_server(shards) as url:
+        yield url
 
 
 def _records(spec: str) -> list[tuple]:
