@@ -330,6 +330,17 @@ def side_px(size: str, image_size: int) -> int:
     return round(SIZE_FRACTION[size] * image_size)
 
 
+def _draw_identity(rng: np.random.Generator, nouns, objects) -> tuple[str, str, str, int]:
+    """(noun, colour, size, variant) of the next object: a (colour, noun) pair no placed object has.
+    The draws are the generator's, in this order, as every flavour made them (bytes unchanged)."""
+    while True:  # only a few of the pairs are ever taken: this ends fast
+        noun = nouns[int(rng.integers(len(nouns)))]
+        colour = COLOUR_NAMES[int(rng.integers(len(COLOUR_NAMES)))]
+        if all((o.colour, o.shape) != (colour, noun) for o in objects):
+            break
+    return noun, colour, SIZES[int(rng.integers(len(SIZES)))], int(rng.integers(2**31))
+
+
 def make_scene(rng: np.random.Generator, cfg: ScenesConfig, assets: Assets | None = None) -> Scene:
     """Draw a scene: object count, attributes, non-overlapping positions, background.
     (The cluttered flavour: see _make_cluttered_scene; it needs the split's `assets`,
@@ -356,14 +367,8 @@ def make_scene(rng: np.random.Generator, cfg: ScenesConfig, assets: Assets | Non
     for _attempt in range(PLACEMENT_ATTEMPTS):
         objects: list[SceneObject] = []
         for _ in range(n):
-            while True:  # at most 4 of 64 (colour, shape) pairs are taken: this ends fast
-                shape = nouns[int(rng.integers(len(nouns)))]
-                colour = COLOUR_NAMES[int(rng.integers(len(COLOUR_NAMES)))]
-                if all((o.colour, o.shape) != (colour, shape) for o in objects):
-                    break
-            size = SIZES[int(rng.integers(len(SIZES)))]
+            shape, colour, size, variant = _draw_identity(rng, nouns, objects)  # at most 4 of 64 pairs taken
             side = side_px(size, s)
-            variant = int(rng.integers(2**31))
             for _try in range(POSITION_TRIES):
                 x0, y0 = (int(v) for v in rng.integers(1, s - side, size=2))  # 1 px off the edges
                 box = (x0, y0, x0 + side, y0 + side)
@@ -409,14 +414,8 @@ def _make_cluttered_scene(rng: np.random.Generator, cfg: ScenesConfig, assets: A
         inks: list[np.ndarray] = []  # per placed object: (side, side) int64 ink still visible, 0..255*255
         totals: list[int] = []  # per placed object: its full ink, the sum of its alpha * 255
         for _ in range(n):
-            while True:  # at most 6 of 144 (colour, noun) pairs are taken: this ends fast
-                noun = nouns[int(rng.integers(len(nouns)))]
-                colour = COLOUR_NAMES[int(rng.integers(len(COLOUR_NAMES)))]
-                if all((o.colour, o.shape) != (colour, noun) for o in objects):
-                    break
-            size = SIZES[int(rng.integers(len(SIZES)))]
+            noun, colour, size, variant = _draw_identity(rng, nouns, objects)  # at most 6 of 144 pairs taken
             side = side_px(size, s)
-            variant = int(rng.integers(2**31))
             alpha = _object_layers(SceneObject(noun, colour, size, (0, 0, side, side), variant), assets)[0]
             foot = _dilate(alpha, w)  # (side + 2w, side + 2w): outline and fill
             for _try in range(POSITION_TRIES):
