@@ -66,7 +66,11 @@ def read_config(run: Path) -> dict | None:
         obj = yaml.safe_load(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
-    return obj if isinstance(obj, dict) and obj.get("format") == RUN_FORMAT else None
+    if not isinstance(obj, dict):
+        return None
+    # Runs written before the format marker carry hierdctl's version and the recipe's terms.
+    legacy = "format" not in obj and isinstance(obj.get("hierdctl"), str) and isinstance(obj.get("recipe_terms"), list)
+    return obj if obj.get("format") == RUN_FORMAT or legacy else None
 
 
 def write_config(run: Path, config: dict) -> None:
