@@ -137,7 +137,7 @@ def create_open_clip(spec: ModelSpec, device: str = "cpu", where: str = "--model
             raise UserError(f"unknown open_clip architecture {name!r} (see open_clip.list_models())", where)
     check_hub_weights(spec, _hub_files(open_clip, spec, name, pretrained), where)
     try:
-        with _weights_only_loading():
+        with _weights_only_loading(random_init=spec.is_random_init):
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
             tokenizer = open_clip.get_tokenizer(name)
     except Exception as e:
@@ -156,7 +156,7 @@ def create_open_clip(spec: ModelSpec, device: str = "cpu", where: str = "--model
 
 
 @contextlib.contextmanager
-def _weights_only_loading():
+def _weights_only_loading(random_init: bool = False):
     """Around open_clip's model creation.
 
     torch.load is weights-only whatever the environment says: open_clip retries a
@@ -164,7 +164,8 @@ def _weights_only_loading():
     TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 turns into a full unpickling (a crafted checkpoint
     raises TypeError under the weights-only unpickler on purpose, then runs its payload).
     open_clip's and the hub's log lines are held back: a failure is one line, said by
-    hierdctl; on success open_clip's own warnings are passed on."""
+    hierdctl; on success open_clip's own warnings are passed on, except "No pretrained weights
+    loaded" for a spec that asks for random init (every distill run would print it)."""
     saved = {k: os.environ.get(k) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
@@ -192,8 +193,11 @@ def _weights_only_loading():
                 os.environ[k] = v
         if ok and not configured:
             for r in records:
-                if r.name == "root":  # open_clip's module-level logging calls
-                    root.handle(r)
+                if r.name != "root":  # the hub's own loggers printed theirs already
+                    continue
+                if random_init and r.getMessage().startswith("No pretrained weights loaded"):
+                    continue
+                root.handle(r)  # open_clip's module-level logging calls
 
 
 def _raised_while_unpickling(e: BaseException) -> bool:
