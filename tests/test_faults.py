@@ -39,7 +39,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import CAPTIONS, TINY_CFG, image_bytes, make_shards, make_tiny_model, save_local_dir, write_tar
+from conftest import TINY_CFG, image_bytes, make_shards, make_tiny_model, write_tar
 from hierdctl import atomic, cache_format, checkpoint
 from hierdctl.cli import app
 from hierdctl.errors import UserError
@@ -830,7 +830,8 @@ def marker(tmp_path):
 MAKERS = {"pickled-object": _pickled, "weights-only-TypeError-trick": _crafted}
 
 
-@pytest.mark.parametrize("force_no_weights_only", [False, True], ids=["default-env", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1"])
+@pytest.mark.parametrize("force_no_weights_only", [False, True],
+                         ids=["default-env", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1"])
 @pytest.mark.parametrize("kind", list(MAKERS))
 def test_a_pickled_teacher_checkpoint_is_refused_in_one_line_and_never_runs(world, tmp_path, marker, kind,
                                                                              force_no_weights_only):
@@ -895,7 +896,10 @@ def _truncate(p: Path) -> None:
 @pytest.mark.parametrize("kind", ["truncated", pytest.param("not-a-distill-state", marks=pytest.mark.xfail(
     strict=True, reason=STATE_BUG))])
 def test_a_damaged_state_pt_is_refused_on_resume_in_one_line(world, tmp_path, kind):
-    make = _truncate if kind == "truncated" else (lambda p: torch.save({"step": 4, "rng_cpu": torch.get_rng_state()}, p))
+    def not_a_state(p):
+        torch.save({"step": 4, "rng_cpu": torch.get_rng_state()}, p)
+
+    make = _truncate if kind == "truncated" else not_a_state
     run, state = _run_with_state(world, tmp_path, make)
     r = _cli("distill", world.cache, "--out", run, *DISTILL_OPTS, "--steps", "4", "--resume", "--quiet")
     _one_line_error(r, "--resume", str(state))
@@ -971,7 +975,8 @@ def _bad_inputs(w, tmp: Path) -> dict[str, tuple[list, str]]:
     (tmp / "bad.yaml").write_text("lr: [1, 2\n")
     (tmp / "bad-recipe.yaml").write_text("terms:\n  - {name: no-such-term, weight: 1}\n")
     dt = ["distill", w.cache, *DISTILL_OPTS, "--out", tmp / "run"]
-    de = ["distill", w.cache, "--student", "tiny-test", "--recipe", "clip-kd", "--batch-size", "4", "--out", tmp / "run"]
+    de = ["distill", w.cache, "--student", "tiny-test", "--recipe", "clip-kd", "--batch-size", "4",
+          "--out", tmp / "run"]
     return {
         "cache-teacher: missing source": (["cache-teacher", tmp / "nope.tar", "--teacher", w.teacher, "--out",
                                            tmp / "c"], "SOURCE"),
@@ -1041,7 +1046,8 @@ BAD_INPUT_KINDS = ["cache-teacher: missing source", "cache-teacher: teacher spec
                    pytest.param("distill: --config not YAML", marks=pytest.mark.xfail(strict=True, reason=YAML_BUG)),
                    "distill: --set without =",
                    pytest.param("distill: --set value not YAML", marks=pytest.mark.xfail(strict=True, reason=SET_BUG)),
-                   pytest.param("distill: recipe file not YAML", marks=pytest.mark.xfail(strict=True, reason=RECIPE_BUG)),
+                   pytest.param("distill: recipe file not YAML",
+                                marks=pytest.mark.xfail(strict=True, reason=RECIPE_BUG)),
                    "distill: recipe with an unknown term",
                    "distill: missing cache", "distill: --out is a file", "distill: missing student checkpoint",
                    "distill: bf16 on CPU", "distill: --report-to wandb", "export: missing run",
