@@ -15,9 +15,13 @@ space, the preprocessing and the logit scale. Heavy libraries are imported lazil
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
+import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -131,13 +135,151 @@ def create_open_clip(spec: ModelSpec, device: str = "cpu", where: str = "--model
             register_model_config(open_clip, json.loads(shipped.read_text()), name, where, origin=str(shipped))
         if not name.startswith("hf-hub:") and name not in open_clip.list_models():
             raise UserError(f"unknown open_clip architecture {name!r} (see open_clip.list_models())", where)
+    check_hub_weights(spec, _hub_files(open_clip, spec, name, pretrained), where)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
-        tokenizer = open_clip.get_tokenizer(name)
-    except (RuntimeError, FileNotFoundError, ValueError, OSError) as e:
+        with _weights_only_loading(random_init=spec.is_random_init):
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+            tokenizer = open_clip.get_tokenizer(name)
+    except Exception as e:
+        if isinstance(e, pickle.UnpicklingError) or _raised_while_unpickling(e):
+            raise UserError(_refused(spec, e), where) from None
+        if not isinstance(e, (RuntimeError, FileNotFoundError, ValueError, OSError)):
+            raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot load {spec.raw}: {msg}", where) from e
     return model, preprocess, tokenizer, name
+
+
+# ----------------------------------------------------------------------------------
+# Loading weights safely: never unpickle code, never hang on an unreachable hub
+# ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _weights_only_loading(random_init: bool = False):
+    """Around open_clip's model creation.
+
+    torch.load is weights-only whatever the environment says: open_clip retries a
+    weights-only load that raised TypeError without `weights_only`, which
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 turns into a full unpickling (a crafted checkpoint
+    raises TypeError under the weights-only unpickler on purpose, then runs its payload).
+    open_clip's and the hub's log lines are held back: a failure is one line, said by
+    hierdctl; on success open_clip's own warnings are passed on, except "No pretrained weights
+    loaded" for a spec that asks for random init (every distill run would print it)."""
+    saved = {k: os.environ.get(k) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    records: list[logging.LogRecord] = []
+
+    class _Hold(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    root, hub = logging.getLogger(), logging.getLogger("huggingface_hub")
+    configured, hub_level, hold = bool(root.handlers), hub.level, _Hold(logging.WARNING)
+    root.addHandler(hold)  # a root handler also keeps open_clip's logging.error() from calling basicConfig()
+    hub.setLevel(logging.ERROR)  # "Retrying in 1s [Retry 1/5]" ...
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        root.removeHandler(hold)
+        hub.setLevel(hub_level)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if ok and not configured:
+            for r in records:
+                if r.name != "root":  # the hub's own loggers printed theirs already
+                    continue
+                if random_init and r.getMessage().startswith("No pretrained weights loaded"):
+                    continue
+                root.handle(r)  # open_clip's module-level logging calls
+
+
+def _raised_while_unpickling(e: BaseException) -> bool:
+    """True if `e` comes from inside torch's weights-only unpickler (a TypeError, ValueError,
+    IndexError... of a crafted pickle stream), not from building or loading the model."""
+    tb = e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith("_weights_only_unpickler.py"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _refused(spec: ModelSpec, e: BaseException) -> str:
+    what = spec.raw
+    if spec.kind == "local-dir":
+        what = f"the weights in {spec.path}"
+    elif spec.weights and Path(spec.weights).is_file():
+        what = spec.weights
+    m = re.search(r"WeightsUnpickler error: (.*?)(?: was not an allowed global|\.? ?$)", str(e), re.M)
+    detail = m.group(1) if m else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}"
+    detail = detail.strip().rstrip(" ,.;:")
+    return (f"{what} is refused: it holds pickled Python objects that torch.load(weights_only=True) does not "
+            f"allow ({detail}); hierdctl never runs pickle code: convert the checkpoint to .safetensors "
+            "or save a plain state dict of tensors")
+
+
+_HUB_WEIGHTS = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+
+
+def _hub_files(open_clip, spec: ModelSpec, name: str, pretrained: str | None):
+    """(repo id, groups of file names) for a spec whose weights come from the Hugging Face hub
+    (one file of each group must be there); None for local files and random init."""
+    if name.startswith("hf-hub:"):
+        return name[len("hf-hub:"):], [["open_clip_config.json"], _HUB_WEIGHTS]
+    if spec.kind != "open_clip" or not pretrained or Path(pretrained).is_file():
+        return None
+    hub = (open_clip.get_pretrained_cfg(name, pretrained) or {}).get("hf_hub")
+    if not hub:
+        return None
+    repo, filename = os.path.split(hub)
+    if not filename or filename == _HUB_WEIGHTS[1]:
+        return repo, [_HUB_WEIGHTS]
+    if filename.endswith((".bin", ".pth")):  # open_clip prefers a .safetensors sibling
+        return repo, [[filename[:-4] + ".safetensors", filename]]
+    return repo, [[filename]]
+
+
+def check_hub_weights(spec: ModelSpec, need, where: str) -> None:
+    """Fail fast, in one line, when a spec's hub files are not in the local cache and cannot be
+    fetched: at once under HF_HUB_OFFLINE, else after one HEAD request with a short timeout
+    (HF_HUB_ETAG_TIMEOUT, default 5 s) instead of the hub client's retries with backoff
+    (~45 log lines and ~50 s per spec with no network)."""
+    if need is None:
+        return
+    repo, groups = need
+    try:
+        from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+        from huggingface_hub.errors import HfHubHTTPError
+
+        missing = [g for g in groups if not any(isinstance(try_to_load_from_cache(repo, f), str) for f in g)]
+    except Exception:  # no hub client, or not a repo id: the loader says what is wrong
+        return
+    if not missing:
+        return
+    what = f"{repo}/{missing[0][-1]}"
+    offline = constants.is_offline_mode() if hasattr(constants, "is_offline_mode") else constants.HF_HUB_OFFLINE
+    local = "or give a local file (open_clip:ARCH/PATH.safetensors, local-dir:PATH)"
+    if offline:
+        raise UserError(f"cannot load {spec.raw}: {what} is not in the local Hugging Face cache "
+                        f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set: download it once with network "
+                        f"access, {local}", where)
+    timeout = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or 5)
+    try:
+        get_hf_file_metadata(hf_hub_url(repo, missing[0][-1]), timeout=timeout)
+    except HfHubHTTPError:
+        return  # the hub answered (not found, gated...): the loader reports what it said
+    except Exception as e:
+        reason = (str(e).splitlines() or [""])[0][:120] or type(e).__name__
+        raise UserError(f"cannot load {spec.raw}: {what} is not in the local Hugging Face cache and "
+                        f"{constants.ENDPOINT} cannot be reached ({reason}); connect to the network, set "
+                        f"HF_ENDPOINT to a reachable mirror or HF_HUB_OFFLINE=1, {local}", where) from None
 
 
 # ----------------------------------------------------------------------------------
@@ -259,6 +401,8 @@ class HFClipEncoder(ClipEncoder):
             from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
         except ImportError as e:
             raise UserError("hf: specs need transformers (pip install 'hierdctl[hf]')", where) from e
+        if not Path(spec.path).exists():
+            check_hub_weights(spec, (spec.path, [["config.json"], ["model.safetensors", "pytorch_model.bin"]]), where)
         try:
             model = CLIPModel.from_pretrained(spec.path).to(device)
             proc = CLIPImageProcessor.from_pretrained(spec.path)
