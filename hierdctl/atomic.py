@@ -55,17 +55,21 @@ def _no_space_guard(path: Path, tmp: Path, needed: int | None):
     try:
         yield
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise
         tmp.unlink(missing_ok=True)
+        if e.errno == errno.EFBIG:
+            raise DiskFull(f"{path.name} is larger than a file in {path.parent} may be (EFBIG: a file-size limit, "
+                           "ulimit -f, or a FAT/exFAT volume's 4 GiB); raise the limit or use another file system, "
+                           "and rerun the same command: finished work is kept", str(path.parent)) from None
         try:
             free = shutil.disk_usage(path.parent).free
         except OSError:
             free = -1
         need = f"{_size(needed)} for this file, " if needed else ""
         raise DiskFull(f"no space left on the device of {path.parent} while writing {path.name} ({need}"
-                       f"{_size(free)} free); free some space and rerun the same command: finished work is kept",
-                       str(path.parent)) from None
+                       f"{_size(free)} free); free some space and rerun: finished work is kept (distill: add "
+                       "--resume)", str(path.parent)) from None
 
 
 def _size(n: int | None) -> str:

@@ -88,6 +88,20 @@ def is_cache_dir(root: Path) -> bool:
     return isinstance(obj, dict) and obj.get("format") == FORMAT_NAME
 
 
+def is_own_leftover(name: str) -> bool:
+    """NAME.tmpPID of a file cache-teacher writes, left by a killed atomic write (not a user's file)."""
+    from hierdctl.atomic import is_leftover
+
+    base = name.split(".tmp")[0]
+    return is_leftover(name) and (bool(_OURS.match(base)) or base in (CONFIG_NAME, MANIFEST_NAME))
+
+
+def is_own_start(name: str) -> bool:
+    """A name cache-teacher may find in an output folder it has not written yet: the lock, or
+    the leftover of a first cache-config.json write that a kill interrupted."""
+    return name.startswith(".hierdctl.") or (is_own_leftover(name) and name.split(".tmp")[0] == CONFIG_NAME)
+
+
 def clear(root: Path) -> list[str]:
     """Remove what cache-teacher wrote into `root` (shards, done-markers, their leftovers,
     cache-config.json, manifest.json), nothing else. Returns the names removed."""
@@ -203,8 +217,8 @@ def decode_sample(key: str, members: dict[str, bytes]) -> CachedSample:
                 arrays[name] = npy_load(members[f"{name}.npy"])
     except KeyError as e:
         raise CorruptSample("missing_member", f"{key}: no {e.args[0]}") from None
-    except (ValueError, UnicodeDecodeError, EOFError, OSError) as e:  # JSONDecodeError is a ValueError
-        raise CorruptSample("undecodable_member", f"{key}: {str(e)[:160]}") from None
+    except Exception as e:  # untrusted bytes: numpy's header parser raises TokenError, SyntaxError, TypeError...
+        raise CorruptSample("undecodable_member", f"{key}: {type(e).__name__}: {str(e)[:160]}") from None
     return CachedSample(key, meta, image, arrays)
 
 

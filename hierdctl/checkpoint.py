@@ -89,7 +89,8 @@ def check_run_target(run: Path, resume: bool, overwrite: bool, where: str = "--o
     if not run.exists():
         return False
     require(run.is_dir(), f"{run} exists and is not a directory", where)
-    entries = [p for p in run.iterdir() if p.name != atomic.LOCK_NAME]
+    entries = [p for p in run.iterdir() if p.name != atomic.LOCK_NAME  # nor a killed first config write:
+               and not (atomic.is_leftover(p.name) and p.name.split(".tmp")[0] == CONFIG)]
     if not entries:
         return False
     if read_config(run) is None:
@@ -108,10 +109,11 @@ def clear(run: Path) -> list[str]:
 
     run = Path(run)
     removed = []
+    removed += remove_leftovers(run)  # NAME.tmpPID of distill's own files only
     d = checkpoint_dir(run)
     if d.is_dir():
         for p in d.iterdir():
-            if _STEP_FILE.match(p.name) or p.name == LATEST or atomic.is_leftover(p.name):
+            if _STEP_FILE.match(p.name) or p.name == LATEST:
                 p.unlink()
                 removed.append(f"{CHECKPOINTS}/{p.name}")
         if not any(d.iterdir()):
@@ -124,9 +126,20 @@ def clear(run: Path) -> list[str]:
         if (run / name).is_file():
             (run / name).unlink()
             removed.append(name)
-    for p in run.iterdir():
-        if atomic.is_leftover(p.name):
-            p.unlink()
+    return removed
+
+
+def remove_leftovers(run: Path) -> list[str]:
+    """Remove the NAME.tmpPID files a killed atomic write of distill's left in `run` and its
+    checkpoints/ (only of names distill writes: a user's files are never touched)."""
+    run, removed = Path(run), []
+    for d, ours in ((run, lambda b: b in (METRICS, CURVES, CONFIG)),
+                    (checkpoint_dir(run), lambda b: bool(_STEP_FILE.match(b)) or b == LATEST)):
+        if d.is_dir():
+            for p in d.iterdir():
+                if atomic.is_leftover(p.name) and ours(p.name.split(".tmp")[0]) and p.is_file():
+                    p.unlink()
+                    removed.append(str(p.relative_to(run)))
     return removed
 
 
@@ -197,13 +210,18 @@ def load_training_state(run: Path, wrapper, optimizer, scaler, device: str) -> i
     except (SafetensorError, OSError, RuntimeError) as e:
         raise UserError(f"cannot resume from {weights_path}: {str(e).splitlines()[0]}", "--resume") from None
     state = load_state(state_path, "--resume")
-    optimizer.load_state_dict(state["optimizer"])
-    if scaler is not None and state["scaler"]:
-        scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng_cpu"])
-    if state["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
-    return int(state["step"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if state["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        return int(state["step"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        what = f"no {e.args[0]!r}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+        raise UserError(f"cannot resume from {state_path}: it is not this run's training state ({what})",
+                        "--resume") from None
 
 
 def load_state(path: Path, where: str) -> dict:
@@ -216,6 +234,9 @@ def load_state(path: Path, where: str) -> dict:
         why = "it holds pickled Python objects, which hierdctl never loads" if isinstance(
             e, pickle.UnpicklingError) else str(e).splitlines()[0]
         raise UserError(f"cannot load {path}: {why}", where) from None
+    except Exception as e:  # a crafted pickle raises TypeError, ValueError... inside the weights-only unpickler
+        raise UserError(f"cannot load {path}: it holds pickled Python objects that torch.load(weights_only=True) "
+                        f"refuses ({type(e).__name__}), which hierdctl never loads", where) from None
 
 
 # ----------------------------------------------------------------------------------

@@ -276,7 +276,7 @@ class DistillConfig:
             try:
                 loaded = yaml.safe_load(Path(config_file).read_text()) or {}
             except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
-                raise UserError(f"cannot read config ({e})", config_file) from None
+                raise UserError(f"cannot read config ({yaml_problem(e)})", config_file) from None
             if not isinstance(loaded, dict):
                 raise UserError("must be a mapping of setting: value", config_file)
             for k, v in loaded.items():
@@ -288,7 +288,11 @@ class DistillConfig:
                 raise UserError(f"expected key=value, got {s!r}", "--set")
             k, v = s.split("=", 1)
             k = k.strip().replace("-", "_")
-            values[k] = _coerce(k, yaml.safe_load(v) if v.strip() else None, "--set")
+            try:
+                parsed = yaml.safe_load(v) if v.strip() else None
+            except yaml.YAMLError as e:
+                raise UserError(f"{s!r}: the value is not valid YAML ({yaml_problem(e)})", "--set") from None
+            values[k] = _coerce(k, parsed, "--set")
         for req in ("cache", "student", "recipe", "out"):
             values.setdefault(req, "")
         return cls(**values)
@@ -301,6 +305,14 @@ RESUME_KEYS = ("cache", "student", "recipe", "steps", "epochs", "batch_size", "l
                "mask_ratio", "precision", "cache_reader", "shuffle_buffer")
 # Execution details that do not enter the resolved config.
 RUNTIME_KEYS = ("resume", "overwrite", "quiet", "device", "workers", "report_to")
+
+
+def yaml_problem(e: Exception) -> str:
+    """PyYAML's multi-line message (context, caret, problem) as one line: the problem and where."""
+    mark = getattr(e, "problem_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(e, "problem", None) or (str(e).splitlines() or [type(e).__name__])[0]
+    return f"{problem}{at}"
 
 
 def _coerce(name: str, value, where: str):

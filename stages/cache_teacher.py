@@ -280,7 +280,7 @@ def _prepare_out(cfg: CacheTeacherConfig, identity: dict, env: distributed.DistE
     cpath = out / cache_format.CONFIG_NAME
     config = {"format": cache_format.FORMAT_NAME, "schema_version": cache_format.SCHEMA_VERSION, "config": identity}
     if env.is_main:
-        others = [p for p in out.iterdir() if not p.name.startswith(".hierdctl.")] if out.is_dir() else []
+        others = [p for p in out.iterdir() if not cache_format.is_own_start(p.name)] if out.is_dir() else []
         if others and not cache_format.is_cache_dir(out):
             raise UserError(f"{out} is not empty and is not a hierdctl teacher cache (no {cache_format.CONFIG_NAME} "
                             f"with format {cache_format.FORMAT_NAME!r}); pick a new or empty folder", "--out")
@@ -422,7 +422,7 @@ def run(cfg: CacheTeacherConfig) -> dict:
         part = f"rank-{env.rank}-of-{env.world_size}" if env.world_size > 1 else None
         lock = atomic.FolderLock(cfg.out, "--out", part=part)
     try:
-        if cfg.out.is_dir() and any(not p.name.startswith(".hierdctl.") for p in cfg.out.iterdir()) \
+        if cfg.out.is_dir() and any(not cache_format.is_own_start(p.name) for p in cfg.out.iterdir()) \
                 and not cache_format.is_cache_dir(cfg.out):  # before the lock file lands in someone's folder
             raise UserError(f"{cfg.out} is not empty and is not a hierdctl teacher cache (no "
                             f"{cache_format.CONFIG_NAME}); pick a new or empty folder", "--out")
@@ -459,9 +459,14 @@ def _run(cfg: CacheTeacherConfig, env, device: str, started: float, notes: list[
             if why:
                 notes.append(f"{cache_format.shard_name(u.index)} is redone: {why}")
                 (cfg.out / cache_format.done_name(u.index)).unlink(missing_ok=True)
-    for u in todo:  # leftovers of a killed run
-        for p in cfg.out.glob(cache_format.shard_name(u.index) + ".tmp*"):
-            p.unlink()
+    for u in todo:  # leftovers of a killed run: this rank's shards and done-markers
+        for name in (cache_format.shard_name(u.index), cache_format.done_name(u.index)):
+            for p in cfg.out.glob(name + ".tmp*"):
+                p.unlink()
+    if env.world_size == 1:  # the folder lock is ours alone: every other leftover is a dead run's
+        for p in cfg.out.iterdir():
+            if cache_format.is_own_leftover(p.name) and p.is_file():
+                p.unlink()
     if env.is_main and not cfg.quiet:
         for n in notes:
             console.print(f"[dim]cache-teacher:[/] {n}", soft_wrap=True)

@@ -513,6 +513,8 @@ def run(cfg: DistillConfig) -> dict:
         with lock:
             notes = [f"took over the lock of a run that is gone ({o})" for o in getattr(lock, "took_over", [])]
             resume = cfg.resume and has_ckpt
+            if env.is_main and resume:  # what a killed atomic write left (NAME.tmpPID); the lock is ours
+                checkpoint.remove_leftovers(out)
             if env.is_main and not resume and out.exists():
                 removed = checkpoint.clear(out)  # only what a hierdctl run wrote (check_run_target)
                 if removed and cfg.overwrite:

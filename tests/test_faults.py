@@ -397,9 +397,6 @@ def test_distill_killed_at_every_point_resumes_bit_identical(world, zygote, tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="a cache-teacher rerun removes the leftovers of its units' shards only, not "
-                                       "those of a killed done-marker or manifest write (shard-N.done.json.tmpPID, "
-                                       "manifest.json.tmpPID); fix in stages/cache_teacher.py _run (see the report)")
 def test_a_cache_teacher_rerun_removes_the_leftovers_of_a_killed_write(world, zygote, tmp_path):
     args = ["cache-teacher", world.source, "--teacher", world.teacher, *CACHE_OPTS, "--quiet", "--out", tmp_path / "c"]
     assert zygote.run(*args, fault="write:shard-00001.done.json:before-rename").returncode == -9
@@ -410,9 +407,6 @@ def test_a_cache_teacher_rerun_removes_the_leftovers_of_a_killed_write(world, zy
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="a resumed distill run never removes the *.tmpPID leftovers of a killed "
-                                       "atomic write (metrics.jsonl.tmpN, checkpoints/latest.json.tmpN): they "
-                                       "pile up, one per kill; fix in stages/distill.py _train (see the report)")
 def test_a_resumed_distill_run_removes_the_leftovers_of_a_killed_write(world, zygote, tmp_path):
     base = ["distill", world.cache, *DISTILL_OPTS, "--steps", "4", "--save-every", "2"]
     out = tmp_path / "run"
@@ -423,15 +417,7 @@ def test_a_resumed_distill_run_removes_the_leftovers_of_a_killed_write(world, zy
     assert _leftovers(out) == []
 
 
-FIRST_WRITE_BUG = ("a run killed while writing its first file (cache-config.json / config.resolved.yaml) leaves "
-                   "only NAME.tmpPID beside the lock: the rerun refuses the folder as 'not written by hierdctl' and "
-                   "the user must delete it by hand; fix: the emptiness checks ignore atomic.is_leftover names "
-                   "(stages/cache_teacher.py run and _prepare_out, hierdctl/checkpoint.py check_run_target; see the "
-                   "report)")
-
-
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=FIRST_WRITE_BUG)
 @pytest.mark.parametrize("stage", ["cache-teacher", "distill"])
 def test_a_run_killed_in_its_first_write_can_be_rerun(world, zygote, tmp_path, stage):
     out = tmp_path / "out"
@@ -553,13 +539,7 @@ DAMAGE = {  # kind -> the reason distill names
 }
 
 
-NPY_HEADER_BUG = ("a flipped .npy header dict makes numpy raise tokenize.TokenError (or SyntaxError), which "
-                  "cache_format.decode_sample does not catch: a traceback after some steps instead of a skip; fix "
-                  "in hierdctl/cache_format.py decode_sample (see the report)")
-
-
-@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=NPY_HEADER_BUG))
-                                  if k == "flipped_npy_header" else k for k in DAMAGE])
+@pytest.mark.parametrize("kind", DAMAGE)
 def test_a_damaged_member_is_skipped_counted_and_named(world, tmp_path, kind):
     cache = _copy_cache(world, tmp_path / "cache")
     _damage(cache / "shard-00002.tar", kind, sample=1)
@@ -773,9 +753,6 @@ def test_disk_full_while_appending_metrics_is_one_line_and_resume_completes(worl
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="EFBIG (a file-size limit: ulimit -f, a FAT/exFAT volume's 4 GiB) is an "
-                                       "OSError traceback, not the one-line DiskFull message; fix in "
-                                       "hierdctl/atomic.py _no_space_guard (see the report)")
 def test_a_file_size_limit_is_one_line(world, zygote, tmp_path):
     """RLIMIT_FSIZE makes write() fail with EFBIG (Python ignores SIGXFSZ), not ENOSPC."""
     out = tmp_path / "cache"
@@ -884,17 +861,11 @@ def test_a_pickled_state_pt_is_refused_on_resume(world, tmp_path, marker):
     _one_line_error(r, "--resume", str(state), "pickled")
 
 
-STATE_BUG = ("a weights-only-clean .state.pt that is not a distill state (no 'optimizer' key, or another run's "
-             "param groups) is a KeyError / ValueError traceback on --resume; fix in hierdctl/checkpoint.py "
-             "load_training_state (see the report)")
-
-
 def _truncate(p: Path) -> None:
     p.write_bytes(p.read_bytes()[:1000])
 
 
-@pytest.mark.parametrize("kind", ["truncated", pytest.param("not-a-distill-state", marks=pytest.mark.xfail(
-    strict=True, reason=STATE_BUG))])
+@pytest.mark.parametrize("kind", ["truncated", "not-a-distill-state"])
 def test_a_damaged_state_pt_is_refused_on_resume_in_one_line(world, tmp_path, kind):
     def not_a_state(p):
         torch.save({"step": 4, "rng_cpu": torch.get_rng_state()}, p)
@@ -905,10 +876,6 @@ def test_a_damaged_state_pt_is_refused_on_resume_in_one_line(world, tmp_path, ki
     _one_line_error(r, "--resume", str(state))
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoint.load_state catches UnpicklingError but not the TypeError a "
-                                       "crafted pickle raises inside torch's weights-only unpickler: a traceback "
-                                       "(the payload still never runs: weights_only=True is explicit); fix in "
-                                       "hierdctl/checkpoint.py load_state (see the report)")
 def test_a_crafted_state_pt_is_refused_on_resume_in_one_line(world, tmp_path, marker):
     run, state = _run_with_state(world, tmp_path, lambda p: _crafted(p, marker))
     r = _cli("distill", world.cache, "--out", run, *DISTILL_OPTS, "--steps", "4", "--resume",
@@ -1028,12 +995,6 @@ def _bad_inputs(w, tmp: Path) -> dict[str, tuple[list, str]]:
     }
 
 
-YAML_BUG = ("a --config file that is not valid YAML prints PyYAML's multi-line message (7 lines with a caret), "
-            "not one line; fix in hierdctl/configs.py DistillConfig.resolve (see the report)")
-SET_BUG = ("--set key=VALUE whose VALUE is not valid YAML (lr=[1) is a yaml ParserError traceback, exit 1; fix in "
-           "hierdctl/configs.py DistillConfig.resolve (see the report)")
-RECIPE_BUG = ("a recipe file that is not valid YAML prints PyYAML's multi-line message, not one line; fix in "
-              "hierdctl/losses/registry.py load_recipe (see the report)")
 BAD_INPUT_KINDS = ["cache-teacher: missing source", "cache-teacher: teacher spec without scheme",
                    "cache-teacher: unknown architecture", "cache-teacher: missing checkpoint",
                    "cache-teacher: missing local dir", "cache-teacher: --views 0", "cache-teacher: --clusters 300",
@@ -1043,11 +1004,10 @@ BAD_INPUT_KINDS = ["cache-teacher: missing source", "cache-teacher: teacher spec
                    "cache-info: not a cache", "distill: --epochs inf", "distill: --epochs nan", "distill: --epochs -1",
                    "distill: --steps 0", "distill: --batch-size 0", "distill: --warmup abc", "distill: --save-every 0",
                    "distill: --log-every 0", "distill: --lr nan", "distill: missing --config",
-                   pytest.param("distill: --config not YAML", marks=pytest.mark.xfail(strict=True, reason=YAML_BUG)),
+                   "distill: --config not YAML",
                    "distill: --set without =",
-                   pytest.param("distill: --set value not YAML", marks=pytest.mark.xfail(strict=True, reason=SET_BUG)),
-                   pytest.param("distill: recipe file not YAML",
-                                marks=pytest.mark.xfail(strict=True, reason=RECIPE_BUG)),
+                   "distill: --set value not YAML",
+                   "distill: recipe file not YAML",
                    "distill: recipe with an unknown term",
                    "distill: missing cache", "distill: --out is a file", "distill: missing student checkpoint",
                    "distill: bf16 on CPU", "distill: --report-to wandb", "export: missing run",

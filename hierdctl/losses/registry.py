@@ -299,7 +299,9 @@ def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise UserError(f"malformed YAML: {e}", where) from None
+        from hierdctl.configs import yaml_problem
+
+        raise UserError(f"malformed YAML: {yaml_problem(e)}", where) from None
     return parse_recipe(data, name, where)
 
 
