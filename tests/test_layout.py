@@ -1,0 +1,69 @@
+"""The layout rules of the house style that code review alone would let slip (DEVELOPERS.md).
+
+- No stage imports another stage: what two stages share lives in hierdctl/.
+- Stages never print or read argv: progress and summaries go through hierdctl.console.
+- `hierdctl --help` stays instant: the CLI module imports no heavy library at import time.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = sorted(p for p in (ROOT / "stages").glob("*.py") if p.name != "__init__.py")
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """Every module name `path` imports, anywhere in the file (function-level imports too)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: `from . import x` / `from .x import y` inside stages/
+                out.append((node.lineno, "stages." + (node.module or "")))
+            else:
+                mod = node.module or ""
+                out.append((node.lineno, mod))
+                if mod in ("hierdctl.stages", "stages", "hierdctl"):
+                    out += [(node.lineno, f"{mod}.{a.name}") for a in node.names]
+    return out
+
+
+def test_the_stages_are_found():
+    assert {p.stem for p in STAGES} >= {"cache_teacher", "distill", "export", "eval_retrieval", "eval_zeroshot"}
+
+
+def test_no_stage_imports_another_stage():
+    stage_names = {p.stem for p in STAGES}
+    bad = []
+    for path in STAGES:
+        for line, mod in _imports(path):
+            parts = mod.split(".")
+            if parts[0] == "hierdctl" and parts[1:2] == ["stages"]:
+                parts = parts[1:]
+            if parts[0] == "stages" and len(parts) > 1 and parts[1] in stage_names and parts[1] != path.stem:
+                bad.append(f"stages/{path.name}:{line} imports {mod}")
+    assert not bad, bad
+
+
+def test_stages_do_not_print_or_read_argv():
+    bad = []
+    for path in STAGES:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("print", "input"):
+                bad.append(f"stages/{path.name}:{node.lineno} calls {node.func.id}()")
+            if (isinstance(node, ast.Attribute) and node.attr == "argv"
+                    and isinstance(node.value, ast.Name) and node.value.id == "sys"):
+                bad.append(f"stages/{path.name}:{node.lineno} reads sys.argv")
+    assert not bad, bad
+
+
+def test_help_imports_no_heavy_library():
+    code = ("import sys, hierdctl.cli; heavy = [m for m in ('torch', 'numpy', 'open_clip', 'transformers', "
+            "'webdataset', 'faiss', 'PIL') if m in sys.modules]; print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "", f"importing hierdctl.cli pulls in: {out.stdout.strip()}"
