@@ -25,6 +25,10 @@ Members of one sample (KEY = UUUUU_IIIIII, unit and position; no dots):
     KEY.txt_emb.npy     (C, D)      text embedding per caption, L2-normalised
     KEY.phr_emb.npy     (C, P, D)   phrase embeddings, L2-normalised; padding rows are 0
     KEY.phr_mask.npy    (C, P)      uint8, 1 where a phrase exists
+    KEY.neg_emb.npy     (C, Q, D)   --perturbations Q: teacher embeddings of each caption's perturbations
+                                    (their texts: meta "perturbations"); padding rows are 0
+    KEY.neg_mask.npy    (C, Q)      uint8, 1 where a perturbation exists
+    KEY.clu_crop_emb.npy (V, K, D)  --cluster-crops: teacher embedding of each cluster's crop; 0 = empty
     KEY.img_tok.npy     (V, G, D)   --store tokens: projected patch tokens (unnormalised)
     KEY.txt_tok.npy     (C, L, W)   --store tokens: final text token features
 
@@ -53,8 +57,8 @@ READABLE_SCHEMAS = (1, 2)  # version 1 caches still read, with count checks only
 FORMAT_NAME = "hierdctl-teacher-cache"
 CONFIG_NAME = "cache-config.json"
 MANIFEST_NAME = "manifest.json"
-FLOAT_MEMBERS = ("img_emb", "clu_emb", "txt_emb", "phr_emb", "img_tok", "txt_tok")
-INT_MEMBERS = {"clu_assign": np.uint8, "clu_count": np.uint16, "phr_mask": np.uint8}
+FLOAT_MEMBERS = ("img_emb", "clu_emb", "clu_crop_emb", "txt_emb", "phr_emb", "neg_emb", "img_tok", "txt_tok")
+INT_MEMBERS = {"clu_assign": np.uint8, "clu_count": np.uint16, "phr_mask": np.uint8, "neg_mask": np.uint8}
 
 
 def shard_name(index: int) -> str:
@@ -295,7 +299,7 @@ class Cache:
         return [self.root / s["name"] for s in self.shard_entries]
 
     def has(self, part: str) -> bool:
-        """'global', 'clusters', 'phrases', 'tokens', 'images'."""
+        """'global', 'clusters', 'phrases', 'tokens', 'images', 'perturbations', 'cluster_crops'."""
         c = self.config
         return {
             "global": True,
@@ -303,6 +307,8 @@ class Cache:
             "phrases": c["phrases"]["max_phrases"] > 0,
             "tokens": c["store"] == "tokens",
             "images": c["store_images"],
+            "perturbations": c.get("perturbations", {}).get("per_caption", 0) > 0,
+            "cluster_crops": bool(c.get("cluster_crops", False)),
         }[part]
 
 
@@ -399,6 +405,7 @@ class CacheDataset:
         self.seed, self.view_policy, self.caption_policy = seed, view_policy, caption_policy
         self.io, self.needs = student_io, needs
         self.P = cache.config["phrases"]["max_phrases"]
+        self.Q = cache.config.get("perturbations", {}).get("per_caption", 0)
         self._files: dict[int, object] = {}
 
     def __len__(self):
@@ -465,13 +472,20 @@ class CacheDataset:
                 out["phr_t"] = torch.from_numpy(a["phr_emb"][c])
                 out["phr_mask"] = torch.from_numpy(a["phr_mask"][c].astype(bool))
                 out["phr_tok"] = io_["tokenize"](phrases)
+            if self.needs.get("perturbations"):
+                negs = meta["perturbations"][c] + [""] * (self.Q - len(meta["perturbations"][c]))
+                out["neg_t"] = torch.from_numpy(a["neg_emb"][c])
+                out["neg_mask"] = torch.from_numpy(a["neg_mask"][c].astype(bool))
+                out["neg_tok"] = io_["tokenize"](negs)
+            if self.needs.get("cluster_crops"):
+                out["clu_crop_t"] = torch.from_numpy(a["clu_crop_emb"][v])
             if self.needs["mask_noise"]:
                 out["mask_noise"] = torch.from_numpy(rng.random(io_["grid_size"]).astype(np.float32))
         except BadImage as e:
             raise CorruptSample("bad_image", f"{sample.key}: {e}") from None
         except (KeyError, IndexError, TypeError, ValueError) as e:
             raise CorruptSample("inconsistent_sample", f"{sample.key}: {type(e).__name__} {str(e)[:120]}") from None
-        for name in ("img_t", "txt_t", "clu_t", "phr_t"):
+        for name in ("img_t", "txt_t", "clu_t", "phr_t", "neg_t", "clu_crop_t"):
             if name in out and not torch.isfinite(out[name]).all():
                 raise CorruptSample("non_finite_teacher_features", f"{sample.key}: {name}")
         return out

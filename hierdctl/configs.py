@@ -96,6 +96,8 @@ class CacheTeacherConfig:
     cluster_pos_weight: float = 0.0
     max_phrases: int = 4
     chunker: str = "auto"  # auto (spaCy if installed, else TextBlob) | spacy | textblob
+    perturbations: int = 0  # compositional caption perturbations per caption (hierdctl/perturb.py), 0 = none
+    cluster_crops: bool = False  # also the teacher's embedding of each cluster's crop (CLIPSelf-style)
     store: str = "clusters"  # "clusters" | "tokens"
     store_images: bool = True
     dtype: str = "fp16"
@@ -122,6 +124,8 @@ class CacheTeacherConfig:
         require(self.cluster_pos_weight >= 0, "must be ≥ 0", "--cluster-pos-weight")
         require(0 <= self.max_phrases <= 64, "must be within 0..64", "--max-phrases")
         require(self.chunker in ("auto", "spacy", "textblob"), "must be auto, spacy or textblob", "--chunker")
+        require(0 <= self.perturbations <= 16, "must be within 0..16", "--perturbations")
+        require(not self.cluster_crops or self.clusters > 0, "needs clusters (--clusters K > 0)", "--cluster-crops")
         require(self.store in ("clusters", "tokens"), "must be 'clusters' or 'tokens'", "--store")
         require(self.dtype in STORE_DTYPES, f"must be one of {', '.join(STORE_DTYPES)}", "--dtype")
         require(0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "must be 0 < lo ≤ hi ≤ 1", "--crop-scale")
@@ -147,6 +151,8 @@ class CacheTeacherConfig:
             "clusters": {"k": self.clusters, "iters": self.cluster_iters, "pos_weight": self.cluster_pos_weight,
                          "algorithm": "spherical-kmeans/farthest-point-seeding"},
             "phrases": {"max_phrases": self.max_phrases, "chunker": self.chunker},
+            "perturbations": {"per_caption": self.perturbations, "ops": "swap_modifiers/swap_heads/swap_chunks"},
+            "cluster_crops": self.cluster_crops,
             "store": self.store,
             "store_images": self.store_images,
             "dtype": self.dtype,

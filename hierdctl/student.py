@@ -103,7 +103,7 @@ class StudentWrapper(nn.Module):
         self.fields = frozenset(fields)
         self.exp_scales = exp_scales
         self.mask_ratio = mask_ratio
-        projected = self.fields & {"img_st", "txt_st", "img_st_masked", "clu_st", "phr_st"}
+        projected = self.fields & {"img_st", "txt_st", "img_st_masked", "clu_st", "phr_st", "neg_st"}
         self.project = bool(projected) and teacher_dim is not None and teacher_dim != student_dim
         if self.project:
             self.img_proj = nn.Linear(student_dim, teacher_dim)
@@ -125,6 +125,20 @@ class StudentWrapper(nn.Module):
 
     def _proj_txt(self, x):
         return self.txt_proj(x) if self.project else x
+
+    def _encode_parts(self, tok, mask, txt, project: bool):
+        """The text tower on every valid entry of (N,P,L) tokens with (N,P) mask -> ((N,P,D_s),
+        (N,P,D_t) or None); padding rows are zero. Only up to the batch's last real token (exact)."""
+        N, P, L = tok.shape
+        flat = tok.view(N * P, L)[mask.view(-1)]
+        emb = encode_text_trimmed(self.student, flat) if flat.shape[0] else txt.new_zeros(0, txt.shape[-1])  # (n,D_s)
+        where = (mask.view(-1).nonzero().squeeze(1),)
+
+        def scatter(e):  # (n,D) -> (N,P,D), zero rows for padding
+            out = e.new_zeros(N * P, e.shape[-1])
+            return out.index_put(where, e.to(out.dtype)).view(N, P, -1)
+
+        return scatter(emb), (scatter(self._proj_txt(emb)) if project else None)
 
     def forward(self, batch: dict) -> Features:
         m, want = self.student, self.fields
@@ -155,22 +169,16 @@ class StudentWrapper(nn.Module):
             if "clu_st" in want:
                 f.clu_st = pool_clusters(self._proj_img(tokens), assign, K)  # (N,K,D_t)
             f.clu_t, f.clu_mask = batch["clu_t"], batch["clu_mask"]
-        if want & {"phr_s", "phr_st"}:
-            ptok, pmask = batch["phr_tok"], batch["phr_mask"]  # (N,P,L), (N,P)
-            N, P, L = ptok.shape
-            flat = ptok.view(N * P, L)[pmask.view(-1)]
-            emb = encode_text_trimmed(m, flat) if flat.shape[0] else txt.new_zeros(0, txt.shape[-1])  # (n,D_s)
-            where = (pmask.view(-1).nonzero().squeeze(1),)
-
-            def scatter(e):  # (n,D) -> (N,P,D), zero rows for padding
-                out = e.new_zeros(N * P, e.shape[-1])
-                return out.index_put(where, e).view(N, P, -1)
-
-            if "phr_s" in want:
-                f.phr_s = scatter(emb)
-            if "phr_st" in want:
-                f.phr_st = scatter(self._proj_txt(emb))
-            f.phr_t, f.phr_mask = batch["phr_t"], pmask
+        for part in ("phr", "neg"):  # phrases, caption perturbations: the text tower on each
+            if want & {f"{part}_s", f"{part}_st"}:
+                own, projected = self._encode_parts(batch[f"{part}_tok"], batch[f"{part}_mask"], txt,
+                                                    f"{part}_st" in want)
+                setattr(f, f"{part}_s", own if f"{part}_s" in want else None)
+                setattr(f, f"{part}_st", projected)
+                setattr(f, f"{part}_t", batch[f"{part}_t"])
+                setattr(f, f"{part}_mask", batch[f"{part}_mask"])
+        if "clu_crop_t" in want:
+            f.clu_crop_t = batch["clu_crop_t"]
         if "img_st_masked" in want:
             assert self.is_vit, "MFD needs a ViT student"
             # Per-sample noise comes from the data (seeded by sample and epoch), so the

@@ -49,12 +49,13 @@ class _UnitStream:
         from torch.utils.data import get_worker_info
 
         from hierdctl.images import BadImage, apply_view, decode_rgb, sample_views
+        from hierdctl.perturb import perturb
         from hierdctl.phrases import Chunker
 
         wi = get_worker_info()
         units = self.units if wi is None else self.units[wi.id :: wi.num_workers]
         cfg, info = self.cfg, self.enc_info
-        chunker = Chunker(cfg.chunker) if cfg.max_phrases > 0 else None
+        chunker = Chunker(cfg.chunker) if cfg.max_phrases > 0 or cfg.perturbations > 0 else None
         for unit in units:
             pos = 0
             for rec in self.source.iter_unit(unit):
@@ -73,8 +74,14 @@ class _UnitStream:
                 pixels = torch.stack(
                     [apply_view(img, v, info["image_size"], info["mean"], info["std"], self.eval_transform) for v in views]
                 )
-                phrases = [chunker(c, cfg.max_phrases) for c in rec.captions] if chunker else [[] for _ in rec.captions]
+                # Perturbations are built from every noun chunk (up to 8), phrases keep max_phrases of them.
+                chunks = [chunker(c, max(cfg.max_phrases, 8)) for c in rec.captions] if chunker else \
+                    [[] for _ in rec.captions]
+                phrases = [ch[: cfg.max_phrases] for ch in chunks]
                 flat = [p for ps in phrases for p in ps]
+                negs = [perturb(c, ch, cfg.perturbations, cfg.seed) for c, ch in zip(rec.captions, chunks)] \
+                    if cfg.perturbations > 0 else None
+                flat_negs = [n for ns in negs for n in ns] if negs else []
                 yield {
                     "type": "sample",
                     "unit": unit.index,
@@ -88,11 +95,12 @@ class _UnitStream:
                         "views": [v.to_json() for v in views],
                         "converted_from": converted,
                         "image_ext": rec.image_ext,
-                    },
+                    } | ({"perturbations": negs} if negs is not None else {}),
                     "image": rec.image if cfg.store_images else None,
                     "pixels": pixels,  # (V,3,S,S)
                     "cap_tok": self.tokenize(rec.captions),  # (C,L) or (C,2,L)
                     "phr_tok": self.tokenize(flat) if flat else None,
+                    "neg_tok": self.tokenize(flat_negs) if flat_negs else None,
                 }
                 pos += 1
             yield {"type": "end", "unit": unit.index, "label": unit.label}
@@ -156,6 +164,8 @@ class _Teacher:
             out["clu_emb"] = pool_clusters(patches, assign, K).view(len(items), V, K, -1)
             out["clu_assign"] = assign.view(len(items), V, gh, gw)
             out["clu_count"] = counts.view(len(items), V, K)
+            if cfg.cluster_crops:
+                out["clu_crop_emb"] = self._crop_embeddings(pixels, assign, counts).view(len(items), V, K, -1)
         if cfg.store == "tokens":
             out["img_tok"] = patches.float().view(len(items), V, patches.shape[1], -1)
         out = {k: v.cpu().numpy() for k, v in out.items()}
@@ -165,8 +175,10 @@ class _Teacher:
         txt_emb, txt_tok = txt_emb.cpu().numpy(), (txt_tok.cpu().numpy() if txt_tok is not None else None)
         phr = [it["phr_tok"] for it in items if it["phr_tok"] is not None]
         phr_emb = self.text(torch.cat(phr))[0].cpu().numpy() if phr else None
+        neg = [it["neg_tok"] for it in items if it["neg_tok"] is not None]
+        neg_emb = self.text(torch.cat(neg))[0].cpu().numpy() if neg else None
 
-        results, c0, p0 = [], 0, 0
+        results, c0, p0, q0 = [], 0, 0, 0
         D_ = txt_emb.shape[1]
         for i, it in enumerate(items):
             meta = it["meta"]
@@ -187,9 +199,52 @@ class _Teacher:
                         pm[c, :n] = 1
                         p0 += n
                 arrays["phr_emb"], arrays["phr_mask"] = pe, pm
+            if cfg.perturbations > 0:
+                Q = cfg.perturbations
+                ne = np.zeros((C, Q, D_), np.float32)
+                nm = np.zeros((C, Q), np.uint8)
+                for c, ns in enumerate(meta["perturbations"]):
+                    n = len(ns)
+                    if n:
+                        ne[c, :n] = neg_emb[q0 : q0 + n]
+                        nm[c, :n] = 1
+                        q0 += n
+                arrays["neg_emb"], arrays["neg_mask"] = ne, nm
             results.append({"unit": it["unit"], "pos": it["pos"], "meta": meta, "image": it["image"], "arrays": arrays})
         assert c0 == txt_emb.shape[0], (c0, txt_emb.shape)
+        assert neg_emb is None or q0 == neg_emb.shape[0], (q0, neg_emb.shape)
         return results
+
+    def _crop_embeddings(self, pixels, assign, counts):
+        """CLIPSelf-style part embeddings: the teacher's embedding of each cluster's bounding-box
+        crop of the view it saw, resized to the teacher's input size.
+
+        pixels (B·V,3,S,S) normalised, assign (B·V,G), counts (B·V,K) -> (B·V,K,D); empty clusters 0."""
+        import torch.nn.functional as F
+
+        gh, gw = self.enc.patch_grid
+        n, _, S, _ = pixels.shape
+        K = counts.shape[1]
+        ph, pw = S / gh, S / gw  # pixels per patch
+        grid = assign.view(n, gh, gw)
+        crops, where = [], []
+        for i in range(n):
+            for k in range(K):
+                if counts[i, k] == 0:
+                    continue
+                rows, cols = torch.nonzero(grid[i] == k, as_tuple=True)
+                y0, y1 = int(rows.min() * ph), int((rows.max() + 1) * ph)
+                x0, x1 = int(cols.min() * pw), int((cols.max() + 1) * pw)
+                crop = pixels[i : i + 1, :, y0:y1, x0:x1]
+                crops.append(F.interpolate(crop, size=(S, S), mode="bilinear", align_corners=False, antialias=True))
+                where.append((i, k))
+        out = torch.zeros(n, K, self.enc.embed_dim, device=pixels.device)
+        for a in range(0, len(crops), 256):
+            with torch.no_grad(), self._autocast():
+                emb, _ = self.enc.encode_image(torch.cat(crops[a : a + 256]))
+            for (i, k), e in zip(where[a : a + 256], emb.float()):
+                out[i, k] = e
+        return out
 
 
 def _prepare_out(cfg: CacheTeacherConfig, identity: dict, env: distributed.DistEnv) -> list[str]:

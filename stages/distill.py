@@ -82,13 +82,15 @@ class GlobalBatchSampler:
 
 
 def _check_cache(cache, recipe) -> None:
-    have = {p: cache.has(p) for p in ("global", "clusters", "phrases", "images")}
+    have = {p: cache.has(p) for p in ("global", "clusters", "phrases", "perturbations", "cluster_crops", "images")}
     if not have["images"]:
         raise UserError("the cache holds no images (made with --no-store-images); distill reads images from it", "CACHE")
     missing = [p for p in recipe.cache_parts if not have.get(p, False)]
     if missing:
         how = {"clusters": "rerun cache-teacher with --clusters K (K > 0)",
-               "phrases": "rerun cache-teacher with --max-phrases P (P > 0)"}
+               "phrases": "rerun cache-teacher with --max-phrases P (P > 0)",
+               "perturbations": "rerun cache-teacher with --perturbations Q (Q > 0)",
+               "cluster_crops": "rerun cache-teacher with --cluster-crops"}
         raise UserError(
             f"recipe {recipe.name!r} needs {', '.join(missing)} that cache {cache.root} lacks: "
             + "; ".join(how.get(p, p) for p in missing),
@@ -327,6 +329,7 @@ def build_trainer(cfg: DistillConfig, cache, recipe, env: distributed.DistEnv, d
     }
     parts = set(recipe.cache_parts)
     needs = {"global": recipe.needs_teacher, "clusters": "clusters" in parts, "phrases": "phrases" in parts,
+             "perturbations": "perturbations" in parts, "cluster_crops": "cluster_crops" in parts,
              "mask_noise": "masked_forward" in extras}
     dataset = cache_format.CacheDataset(cache, spans, cfg.seed, cfg.view_policy, cfg.caption_policy, student_io, needs)
 

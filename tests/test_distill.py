@@ -352,3 +352,42 @@ def test_the_logit_scale_still_learns_at_its_cap(cache, tmp_path):
     from safetensors.torch import load_file
 
     assert load_file(summary["checkpoint"])["student.logit_scale"].item() <= math.log(100) + 1e-6
+
+
+def test_perturbations_and_cluster_crops_reach_the_student(tmp_path, tiny_teacher):
+    """cache-teacher --perturbations/--cluster-crops -> the cache reader -> the student wrapper:
+    the student encodes each caption's perturbations; the crops' teacher embeddings arrive."""
+    from hierdctl import cache_format
+    from hierdctl.student import StudentWrapper
+
+    src = make_shards(tmp_path / "data", n_shards=1, per_shard=6)
+    cache_run(CacheTeacherConfig(source=src, out=tmp_path / "cache", teacher=tiny_teacher, views=1, clusters=3,
+                                 max_phrases=2, perturbations=2, cluster_crops=True, workers=0, quiet=True))
+    cache = cache_format.open_cache(tmp_path / "cache")
+    assert cache.has("perturbations") and cache.has("cluster_crops")
+    samples = list(cache_format.read_shard(cache.shards[0]))
+    by_caption = {c: p for s in samples for c, p in zip(s.meta["captions"], s.meta["perturbations"])}
+    assert by_caption["a red circle next to a blue square"] == ["a red square next to a blue circle",
+                                                              "a blue square next to a red circle"]
+    for s in samples:
+        n = [len(p) for p in s.meta["perturbations"]]
+        assert s.arrays["neg_mask"].sum(axis=1).tolist() == n and s.arrays["neg_emb"].shape[1] == 2
+        live = s.arrays["clu_count"][0] > 0
+        assert (np.abs(s.arrays["clu_crop_emb"][0][live]).sum(axis=1) > 0).all()
+        assert (s.arrays["clu_crop_emb"][0][~live] == 0).all()
+    from conftest import make_tiny_model
+    from hierdctl.tv_shim import import_open_clip
+
+    model = make_tiny_model()
+    io = {"image_size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3, "tokenize": import_open_clip().get_tokenizer("ViT-B-32"),
+          "eval_transform": lambda img: torch.zeros(3, 32, 32), "grid_size": 16}
+    needs = {"global": True, "clusters": True, "phrases": False, "perturbations": True, "cluster_crops": True,
+             "mask_noise": False}
+    ds = cache_format.CacheDataset(cache, cache_format.check_shards(cache), 0, "random", "random", io, needs)
+    batch = torch.utils.data.default_collate([ds[(i, 0)] for i in range(4)])
+    batch |= {"logit_scale_t": 10.0, "teacher_grid": (4, 4)}
+    w = StudentWrapper(model, 32, 32, fields=("img_s", "txt_s", "neg_s", "neg_st", "neg_t", "neg_mask", "clu_crop_t"))
+    f = w(batch)
+    assert f.neg_s.shape == (4, 2, 32) and f.neg_t.shape == (4, 2, 32) and f.clu_crop_t.shape == (4, 3, 32)
+    assert f.neg_st is f.neg_s or torch.equal(f.neg_st, f.neg_s)  # same width: no projector
+    assert (f.neg_s[~f.neg_mask] == 0).all() and (f.neg_s[f.neg_mask].abs().sum(-1) > 0).all()

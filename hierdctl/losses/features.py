@@ -47,12 +47,14 @@ class Features:
     img_st_masked: torch.Tensor | None = None  # (N, D_t) image forward with 75% patches masked (MFD)
     clu_st: torch.Tensor | None = None  # (N, K, D_t) pooled patch tokens, projected
     phr_st: torch.Tensor | None = None  # (N, P, D_t) phrase embeddings, projected
+    neg_st: torch.Tensor | None = None  # (N, Q, D_t) caption perturbations, projected
 
     # --- AFD, HieRD parts in the student's own space ------------------------------------
     img_fused: torch.Tensor | None = None  # (N, D_s) Linear([vs‖vt]) (AFD)
     txt_fused: torch.Tensor | None = None  # (N, D_s) Linear([ts‖tt]) (AFD)
     clu_s: torch.Tensor | None = None  # (N, K, D_s) student patch tokens pooled by the teacher's assignment
     phr_s: torch.Tensor | None = None  # (N, P, D_s) student text tower on each phrase
+    neg_s: torch.Tensor | None = None  # (N, Q, D_s) student text tower on each perturbation of the caption
 
     # --- learnable relational scales (), effective values --------------------------------
     kappa_x: torch.Tensor | None = None
@@ -67,12 +69,15 @@ class Features:
     clu_mask: torch.Tensor | None = None  # (N, K) bool, False for empty clusters
     phr_t: torch.Tensor | None = None  # (N, P, D_t) phrase embeddings, normalised
     phr_mask: torch.Tensor | None = None  # (N, P) bool, False for padding
+    neg_t: torch.Tensor | None = None  # (N, Q, D_t) the caption's perturbations (hierdctl/perturb.py), normalised
+    neg_mask: torch.Tensor | None = None  # (N, Q) bool, False for padding
+    clu_crop_t: torch.Tensor | None = None  # (N, K, D_t) teacher embedding of each cluster's crop; 0 = empty
 
 
 # Per-sample fields (first dimension N), for gathering across ranks: the student's keep
 # their graph (gather_with_grad), the teacher's are constants.
-STUDENT_BATCH_FIELDS = ("img_s", "txt_s", "img_st", "txt_st", "img_st_masked", "clu_st", "phr_st", "img_fused",
-                        "txt_fused", "clu_s", "phr_s")
-TEACHER_BATCH_FIELDS = ("img_t", "txt_t", "clu_t", "clu_mask", "phr_t", "phr_mask")
+STUDENT_BATCH_FIELDS = ("img_s", "txt_s", "img_st", "txt_st", "img_st_masked", "clu_st", "phr_st", "neg_st",
+                        "img_fused", "txt_fused", "clu_s", "phr_s", "neg_s")
+TEACHER_BATCH_FIELDS = ("img_t", "txt_t", "clu_t", "clu_mask", "phr_t", "phr_mask", "neg_t", "neg_mask", "clu_crop_t")
 assert set(STUDENT_BATCH_FIELDS + TEACHER_BATCH_FIELDS) | {"logit_scale_s", "logit_scale_t", "kappa_x", "kappa_v",
                                                            "kappa_t"} == {f.name for f in fields(Features)}

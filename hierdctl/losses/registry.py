@@ -127,6 +127,7 @@ TERMS: dict[str, TermSpec] = {
 #   fusion          Linear([vs‖vt]) / Linear([ts‖tt]) fusion layers
 #   patch_tokens    student patch tokens pooled by the teacher's cluster map
 #   phrase_forward  the student text tower run on every phrase
+#   negative_forward  the student text tower run on every perturbation of the caption
 # The `*_st` fields (PROJECTED) also need Linear(D_s, D_t) projectors when the widths differ.
 FIELD_NEEDS: dict[str, tuple[str | None, str | None]] = {
     "img_s": (None, None), "txt_s": (None, None), "logit_scale_s": (None, None),
@@ -135,12 +136,15 @@ FIELD_NEEDS: dict[str, tuple[str | None, str | None]] = {
     "img_fused": ("global", "fusion"), "txt_fused": ("global", "fusion"),
     "clu_s": ("clusters", "patch_tokens"), "clu_st": ("clusters", "patch_tokens"),
     "phr_s": ("phrases", "phrase_forward"), "phr_st": ("phrases", "phrase_forward"),
+    "neg_s": ("perturbations", "negative_forward"), "neg_st": ("perturbations", "negative_forward"),
     "kappa_x": (None, None), "kappa_v": (None, None), "kappa_t": (None, None),
     "img_t": ("global", None), "txt_t": ("global", None), "logit_scale_t": ("global", None),
     "clu_t": ("clusters", None), "clu_mask": ("clusters", None),
     "phr_t": ("phrases", None), "phr_mask": ("phrases", None),
+    "neg_t": ("perturbations", None), "neg_mask": ("perturbations", None),
+    "clu_crop_t": ("cluster_crops", None),
 }  # fmt: skip
-PROJECTED = ("img_st", "txt_st", "img_st_masked", "clu_st", "phr_st")
+PROJECTED = ("img_st", "txt_st", "img_st_masked", "clu_st", "phr_st", "neg_st")
 KAPPA_FIELDS = {"kappa_x": "x", "kappa_v": "v", "kappa_t": "t"}
 
 
@@ -204,12 +208,13 @@ class Recipe:
 
     @property
     def cache_parts(self) -> tuple[str, ...]:
-        """Cache parts needed: subset of ('global', 'clusters', 'phrases'); empty = no teacher."""
+        """Cache parts needed: subset of ('global', 'clusters', 'phrases', 'perturbations',
+        'cluster_crops'); empty = no teacher."""
         return self._needs(0)
 
     @property
     def extras(self) -> tuple[str, ...]:
-        """Student-wrapper work: masked_forward, fusion, patch_tokens, phrase_forward."""
+        """Student-wrapper work: masked_forward, fusion, patch_tokens, phrase_forward, negative_forward."""
         return self._needs(1)
 
     @property
