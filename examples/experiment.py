@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -62,10 +63,10 @@ LEVELS = {
 HIERARCHICAL = tuple(n for level, names in LEVELS.items() if level != "global" for n in names)
 PRESETS = {
     "full": dict(n_train=3000, n_val=1000, n_test=1000, epochs=4, batch_size=128, warmup=50, views=2, clusters=6,
-                 max_phrases=3, perturbations=2, lrs=(2e-3, 4e-3, 8e-3), seeds=(0, 1, 2, 3, 4), long_factor=3,
+                 max_phrases=3, perturbations=2, cluster_crops=True, lrs=(4e-3,), seeds=(0, 1, 2, 3, 4), long_factor=3,
                  long_seeds=(0, 1, 2), teacher_epochs=6, teacher_n_train=10000, teacher_batch=256),
     "quick": dict(n_train=48, n_val=16, n_test=16, epochs=1, batch_size=16, warmup=1, views=2, clusters=4,
-                  max_phrases=2, perturbations=2, lrs=(1e-3, 2e-3), seeds=(0, 1), long_factor=2, long_seeds=(0,),
+                  max_phrases=2, perturbations=2, cluster_crops=True, lrs=(1e-3, 2e-3), seeds=(0, 1), long_factor=2, long_seeds=(0,),
                   teacher_epochs=1, teacher_n_train=64, teacher_batch=16),
 }
 METRICS = ("text_retrieval_recall@1", "image_retrieval_recall@1", "hardneg_acc/swap_attribute",
@@ -77,36 +78,31 @@ HARDNEG = METRICS[2:5]
 # A configuration = (name, base recipe, {term: weight} changes; a weight of 0 drops the
 # term, a new name adds it). Phase 1 of the search runs every recipe's base at every rate
 # of the grid; phase 2 runs the recipe's EXTRA configurations at its own best rate.
-EXTRA = 6  # at most this many extra weight configurations per recipe
+EXTRA = 4  # at most this many extra weight configurations per recipe
 HIERD_V2 = {"clip": 1.0, "crd": 1.0, "icl": 1.0, "fd": 2000.0, "hierd_clu_fd": 2000.0, "hierd_phr_fd": 2000.0,
             "hierd_phr_img_x": 1.0, "hierd_clu_cap_x": 1.0, "hierd_clu_phr_x": 1.0, "hierd_neg": 1.0}
 SEARCH = {
-    "clip": [],  # no weight to tune: the learning-rate grid only
-    "tinyclip": [("tinyclip-a0.75", {"clip": 0.25, "affinity": 0.75}),
-                 ("tinyclip-a1.0", {"clip": 0.0, "affinity": 1.0})],
+    "clip": [],  # no weight to tune: the learning rate only
+    "tinyclip": [("tinyclip-a1.0", {"clip": 0.0, "affinity": 1.0})],
     "clip-kd": [("clip-kd-fd1000", {"fd": 1000.0}), ("clip-kd-fd4000", {"fd": 4000.0}),
-                ("clip-kd-fd8000", {"fd": 8000.0}), ("clip-kd-icl0.5", {"icl": 0.5}),
                 ("clip-kd-icl2", {"icl": 2.0}), ("clip-kd-crd2", {"crd": 2.0})],
     "clip-rd": [("clip-rd-fd1000", {"fd": 1000.0}), ("clip-rd-fd4000", {"fd": 4000.0}),
-                ("clip-rd-fd8000", {"fd": 8000.0}), ("clip-rd-icl2", {"icl": 2.0}),
-                ("clip-rd-rd0.5", {"vrd": 0.5, "xrd": 0.5}), ("clip-rd-rd2", {"vrd": 2.0, "xrd": 2.0})],
-    # hierd's base for the rate grid is HIERD_V2 (hierd-search.yaml); its extra configurations
-    # are the design search: which part-level families pay, and their weights.
+                ("clip-rd-icl2", {"icl": 2.0}), ("clip-rd-rd2", {"vrd": 2.0, "xrd": 2.0})],
+    # hierd's base is HIERD_V2 (hierd-search.yaml: every v2 family at FD's / CRD's weight);
+    # its extra configurations are the design search: which part-level families pay.
     "hierd": [("v2-no-neg", {"hierd_neg": 0.0}),
               ("v2-no-cross", {"hierd_phr_img_x": 0.0, "hierd_clu_cap_x": 0.0, "hierd_clu_phr_x": 0.0}),
               ("v2-no-partfd", {"hierd_clu_fd": 0.0, "hierd_phr_fd": 0.0}),
-              ("v2-crop", {"hierd_clu_fd": 0.0, "hierd_crop_fd": 2000.0}),
-              ("v2-partfd8000", {"hierd_clu_fd": 8000.0, "hierd_phr_fd": 8000.0}),
-              ("v2-cross4", {"hierd_phr_img_x": 4.0, "hierd_clu_cap_x": 4.0, "hierd_clu_phr_x": 4.0})],
+              ("v2-crop", {"hierd_clu_fd": 0.0, "hierd_crop_fd": 2000.0})],
 }
 # What the search chose (copied from WORK/SEARCH.generated.md; docs/hierd.md records why):
 # recipe -> (configuration name, learning rate). The final phase trains exactly these.
 CHOSEN = {
-    "clip": ("clip", 2e-3),
+    "clip": ("clip", 4e-3),
     "tinyclip": ("tinyclip", 4e-3),
-    "clip-kd": ("clip-kd", 4e-3),
-    "clip-rd": ("clip-rd", 4e-3),
-    "hierd": ("hierd", 4e-3),
+    "clip-kd": ("clip-kd-crd2", 4e-3),
+    "clip-rd": ("clip-rd-rd2", 4e-3),
+    "hierd": ("hierd", 4e-3),  # the shipped hierd.yaml = the search's v2-no-cross
 }
 
 
@@ -133,6 +129,8 @@ def search_configs(folder: Path) -> dict[str, list[tuple[str, str]]]:
     """recipe -> [(configuration name, recipe path)]: its base first, then its extras."""
     out = {}
     for r in RECIPES:
+        if r not in SELECTED:
+            continue
         base = HIERD_V2 if r == "hierd" else weights_of(shipped_recipe(r))
         name0 = "hierd-search" if r == "hierd" else r
         out[r] = [(name0, write_recipe(folder, name0, base, f"{r}: search base"))]
@@ -199,6 +197,20 @@ def student(w: Path, cache: Path, name: str, recipe: str, lr: float, seed: int, 
     return f"local-dir:{model}"
 
 
+SELECTED = RECIPES  # --recipes
+JOBS = 1  # students trained at once (--jobs); each then runs torch with one thread
+
+
+def train_all(w: Path, cache: Path, todo: list[tuple], p: dict, device: str, times: dict) -> list[str]:
+    """student() over (name, recipe, lr, seed[, n_train]) tuples, JOBS at a time; returns their specs in order."""
+    if JOBS <= 1:
+        return [student(w, cache, *t[:4], p, device, times, *t[4:]) for t in todo]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(JOBS) as pool:
+        return list(pool.map(lambda t: student(w, cache, *t[:4], p, device, times, *t[4:]), todo))
+
+
 def prepare(flavour: str, root: Path, p: dict, device: str, times: dict, n_train: int | None = None,
             tag: str = "") -> tuple[Path, str]:
     """Data, teacher and teacher cache of one flavour -> (work folder, teacher spec)."""
@@ -230,8 +242,8 @@ def prepare(flavour: str, root: Path, p: dict, device: str, times: dict, n_train
     if not (cache / "manifest.json").is_file():
         hierdctl("cache-teacher", str(scenes / "train"), "--out", str(cache), "--teacher", teacher,
                  "--views", str(p["views"]), "--clusters", str(p["clusters"]), "--max-phrases",
-                 str(p["max_phrases"]), "--perturbations", str(p["perturbations"]), "--cluster-crops",
-                 "--batch-size", "128", "--device", device, "--overwrite", "--quiet", times=times)
+                 str(p["max_phrases"]), "--perturbations", str(p["perturbations"]),
+                 "--cluster-crops" if p["cluster_crops"] else "--no-cluster-crops", "--batch-size", "128", "--device", device, "--overwrite", "--quiet", times=times)
     return w, teacher
 
 
@@ -246,6 +258,8 @@ def search_phase(root: Path, p: dict, device: str) -> dict:
     cache = w / "cache"
     configs = search_configs(w / "recipes")
     grid: dict = {}
+    todo = [(f"search-{cs[0][0]}-lr{lr:g}", cs[0][1], lr, 0) for lr in p["lrs"] for cs in configs.values()]
+    train_all(w, cache, todo, p, device, times)
     for lr in p["lrs"]:
         models = [(r, student(w, cache, f"search-{cs[0][0]}-lr{lr:g}", cs[0][1], lr, 0, p, device, times))
                   for r, cs in configs.items()]
@@ -253,19 +267,20 @@ def search_phase(root: Path, p: dict, device: str) -> dict:
         for r, m in scores.items():
             grid.setdefault(r, {})[lr] = m
     extras: dict = {}
-    models = []
+    keys, todo = [], []
     for r, cs in configs.items():
         best = max(p["lrs"], key=lambda lr: r1(grid[r][lr]))
         for name, path in cs[1:]:
-            models.append((f"{r}|{name}|{best}", student(w, cache, f"search-{name}-lr{best:g}", path, best, 0, p,
-                                                        device, times)))
+            keys.append(f"{r}|{name}|{best}")
+            todo.append((f"search-{name}-lr{best:g}", path, best, 0))
+    models = list(zip(keys, train_all(w, cache, todo, p, device, times)))
     if models:
         scores = evaluate(w / "val" / "test", models, w / "val-extra.json", device, times, "eval-val")
         for key, m in scores.items():
             r, name, lr = key.split("|")
             extras.setdefault(r, []).append({"config": name, "lr": float(lr), "metrics": m})
     out = {"grid": grid, "extras": extras, "wall_seconds": times,
-           "configs_tried": {r: len(p["lrs"]) + len(SEARCH[r]) for r in RECIPES}}
+           "configs_tried": {r: len(p["lrs"]) + len(SEARCH[r]) for r in SELECTED}}
     (root / "search.json").write_text(json.dumps(out, indent=2) + "\n")
     (root / "SEARCH.generated.md").write_text(search_markdown(out, p))
     return out
@@ -275,7 +290,7 @@ def search_markdown(s: dict, p: dict) -> str:
     pct = lambda m, k: f"{100 * m[k]:.1f}"  # noqa: E731
     lines = ["| recipe | configuration | lr | val I→T R@1 | val T→I R@1 | mean | swap attr | swap rel | replace obj |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for r in RECIPES:
+    for r in s["grid"]:
         base = "hierd-search" if r == "hierd" else r
         rows = [(base, lr, m) for lr, m in s["grid"][r].items()]
         rows += [(e["config"], e["lr"], e["metrics"]) for e in s["extras"].get(r, [])]
@@ -296,18 +311,21 @@ def final_phase(flavour: str, root: Path, p: dict, device: str) -> dict:
     cache = w / "cache"
     configs = {name: path for cs in search_configs(w / "recipes").values() for name, path in cs}
     recipes = {}
-    for r in RECIPES:
+    for r in SELECTED:
         name, lr = CHOSEN[r]
         recipes[r] = (r if name == r else configs[name], lr)
     hierd_lr = CHOSEN["hierd"][1]
-    recipes |= {a: (path, hierd_lr) for a, path in ablation_recipes(w / "recipes").items()}
-    models = [("teacher", teacher)]
-    for seed in p["seeds"]:
-        for r, (path, lr) in recipes.items():
-            models.append((f"{r}@{seed}", student(w, cache, f"{r}-lr{lr:g}-s{seed}", path, lr, seed, p, device, times)))
+    if p["ablations"]:
+        recipes |= {a: (path, hierd_lr) for a, path in ablation_recipes(w / "recipes").items()}
+    seeds = {r: p["ablation_seeds"] if r.startswith("hierd-") else p["seeds"] for r in recipes}
+    runs = [(seed, r) for seed in p["seeds"] for r in recipes if seed in seeds[r]]
+    todo = [(f"{r}-lr{recipes[r][1]:g}-s{seed}", recipes[r][0], recipes[r][1], seed) for seed, r in runs]
+    specs = train_all(w, cache, todo, p, device, times)
+    models = [("teacher", teacher)] + [(f"{r}@{seed}", spec) for (seed, r), spec in zip(runs, specs)]
     scores = evaluate(w / "scenes" / "test", models, w / "test-report.json", device, times, "eval-test")
     return {"flavour": flavour, "teacher": teacher, "seeds": list(p["seeds"]),
-            "lr": {r: lr for r, (_, lr) in recipes.items()}, "table": table(scores, recipes, p["seeds"]),
+            "seeds_per_model": {r: list(v) for r, v in seeds.items()},
+            "lr": {r: lr for r, (_, lr) in recipes.items()}, "table": table(scores, seeds),
             "wall_seconds": times}
 
 
@@ -322,21 +340,22 @@ def long_phase(root: Path, p: dict, device: str) -> dict:
     for r in ("clip-kd", "clip-rd", "hierd"):
         name, lr = CHOSEN[r]
         recipes[r] = (r if name == r else configs[name], lr)
-    models = [("teacher", teacher)]
-    for seed in p["long_seeds"]:
-        for r, (path, lr) in recipes.items():
-            models.append((f"{r}@{seed}", student(w, cache, f"long-{r}-lr{lr:g}-s{seed}", path, lr, seed, p, device,
-                                                  times, n_train=n)))
+    todo = [(f"long-{r}-lr{lr:g}-s{seed}", path, lr, seed, n) for seed in p["long_seeds"]
+            for r, (path, lr) in recipes.items()]
+    specs = train_all(w, cache, todo, p, device, times)
+    models = [("teacher", teacher)] + [(f"{r}@{seed}", spec) for (seed, r), spec in
+                                       zip([(s_, r) for s_ in p["long_seeds"] for r in recipes], specs)]
     scores = evaluate(w / "scenes" / "test", models, w / "test-report-long.json", device, times, "eval-test")
     return {"flavour": f"cluttered, {p['long_factor']}× the training images ({n:,})", "teacher": teacher,
             "seeds": list(p["long_seeds"]), "lr": {r: lr for r, (_, lr) in recipes.items()},
-            "table": table(scores, recipes, p["long_seeds"]), "wall_seconds": times}
+            "table": table(scores, {r: p["long_seeds"] for r in recipes}), "wall_seconds": times}
 
 
-def table(scores: dict, recipes: dict, seeds) -> dict:
+def table(scores: dict, seeds: dict) -> dict:
+    """{model: {metric: [value per seed]}}; seeds: model -> its seeds."""
     out = {"teacher": {k: [scores["teacher"].get(k)] for k in METRICS}}
-    for r in recipes:
-        out[r] = {k: [scores[f"{r}@{s}"].get(k) for s in seeds] for k in METRICS}
+    for r, ss in seeds.items():
+        out[r] = {k: [scores[f"{r}@{s}"].get(k) for s in ss] for k in METRICS}
     return out
 
 
@@ -367,8 +386,10 @@ def markdown(results: list[dict], p: dict) -> str:
         lines += [f"### {res['flavour']} (seeds {', '.join(map(str, res['seeds']))}; lr: {lrs})", "",
                   "| model | I→T R@1 | T→I R@1 | swap attr | swap rel | replace obj | all hard neg |",
                   "|---|---|---|---|---|---|---|"]
+        per = res.get("seeds_per_model", {})
         for name, row in res["table"].items():
-            lines.append(f"| {name} | " + " | ".join(fmt(row[k]) for k in METRICS) + " |")
+            note = f" (seeds {', '.join(map(str, per[name]))})" if name in per and per[name] != res["seeds"] else ""
+            lines.append(f"| {name}{note} | " + " | ".join(fmt(row[k]) for k in METRICS) + " |")
         t = res["table"]
         if "hierd" in t:
             lines += ["", "Paired per-seed differences, `hierd` − baseline, in points: mean ± std (seeds favouring "
@@ -387,24 +408,54 @@ def markdown(results: list[dict], p: dict) -> str:
                 by_recipe.setdefault(name.rsplit("-lr", 1)[0].removeprefix("long-"), []).append(s)
             lines.append("Distill seconds per student (mean): " + ", ".join(
                 f"{r} {statistics.mean(v):.0f}" for r, v in by_recipe.items()))
+        if "phase_seconds" in res:
+            lines.append(f"This part took {res['phase_seconds']:,} s.")
         lines.append("")
     lines.append(f"Budget per student: {p['n_train']} training images, {p['epochs']} epochs, batch "
                  f"{p['batch_size']}, warm-up {p['warmup']} steps, cosine schedule.")
     return "\n".join(lines) + "\n"
 
 
+def report(root: Path, p: dict) -> None:
+    """WORK/results.json and WORK/RESULTS.generated.md from every part finished so far."""
+    files = [root / "results" / f"final-{f}.json" for f in FLAVOURS] + [root / "results" / "long-cluttered.json"]
+    results = [json.loads(f.read_text()) for f in files if f.is_file()]
+    if not results:
+        return
+    (root / "results.json").write_text(json.dumps({"results": results}, indent=2) + "\n")
+    (root / "RESULTS.generated.md").write_text(markdown(results, p))
+    print((root / "RESULTS.generated.md").read_text())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("runs/experiment"))
-    ap.add_argument("--phase", default="final,long", help="comma-separated: search, final, long [final,long]")
+    ap.add_argument("--phase", default="final,long",
+                    help="comma-separated: search, final, long, report (tables from the parts done) [final,long]")
     ap.add_argument("--flavours", default=",".join(FLAVOURS))
     ap.add_argument("--seeds", help="override the preset's seeds (comma-separated)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="students trained at once, one torch thread each (faster on a loaded machine) [1]")
+    ap.add_argument("--recipes", help="only these recipes (comma-separated; search and final) [all]")
+    ap.add_argument("--no-cluster-crops", action="store_true",
+                    help="caches without the teacher's crop embeddings (only `hierd_crop_fd` reads them; costly)")
+    ap.add_argument("--no-ablations", action="store_true", help="final: skip the hierd ablations")
+    ap.add_argument("--ablation-seeds", help="final: seeds of the hierd ablations [the preset's seeds]")
     args = ap.parse_args(argv)
+    global JOBS, SELECTED
+    JOBS = args.jobs
+    if args.recipes:
+        SELECTED = tuple(r for r in RECIPES if r in args.recipes.split(","))
+    if JOBS > 1:
+        os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # inherited by every command
     p = dict(PRESETS["quick" if args.quick else "full"], quick=args.quick)
+    p["ablations"] = not args.no_ablations
+    p["cluster_crops"] = p["cluster_crops"] and not args.no_cluster_crops
     if args.seeds:
         p["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    p["ablation_seeds"] = tuple(int(s) for s in args.ablation_seeds.split(",")) if args.ablation_seeds else p["seeds"]
     phases = args.phase.split(",")
     root = args.work
     root.mkdir(parents=True, exist_ok=True)
@@ -412,20 +463,17 @@ def main(argv: list[str] | None = None) -> int:
     if "search" in phases:
         search_phase(root, p, args.device)
         print((root / "SEARCH.generated.md").read_text())
-    results = []
-    res_path = root / "results.json"
+    done = root / "results"  # one file per (phase, flavour): the experiment runs in parts, even concurrently
+    done.mkdir(exist_ok=True)
     for phase in ("final", "long"):
         if phase not in phases:
             continue
-        todo = args.flavours.split(",") if phase == "final" else ["long"]
-        for flavour in todo:
-            results.append(final_phase(flavour, root, p, args.device) if phase == "final"
-                           else long_phase(root, p, args.device))
-            res_path.write_text(json.dumps({"preset": p, "results": results,
-                                            "total_seconds": round(time.time() - started)}, indent=2) + "\n")
-            (root / "RESULTS.generated.md").write_text(markdown(results, p))
-    if results:
-        print((root / "RESULTS.generated.md").read_text())
+        for flavour in (args.flavours.split(",") if phase == "final" else ["cluttered"]):
+            t0 = time.time()
+            res = final_phase(flavour, root, p, args.device) if phase == "final" else long_phase(root, p, args.device)
+            res["phase_seconds"] = round(time.time() - t0)
+            (done / f"{phase}-{flavour}.json").write_text(json.dumps({"preset": p, **res}, indent=2) + "\n")
+    report(root, p)
     print(f"experiment: {time.time() - started:,.0f} s")
     return 0
 

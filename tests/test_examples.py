@@ -52,7 +52,7 @@ def test_ablation_recipes_drop_exactly_one_level(tmp_path):
     full = {t.name for t in load_recipe("hierd").terms}
     paths = experiment.ablation_recipes(tmp_path)
     levels = {level for level, names in experiment.LEVELS.items() if set(names) & full}
-    assert {"global", "part-fd", "cross"} <= levels  # the shipped hierd has these levels
+    assert {"global", "part-fd", "neg"} <= levels  # the shipped hierd has these levels
     assert set(paths) == {f"hierd-no-{level}" for level in levels} | {"hierd-global-only"}
     for level in levels:
         kept = {t.name for t in load_recipe(paths[f"hierd-no-{level}"]).terms}

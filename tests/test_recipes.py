@@ -19,8 +19,7 @@ HIERD_V1 = ("hierd_clu_clu", "hierd_clu_img", "hierd_phr_phr", "hierd_phr_cap", 
             "hierd_clu_cap")
 
 
-HIERD_V2_WEIGHTS = {"hierd_clu_fd": 2000.0, "hierd_phr_fd": 2000.0, "hierd_phr_img_x": 1.0, "hierd_clu_cap_x": 1.0,
-                    "hierd_clu_phr_x": 1.0, "hierd_neg": 1.0}
+HIERD_V2_WEIGHTS = {"hierd_clu_fd": 2000.0, "hierd_phr_fd": 2000.0, "hierd_neg": 1.0}
 HIERD_V2_PARTS = {"global", "clusters", "phrases", "perturbations"}
 
 
