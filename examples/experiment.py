@@ -12,7 +12,8 @@ same settings is reused):
 
     search   the tuning, on a VALIDATION split only (its own Scenes seed, 1,000 images;
              never the test split), at seed 0 on the shapes flavour: every recipe at each
-             rate of one shared learning-rate grid, then at its own best rate at most
+             rate of the preset's learning-rate grid (one rate, 4e-3, in `full`: the first
+             experiment's validation search chose it), then at its own best rate at most
              EXTRA weight configurations (`SEARCH` below: every configuration tried, for
              every recipe, is listed there and counted in the output). Writes
              WORK/search.json and WORK/SEARCH.generated.md.
@@ -28,7 +29,9 @@ Outputs: WORK/results.json (every number and wall time) and WORK/RESULTS.generat
 (the tables that docs/RESULTS.md quotes).
 
     python examples/experiment.py --phase search
-    python examples/experiment.py --phase final,long       # about 90 minutes on 2 CPU cores
+    python examples/experiment.py --phase final,long --jobs 2   # estimated 1 h 45 min on 2 free CPU cores
+    python examples/experiment.py --phase final --flavours cluttered --recipes clip-kd,clip-rd,hierd
+    python examples/experiment.py --phase report           # the tables, from the parts finished so far
     python examples/experiment.py --quick                  # seconds: proves the plumbing
 """
 
@@ -463,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     if "search" in phases:
         search_phase(root, p, args.device)
         print((root / "SEARCH.generated.md").read_text())
+    # Parts run separately (--flavours, --recipes, --seeds) each write WORK/results/PHASE-FLAVOUR.json;
+    # `report` only rebuilds the tables from them.
     done = root / "results"  # one file per (phase, flavour): the experiment runs in parts, even concurrently
     done.mkdir(exist_ok=True)
     for phase in ("final", "long"):
