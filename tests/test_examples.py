@@ -49,10 +49,13 @@ def test_a_failing_command_stops_the_script_and_shows_its_log(tmp_path, capsys):
 def test_ablation_recipes_drop_exactly_one_level(tmp_path):
     from hierdctl.losses.registry import load_recipe
 
-    full = {t.name for t in load_recipe("hierd").terms}
+    full = {t.name for t in load_recipe(experiment.ABLATION_BASE).terms}
     paths = experiment.ablation_recipes(tmp_path)
     levels = {level for level, names in experiment.LEVELS.items() if set(names) & full}
-    assert {"global", "part-fd", "neg"} <= levels  # the shipped hierd has these levels
+    assert {"global", "part-fd", "neg"} <= levels  # the ablations' base has these levels
+    # removing the negatives from the base gives exactly the shipped hierd
+    no_neg = {t.name: t.weight for t in load_recipe(paths["hierd-no-neg"]).terms}
+    assert no_neg == {t.name: t.weight for t in load_recipe("hierd").terms}
     assert set(paths) == {f"hierd-no-{level}" for level in levels} | {"hierd-global-only"}
     for level in levels:
         kept = {t.name for t in load_recipe(paths[f"hierd-no-{level}"]).terms}
@@ -99,4 +102,4 @@ def test_results_table_gives_mean_and_std_over_seeds():
     md = experiment.markdown([res], experiment.PRESETS["quick"])
     assert "| clip | 20.0 ± 14.1 |" in md and "| teacher | 90.0 |" in md
     assert "lr: clip 0.002, hierd 0.004" in md
-    assert "| clip-kd | +2.0 ± 4.2 (1–1) |" in md
+    assert "| hierd − clip-kd | +2.0 ± 4.2 (1–1) |" in md

@@ -73,13 +73,13 @@ def test_student_equal_to_teacher_gives_zero_part_terms(cache, tmp_path):
 def test_wrapper_encodes_only_the_valid_perturbations(cache):
     from hierdctl.student import StudentWrapper
 
-    cfg = S.resolve_config(dict(cache=str(cache), student="tiny-test", recipe="hierd", out="unused", steps=1,
+    cfg = S.resolve_config(dict(cache=str(cache), student="tiny-test", recipe="hierd+neg", out="unused", steps=1,
                                 batch_size=8, workers=0, quiet=True))
     from hierdctl import cache_format, distributed
 
-    tr = S.build_trainer(cfg, cache_format.open_cache(cache), load_recipe("hierd"), distributed.resolve(), "cpu")
+    tr = S.build_trainer(cfg, cache_format.open_cache(cache), load_recipe("hierd+neg"), distributed.resolve(), "cpu")
     batch = tr.to_device(next(iter(tr.loader(0))))
-    assert isinstance(tr.wrapper, StudentWrapper) and "negative_forward" in load_recipe("hierd").extras
+    assert isinstance(tr.wrapper, StudentWrapper) and "negative_forward" in load_recipe("hierd+neg").extras
     f = tr.wrapper(batch)
     assert f.neg_s.shape[:2] == batch["neg_mask"].shape
     valid = batch["neg_mask"]
@@ -99,4 +99,4 @@ def test_a_recipe_needing_perturbations_names_the_flag(tmp_path, tiny_teacher):
     recipe = Recipe("neg", (Term("clip", 1.0), Term("hierd_neg", 1.0)))
     assert recipe.cache_parts == ("perturbations", "global")
     with pytest.raises(UserError, match="--perturbations"):
-        S.run(_cfg(tmp_path / "c", tmp_path / "r", recipe="hierd"))
+        S.run(_cfg(tmp_path / "c", tmp_path / "r", recipe="hierd+neg"))

@@ -13,14 +13,14 @@ from hierdctl.losses.registry import TERMS, Recipe, Term, compute_terms, list_re
 
 from loss_inputs import make_features
 
-SHIPPED = {"clip", "clip-kd", "tinyclip", "clip-rd", "hierd", "hierd-v1", "hierd+rd"}
+SHIPPED = {"clip", "clip-kd", "tinyclip", "clip-rd", "hierd", "hierd+neg", "hierd-v1", "hierd+rd"}
 # HieRD v1's seven relational levels (hierd-v1, hierd+rd); `hierd` is v2 (docs/hierd.md).
 HIERD_V1 = ("hierd_clu_clu", "hierd_clu_img", "hierd_phr_phr", "hierd_phr_cap", "hierd_clu_phr", "hierd_phr_img",
             "hierd_clu_cap")
 
 
-HIERD_V2_WEIGHTS = {"hierd_clu_fd": 2000.0, "hierd_phr_fd": 2000.0, "hierd_neg": 1.0}
-HIERD_V2_PARTS = {"global", "clusters", "phrases", "perturbations"}
+HIERD_V2_WEIGHTS = {"hierd_clu_fd": 2000.0, "hierd_phr_fd": 2000.0}
+HIERD_V2_PARTS = {"global", "clusters", "phrases"}
 
 
 def test_list_recipes_names_every_shipped_recipe_with_a_description():
@@ -58,6 +58,7 @@ def test_shipped_recipes_have_the_published_terms_and_weights():
     # HieRD v2 = CLIP-KD's global terms + the part-level terms the validation search kept
     # (examples/experiment.py SEARCH/CHOSEN, docs/hierd.md)
     assert weights("hierd") == weights("clip-kd") | HIERD_V2_WEIGHTS
+    assert weights("hierd+neg") == weights("hierd") | {"hierd_neg": 1.0}
 
 
 def test_recipe_needs():
@@ -77,7 +78,8 @@ def test_recipe_needs():
     hierd = load_recipe("hierd")
     assert set(hierd.cache_parts) == HIERD_V2_PARTS
     assert hierd.teacher_space  # FD, ICL and the part-level v2 terms compare the student with the teacher
-    assert "patch_tokens" in hierd.extras and "phrase_forward" in hierd.extras
+    assert set(hierd.extras) == {"patch_tokens", "phrase_forward"}  # no perturbation forwards: the cost budget
+    assert "negative_forward" in load_recipe("hierd+neg").extras
     assert one_term_needs("hierd_neg") == (("perturbations", "global"), ("negative_forward",))
     assert one_term_needs("hierd_crop_fd") == (("clusters", "cluster_crops"), ("patch_tokens",))
 
