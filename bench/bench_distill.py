@@ -50,8 +50,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HIERDCTL_NO_PROGRESS", "1")
 
-RECIPES = ["clip-kd", "tinyclip", "clip-rd", "hierd", "hierd-v1", "hierd+rd"]
-TARGET = {"clip-kd": 1.15, "clip-rd": 1.15, "hierd": 1.40, "tinyclip": 1.15, "hierd+rd": 1.40, "hierd-v1": 1.40}
+RECIPES = ["clip-kd", "tinyclip", "clip-rd", "hierd", "hierd+neg", "hierd-v1", "hierd+rd"]
+TARGET = {"clip-kd": 1.15, "clip-rd": 1.15, "hierd": 1.40, "tinyclip": 1.15, "hierd+rd": 1.40, "hierd-v1": 1.40,
+          "hierd+neg": 1.40}
 SPEC_TARGET = {"clip-kd", "clip-rd", "hierd"}  # the ones the issue names
 # Issue 12: HieRD v2 (the shipped `hierd`) costs at most 1.4× clip-kd's step time.
 KD_TARGET = {"hierd": 1.40}
@@ -252,8 +253,9 @@ def main(argv=None) -> int:
         if name == "clip":
             tgt = "—"
         else:
-            ok = "met" if rel <= TARGET[name] else "MISSED"
-            tgt = f"≤ {TARGET[name]:.2f}{'' if name in SPEC_TARGET else ' (ours)'}: {ok}"
+            target = TARGET.get(name, 1.40)  # a recipe of one's own: held to HieRD's budget
+            ok = "met" if rel <= target else "MISSED"
+            tgt = f"≤ {target:.2f}{'' if name in SPEC_TARGET else ' (ours)'}: {ok}"
         vs_online = sps[name] / sps["online"]
         on = f"{vs_online:.2f} ({'met' if vs_online >= online_target else 'MISSED'})"
         s, st = e2e.get(name, (float("nan"), float("nan")))
