@@ -4,8 +4,8 @@ It uses only the public commands, so it doubles as a tutorial; every command is 
 before it runs. The teacher is the small CLIP shipped in examples/teacher/ (trained on
 Scenes images that the demo never uses, by examples/train_teacher.py). Four students of
 one small architecture (examples/configs/scenes-student.json) are distilled from it with
-the `clip` (no teacher), `clip-kd`, `clip-rd` and `hierd` (HieRD v2, docs/hierd.md) recipes, on the same data,
-steps and learning rate, then exported and evaluated together with the teacher:
+the `clip` (no teacher), `clip-kd`, `clip-rd` and `hierd` (HieRD v2, docs/hierd.md) recipes,
+on the same data, steps and learning rate, then exported and evaluated together with the teacher:
 
     hierdctl scenes          -> WORK/scenes/{train,test}     the benchmark
     hierdctl cache-teacher   -> WORK/cache                   the teacher runs once
@@ -39,9 +39,9 @@ RECIPES = ("clip", "clip-kd", "clip-rd", "hierd")
 # with set-up); `quick` only proves the pipeline runs end to end.
 PRESETS = {
     "default": dict(n_train=3000, n_test=500, epochs=6, batch_size=128, lr=2e-3, warmup=50,
-                    views=2, clusters=6, max_phrases=3, perturbations=2),
+                    views=2, clusters=6, max_phrases=3),
     "quick": dict(n_train=48, n_test=16, epochs=1, batch_size=16, lr=1e-3, warmup=1,
-                  views=2, clusters=4, max_phrases=2, perturbations=2),
+                  views=2, clusters=4, max_phrases=2),
 }
 
 
@@ -66,12 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     # 1. The benchmark: img2dataset-layout shards, read like any real dataset.
     hierdctl("scenes", "--out", str(w / "scenes"), "--n-train", str(p["n_train"]), "--n-test", str(p["n_test"]),
              "--shard-size", str(max(1, p["n_train"] // 4)), "--seed", str(args.seed), times=times, log_dir=logs)
-    # 2. The teacher runs once: global embeddings, clustered patch tokens, phrases, caption
-    #    perturbations (HieRD's compositional negatives), 2 views.
+    # 2. The teacher runs once: global embeddings, clustered patch tokens, phrases, 2 views.
+    #    (`hierd+neg` would also need caption perturbations: --perturbations 2.)
     hierdctl("cache-teacher", str(w / "scenes" / "train"), "--out", str(w / "cache"), "--teacher", args.teacher,
              "--views", str(p["views"]), "--clusters", str(p["clusters"]), "--max-phrases", str(p["max_phrases"]),
-             "--perturbations", str(p["perturbations"]), "--batch-size", "128", "--device", args.device, "--overwrite",
-             "--quiet", times=times, log_dir=logs)
+             "--batch-size", "128", "--device", args.device, "--overwrite", "--quiet", times=times, log_dir=logs)
     # 3-4. One student per recipe: same architecture, data, steps, learning rate and seed.
     models = [("teacher", args.teacher)]
     for r in recipes:
