@@ -21,7 +21,9 @@ Targets (from the issue):
   - from-cache vs online: speed(from cache) / speed(online) ≥ 0.9 · (T_teacher + T_student) / T_student,
     with T_teacher = (d) and T_student = (a);
   - clip-kd and clip-rd within 15% of student-only (step time ≤ 1.15 · (a)), hierd within 40%
-    (≤ 1.40 · (a)); we hold tinyclip to 15% and hierd+rd to 40% too.
+    (≤ 1.40 · (a)); we hold tinyclip to 15% and hierd+rd to 40% too;
+  - issue 12: `hierd` (HieRD v2: phrase and perturbation forwards, pooled clusters) at most
+    1.4× clip-kd's step time (the column "vs clip-kd").
 
 Real sizes are far too slow on a 2-core CPU; the defaults (ViT-T-16 student, a random
 ViT-B-16-shaped teacher, both at 64 px, batch 16) keep the run to a few minutes there.
@@ -48,9 +50,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HIERDCTL_NO_PROGRESS", "1")
 
-RECIPES = ["clip-kd", "tinyclip", "clip-rd", "hierd", "hierd+rd"]
-TARGET = {"clip-kd": 1.15, "clip-rd": 1.15, "hierd": 1.40, "tinyclip": 1.15, "hierd+rd": 1.40}
+RECIPES = ["clip-kd", "tinyclip", "clip-rd", "hierd", "hierd+neg", "hierd-v1", "hierd+rd"]
+TARGET = {"clip-kd": 1.15, "clip-rd": 1.15, "hierd": 1.40, "tinyclip": 1.15, "hierd+rd": 1.40, "hierd-v1": 1.40,
+          "hierd+neg": 1.40}
 SPEC_TARGET = {"clip-kd", "clip-rd", "hierd"}  # the ones the issue names
+# Issue 12: HieRD v2 (the shipped `hierd`) costs at most 1.4× clip-kd's step time.
+KD_TARGET = {"hierd": 1.40}
 
 
 def parse_args(argv=None):
@@ -67,6 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--views", type=int, default=2)
     p.add_argument("--clusters", type=int, default=8)
     p.add_argument("--max-phrases", type=int, default=4)
+    p.add_argument("--perturbations", type=int, default=2, help="caption perturbations per caption in the cache")
     p.add_argument("--rounds", type=int, default=2, help="timed rounds of every step (after one warm-up round)")
     p.add_argument("--e2e-steps", type=int, default=3, help="steps of each end-to-end `distill` run (0: skip)")
     p.add_argument("--workers", type=int, default=-1, help="DataLoader workers of the end-to-end runs (-1: automatic)")
@@ -147,6 +153,7 @@ def main(argv=None) -> int:
     if not (cache_dir / "manifest.json").is_file():
         cache_run(CacheTeacherConfig(source=str(work / "data" / "train"), out=cache_dir, teacher=teacher_spec,
                                      views=args.views, clusters=args.clusters, max_phrases=args.max_phrases,
+                                     perturbations=args.perturbations, cluster_crops=True,
                                      batch_size=args.batch_size, device=args.device, workers=0, quiet=True))
     cache = cache_format.open_cache(cache_dir)
     log(f"cache: {len(shards)} shards, teacher {args.teacher} at {t_size} px")
@@ -238,24 +245,31 @@ def main(argv=None) -> int:
     print(f"student {args.student} @ {args.image_size} px, teacher {args.teacher} (random init) @ {t_size} px, "
           f"batch {B}, {args.views} views, K={args.clusters} clusters, ≤{args.max_phrases} phrases/caption, "
           f"precision {args.precision}; step times = median of {args.rounds} rounds.\n")
-    print("| run | step (s) | samples/s (step) | step time vs student-only | target | from-cache / online speed "
-          "(target ≥ {:.2f}) | e2e samples/s (summary) | e2e samples/s (steady) |".format(online_target))
-    print("|---|---|---|---|---|---|---|---|")
+    print("| run | step (s) | samples/s (step) | step time vs student-only | target | vs clip-kd | from-cache / online "
+          "speed (target ≥ {:.2f}) | e2e samples/s (summary) | e2e samples/s (steady) |".format(online_target))
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in recipes:
         rel = T[name] / T["clip"]
         if name == "clip":
             tgt = "—"
         else:
-            ok = "met" if rel <= TARGET[name] else "MISSED"
-            tgt = f"≤ {TARGET[name]:.2f}{'' if name in SPEC_TARGET else ' (ours)'}: {ok}"
+            target = TARGET.get(name, 1.40)  # a recipe of one's own: held to HieRD's budget
+            ok = "met" if rel <= target else "MISSED"
+            tgt = f"≤ {target:.2f}{'' if name in SPEC_TARGET else ' (ours)'}: {ok}"
         vs_online = sps[name] / sps["online"]
         on = f"{vs_online:.2f} ({'met' if vs_online >= online_target else 'MISSED'})"
         s, st = e2e.get(name, (float("nan"), float("nan")))
-        print(f"| `{name}` from cache | {T[name]:.3f} | {sps[name]:.1f} | {rel:.2f}× | {tgt} | {on} | {s:.1f} | {st:.1f} |")
+        vs_kd = "—"
+        if "clip-kd" in T and name != "clip":
+            kd = T[name] / T["clip-kd"]
+            vs_kd = f"{kd:.2f}×" + (f" (≤ {KD_TARGET[name]:.2f}: {'met' if kd <= KD_TARGET[name] else 'MISSED'})"
+                                    if name in KD_TARGET else "")
+        print(f"| `{name}` from cache | {T[name]:.3f} | {sps[name]:.1f} | {rel:.2f}× | {tgt} | {vs_kd} | {on} | {s:.1f} "
+              f"| {st:.1f} |")
     print(f"| open_clip online (teacher fwd + DistillClipLoss step) | {T['online']:.3f} | {sps['online']:.1f} | "
-          f"{T['online'] / T['clip']:.2f}× | — | 1.00 | — | — |")
+          f"{T['online'] / T['clip']:.2f}× | — | — | 1.00 | — | — |")
     print(f"| teacher forward alone | {T['teacher']:.3f} | {sps['teacher']:.1f} | {T['teacher'] / T['clip']:.2f}× "
-          f"| — | — | — | — |")
+          f"| — | — | — | — | — |")
     print(f"\nT_teacher/T_student = {T['teacher'] / T['clip']:.2f}; online target = 0.9·(T_teacher+T_student)/T_student "
           f"= {online_target:.2f}. Total bench time {time.time() - t0:.0f} s.")
     if not args.keep:

@@ -4,8 +4,8 @@ It uses only the public commands, so it doubles as a tutorial; every command is 
 before it runs. The teacher is the small CLIP shipped in examples/teacher/ (trained on
 Scenes images that the demo never uses, by examples/train_teacher.py). Four students of
 one small architecture (examples/configs/scenes-student.json) are distilled from it with
-the `clip` (no teacher), `clip-kd`, `clip-rd` and `hierd` recipes, on the same data,
-steps and learning rate, then exported and evaluated together with the teacher:
+the `clip` (no teacher), `clip-kd`, `clip-rd` and `hierd` (HieRD v2, docs/hierd.md) recipes,
+on the same data, steps and learning rate, then exported and evaluated together with the teacher:
 
     hierdctl scenes          -> WORK/scenes/{train,test}     the benchmark
     hierdctl cache-teacher   -> WORK/cache                   the teacher runs once
@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     hierdctl("scenes", "--out", str(w / "scenes"), "--n-train", str(p["n_train"]), "--n-test", str(p["n_test"]),
              "--shard-size", str(max(1, p["n_train"] // 4)), "--seed", str(args.seed), times=times, log_dir=logs)
     # 2. The teacher runs once: global embeddings, clustered patch tokens, phrases, 2 views.
+    #    (`hierd+neg` would also need caption perturbations: --perturbations 2.)
     hierdctl("cache-teacher", str(w / "scenes" / "train"), "--out", str(w / "cache"), "--teacher", args.teacher,
              "--views", str(p["views"]), "--clusters", str(p["clusters"]), "--max-phrases", str(p["max_phrases"]),
              "--batch-size", "128", "--device", args.device, "--overwrite", "--quiet", times=times, log_dir=logs)

@@ -47,6 +47,25 @@ PHR_T = [
     [[0.0, 0.9, 0.3, -0.1], [0.5, 0.2, 0.4, 0.1], [-0.1, 0.9, 0.0, -0.5]],
     [[-0.2, 0.0, 1.0, 0.3], [0.1, 0.3, 0.6, 0.9], [5.0, 5.0, 5.0, 5.0]],
 ]
+# Q = 2 perturbations per caption: sample 0 has both, sample 1 one, sample 2 none (its
+# row is dropped from hierd_neg). Padded entries hold junk on purpose.
+NEG_MASK = [[True, True], [True, False], [False, False]]
+NEG_S = [
+    [[0.6, 0.3, 0.2, 0.0], [0.9, -0.1, 0.1, 0.2]],
+    [[0.2, 0.7, 0.1, -0.6], [9.0, 9.0, 9.0, 9.0]],
+    [[-4.0, 1.0, 2.0, 3.0], [5.0, -5.0, 0.0, 1.0]],
+]
+NEG_T = [
+    [[0.5, 0.4, 0.3, 0.1], [0.8, 0.0, 0.2, 0.3]],
+    [[0.3, 0.6, 0.2, -0.7], [1.0, -1.0, 1.0, -1.0]],
+    [[2.0, 2.0, 2.0, 2.0], [-3.0, 1.0, 0.0, 1.0]],
+]
+# Teacher embeddings of each cluster's crop (CLIPSelf-style); padded clusters hold junk.
+CLU_CROP_T = [
+    [[0.8, 0.4, 0.0, 0.1], [0.1, 0.9, 0.4, 0.0], [0.0, 0.3, 0.9, 0.6]],
+    [[0.7, 0.3, 0.1, -0.2], [-0.1, 0.2, 1.0, 0.4], [6.0, -6.0, 6.0, 6.0]],
+    [[0.2, -0.2, 0.9, 0.3], [4.0, 4.0, 4.0, -4.0], [0.0, 1.0, 0.0, 1.0]],
+]
 S, S_T = 10.0, 20.0  # student and teacher CLIP scales (small so distributions are not one-hot)
 KAPPA = {"x": 2.659, "v": 3.0, "t": 2.0}
 
@@ -56,16 +75,16 @@ def np_inputs():
     a = {k: np.array(v, dtype=np.float64) for k, v in dict(
         img_s=IMG_S, txt_s=TXT_S, img_t=IMG_T, txt_t=TXT_T, img_s_masked=IMG_S_MASKED,
         img_fused=IMG_FUSED, txt_fused=TXT_FUSED, clu_s=CLU_S, clu_t=CLU_T, phr_s=PHR_S,
-        phr_t=PHR_T).items()}  # fmt: skip
-    for k in ("img_t", "txt_t", "clu_t", "phr_t"):
+        phr_t=PHR_T, neg_s=NEG_S, neg_t=NEG_T, clu_crop_t=CLU_CROP_T).items()}  # fmt: skip
+    for k in ("img_t", "txt_t", "clu_t", "phr_t", "neg_t", "clu_crop_t"):
         a[k] = np_unit(a[k])
-    a["clu_mask"], a["phr_mask"] = np.array(CLU_MASK), np.array(PHR_MASK)
+    a["clu_mask"], a["phr_mask"], a["neg_mask"] = np.array(CLU_MASK), np.array(PHR_MASK), np.array(NEG_MASK)
     return a
 
 
 def make_features(grad: bool = True, teacher_grad: bool = False, **override) -> Features:
     """Features from the explicit inputs (float32). Student tensors are leaves with grad;
-    `img_st`/`txt_st`/`clu_st`/`phr_st` are the same tensors as their `*_s` unless overridden."""
+    `img_st`/`txt_st`/`clu_st`/`phr_st`/`neg_st` are the same tensors as their `*_s` unless overridden."""
     a = np_inputs()
 
     def t(name, requires_grad):
@@ -90,12 +109,17 @@ def make_features(grad: bool = True, teacher_grad: bool = False, **override) -> 
         phr_s=t("phr_s", grad),
         phr_t=t("phr_t", teacher_grad),
         phr_mask=torch.tensor(a["phr_mask"]),
+        neg_s=t("neg_s", grad),
+        neg_t=t("neg_t", teacher_grad),
+        neg_mask=torch.tensor(a["neg_mask"]),
+        clu_crop_t=t("clu_crop_t", teacher_grad),
     )
     for k, v in override.items():
         setattr(f, k, v)
     # No projector in these inputs: the teacher-space fields are the student's own tensors
     # (as in the wrapper when the widths match), so every term sees the same numbers.
-    for st, s in (("img_st", "img_s"), ("txt_st", "txt_s"), ("clu_st", "clu_s"), ("phr_st", "phr_s")):
+    for st, s in (("img_st", "img_s"), ("txt_st", "txt_s"), ("clu_st", "clu_s"), ("phr_st", "phr_s"),
+                  ("neg_st", "neg_s")):
         if st not in override:
             setattr(f, st, getattr(f, s))
     return f

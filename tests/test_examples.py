@@ -49,24 +49,57 @@ def test_a_failing_command_stops_the_script_and_shows_its_log(tmp_path, capsys):
 def test_ablation_recipes_drop_exactly_one_level(tmp_path):
     from hierdctl.losses.registry import load_recipe
 
-    full = {t.name for t in load_recipe("hierd").terms}
+    full = {t.name for t in load_recipe(experiment.ABLATION_BASE).terms}
     paths = experiment.ablation_recipes(tmp_path)
-    assert set(paths) == {f"hierd-no-{level}" for level in experiment.LEVELS}
-    for level, names in experiment.LEVELS.items():
-        assert set(names) <= full, level  # the level exists in the shipped recipe
+    levels = {level for level, names in experiment.LEVELS.items() if set(names) & full}
+    assert {"global", "part-fd", "neg"} <= levels  # the ablations' base has these levels
+    # removing the negatives from the base gives exactly the shipped hierd
+    no_neg = {t.name: t.weight for t in load_recipe(paths["hierd-no-neg"]).terms}
+    assert no_neg == {t.name: t.weight for t in load_recipe("hierd").terms}
+    assert set(paths) == {f"hierd-no-{level}" for level in levels} | {"hierd-global-only"}
+    for level in levels:
         kept = {t.name for t in load_recipe(paths[f"hierd-no-{level}"]).terms}
-        assert kept == full - set(names), level
+        assert kept == full - set(experiment.LEVELS[level]), level
         assert "clip" in kept
+    # every hierarchical level removed at once: CLIP + the global (CLIP-KD) terms alone
+    only = {t.name: t.weight for t in load_recipe(paths["hierd-global-only"]).terms}
+    assert only == {"clip": 1.0, "crd": 1.0, "icl": 1.0, "fd": 2000.0}
+
+
+def test_search_gives_every_recipe_its_base_and_at_most_extra_configurations(tmp_path):
+    from hierdctl.losses.registry import load_recipe
+
+    configs = experiment.search_configs(tmp_path)
+    assert set(configs) == set(experiment.RECIPES)
+    for r, cs in configs.items():
+        assert 1 <= len(cs) <= 1 + experiment.EXTRA, r
+        for _, path in cs:
+            load_recipe(path)  # every configuration is a valid recipe
+    # the baselines hierd must beat get as many extra configurations as hierd
+    n = {r: len(cs) for r, cs in configs.items()}
+    assert n["clip-kd"] == n["clip-rd"] == n["hierd"]
+    # what the final phase trains is a configuration the search tried
+    names = {name for cs in configs.values() for name, _ in cs}
+    for r, (name, lr) in experiment.CHOSEN.items():
+        assert name == r or name in names, r
+        assert lr in experiment.PRESETS["full"]["lrs"], r
+
+
+def test_paired_differences_count_seeds_favouring_each_side():
+    assert experiment.paired([0.3, 0.4, 0.5], [0.2, 0.5, 0.3]) == "+6.7 ± 15.3 (2–1)"
 
 
 def test_results_table_gives_mean_and_std_over_seeds():
     assert experiment.fmt([0.5, 0.7, 0.6]) == "60.0 ± 10.0"
     assert experiment.fmt([0.25]) == "25.0"
     assert experiment.fmt([None]) == "–"
-    res = {"flavour": "shapes", "lr": 0.002, "lr_search": {0.001: 0.3, 0.002: 0.4}, "seeds": [0, 1],
+    res = {"flavour": "shapes", "lr": {"clip": 0.002, "hierd": 0.004, "clip-kd": 0.004}, "seeds": [0, 1],
            "table": {"teacher": {k: [0.9] for k in experiment.METRICS},
-                     "clip": {k: [0.1, 0.3] for k in experiment.METRICS}},
+                     "clip": {k: [0.1, 0.3] for k in experiment.METRICS},
+                     "clip-kd": {k: [0.2, 0.3] for k in experiment.METRICS},
+                     "hierd": {k: [0.25, 0.29] for k in experiment.METRICS}},
            "wall_seconds": {"distill": 12.0}}
     md = experiment.markdown([res], experiment.PRESETS["quick"])
     assert "| clip | 20.0 ± 14.1 |" in md and "| teacher | 90.0 |" in md
-    assert "0.002: 40.0" in md
+    assert "lr: clip 0.002, hierd 0.004" in md
+    assert "| hierd − clip-kd | +2.0 ± 4.2 (1–1) |" in md

@@ -19,7 +19,12 @@ from hierdctl.losses.features import Features
 from hierdctl.losses.registry import TERMS, Recipe, Term, compute_terms, parse_recipe
 from loss_inputs import KAPPA, S, S_T, make_features, np_inputs, np_unit
 
-HIERD_TERMS = tuple(n for n in TERMS if n.startswith("hierd_"))
+# HieRD's relational terms (v1: the student compared with itself) and v2's part-level terms
+# across models (docs/hierd.md).
+HIERD_V2_TERMS = ("hierd_clu_fd", "hierd_phr_fd", "hierd_crop_fd", "hierd_phr_img_x", "hierd_clu_cap_x",
+                  "hierd_clu_phr_x", "hierd_neg")
+HIERD_TERMS = tuple(n for n in TERMS if n.startswith("hierd_") and n not in HIERD_V2_TERMS)
+SCALED_V2_TERMS = tuple(n for n in HIERD_V2_TERMS if TERMS[n].scale)
 KD_TERMS = ("fd", "mfd", "crd", "icl", "gd", "afd")
 
 
@@ -258,6 +263,95 @@ def test_hierd_term_matches_reference(name, scale):
     assert got.item() == pytest.approx(expected, rel=1e-4)
 
 
+def np_hierd_v2_terms(a, s_student, s_teacher):
+    """HieRD v2's part-level terms across models, written from docs/hierd.md row by row over
+    the valid entries only (float64)."""
+    cs, ct, crop = np_unit(a["clu_s"]), a["clu_t"], a["clu_crop_t"]
+    ps, pt = np_unit(a["phr_s"]), a["phr_t"]
+    ns, nt = np_unit(a["neg_s"]), a["neg_t"]
+    vs, ts, vt, tt = np_unit(a["img_s"]), np_unit(a["txt_s"]), a["img_t"], a["txt_t"]
+    cm, pm, qm = a["clu_mask"], a["phr_mask"], a["neg_mask"]
+    n = cs.shape[0]
+
+    def part_fd(xs, xt, m):
+        errs = [np.mean((xs[i, k] - xt[i, k]) ** 2) for i in range(n) for k in np.flatnonzero(m[i])]
+        return float(np.mean(errs))
+
+    def to_teacher_batch(xs, xt, m, ot):
+        rows = [(s_student * ot @ xs[i, k], s_teacher * ot @ xt[i, k]) for i in range(n) for k in np.flatnonzero(m[i])]
+        return np_masked_mean_kl(rows)
+
+    rows, cols, negs = [], [], []
+    for i in range(n):
+        kv, pv = np.flatnonzero(cm[i]), np.flatnonzero(pm[i])
+        for k in kv:  # student cluster -> teacher phrases
+            rows.append((s_student * pt[i, pv] @ cs[i, k], s_teacher * pt[i, pv] @ ct[i, k]))
+        for p in pv:  # student phrase -> teacher clusters
+            cols.append((s_student * ct[i, kv] @ ps[i, p], s_teacher * ct[i, kv] @ pt[i, p]))
+        qv = np.flatnonzero(qm[i])
+        cand_s = np.vstack([ts[i][None], ns[i, qv]])
+        cand_t = np.vstack([tt[i][None], nt[i, qv]])
+        negs.append((s_student * cand_s @ vs[i], s_teacher * cand_t @ vt[i]))
+    return {
+        "hierd_clu_fd": part_fd(cs, ct, cm),
+        "hierd_phr_fd": part_fd(ps, pt, pm),
+        "hierd_crop_fd": part_fd(cs, crop, cm),
+        "hierd_phr_img_x": to_teacher_batch(ps, pt, pm, vt),
+        "hierd_clu_cap_x": to_teacher_batch(cs, ct, cm, tt),
+        "hierd_clu_phr_x": 0.5 * (np_masked_mean_kl(rows) + np_masked_mean_kl(cols)),
+        "hierd_neg": np_masked_mean_kl(negs),
+    }
+
+
+@pytest.mark.parametrize("scale", ["teacher", "student", 7.5])
+@pytest.mark.parametrize("name", HIERD_V2_TERMS)
+def test_hierd_v2_term_matches_reference(name, scale):
+    if not TERMS[name].scale and scale != "teacher":
+        pytest.skip("an MSE: no scale")
+    s_student, s_teacher = {"teacher": (S_T, S_T), "student": (S, S_T), 7.5: (7.5, 7.5)}[scale]
+    expected = np_hierd_v2_terms(np_inputs(), s_student, s_teacher)[name]
+    args = {name: {"scale": scale}} if TERMS[name].scale else None
+    got = terms([name], make_features(), args)[f"{name}_loss"]
+    assert got.dtype == torch.float32 and got.dim() == 0
+    assert expected > 1e-6
+    assert got.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_hierd_v2_cross_model_terms_read_the_projected_student():
+    """The v2 terms that put a student part next to a teacher vector read `*_st`: changing the
+    projected tensor (and only it) moves them, while the relational v1 terms stay put."""
+    base = make_features()
+    moved = make_features(clu_st=base.clu_s.detach() * 0 + 1.0, phr_st=base.phr_s.detach().flip(-1))
+    v2 = ("hierd_clu_fd", "hierd_phr_fd", "hierd_crop_fd", "hierd_phr_img_x", "hierd_clu_cap_x", "hierd_clu_phr_x")
+    a, b = terms(v2 + HIERD_TERMS, base), terms(v2 + HIERD_TERMS, moved)
+    for name in v2:
+        assert abs(a[f"{name}_loss"].item() - b[f"{name}_loss"].item()) > 1e-4, name
+    for name in HIERD_TERMS:
+        assert a[f"{name}_loss"].item() == pytest.approx(b[f"{name}_loss"].item()), name
+
+
+def test_hierd_neg_sample_without_perturbations_is_dropped():
+    # Sample 2 has no valid perturbation: its image and caption must not move hierd_neg.
+    f, g = make_features(), make_features()
+    with torch.no_grad():
+        g.img_s[2] = torch.tensor([3.0, -1.0, 0.5, 0.0])
+        g.txt_s[2] = torch.tensor([-2.0, 0.0, 1.0, 1.0])
+    assert terms(["hierd_neg"], f)["hierd_neg_loss"].item() == pytest.approx(
+        terms(["hierd_neg"], g)["hierd_neg_loss"].item())
+    # ...while sample 0's do (the test can tell)
+    with torch.no_grad():
+        g.img_s[0] = torch.tensor([3.0, -1.0, 0.5, 0.0])
+    assert abs(terms(["hierd_neg"], f)["hierd_neg_loss"].item() - terms(["hierd_neg"], g)["hierd_neg_loss"].item()) > 1e-4
+
+
+def test_part_fd_with_no_valid_part_is_zero_with_graph():
+    parts = torch.randn(2, 3, 4, requires_grad=True)
+    loss = L.part_fd(parts, torch.randn(2, 3, 4), torch.zeros(2, 3, dtype=torch.bool))
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.equal(parts.grad, torch.zeros(2, 3, 4))
+
+
 def test_compute_terms_computes_only_the_recipes_terms():
     f = make_features()
     assert set(terms(["icl", "fd"], f)) == {"icl_loss", "fd_loss"}
@@ -284,7 +378,7 @@ def student_equals_teacher(scale_s: float) -> Features:
     """Student tensors equal to the teacher's (scaled by 3: normalisation must undo it)."""
     f = make_features()
     return make_features(
-        img_s=3 * f.img_t, txt_s=3 * f.txt_t, clu_s=3 * f.clu_t, phr_s=3 * f.phr_t,
+        img_s=3 * f.img_t, txt_s=3 * f.txt_t, clu_s=3 * f.clu_t, phr_s=3 * f.phr_t, neg_s=3 * f.neg_t,
         logit_scale_s=torch.tensor(scale_s),
     )  # fmt: skip
 
@@ -296,8 +390,17 @@ def test_kl_terms_vanish_when_student_equals_teacher():
     out |= {f"{k} (student)": v for k, v in terms(HIERD_TERMS, f, student_scale).items()}  # s == s_T here
     for key, value in out.items():
         assert abs(value.item()) < 1e-5, key
+    # HieRD v2: every part-level term across models vanishes too (crop FD against the crops)
+    v2 = tuple(n for n in HIERD_V2_TERMS if n != "hierd_crop_fd")
+    for key, value in terms(v2, f).items():
+        assert abs(value.item()) < 1e-5, key
+    crop = make_features(clu_s=3 * f.clu_crop_t)
+    assert abs(terms(["hierd_crop_fd"], crop)["hierd_crop_fd_loss"].item()) < 1e-6
+    assert terms(HIERD_V2_TERMS, make_features())["hierd_crop_fd_loss"].item() > 1e-3
     # ...and do not vanish when the scales differ: the test can tell.
     g = student_equals_teacher(S)
+    v2_scaled = terms(SCALED_V2_TERMS, g, {n: {"scale": "student"} for n in SCALED_V2_TERMS})
+    assert all(v.item() > 1e-4 for v in v2_scaled.values()), v2_scaled
     assert terms(["crd"], g)["crd_loss"].item() > 1e-3
     scaled = terms(HIERD_TERMS, g, student_scale)
     assert all(v.item() > 1e-4 for v in scaled.values())
@@ -327,10 +430,10 @@ def test_no_gradient_reaches_teacher_tensors():
     f = make_features(teacher_grad=True)
     total = sum(all_terms(f).values())
     total.backward()
-    for name in ("img_t", "txt_t", "clu_t", "phr_t"):
+    for name in ("img_t", "txt_t", "clu_t", "phr_t", "neg_t", "clu_crop_t"):
         assert getattr(f, name).grad is None, name
     # the student does get gradients, so the check above is not vacuous
-    for name in ("img_s", "txt_s", "img_st_masked", "img_fused", "txt_fused", "clu_s", "phr_s"):
+    for name in ("img_s", "txt_s", "img_st_masked", "img_fused", "txt_fused", "clu_s", "phr_s", "neg_s"):
         grad = getattr(f, name).grad
         assert grad is not None and grad.abs().sum() > 0, name
 
@@ -384,25 +487,27 @@ def test_vrd_text_side_is_stop_gradient():
 
 
 def test_masked_entries_do_not_affect_hierd():
+    names = HIERD_TERMS + HIERD_V2_TERMS
     f = make_features()
-    out = terms(HIERD_TERMS, f)
+    out = terms(names, f)
     sum(out.values()).backward()
 
-    junk = torch.full((3, 3, 4), float("nan"))
     g = make_features()
-    for name, mask in (("clu_s", g.clu_mask), ("clu_t", g.clu_mask), ("phr_s", g.phr_mask), ("phr_t", g.phr_mask)):
+    for name, mask in (("clu_s", g.clu_mask), ("clu_t", g.clu_mask), ("phr_s", g.phr_mask), ("phr_t", g.phr_mask),
+                       ("clu_crop_t", g.clu_mask), ("neg_s", g.neg_mask), ("neg_t", g.neg_mask)):
         with torch.no_grad():
-            getattr(g, name)[~mask] = junk[~mask]  # NaN in every padded slot
-    out_junk = terms(HIERD_TERMS, g)
+            getattr(g, name)[~mask] = float("nan")  # NaN in every padded slot
+    out_junk = terms(names, g)
     sum(out_junk.values()).backward()
 
     for key in out:
         assert out_junk[key].item() == pytest.approx(out[key].item(), rel=1e-6), key
-    for name in ("clu_s", "phr_s", "img_s", "txt_s"):
+    for name in ("clu_s", "phr_s", "neg_s", "img_s", "txt_s"):
         gf, gg = getattr(f, name).grad, getattr(g, name).grad
         assert torch.isfinite(gg).all(), name
         torch.testing.assert_close(gg, gf)
     assert (f.clu_s.grad[~f.clu_mask] == 0).all() and (f.phr_s.grad[~f.phr_mask] == 0).all()
+    assert (f.neg_s.grad[~f.neg_mask] == 0).all() and f.neg_s.grad[f.neg_mask].abs().sum() > 0
 
 
 def test_hierd_sample_with_too_few_parts_is_excluded():

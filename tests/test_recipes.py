@@ -13,7 +13,14 @@ from hierdctl.losses.registry import TERMS, Recipe, Term, compute_terms, list_re
 
 from loss_inputs import make_features
 
-SHIPPED = {"clip", "clip-kd", "tinyclip", "clip-rd", "hierd", "hierd+rd"}
+SHIPPED = {"clip", "clip-kd", "tinyclip", "clip-rd", "hierd", "hierd+neg", "hierd-v1", "hierd+rd"}
+# HieRD v1's seven relational levels (hierd-v1, hierd+rd); `hierd` is v2 (docs/hierd.md).
+HIERD_V1 = ("hierd_clu_clu", "hierd_clu_img", "hierd_phr_phr", "hierd_phr_cap", "hierd_clu_phr", "hierd_phr_img",
+            "hierd_clu_cap")
+
+
+HIERD_V2_WEIGHTS = {"hierd_clu_fd": 2000.0, "hierd_phr_fd": 2000.0}
+HIERD_V2_PARTS = {"global", "clusters", "phrases"}
 
 
 def test_list_recipes_names_every_shipped_recipe_with_a_description():
@@ -44,9 +51,14 @@ def test_shipped_recipes_have_the_published_terms_and_weights():
     assert weights("clip-kd") == {"clip": 1.0, "crd": 1.0, "icl": 1.0, "fd": 2000.0}
     assert weights("clip-rd") == weights("clip-kd") | {"vrd": 1.0, "xrd": 1.0}
     assert weights("tinyclip") == {"clip": 0.5, "affinity": 0.5}  # α = 0.5: a real mix
-    hierd_terms = {n: 1.0 for n in TERMS if n.startswith("hierd_")}
-    assert weights("hierd") == {"clip": 1.0, "crd": 1.0} | hierd_terms
+    hierd_terms = {n: 1.0 for n in HIERD_V1}
+    assert set(HIERD_V1) <= set(TERMS)
+    assert weights("hierd-v1") == {"clip": 1.0, "crd": 1.0} | hierd_terms
     assert weights("hierd+rd") == weights("clip-rd") | hierd_terms
+    # HieRD v2 = CLIP-KD's global terms + the part-level terms the validation search kept
+    # (examples/experiment.py SEARCH/CHOSEN, docs/hierd.md)
+    assert weights("hierd") == weights("clip-kd") | HIERD_V2_WEIGHTS
+    assert weights("hierd+neg") == weights("hierd") | {"hierd_neg": 1.0}
 
 
 def test_recipe_needs():
@@ -58,16 +70,28 @@ def test_recipe_needs():
     assert not load_recipe("tinyclip").teacher_space  # clip + affinity: the student's own space only
     rd = load_recipe("clip-rd")
     assert set(rd.kappa_keys) == {"x", "v", "t"}
+    v1 = load_recipe("hierd-v1")
+    assert set(v1.cache_parts) == {"global", "clusters", "phrases"}
+    assert set(v1.extras) == {"patch_tokens", "phrase_forward"}
+    assert {"clu_s", "clu_t", "clu_mask", "phr_s", "phr_t", "phr_mask"} <= set(v1.fields)
+    assert not v1.teacher_space  # CRD and the relational HieRD terms compare the student with itself
     hierd = load_recipe("hierd")
-    assert set(hierd.cache_parts) == {"global", "clusters", "phrases"}
-    assert set(hierd.extras) == {"patch_tokens", "phrase_forward"}
-    assert {"clu_s", "clu_t", "clu_mask", "phr_s", "phr_t", "phr_mask"} <= set(hierd.fields)
-    assert not hierd.teacher_space  # CRD and the relational HieRD terms compare the student with itself
+    assert set(hierd.cache_parts) == HIERD_V2_PARTS
+    assert hierd.teacher_space  # FD, ICL and the part-level v2 terms compare the student with the teacher
+    assert set(hierd.extras) == {"patch_tokens", "phrase_forward"}  # no perturbation forwards: the cost budget
+    assert "negative_forward" in load_recipe("hierd+neg").extras
+    assert one_term_needs("hierd_neg") == (("perturbations", "global"), ("negative_forward",))
+    assert one_term_needs("hierd_crop_fd") == (("clusters", "cluster_crops"), ("patch_tokens",))
 
     def one(name):
         return Recipe(name, (Term(name, 1.0),))
 
     assert one("mfd").extras == ("masked_forward",) and one("afd").extras == ("fusion",)
+
+
+def one_term_needs(name):
+    r = Recipe(name, (Term(name, 1.0),))
+    return r.cache_parts, r.extras
 
 
 def write(tmp_path, text, name="my.yaml"):

@@ -408,3 +408,108 @@ def part_to_batch(
     logits_t = scale_t * pt @ frozen(other_t).T  # (N, K, N)
     row_mask = mask[:, :, None].expand_as(logits_s)  # (N, K, N): whole row valid or not
     return masked_kl_rows(logits_s, logits_t, row_mask)
+
+
+# --- HieRD v2: part-level distillation across models (docs/hierd.md, "HieRD v2") ---------
+# The terms above compare the student with itself (relational KLs in its own space). The
+# ones below put a student part next to a *teacher* vector, as CLIP-KD's FD and ICL do at
+# the global level, so they take the `*_st` fields (the student projected into the
+# teacher's space; the same tensors when the widths match):
+#
+#   hierd_clu_fd / hierd_phr_fd / hierd_crop_fd  part_fd              valid part -> its teacher part (MSE)
+#   hierd_phr_img_x / hierd_clu_cap_x           part_to_teacher_batch student part -> the N teacher images / captions
+#   hierd_clu_phr_x                              cluster_phrase_cross  student cluster -> teacher phrases, and back
+#   hierd_neg                                    negative_kl           image -> {caption, its perturbations}
+
+
+def part_fd(parts_s: Tensor, parts_t: Tensor, mask: Tensor) -> Tensor:
+    """Part-level feature distillation: element-mean MSE over the valid parts.
+
+    parts_s: (N, K, D) raw student (normalised here); parts_t: (N, K, D) teacher
+    (normalised); mask: (N, K) bool. Returns () = Σ_valid ‖p̂s − pt‖² / D / #valid, the
+    per-part analogue of `fd` (same scale, so FD's weight carries over); 0 (attached to
+    the graph) when no part is valid.
+    """
+    ps, pt = masked_parts(parts_s, mask, True), masked_parts(parts_t, mask, False)
+    per_part = ((ps - pt) ** 2).mean(-1)  # (N, K)
+    return torch.where(mask, per_part, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def part_to_teacher_batch(
+    parts_s: Tensor,
+    parts_t: Tensor,
+    mask: Tensor,
+    other_t: Tensor,
+    scale_s: Scale,
+    scale_t: Scale,
+) -> Tensor:
+    """Across models, in batch: a student part's distribution over the N *teacher* global
+    embeddings of the other modality, matched to the teacher part's (soft ICL for parts).
+
+    parts_s: (N, K, D) raw student; parts_t: (N, K, D) teacher; mask: (N, K) bool;
+    other_t: (N, D) teacher images or captions.
+    Logits (N, K, N): student σ_s·p̂s·otherᵀ, teacher σ_t·pt·otherᵀ; invalid parts are
+    dropped rows. Soft targets rather than ICL's one-hot: a phrase ("a red circle") or a
+    region can match many images/captions of a batch, and the teacher says which.
+    Returns ().
+    """
+    ps, pt = masked_parts(parts_s, mask, True), masked_parts(parts_t, mask, False)
+    ot = frozen(other_t)
+    logits_s = scale_s * ps @ ot.T  # (N, K, N)
+    logits_t = scale_t * pt @ ot.T  # (N, K, N)
+    row_mask = mask[:, :, None].expand_as(logits_s)
+    return masked_kl_rows(logits_s, logits_t, row_mask)
+
+
+def cluster_phrase_cross(
+    clu_s: Tensor,
+    clu_t: Tensor,
+    clu_mask: Tensor,
+    phr_s: Tensor,
+    phr_t: Tensor,
+    phr_mask: Tensor,
+    scale_s: Scale,
+    scale_t: Scale,
+) -> Tensor:
+    """Within one pair, across models: each student cluster's distribution over the
+    teacher's phrases, and each student phrase's over the teacher's clusters.
+
+    clu_*: (N, K, D), clu_mask: (N, K); phr_*: (N, P, D), phr_mask: (N, P).
+    Rows: student σ_s·ĉs·ptᵀ vs teacher σ_t·ct·ptᵀ (N, K, P);
+    columns: student σ_s·p̂s·ctᵀ vs teacher σ_t·pt·ctᵀ (N, P, K).
+    Returns () = ½[KL_rows + KL_cols] (masked, rows with < 2 valid entries dropped).
+    """
+    cs, ct = masked_parts(clu_s, clu_mask, True), masked_parts(clu_t, clu_mask, False)
+    ps, pt = masked_parts(phr_s, phr_mask, True), masked_parts(phr_t, phr_mask, False)
+    pair_mask = clu_mask[:, :, None] & phr_mask[:, None, :]  # (N, K, P)
+    rows = masked_kl_rows(scale_s * cs @ pt.transpose(1, 2), scale_t * ct @ pt.transpose(1, 2), pair_mask)
+    cols = masked_kl_rows(scale_s * ps @ ct.transpose(1, 2), scale_t * pt @ ct.transpose(1, 2),
+                          pair_mask.transpose(1, 2))
+    return 0.5 * (rows + cols)
+
+
+def negative_kl(
+    img_s: Tensor,
+    txt_s: Tensor,
+    neg_s: Tensor,
+    img_t: Tensor,
+    txt_t: Tensor,
+    neg_t: Tensor,
+    neg_mask: Tensor,
+    scale_s: Scale,
+    scale_t: Scale,
+) -> Tensor:
+    """Compositional negative distillation: per sample, the image's distribution over
+    {its caption, the caption's valid structure-preserving perturbations}.
+
+    img_s, txt_s: (N, D) raw student; neg_s: (N, Q, D) raw student text tower on the
+    perturbations; img_t, txt_t: (N, D), neg_t: (N, Q, D) teacher; neg_mask: (N, Q) bool.
+    Logits (N, 1 + Q): student σ_s·⟨v̂s, [t̂s, n̂s_q]⟩, teacher σ_t·⟨vt, [tt, nt_q]⟩.
+    A sample without a valid perturbation has one entry and is dropped. Returns ().
+    """
+    cand_s = torch.cat([unit(txt_s)[:, None], masked_parts(neg_s, neg_mask, True)], dim=1)  # (N, 1+Q, D)
+    cand_t = torch.cat([frozen(txt_t)[:, None], masked_parts(neg_t, neg_mask, False)], dim=1)
+    logits_s = scale_s * torch.einsum("nqd,nd->nq", cand_s, unit(img_s))  # (N, 1+Q)
+    logits_t = scale_t * torch.einsum("nqd,nd->nq", cand_t, frozen(img_t))
+    mask = torch.cat([torch.ones_like(neg_mask[:, :1]), neg_mask], dim=1)
+    return masked_kl_rows(logits_s, logits_t, mask)

@@ -19,8 +19,10 @@ training.
 
 Which space each term works in (features.py explains the two):
 
-    clip, crd, affinity, afd, hierd_*    the student's own embeddings (*_s)
-    fd, mfd, icl, gd, vrd, xrd           the student projected into the teacher's space (*_st)
+    clip, crd, affinity, afd, the relational hierd_* terms, hierd_neg
+                                         the student's own embeddings (*_s)
+    fd, mfd, icl, gd, vrd, xrd, hierd_*_fd, hierd_*_x
+                                         the student projected into the teacher's space (*_st)
 
 Scales. A term whose fields include `scale_s, scale_t` takes a `scale` arg:
 'teacher' (s_T on both sides), 'student' (the student's learned s on its side, s_T on the
@@ -137,6 +139,25 @@ TERMS: dict[str, TermSpec] = {
                               scale="teacher"),
     "hierd_clu_cap": TermSpec(L.part_to_batch, _CLU + ("txt_s", "txt_t") + _SCALES, "in batch: cluster -> captions",
                               scale="teacher"),
+    # --- HieRD v2 (docs/hierd.md): the part level distilled across models, beside the
+    # global CLIP-KD terms. Student parts next to teacher vectors: the *_st fields.
+    "hierd_clu_fd": TermSpec(L.part_fd, ("clu_st", "clu_t", "clu_mask"), "part FD: pooled student cluster -> "
+                             "teacher cluster embedding"),
+    "hierd_phr_fd": TermSpec(L.part_fd, ("phr_st", "phr_t", "phr_mask"), "part FD: student phrase -> teacher phrase"),
+    "hierd_crop_fd": TermSpec(L.part_fd, ("clu_st", "clu_crop_t", "clu_mask"),
+                              "part FD: pooled student cluster -> teacher embedding of the cluster's crop (CLIPSelf)"),
+    "hierd_phr_img_x": TermSpec(L.part_to_teacher_batch, ("phr_st", "phr_t", "phr_mask", "img_t") + _SCALES,
+                                "cross-level, across models: student phrase -> the N teacher images",
+                                scale="teacher"),
+    "hierd_clu_cap_x": TermSpec(L.part_to_teacher_batch, ("clu_st", "clu_t", "clu_mask", "txt_t") + _SCALES,
+                                "cross-level, across models: student cluster -> the N teacher captions",
+                                scale="teacher"),
+    "hierd_clu_phr_x": TermSpec(L.cluster_phrase_cross, ("clu_st", "clu_t", "clu_mask", "phr_st", "phr_t",
+                                                         "phr_mask") + _SCALES,
+                                "per pair, across models: student cluster -> teacher phrases and back",
+                                scale="teacher"),
+    "hierd_neg": TermSpec(L.negative_kl, ("img_s", "txt_s", "neg_s", "img_t", "txt_t", "neg_t", "neg_mask") + _SCALES,
+                          "compositional negatives: image -> {caption, its perturbations}", scale="teacher"),
 }  # fmt: skip
 
 # What a field costs the rest of the pipeline: (cache part, student-wrapper work).
