@@ -22,7 +22,7 @@ Targets (from the issue):
     with T_teacher = (d) and T_student = (a);
   - clip-kd and clip-rd within 15% of student-only (step time ≤ 1.15 · (a)), hierd within 40%
     (≤ 1.40 · (a)); we hold tinyclip to 15% and hierd+rd to 40% too;
-  - issue 12: `hierd` (HieRD v2: phrase and perturbation forwards, pooled clusters) at most
+  - issue 12: `hierd` (HieRD v2: phrase forwards and pooled clusters; `hierd+neg` adds the perturbation forwards) at most
     1.4× clip-kd's step time (the column "vs clip-kd").
 
 Real sizes are far too slow on a 2-core CPU; the defaults (ViT-T-16 student, a random

@@ -77,12 +77,25 @@ def test_search_gives_every_recipe_its_base_and_at_most_extra_configurations(tmp
             load_recipe(path)  # every configuration is a valid recipe
     # the baselines hierd must beat get as many extra configurations as hierd
     n = {r: len(cs) for r, cs in configs.items()}
-    assert n["clip-kd"] == n["clip-rd"] == n["hierd"]
-    # what the final phase trains is a configuration the search tried
-    names = {name for cs in configs.values() for name, _ in cs}
+    assert n["clip-kd"] == n["clip-rd"] == n["hierd"] == 1 + experiment.EXTRA
+    # what the final phase trains is a configuration the search tried: the same terms and
+    # weights (a shipped recipe chosen by name, like hierd, must equal a searched one)
+    tried = {r: [experiment.weights_of(load_recipe_yaml(path)) for _, path in cs] for r, cs in configs.items()}
     for r, (name, lr) in experiment.CHOSEN.items():
-        assert name == r or name in names, r
+        family = "hierd" if r.startswith("hierd") else r
+        path = dict(configs[family]).get(name)
+        weights = experiment.weights_of(load_recipe_yaml(path) if path else experiment.shipped_recipe(name))
+        assert weights in tried[family], r
         assert lr in experiment.PRESETS["full"]["lrs"], r
+    # the shipped hierd is within the step-time budget; hierd+neg is not
+    assert not set(experiment.OVER_BUDGET_TERMS) & set(experiment.weights_of(experiment.shipped_recipe("hierd")))
+    assert set(experiment.OVER_BUDGET_TERMS) & set(experiment.weights_of(experiment.shipped_recipe("hierd+neg")))
+
+
+def load_recipe_yaml(path):
+    import yaml
+
+    return yaml.safe_load(open(path).read())
 
 
 def test_paired_differences_count_seeds_favouring_each_side():
@@ -103,3 +116,16 @@ def test_results_table_gives_mean_and_std_over_seeds():
     assert "| clip | 20.0 ± 14.1 |" in md and "| teacher | 90.0 |" in md
     assert "lr: clip 0.002, hierd 0.004" in md
     assert "| hierd − clip-kd | +2.0 ± 4.2 (1–1) |" in md
+
+
+def test_search_chooses_the_best_configuration_within_the_step_budget():
+    m = lambda v: {k: v for k in experiment.METRICS}  # noqa: E731
+    s = {"grid": {"hierd": {0.004: m(0.20)}},
+         "extras": {"hierd": [{"config": "v2-no-cross", "lr": 0.004, "metrics": m(0.24)},
+                              {"config": "v2-no-cross-no-neg", "lr": 0.004, "metrics": m(0.23)}]},
+         "over_budget": ["hierd-search", "v2-no-cross"], "configs_tried": {"hierd": 3}}
+    rows = {line.split(" | ")[1]: line for line in experiment.search_markdown(s, {}).splitlines()
+            if line.startswith("| hierd |")}
+    assert set(rows) == {"hierd-search (over the step-time budget)",
+                         "v2-no-cross (best on validation; over the step-time budget)",
+                         "v2-no-cross-no-neg **(chosen)**"}

@@ -318,16 +318,27 @@ def test_hierd_v2_term_matches_reference(name, scale):
 
 
 def test_hierd_v2_cross_model_terms_read_the_projected_student():
-    """The v2 terms that put a student part next to a teacher vector read `*_st`: changing the
-    projected tensor (and only it) moves them, while the relational v1 terms stay put."""
-    base = make_features()
-    moved = make_features(clu_st=base.clu_s.detach() * 0 + 1.0, phr_st=base.phr_s.detach().flip(-1))
+    """The v2 terms that put a student part next to a teacher vector read `*_st`, one field at
+    a time: moving the projected clusters moves exactly the terms that read them (likewise
+    phrases), and moving the student's own parts (with `*_st` held) moves none of them."""
     v2 = ("hierd_clu_fd", "hierd_phr_fd", "hierd_crop_fd", "hierd_phr_img_x", "hierd_clu_cap_x", "hierd_clu_phr_x")
-    a, b = terms(v2 + HIERD_TERMS, base), terms(v2 + HIERD_TERMS, moved)
+    base = make_features()
+    a = terms(v2 + HIERD_TERMS, base)
+    moves = {"clu_st": base.clu_s.detach() * 0 + 1.0, "phr_st": base.phr_s.detach().flip(-1)}
+    readers = {field: {n for n in v2 if field in TERMS[n].fields} for field in moves}
+    assert readers == {"clu_st": {"hierd_clu_fd", "hierd_crop_fd", "hierd_clu_cap_x", "hierd_clu_phr_x"},
+                       "phr_st": {"hierd_phr_fd", "hierd_phr_img_x", "hierd_clu_phr_x"}}
+    for field, value in moves.items():
+        b = terms(v2 + HIERD_TERMS, make_features(**{field: value}))
+        for name in v2:
+            moved = abs(a[f"{name}_loss"].item() - b[f"{name}_loss"].item()) > 1e-4
+            assert moved == (name in readers[field]), (field, name)
+        for name in HIERD_TERMS:  # the v1 relational terms read the own space only
+            assert a[f"{name}_loss"].item() == pytest.approx(b[f"{name}_loss"].item()), (field, name)
+    own = make_features(clu_s=moves["clu_st"], phr_s=moves["phr_st"], clu_st=base.clu_s, phr_st=base.phr_s)
+    c = terms(v2, own)
     for name in v2:
-        assert abs(a[f"{name}_loss"].item() - b[f"{name}_loss"].item()) > 1e-4, name
-    for name in HIERD_TERMS:
-        assert a[f"{name}_loss"].item() == pytest.approx(b[f"{name}_loss"].item()), name
+        assert a[f"{name}_loss"].item() == pytest.approx(c[f"{name}_loss"].item()), name
 
 
 def test_hierd_neg_sample_without_perturbations_is_dropped():
