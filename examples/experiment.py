@@ -405,7 +405,9 @@ def fmt(values: list) -> str:
 
 def paired(a: list, b: list) -> str:
     """Per-seed differences a − b (points): mean ± std and how many seeds favour each side."""
-    d = [100 * (x - y) for x, y in zip(a, b)]
+    d = [100 * (x - y) for x, y in zip(a, b) if x is not None and y is not None]
+    if not d:
+        return "–"
     win, lose = sum(x > 0 for x in d), sum(x < 0 for x in d)
     sd = f" ± {statistics.stdev(d):.1f}" if len(d) > 1 else ""
     return f"{statistics.mean(d):+.1f}{sd} ({win}–{lose})"
@@ -419,11 +421,13 @@ def markdown(results: list[dict], p: dict) -> str:
                   "| model | I→T R@1 | T→I R@1 | swap attr | swap rel | replace obj | all hard neg |",
                   "|---|---|---|---|---|---|---|"]
         per = res.get("seeds_per_model", {})
+        seeds_of = lambda name: per.get(name, res["seeds"])  # noqa: E731
         for name, row in res["table"].items():
             note = f" (seeds {', '.join(map(str, per[name]))})" if name in per and per[name] != res["seeds"] else ""
             lines.append(f"| {name}{note} | " + " | ".join(fmt(row[k]) for k in METRICS) + " |")
         t = res["table"]
-        rows = [(h, b) for h in PAIRED for b in BASELINES if h in t and b in t and len(t[h][R1[0]]) == len(t[b][R1[0]])]
+        # paired only where both rows have the very same seeds (same initialisation and data order)
+        rows = [(h, b) for h in PAIRED for b in BASELINES if h in t and b in t and seeds_of(h) == seeds_of(b)]
         if rows:
             lines += ["", "Paired per-seed differences, model − baseline, in points: mean ± std (seeds favouring "
                       "the model – seeds favouring the baseline):", "",

@@ -129,3 +129,15 @@ def test_search_chooses_the_best_configuration_within_the_step_budget():
     assert set(rows) == {"hierd-search (over the step-time budget)",
                          "v2-no-cross (best on validation; over the step-time budget)",
                          "v2-no-cross-no-neg **(chosen)**"}
+
+
+def test_paired_differences_pair_only_rows_with_the_same_seeds():
+    m = {k: [0.2, 0.3] for k in experiment.METRICS}
+    res = {"flavour": "shapes", "lr": {"clip-kd": 0.004, "hierd": 0.004}, "seeds": [0, 1],
+           "seeds_per_model": {"clip-kd": [0, 1], "hierd": [1, 2]},
+           "table": {"teacher": {k: [0.9] for k in experiment.METRICS}, "clip-kd": m, "hierd": m},
+           "wall_seconds": {}}
+    assert "hierd − clip-kd" not in experiment.markdown([res], experiment.PRESETS["quick"])
+    res["seeds_per_model"]["hierd"] = [0, 1]
+    assert "hierd − clip-kd" in experiment.markdown([res], experiment.PRESETS["quick"])
+    assert experiment.paired([None, 0.4], [0.2, 0.3]) == "+10.0 (1–0)"
