@@ -478,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cluster-crops", action="store_true",
                     help="caches without the teacher's crop embeddings (only `hierd_crop_fd` reads them; costly)")
     ap.add_argument("--no-ablations", action="store_true", help="final: skip the hierd ablations")
+    ap.add_argument("--long-seeds", help="long: override the preset's seeds of the longer budget (comma-separated)")
     ap.add_argument("--ablation-seeds", help="final: seeds of the hierd ablations [the preset's seeds]")
     args = ap.parse_args(argv)
     global JOBS, SELECTED, FINAL_SELECTED
@@ -492,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     p["cluster_crops"] = p["cluster_crops"] and not args.no_cluster_crops
     if args.seeds:
         p["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    if args.long_seeds:
+        p["long_seeds"] = tuple(int(s) for s in args.long_seeds.split(","))
     p["ablation_seeds"] = tuple(int(s) for s in args.ablation_seeds.split(",")) if args.ablation_seeds else p["seeds"]
     phases = args.phase.split(",")
     root = args.work
