@@ -138,10 +138,14 @@ def test_projector_when_widths_differ(cache, tmp_path):
 
     w = load_file(summary["checkpoint"])
     assert w["img_proj.weight"].shape == (32, 48) and w["txt_proj.weight"].shape == (32, 48)
-    # hierd's terms all compare the student with itself (CRD, relational KLs): no projector needed.
-    summary = S.run(_cfg(cache, tmp_path / "noproj", student=f"open_clip:{cfg_path}", recipe="hierd", steps=2))
+    # hierd-v1's terms all compare the student with itself (CRD, relational KLs): no projector needed.
+    summary = S.run(_cfg(cache, tmp_path / "noproj", student=f"open_clip:{cfg_path}", recipe="hierd-v1", steps=2))
     assert not any("projector" in n for n in summary["notes"])
     assert not any(k.startswith(("img_proj", "txt_proj")) for k in load_file(summary["checkpoint"]))
+    # hierd (v2) distils features and parts in the teacher's space: it needs one.
+    summary = S.run(_cfg(cache, tmp_path / "v2proj", student=f"open_clip:{cfg_path}", recipe="hierd", steps=2))
+    assert any("projector" in n for n in summary["notes"])
+    assert load_file(summary["checkpoint"])["img_proj.weight"].shape == (32, 48)
 
 
 def test_nan_loss_stops_naming_the_term(cache, tmp_path, monkeypatch):

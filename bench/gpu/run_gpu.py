@@ -463,10 +463,13 @@ def parse_distill_table(text: str) -> dict:
     """bench_distill.py's markdown table -> {recipe: {...}, online_s, teacher_s, online_target}."""
     num = r"(nan|[\d.]+)"
     out: dict = {"recipes": {}}
-    for m in re.finditer(rf"^\| `([^`]+)` from cache \| {num} \| {num} \| {num}× \|[^|]*\| {num} \([^)]*\) \| "
-                         rf"{num} \| {num} \|", text, re.M):
-        name, step, sps, rel, vs_online, e2e, steady = m.groups()
+    # columns: run | step | samples/s | vs student-only | target | vs clip-kd | vs online | e2e | steady
+    for m in re.finditer(rf"^\| `([^`]+)` from cache \| {num} \| {num} \| {num}× \|[^|]*\| ([^|]*) \| "
+                         rf"{num} \([^)]*\) \| {num} \| {num} \|", text, re.M):
+        name, step, sps, rel, vs_kd, vs_online, e2e, steady = m.groups()
+        kd = re.match(r"(nan|[\d.]+)×", vs_kd.strip())
         out["recipes"][name] = {"step_s": float(step), "samples_per_s": float(sps), "vs_clip": float(rel),
+                                "vs_clip_kd": float(kd.group(1)) if kd else None,
                                 "vs_online_speed": float(vs_online), "e2e_samples_per_s": float(e2e),
                                 "e2e_steady_samples_per_s": float(steady)}
     for key, pat in (("online_s", r"^\| open_clip online[^|]*\| ([\d.]+) \|"),
