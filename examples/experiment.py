@@ -29,7 +29,7 @@ Outputs: WORK/results.json (every number and wall time) and WORK/RESULTS.generat
 (the tables that docs/RESULTS.md quotes).
 
     python examples/experiment.py --phase search
-    python examples/experiment.py --phase final,long --jobs 2   # estimated 1 h 45 min on 2 free CPU cores
+    python examples/experiment.py --phase final,long --jobs 2   # the full protocol: 6-7 core-hours at the full preset (docs/RESULTS.md)
     python examples/experiment.py --phase final --flavours cluttered --recipes clip-kd,clip-rd,hierd
     python examples/experiment.py --phase report           # the tables, from the parts finished so far
     python examples/experiment.py --quick                  # seconds: proves the plumbing
