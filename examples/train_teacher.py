@@ -98,19 +98,16 @@ On its own Scenes test split (500 images, {s['flavour']}), in %:
 
 
 def publish(staged: Path, out: Path) -> None:
-    """Copy the finished teacher to OUT: only over an earlier export (never over another
-    folder), through a temporary copy and two renames."""
-    if out.exists() and not (out / "export.json").is_file():
-        sys.exit(f"train_teacher: {out} exists and holds no export.json: not replacing it")
-    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
-    for p in (tmp, old):
-        if p.exists():
-            shutil.rmtree(p)
-    shutil.copytree(staged, tmp)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    """Copy the finished teacher to OUT atomically (hierdctl.atomic.publish_dir): only over an
+    earlier hierdctl export (its export.json carries the export schema), never over another folder."""
+    from hierdctl.atomic import publish_dir
+    from hierdctl.errors import UserError
+
+    try:
+        publish_dir(out, lambda tmp: shutil.copytree(staged, tmp, dirs_exist_ok=True), marker="export.json",
+                    schema="hierdctl.export/1", where="--out", overwrite=True, what="a teacher export")
+    except UserError as e:
+        sys.exit(f"train_teacher: {e}")
 
 
 def main(argv: list[str] | None = None) -> int:

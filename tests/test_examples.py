@@ -141,3 +141,42 @@ def test_paired_differences_pair_only_rows_with_the_same_seeds():
     res["seeds_per_model"]["hierd"] = [0, 1]
     assert "hierd − clip-kd" in experiment.markdown([res], experiment.PRESETS["quick"])
     assert experiment.paired([None, 0.4], [0.2, 0.3]) == "+10.0 (1–0)"
+
+
+def test_train_teacher_publishes_only_over_its_own_export(tmp_path):
+    import train_teacher
+
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "export.json").write_text(json.dumps({"schema": "hierdctl.export/1"}))
+    (staged / "weights.bin").write_text("new")
+    out = tmp_path / "teacher"
+    train_teacher.publish(staged, out)  # a new folder
+    train_teacher.publish(staged, out)  # over its own export
+    assert (out / "weights.bin").read_text() == "new"
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "export.json").write_text(json.dumps({"tool": "someone else's"}))
+    (foreign / "mine.txt").write_text("keep")
+    with pytest.raises(SystemExit, match="not written by hierdctl"):
+        train_teacher.publish(staged, foreign)
+    assert (foreign / "mine.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "staged", "teacher"]  # no leftovers
+
+
+def test_demo_clears_only_its_own_command_logs(tmp_path, monkeypatch):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "00-scenes.log").write_text("old")
+    (logs / "notes.txt").write_text("the user's")
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stop
+
+    monkeypatch.setattr(demo, "hierdctl", stop)
+    with pytest.raises(Stop):
+        demo.main(["--work", str(tmp_path), "--quick"])
+    assert sorted(p.name for p in logs.iterdir()) == ["notes.txt"]
