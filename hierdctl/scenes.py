@@ -988,6 +988,14 @@ _CB_SHARD_RE = re.compile(r"^\d+\.tar(\.tmp\d*)?$")  # CLIP_benchmark names shar
 CLIP_BENCHMARK_DIR = "clip_benchmark"
 
 
+def _written_by_scenes(manifest: Path) -> bool:
+    """True if `manifest` is a scenes.json that hierdctl scenes wrote (its "generator")."""
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8")).get("generator") == "hierdctl.scenes"
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
+
+
 def _write_split(cfg: ScenesConfig, split: str, n: int, folder: Path, cb_folder: Path | None = None) -> dict:
     """Write one split's shards and stats.json; with `cb_folder`, also its CLIP_benchmark
     copy there: shard k as k.tar, each sample's image and all its captions in KEY.txt."""
@@ -1080,12 +1088,13 @@ def run(cfg: ScenesConfig) -> dict:
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder", where="--out")
     # Regenerating over an earlier Scenes output is fine; writing into anything else is not.
-    if out.is_dir() and any(out.iterdir()) and not (out / "scenes.json").is_file():
-        raise UserError(f"{out} is not empty and holds no scenes.json: pick a new or empty folder", where="--out")
+    if out.is_dir() and any(out.iterdir()) and not _written_by_scenes(out / "scenes.json"):
+        raise UserError(f"{out} is not empty and holds no scenes.json of hierdctl scenes: pick a new or empty folder",
+                        where="--out")
     out.mkdir(parents=True, exist_ok=True)
 
     cb = out / CLIP_BENCHMARK_DIR
-    if not cfg.clip_benchmark and cb.is_dir():
+    if not cfg.clip_benchmark and cb.is_dir() and _written_by_scenes(cb / "scenes.json"):
         shutil.rmtree(cb)  # an earlier run's copy of a test split that is about to change
     stats = {
         "train": _write_split(cfg, "train", cfg.n_train, out / "train"),

@@ -684,3 +684,17 @@ def test_clip_benchmark_copy_matches_our_reader(cluttered_cfg, tmp_path):
     # Regenerating without the copy removes it: it would describe a test split that is gone.
     S.run(S.ScenesConfig(out_dir=out, n_train=3, n_test=5))
     assert not (out / "clip_benchmark").exists()
+
+
+def test_run_refuses_a_folder_whose_scenes_json_another_tool_wrote(tmp_path):
+    out = tmp_path / "data"
+    (out / "train").mkdir(parents=True)
+    (out / "scenes.json").write_text('{"name": "someone else\'s dataset"}')
+    (out / "train" / "00007.tar").write_bytes(b"the user's shard")
+    with pytest.raises(UserError, match="holds no scenes.json of hierdctl scenes"):
+        S.run(S.ScenesConfig(out_dir=out, n_train=4, n_test=4, shard_size=4))
+    assert (out / "train" / "00007.tar").read_bytes() == b"the user's shard"
+    # its own earlier output is regenerated as before
+    mine = tmp_path / "mine"
+    S.run(S.ScenesConfig(out_dir=mine, n_train=4, n_test=4, shard_size=4))
+    S.run(S.ScenesConfig(out_dir=mine, n_train=4, n_test=4, shard_size=4))
