@@ -39,6 +39,7 @@ class Captioner:
         size = v.image_size
         self.image_size = size[0] if isinstance(size, (tuple, list)) else int(size)
         self.spec, self.device, self.n, self.seed = spec, device, n, seed
+        self.failed = 0  # images whose sampling met non-finite probabilities (they get no synthetic caption)
 
     def describe(self) -> dict:
         from .specs import fingerprint_state_dict
@@ -56,8 +57,14 @@ class Captioner:
         x = pixels.unsqueeze(0).expand(self.n, -1, -1, -1).to(self.device)  # one image, n samples in a batch
         with torch.random.fork_rng(devices=[self.device] if self.device.startswith("cuda") else []):
             torch.manual_seed(int(hashlib.sha256(f"{self.seed}:{sha256}".encode()).hexdigest()[:15], 16))
-            tokens = self.model.generate(x, generation_type="top_p", top_p=TOP_P, temperature=TEMPERATURE,
-                                         seq_len=MAX_TOKENS)
+            try:
+                tokens = self.model.generate(x, generation_type="top_p", top_p=TOP_P, temperature=TEMPERATURE,
+                                             seq_len=MAX_TOKENS)
+            except RuntimeError as e:  # torch.multinomial on NaN/inf probabilities: the model's, not the image's
+                if "probability tensor" not in str(e):
+                    raise
+                self.failed += 1
+                return []
         out: list[str] = []
         for row in tokens.cpu():
             text = decode(row).split("<end_of_text>")[0].replace("<start_of_text>", "")

@@ -574,6 +574,9 @@ def _run(cfg: CacheTeacherConfig, env, device: str, started: float, notes: list[
                     bar.update(task, total=int((n_samples + n_skipped) / units_done * len(todo)))
                 bar.update(task, info=f"shards {units_done}/{len(todo)} skipped {n_skipped}")
     distributed.barrier(env)
+    if captioner is not None and captioner.failed:
+        notes.append(f"--captioner: {captioner.failed} images got no synthetic caption (the captioner's sampling "
+                     "met non-finite probabilities)")
     manifest = None
     if env.is_main or not env.torchrun:
         manifest = _write_manifest(cfg, identity, teacher_info, source, started, infos,

@@ -632,3 +632,26 @@ def test_a_cache_served_over_http_streams(cache, tmp_path, no_proxy):
         assert [r["loss"] for r in _metrics(tmp_path / "http")] == [r["loss"] for r in _metrics(tmp_path / "local")]
         with pytest.raises(UserError, match="--cache-reader"):
             S.run(_cfg(url, tmp_path / "x", cache_reader="random", **kw))
+
+
+def test_a_captioner_sampling_non_finite_probabilities_gives_that_image_no_caption():
+    """A (random or broken) CoCa whose top-p sampling meets NaN/inf probabilities gives that
+    image no synthetic caption and is counted, instead of ending cache-teacher with a traceback."""
+    from hierdctl.captioner import Captioner
+
+    class Broken:
+        def generate(self, *a, **k):
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+
+    c = object.__new__(Captioner)
+    c.model, c.device, c.n, c.seed, c.failed = Broken(), "cpu", 2, 0, 0
+    assert c.captions(torch.zeros(3, 8, 8), "ab" * 32) == []
+    assert c.failed == 1
+
+    class Other:
+        def generate(self, *a, **k):
+            raise RuntimeError("some other failure")
+
+    c.model = Other()
+    with pytest.raises(RuntimeError, match="some other failure"):
+        c.captions(torch.zeros(3, 8, 8), "ab" * 32)
