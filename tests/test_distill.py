@@ -541,6 +541,11 @@ def test_synthetic_captions_from_a_coca_captioner(tmp_path, tiny_teacher):
     oc = import_open_clip()
     torch.manual_seed(0)
     coca = oc.create_model(register_model_config(oc, TINY_COCA, "test-tiny-coca"))
+    g = torch.Generator().manual_seed(0)  # weights from a generator of its own: the same in every worker
+    with torch.no_grad():
+        for p in coca.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     captioner = f"local-dir:{save_local_dir(coca, TINY_COCA, tmp_path / 'coca')}"
     src = make_shards(tmp_path / "data", n_shards=1, per_shard=4)
     args = ["cache-teacher", src, "--teacher", tiny_teacher, "--captioner", captioner, "--synthetic-captions", "2",
