@@ -47,7 +47,7 @@ def main() -> None:
     from hierdctl.configs import CacheTeacherConfig, ScenesConfig, SourceOptions
     from hierdctl.scenes import run as scenes_run
     from hierdctl.stages.cache_teacher import run as cache_run
-    from hierdctl.tv_shim import import_open_clip
+    import open_clip
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="bench-readers-"))
@@ -61,7 +61,7 @@ def main() -> None:
     size = {k: sum(f.stat().st_size for f in (work / k).glob("*.tar")) for k in ("with", "without")}
 
     io_ = {"image_size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3, "grid_size": 16,
-           "tokenize": import_open_clip().get_tokenizer("ViT-B-32"), "eval_transform": lambda img: torch.zeros(3, 32, 32)}
+           "tokenize": open_clip.get_tokenizer("ViT-B-32"), "eval_transform": lambda img: torch.zeros(3, 32, 32)}
     needs = {"global": True, "clusters": False, "phrases": False, "mask_noise": False}
 
     def dataset(name: str, join: bool):

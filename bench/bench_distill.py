@@ -122,9 +122,7 @@ def main(argv=None) -> int:
     from hierdctl.stages import distill as S
     from hierdctl.stages.cache_teacher import CacheTeacherConfig
     from hierdctl.stages.cache_teacher import run as cache_run
-    from hierdctl.tv_shim import import_open_clip
-
-    open_clip = import_open_clip()
+    import open_clip
     if args.threads:
         torch.set_num_threads(args.threads)
     recipes = ["clip"] + [r for r in args.recipes.split(",") if r and r != "clip"]

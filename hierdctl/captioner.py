@@ -6,7 +6,8 @@ caption. Captions are sampled with top-p (p = 0.9, temperature 1, at most 30 tok
 the image's eval view; the random draws of each image come from a generator seeded by
 (seed, the image's sha256), so a cache is the same whatever the batching, the rank or a
 resume. Beam search is not used: transformers 5 removed the scorer open_clip's beam search
-needs (hierdctl/tv_shim.py). A randomly initialised CoCa (the tests') writes meaningless
+needs, and with it open_clip 3.3 switches off all of CoCa's `generate` (`enable_coca_sampling`
+gives top-p sampling back). A randomly initialised CoCa (the tests') writes meaningless
 text: the path is real, the captions are not.
 """
 
@@ -21,10 +22,33 @@ from .errors import UserError
 TOP_P, TEMPERATURE, MAX_TOKENS = 0.9, 1.0, 30
 
 
+def enable_coca_sampling() -> None:
+    """open_clip 3.3's coca_model imports transformers' generation helpers in one `try`, beside
+    `BeamSearchScorer`, which transformers 5 removed: the failed import marks transformers as
+    absent and CoCa's `generate` refuses every generation type. Give the module the helpers
+    top-p sampling uses (beam search stays unavailable). Works whatever was imported first."""
+    import importlib.util
+
+    import open_clip.coca_model as coca
+
+    if coca._has_transformers or importlib.util.find_spec("transformers") is None:
+        return
+    import transformers
+
+    names = ("LogitsProcessorList", "TopPLogitsWarper", "TopKLogitsWarper", "RepetitionPenaltyLogitsProcessor",
+             "MinLengthLogitsProcessor", "MaxLengthCriteria", "StopStringCriteria", "EosTokenCriteria",
+             "StoppingCriteriaList")
+    for name in names:
+        setattr(coca, name, getattr(transformers, name))
+    coca.GENERATION_TYPES.update(top_k=transformers.TopKLogitsWarper, top_p=transformers.TopPLogitsWarper)
+    coca._has_transformers = True
+
+
 class Captioner:
     def __init__(self, spec: str, device: str, n: int, seed: int, where: str = "--captioner"):
         from .specs import create_open_clip, parse_spec
 
+        enable_coca_sampling()
         parsed = parse_spec(spec if ":" in spec else f"open_clip:{spec}", where)
         if parsed.kind not in ("open_clip", "local-dir"):
             raise UserError("the captioner is an open_clip CoCa model (open_clip:coca_…, local-dir: or a config JSON)",
@@ -51,9 +75,9 @@ class Captioner:
     @torch.no_grad()
     def captions(self, pixels: torch.Tensor, sha256: str) -> list[str]:
         """Up to n distinct captions for one image's eval view (3,S,S), deterministic per image."""
-        from .tv_shim import import_open_clip
+        import open_clip
 
-        decode = import_open_clip().decode
+        decode = open_clip.decode
         x = pixels.unsqueeze(0).expand(self.n, -1, -1, -1).to(self.device)  # one image, n samples in a batch
         with torch.random.fork_rng(devices=[self.device] if self.device.startswith("cuda") else []):
             torch.manual_seed(int(hashlib.sha256(f"{self.seed}:{sha256}".encode()).hexdigest()[:15], 16))

@@ -115,10 +115,10 @@ def versions() -> dict:
     import faiss
 
     from hierdctl import __version__
-    from hierdctl.tv_shim import import_open_clip
+    import open_clip
 
     v = {"hierdctl": __version__, "python": platform.python_version(), "torch": torch.__version__,
-         "numpy": np.__version__, "faiss": faiss.__version__, "open_clip": import_open_clip().__version__}
+         "numpy": np.__version__, "faiss": faiss.__version__, "open_clip": open_clip.__version__}
     if "transformers" in sys.modules:
         v["transformers"] = sys.modules["transformers"].__version__
     return v

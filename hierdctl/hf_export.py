@@ -347,9 +347,7 @@ def clip_bpe() -> tuple[dict[str, int], list[str]]:
     SimpleTokenizer numbers them (it names the two special tokens <start_of_text> / <end_of_text>)."""
     import gzip
 
-    from .tv_shim import import_open_clip
-
-    import_open_clip()
+    import open_clip  # noqa: F401
     from open_clip.tokenizer import bytes_to_unicode, default_bpe
 
     lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
@@ -412,9 +410,6 @@ def write_hf(model, model_cfg: dict, preprocess_cfg: dict, folder: Path) -> list
     open_clip resolved it). Returns the file names written."""
     import transformers
 
-    from .tv_shim import ensure_torchvision
-
-    ensure_torchvision()  # transformers' image processors import torchvision
     folder = Path(folder)
     folder.mkdir(parents=True)
     config, processor_kwargs = to_hf_config(model_cfg, preprocess_cfg)
@@ -508,9 +503,6 @@ def check_parity(model, folder: Path, tokenizer, preprocess, captions: list[str]
     import torch
     import transformers
 
-    from .tv_shim import ensure_torchvision
-
-    ensure_torchvision()
     captions = list(captions or PROBE_CAPTIONS)
     with _quiet_transformers():
         hf = transformers.CLIPModel.from_pretrained(str(folder)).eval()

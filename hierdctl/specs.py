@@ -121,9 +121,7 @@ def _register_config(open_clip, path: str) -> str:
 
 def create_open_clip(spec: ModelSpec, device: str = "cpu", where: str = "--model"):
     """(model, eval_preprocess, tokenizer, model_name) for an open_clip or local-dir spec."""
-    from .tv_shim import import_open_clip
-
-    open_clip = import_open_clip()
+    import open_clip
     if spec.kind == "local-dir":
         name, pretrained = f"local-dir:{spec.path}", None
     elif spec.arch.endswith(".json"):

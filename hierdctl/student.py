@@ -65,9 +65,9 @@ def encode_text_trimmed(model: nn.Module, text: torch.Tensor) -> torch.Tensor:
     n = int(nonpad.max()) + 1 if nonpad.numel() else 1
     if not ok or n >= L:
         return model.encode_text(text)
-    from .tv_shim import import_open_clip
+    import open_clip
 
-    text_global_pool = import_open_clip().transformer.text_global_pool
+    text_global_pool = open_clip.transformer.text_global_pool
     text = text[:, :n]
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(text).to(cast_dtype)  # (B,n,W)

@@ -116,9 +116,7 @@ def _student_spec(text: str) -> str:
 def build_student(cfg: DistillConfig, device: str):
     """(model, model_cfg, preprocess_cfg, eval_transform, tokenizer) for the student spec."""
     from hierdctl.specs import create_open_clip, parse_spec
-    from hierdctl.tv_shim import import_open_clip
-
-    open_clip = import_open_clip()
+    import open_clip
     spec = parse_spec(_student_spec(cfg.student), "--student")
     if spec.kind not in ("open_clip", "local-dir"):
         raise UserError("students are open_clip models: use an architecture, a config JSON or local-dir:", "--student")

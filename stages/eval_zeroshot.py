@@ -57,9 +57,9 @@ def _read_list(path: str, where: str) -> list[str]:
 
 def load_templates(spec: str) -> tuple[list, str]:
     """Callables class name -> prompt, and a description."""
-    from hierdctl.tv_shim import import_open_clip
+    import open_clip
 
-    zsm = import_open_clip().zero_shot_metadata
+    zsm = open_clip.zero_shot_metadata
     if spec == "openai":
         return list(zsm.OPENAI_IMAGENET_TEMPLATES), "open_clip OPENAI_IMAGENET_TEMPLATES"
     if spec == "simple":
@@ -151,14 +151,14 @@ class FolderTree:
 
 def open_labelled(cfg: EvalZeroshotConfig) -> tuple[object, list[str], str]:
     """(source, class names, where the names come from)."""
-    from hierdctl.tv_shim import import_open_clip
+    import open_clip
 
     p = Path(cfg.source)
     if not ("{" in cfg.source and "}" in cfg.source) and url_scheme(cfg.source) is None:  # open_source checks these
         require(p.exists(), f"{cfg.source} does not exist", "SOURCE")
     folders = p.is_dir() and not any(p.glob("*.tar")) and any(d.is_dir() for d in p.iterdir())
     if cfg.classnames == "imagenet":
-        names, origin = list(import_open_clip().zero_shot_metadata.IMAGENET_CLASSNAMES), "open_clip IMAGENET_CLASSNAMES"
+        names, origin = list(open_clip.zero_shot_metadata.IMAGENET_CLASSNAMES), "open_clip IMAGENET_CLASSNAMES"
     elif cfg.classnames == "folders":
         require(folders, "--classnames folders needs a class-per-folder SOURCE", "--classnames")
         names, origin = None, "folder names"

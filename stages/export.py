@@ -61,9 +61,7 @@ class ExportMismatch(RuntimeError):
 def reference_model(ck: StudentCheckpoint):
     """The student exactly as the checkpoint holds it (built from model_cfg, strict load)."""
     from hierdctl.specs import register_model_config
-    from hierdctl.tv_shim import import_open_clip
-
-    open_clip = import_open_clip()
+    import open_clip
     name = register_model_config(open_clip, ck.meta["model_cfg"], where="RUN_DIR",
                                  origin=f"the model_cfg of {ck.path.with_suffix('.json')}")
     logging.disable(logging.WARNING)  # open_clip's "no pretrained weights" note: the weights come next
@@ -344,7 +342,7 @@ def _training_and_data(ck: StudentCheckpoint) -> tuple[dict, dict]:
 def run(cfg: ExportConfig) -> dict:
     """Export; return the manifest written as DIR/export.json."""
     from hierdctl import __version__
-    from hierdctl.tv_shim import import_open_clip
+    import open_clip
 
     cfg.validate()
     report = None
@@ -364,7 +362,6 @@ def run(cfg: ExportConfig) -> dict:
         reason = hf_export.check_convertible(ck.meta["model_cfg"], ck.meta.get("preprocess_cfg") or {})
         require(reason is None, f"the student does not map onto transformers' CLIPModel: {reason}", "--format")
     ref = reference_model(ck)
-    open_clip = import_open_clip()
     train, data = _training_and_data(ck)
 
     def write(tmp: Path) -> None:

@@ -45,9 +45,7 @@ def save_local_dir(model, cfg: dict, path: Path) -> Path:
 def make_tiny_model(cfg=TINY_CFG, seed=0):
     import torch
 
-    from hierdctl.tv_shim import import_open_clip
-
-    open_clip = import_open_clip()
+    import open_clip
     torch.manual_seed(seed)
     return open_clip.CLIP(**cfg)
 

@@ -239,10 +239,10 @@ def test_trimmed_text_encoding_equals_open_clip():
     from conftest import make_tiny_model
 
     from hierdctl.student import encode_text_trimmed
-    from hierdctl.tv_shim import import_open_clip
+    import open_clip
 
     model = make_tiny_model().eval()
-    tok = import_open_clip().get_tokenizer("ViT-B-32")
+    tok = open_clip.get_tokenizer("ViT-B-32")
     text = tok(["a red circle", "two dogs playing with a yellow ball in the park", ""])
     assert (text[:, 16:] == 0).all()  # so the trimmed forward really is shorter
     with torch.no_grad():
@@ -380,10 +380,10 @@ def test_perturbations_and_cluster_crops_reach_the_student(tmp_path, tiny_teache
         assert (np.abs(s.arrays["clu_crop_emb"][0][live]).sum(axis=1) > 0).all()
         assert (s.arrays["clu_crop_emb"][0][~live] == 0).all()
     from conftest import make_tiny_model
-    from hierdctl.tv_shim import import_open_clip
+    import open_clip
 
     model = make_tiny_model()
-    io = {"image_size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3, "tokenize": import_open_clip().get_tokenizer("ViT-B-32"),
+    io = {"image_size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3, "tokenize": open_clip.get_tokenizer("ViT-B-32"),
           "eval_transform": lambda img: torch.zeros(3, 32, 32), "grid_size": 16}
     needs = {"global": True, "clusters": True, "phrases": False, "perturbations": True, "cluster_crops": True,
              "mask_noise": False}
@@ -536,9 +536,9 @@ def test_synthetic_captions_from_a_coca_captioner(tmp_path, tiny_teacher):
 
     from hierdctl import cache_format
     from hierdctl.specs import register_model_config
-    from hierdctl.tv_shim import import_open_clip
+    import open_clip
 
-    oc = import_open_clip()
+    oc = open_clip
     torch.manual_seed(0)
     coca = oc.create_model(register_model_config(oc, TINY_COCA, "test-tiny-coca"))
     g = torch.Generator().manual_seed(0)  # weights from a generator of its own: the same in every worker

@@ -20,9 +20,7 @@ from hierdctl.stages.cache_teacher import run as cache_run
 from hierdctl.checkpoint import load_student as load_checkpoint
 from hierdctl.configs import ExportConfig
 from hierdctl.stages.export import run as export_run
-from hierdctl.tv_shim import import_open_clip
-
-open_clip = import_open_clip()
+import open_clip
 
 
 def _cli(*args):

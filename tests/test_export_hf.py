@@ -20,9 +20,7 @@ from typer.testing import CliRunner
 from conftest import CAPTIONS, TINY_CFG, image_bytes, make_shards, make_tiny_model
 from hierdctl import hf_export as H
 from hierdctl.cli import app
-from hierdctl.tv_shim import import_open_clip
-
-open_clip = import_open_clip()
+import open_clip
 transformers = pytest.importorskip("transformers")
 VIT_T16 = json.loads((Path(H.__file__).parent / "model_configs" / "ViT-T-16.json").read_text())
 

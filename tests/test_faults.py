@@ -150,8 +150,7 @@ ZYGOTE = r"""
 import json, os, resource, sys, time, traceback
 import torch
 torch.set_num_threads(1)
-from hierdctl.tv_shim import import_open_clip
-import_open_clip()
+import open_clip  # noqa: F401
 import hierdctl.cli, hierdctl.stages.cache_teacher, hierdctl.stages.distill  # imported once, shared by every child
 print(json.dumps({"ready": os.getpid()}), flush=True)
 for line in sys.stdin:

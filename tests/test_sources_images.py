@@ -1,6 +1,6 @@
 """Units under cache-teacher: image decoding and conversion, views, every data-source form
 and its skips, the cache's array encoding (int8 scales), spherical k-means, phrase
-chunking, the torchvision shim and the top-level --help. No model is run here."""
+chunking, the pinned stack's imports and the top-level --help. No model is run here."""
 
 from __future__ import annotations
 
@@ -550,7 +550,7 @@ def test_textblob_chunker():
 
 
 # ----------------------------------------------------------------------------------
-# torchvision shim and the CLI's --help
+# the stack and the CLI's --help
 # ----------------------------------------------------------------------------------
 
 
@@ -559,39 +559,28 @@ def _py(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, cwd=REPO)
 
 
-def test_shim_makes_open_clip_importable():
+def test_the_stack_imports_with_no_shim():
+    """The pinned torch and torchvision are built for each other: every client imports as its
+    own docs say, in a fresh process, before anything of hierdctl's is imported."""
     p = _py(
-        "from hierdctl import tv_shim\n"
-        "native = tv_shim._native_library_loads()\n"
-        "state = tv_shim.ensure_torchvision()\n"
-        "assert state == ('native' if native else 'shimmed'), (state, native)\n"
-        "assert tv_shim.ensure_torchvision() == state\n"  # idempotent
-        "oc = tv_shim.import_open_clip()\n"
-        "import torchvision\n"
-        "assert 'ViT-B-16' in oc.list_models()\n"
-        "print(state)\n"
-    )
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.strip() in ("native", "shimmed")
-
-
-def test_shim_does_nothing_when_the_native_library_loads():
-    p = _py(
-        "from hierdctl import tv_shim\n"
-        "tv_shim._native_library_loads = lambda: True\n"
-        "assert tv_shim.ensure_torchvision() == 'native'\n"
-        "assert tv_shim._LIB is None\n"  # no op was defined
+        "import open_clip, torchvision, torch\n"
+        "from torchvision.ops import nms\n"  # the op a torch/torchvision mismatch loses first
+        "b = torch.tensor([[0., 0., 1., 1.], [0., 0., 1., 1.]])\n"
+        "assert nms(b, torch.tensor([1., .5]), .5).tolist() == [0]\n"
+        "from transformers import CLIPModel, pipeline\n"
+        "from sentence_transformers import SentenceTransformer\n"
+        "assert 'ViT-B-16' in open_clip.list_models()\n"
         "print('ok')\n"
     )
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
-    # Already imported torchvision (by someone else): left alone as well.
+
+
+def test_coca_sampling_is_enabled_whatever_was_imported_first():
     p = _py(
-        "from hierdctl import tv_shim\n"
-        "tv_shim.import_open_clip()\n"
-        "import sys; assert 'torchvision' in sys.modules\n"
-        "tv_shim._STATE = None\n"
-        "lib = tv_shim._LIB\n"
-        "assert tv_shim.ensure_torchvision() == 'native' and tv_shim._LIB is lib\n"
+        "import open_clip.coca_model as coca\n"
+        "from hierdctl.captioner import enable_coca_sampling\n"
+        "enable_coca_sampling()\n"
+        "assert coca._has_transformers and coca.GENERATION_TYPES['top_p'] is not None\n"
         "print('ok')\n"
     )
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]

@@ -80,11 +80,8 @@ mods=$(grep -vE '^\s*(#|$)' "$LIST" | awk '{print $2}' | tr '\n' ' ')
 PYTHONPATH="$SITE:$REPO" "$PY" - $mods <<'EOF'
 import importlib, sys
 
-from hierdctl.tv_shim import ensure_torchvision
-
-print(f"torchvision: {ensure_torchvision()}")  # before anything imports it (open_clip, timm)
 failed = []
-for name in sys.argv[1:] + ["hierdctl.cli", "hierdctl.stages.cache_teacher", "hierdctl.stages.distill",
+for name in sys.argv[1:] + ["torchvision.ops", "hierdctl.cli", "hierdctl.stages.cache_teacher", "hierdctl.stages.distill",
                             "hierdctl.stages.eval_retrieval"]:
     try:
         m = importlib.import_module(name)
