@@ -45,14 +45,14 @@ def main() -> None:
     from conftest import TINY_CFG, make_tiny_model, save_local_dir
     from hierdctl import cache_format
     from hierdctl.configs import CacheTeacherConfig, ScenesConfig, SourceOptions
-    from hierdctl.scenes import run as scenes_run
+    from hierdctl.stages.scenes import run as scenes_run
     from hierdctl.stages.cache_teacher import run as cache_run
     import open_clip
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="bench-readers-"))
     teacher = f"local-dir:{save_local_dir(make_tiny_model(), TINY_CFG, work / 'teacher')}"
-    scenes_run(ScenesConfig(out_dir=work / "data", n_train=args.samples, n_test=0, image_size=args.image_size,
+    scenes_run(ScenesConfig(out=work / "data", n_train=args.samples, n_test=0, image_size=args.image_size,
                             shard_size=max(1, args.samples // 8), captions_per_image=2, seed=0))
     src = str(work / "data" / "train")
     kw = dict(views=2, clusters=0, max_phrases=0, workers=0, quiet=True)
@@ -66,7 +66,7 @@ def main() -> None:
 
     def dataset(name: str, join: bool):
         cache = cache_format.open_cache(work / name)
-        images = cache_format.ImageJoin(src, SourceOptions(**cache.config["source_options"]),
+        images = cache_format.ImageJoin(src, SourceOptions.from_record(cache.config["source_options"]),
                                         cache.manifest["shards_total"]) if join else None
         return cache, cache_format.CacheDataset(cache, cache_format.check_shards(cache), 0, "random", "random", io_,
                                                 needs, images)

@@ -117,8 +117,8 @@ def main(argv=None) -> int:
     from hierdctl import distributed
     from hierdctl import cache_format
     from hierdctl.losses.registry import load_recipe
-    from hierdctl.scenes import ScenesConfig
-    from hierdctl.scenes import run as scenes_run
+    from hierdctl.stages.scenes import ScenesConfig
+    from hierdctl.stages.scenes import run as scenes_run
     from hierdctl.stages import distill as S
     from hierdctl.stages.cache_teacher import CacheTeacherConfig
     from hierdctl.stages.cache_teacher import run as cache_run
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     teacher = open_clip.CLIP(**tcfg)
     teacher_spec = save_local_dir(teacher, tcfg, work / "teacher")
     if not (work / "data" / "scenes.json").is_file():
-        scenes_run(ScenesConfig(out_dir=work / "data", n_train=args.samples, n_test=0, image_size=args.data_image_size,
+        scenes_run(ScenesConfig(out=work / "data", n_train=args.samples, n_test=0, image_size=args.data_image_size,
                                 shard_size=max(1, args.samples // 2), captions_per_image=1, seed=0))
     log(f"data: {args.samples} Scenes images at {args.data_image_size} px")
     cache_dir = work / "cache"

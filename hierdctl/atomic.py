@@ -45,6 +45,21 @@ def is_leftover(name: str) -> bool:
     return bool(_LEFTOVER.search(name))
 
 
+def leftover_base(name: str) -> str | None:
+    """The name of the file whose atomic write left `name` (NAME.tmpPID -> NAME); None for
+    anything else. The one parser of the temporary names `_tmp_name` makes."""
+    m = _LEFTOVER.search(name)
+    return name[: m.start()] if m else None
+
+
+def leftovers(folder: Path, name: str) -> list[Path]:
+    """The leftovers of atomic writes of `folder/name` (files only)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.iterdir() if leftover_base(p.name) == name and p.is_file()]
+
+
 class DiskFull(UserError):
     """The device ran out of space (or quota) during an atomic write; nothing was replaced."""
 

@@ -10,9 +10,12 @@ Layout of a cache directory OUT (docs/cache-format.md is the prose version):
                                  written when every shard is done
     OUT/.hierdctl.lock           held by the process writing the cache
 
-This module is the whole contract: the writer's encoding (`encode_sample`), the folder's
-names, and the reader (`open_cache`, `index_shard`, `read_span`, `read_shard`,
-`CacheDataset`) with its integrity checks (`check_shards`, `verify_digests`).
+This module is the cache's one home: the folder's names and the manifest's schema, the
+members' encoding (`encode_sample`/`decode_sample`), the writer (`prepare_out`,
+`write_shard`, `verified_stats`, `write_manifest`) and the reader (`open_cache`,
+`index_shard`, `read_span`, `read_shard`, `CacheDataset`, `CacheStream`) with its integrity
+checks (`check_shards`, `verify_digests`, `verify_cache`). cache-teacher and distill
+never name a file of the cache themselves.
 
 Members of one sample (KEY = UUUUU_IIIIII, unit and position; no dots):
 
@@ -88,29 +91,35 @@ def is_cache_dir(root: Path) -> bool:
     return isinstance(obj, dict) and obj.get("format") == FORMAT_NAME
 
 
+def _is_own_name(name: str) -> bool:
+    return bool(_OURS.match(name)) or name in (CONFIG_NAME, MANIFEST_NAME)
+
+
 def is_own_leftover(name: str) -> bool:
     """NAME.tmpPID of a file cache-teacher writes, left by a killed atomic write (not a user's file)."""
-    from hierdctl.atomic import is_leftover
+    from hierdctl.atomic import leftover_base
 
-    base = name.split(".tmp")[0]
-    return is_leftover(name) and (bool(_OURS.match(base)) or base in (CONFIG_NAME, MANIFEST_NAME))
+    base = leftover_base(name)
+    return base is not None and _is_own_name(base)
 
 
 def is_own_start(name: str) -> bool:
     """A name cache-teacher may find in an output folder it has not written yet: the lock, or
     the leftover of a first cache-config.json write that a kill interrupted."""
-    return name.startswith(".hierdctl.") or (is_own_leftover(name) and name.split(".tmp")[0] == CONFIG_NAME)
+    from hierdctl.atomic import leftover_base
+
+    return name.startswith(".hierdctl.") or leftover_base(name) == CONFIG_NAME
 
 
 def clear(root: Path) -> list[str]:
     """Remove what cache-teacher wrote into `root` (shards, done-markers, their leftovers,
     cache-config.json, manifest.json), nothing else. Returns the names removed."""
-    from hierdctl.atomic import is_leftover
+    from hierdctl.atomic import leftover_base
 
     removed = []
     for p in sorted(Path(root).iterdir()):
-        base = p.name.split(".tmp")[0] if is_leftover(p.name) else p.name
-        if p.is_file() and (_OURS.match(base) or base in (CONFIG_NAME, MANIFEST_NAME)):
+        base = leftover_base(p.name) or p.name
+        if p.is_file() and _is_own_name(base):
             p.unlink()
             removed.append(p.name)
     return removed
@@ -297,6 +306,176 @@ def read_shard(path: str | Path) -> Iterator[CachedSample]:
 
 
 # ----------------------------------------------------------------------------------
+# Writing a cache (cache-teacher): the folder, shards and done-markers, the manifest
+# ----------------------------------------------------------------------------------
+
+
+def prepare_out(out: Path, identity: dict, overwrite: bool, env) -> list[str]:
+    """Create OUT, or check that it holds a cache of this very configuration. Returns notes.
+
+    A non-empty OUT must be a hierdctl cache (cache-config.json with the format name):
+    another tool's files are never written over, and --overwrite removes only what
+    cache-teacher wrote (`clear`). `env`: hierdctl.distributed.DistEnv (rank 0 prepares)."""
+    from hierdctl import atomic, distributed
+
+    notes = []
+    cpath = out / CONFIG_NAME
+    config = {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "config": identity}
+    if env.is_main:
+        others = [p for p in out.iterdir() if not is_own_start(p.name)] if out.is_dir() else []
+        if others and not is_cache_dir(out):
+            raise UserError(f"{out} is not empty and is not a hierdctl teacher cache (no {CONFIG_NAME} "
+                            f"with format {FORMAT_NAME!r}); pick a new or empty folder", "--out")
+        if overwrite and others:
+            removed = clear(out)
+            notes.append(f"--overwrite: removed the earlier cache's {len(removed)} files")
+        out.mkdir(parents=True, exist_ok=True)
+        if not cpath.exists():
+            atomic.write_json_atomic(cpath, config)
+    distributed.barrier(env)
+    if not cpath.exists():  # a job-array rank that started before rank 0
+        out.mkdir(parents=True, exist_ok=True)
+        atomic.write_json_atomic(cpath, config)
+    have = json.loads(cpath.read_text())
+    if have.get("schema_version") != SCHEMA_VERSION:
+        raise UserError(f"{out} holds a cache of schema version {have.get('schema_version')}; use --overwrite", "--out")
+    old = have.get("config", {})
+    diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+    if diff:
+        detail = "; ".join(f"{k}: cache has {old.get(k)!r}, this run {identity.get(k)!r}" for k in diff[:4])
+        raise UserError(f"{out} holds a cache made with another configuration ({detail}). "
+                        "Use another --out, or --overwrite to start over", "--out")
+    return notes
+
+
+def write_shard(out: Path, index: int, label: str, records: list[dict], skips: list[dict], dtype: str) -> dict:
+    """Shard `index` from its records ({pos, meta, image, arrays}) in position order, then its
+    done-marker (last). Returns the shard's stats (what the done-marker holds)."""
+    import collections
+
+    from hierdctl import atomic
+
+    members = []
+    for r in sorted(records, key=lambda r: r["pos"]):
+        members += encode_sample(sample_key(index, r["pos"]), r["meta"], r["image"], r["arrays"], dtype)
+    written = atomic.write_tar_atomic(out / shard_name(index), members)
+    stats = {
+        "index": index,
+        "name": shard_name(index),
+        "label": label,
+        "samples": len(records),
+        "captions": sum(len(r["meta"]["captions"]) for r in records),
+        "phrases": sum(len(p) for r in records for p in r["meta"]["phrases"]),
+        "skipped": dict(collections.Counter(s["reason"] for s in skips)),
+        "skipped_samples": skips,
+        "converted": dict(collections.Counter(r["meta"]["converted_from"] for r in records if r["meta"]["converted_from"])),
+        "bytes": written.bytes,
+        "sha256": written.sha256,
+    }
+    atomic.write_json_atomic(out / done_name(index), stats)  # the done-marker, last
+    return stats
+
+
+def done_stats(out: Path, index: int) -> dict | None:
+    """A shard's stats if it finished (done-marker present and its shard of the recorded size)."""
+    p = out / done_name(index)
+    if not p.exists():
+        return None
+    try:
+        st = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    shard = out / shard_name(index)
+    return st if shard.exists() and shard.stat().st_size == st.get("bytes") else None
+
+
+def shard_problem(path: Path, entry: dict, what: str) -> str | None:
+    """What is wrong with a finished shard against `what` recorded of it (its done-marker or its
+    manifest entry: bytes, sha256, samples), re-reading every byte; None when it is intact."""
+    problems = verify_digests(path.parent, [entry], what)
+    if problems:
+        return problems[0].split(": ", 1)[1]
+    try:
+        n = len(index_shard(path))
+    except CorruptShard as e:
+        return str(e)
+    if n != entry["samples"]:
+        return f"it holds {n} samples, {what} recorded {entry['samples']}"
+    return None
+
+
+def verified_stats(out: Path, index: int) -> tuple[dict | None, str | None]:
+    """(stats, None) for a finished shard whose bytes are still the ones written (size, sample
+    count and sha256 re-checked); (None, why) for one to redo; (None, None) if never finished."""
+    if not (out / done_name(index)).exists():
+        return None, None
+    st = done_stats(out, index)
+    if st is None:
+        return None, "its shard is missing or has another size than recorded"
+    why = shard_problem(out / shard_name(index), st, "its done-marker")
+    return (None, why) if why else (st, None)
+
+
+def remove_shard_leftovers(out: Path, index: int) -> None:
+    """What a killed write of shard `index` left: its temporary shard and done-marker files."""
+    from hierdctl import atomic
+
+    for name in (shard_name(index), done_name(index)):
+        for p in atomic.leftovers(out, name):
+            p.unlink()
+
+
+def write_manifest(out: Path, identity: dict, teachers: list[dict], captioner: dict | None, source, started: float,
+                   log_skipped: Path | None = None) -> dict:
+    """manifest.json from every finished shard's done-marker; with `log_skipped`, every skipped
+    sample as a JSON line there. `teachers`: each teacher's description, the first first."""
+    import collections
+    import time
+
+    from hierdctl import __version__, atomic
+
+    done = [s for s in (done_stats(out, u.index) for u in source.units) if s is not None]
+    skipped: collections.Counter = collections.Counter()
+    converted: collections.Counter = collections.Counter()
+    for s in done:
+        skipped.update(s["skipped"])
+        converted.update(s["converted"])
+    samples = sum(s["samples"] for s in done)
+    total_bytes = sum(s["bytes"] for s in done)
+    manifest = {
+        "format": FORMAT_NAME,
+        "schema_version": SCHEMA_VERSION,
+        "created_by": f"hierdctl {__version__}",
+        "config": identity,
+        "teacher": teachers[0],  # the first teacher (clusters, phrases and the unsuffixed embeddings are its)
+        "teachers": teachers,  # every teacher of the ensemble, the first first
+        "captioner": captioner,  # --captioner: its spec, sampling and fingerprint (None without one)
+        "source": source.describe(),
+        "samples": samples,
+        "captions": sum(s["captions"] for s in done),
+        "phrases": sum(s["phrases"] for s in done),
+        "skipped": dict(sorted(skipped.items())),
+        "skipped_total": sum(skipped.values()),
+        "converted": dict(sorted(converted.items())),
+        "bytes": total_bytes,
+        "bytes_per_sample": (total_bytes / samples) if samples else None,
+        "shards_total": len(source.units),
+        "shards_done": len(done),
+        "complete": len(done) == len(source.units),
+        "shards": [{k: s.get(k) for k in ("name", "label", "samples", "captions", "bytes", "sha256", "skipped")}
+                   for s in done],
+        "wall_seconds_last_run": round(time.time() - started, 3),
+    }
+    atomic.write_json_atomic(out / MANIFEST_NAME, manifest)
+    if log_skipped:
+        with open(log_skipped, "w") as f:
+            for s in done:
+                for sk in s["skipped_samples"]:
+                    f.write(json.dumps({"shard": s["name"], **sk}) + "\n")
+    return manifest
+
+
+# ----------------------------------------------------------------------------------
 # Reading a cache
 # ----------------------------------------------------------------------------------
 
@@ -362,11 +541,11 @@ def open_cache(root: str | Path, where: str = "CACHE") -> Cache:
     """Open a finished cache (a local folder, or a URL: its manifest is fetched), checking its
     format and schema version."""
     if is_remote(str(root)):
-        from hierdctl.sources import _open_shard
+        from hierdctl.sources import open_shard
 
         mpath = cache_file(str(root), MANIFEST_NAME)
         try:
-            stream, closer = _open_shard(mpath)
+            stream, closer = open_shard(mpath)
             try:
                 text = stream.read().decode("utf-8")
             finally:
@@ -427,9 +606,9 @@ def check_shards(cache: Cache, where: str = "CACHE") -> list[list[tuple[int, int
     return out
 
 
-def verify_digests(root: Path, entries: list[dict]) -> list[str]:
+def verify_digests(root: Path, entries: list[dict], what: str = "the manifest") -> list[str]:
     """Problems found re-reading every shard in full: a missing file, another size or another
-    sha256 than the manifest recorded. Empty when all is well (schema-1 caches have no digest)."""
+    sha256 than `what` recorded. Empty when all is well (schema-1 caches have no digest)."""
     from hierdctl.atomic import sha256_file
 
     problems = []
@@ -438,9 +617,32 @@ def verify_digests(root: Path, entries: list[dict]) -> list[str]:
         if not path.is_file():
             problems.append(f"{e['name']}: missing")
         elif e.get("bytes") is not None and path.stat().st_size != e["bytes"]:
-            problems.append(f"{e['name']}: {path.stat().st_size} bytes, the manifest recorded {e['bytes']}")
+            problems.append(f"{e['name']}: {path.stat().st_size} bytes, {what} recorded {e['bytes']}")
         elif e.get("sha256") and sha256_file(path) != e["sha256"]:
-            problems.append(f"{e['name']}: its sha256 differs from the manifest's: the bytes changed")
+            problems.append(f"{e['name']}: its sha256 differs from what {what} recorded: the bytes changed")
+    return problems
+
+
+def read_manifest(root: Path, where: str = "CACHE") -> dict:
+    """The manifest of a local cache as it is, finished or not (cache-info shows either)."""
+    p = Path(root) / MANIFEST_NAME
+    if not p.is_file():
+        raise UserError(f"{root} holds no {MANIFEST_NAME}: not a finished hierdctl cache", where)
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{p} is not valid JSON ({e})", where) from None
+
+
+def verify_cache(root: Path, where: str = "CACHE") -> list[str]:
+    """Every problem of a finished cache's shards against its manifest, re-reading every byte
+    (size, sha256, sample count; schema 1 recorded no sha256: sizes and counts only)."""
+    c = open_cache(root, where)
+    problems = []
+    for entry in c.shard_entries:
+        why = shard_problem(c.root / entry["name"], entry, "the manifest")
+        if why:
+            problems.append(f"{entry['name']}: {why}")
     return problems
 
 
@@ -715,10 +917,10 @@ class CacheStream:
 
     def _samples(self, shard: int):
         """(global index, CachedSample | CorruptSample) of one shard, read front to back."""
-        from hierdctl.sources import _open_shard
+        from hierdctl.sources import open_shard
 
         label = cache_file(self.cache.root, self.cache.shard_entries[shard]["name"])
-        stream, closer = _open_shard(label)
+        stream, closer = open_shard(label)
         try:
             key, members, pos = None, {}, 0
             with tarfile.open(fileobj=stream, mode="r|") as tf:

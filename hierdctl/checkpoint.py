@@ -90,7 +90,7 @@ def check_run_target(run: Path, resume: bool, overwrite: bool, where: str = "--o
         return False
     require(run.is_dir(), f"{run} exists and is not a directory", where)
     entries = [p for p in run.iterdir() if p.name != atomic.LOCK_NAME  # nor a killed first config write:
-               and not (atomic.is_leftover(p.name) and p.name.split(".tmp")[0] == CONFIG)]
+               and atomic.leftover_base(p.name) != CONFIG]
     if not entries:
         return False
     if read_config(run) is None:
@@ -137,7 +137,8 @@ def remove_leftovers(run: Path) -> list[str]:
                     (checkpoint_dir(run), lambda b: bool(_STEP_FILE.match(b)) or b == LATEST)):
         if d.is_dir():
             for p in d.iterdir():
-                if atomic.is_leftover(p.name) and ours(p.name.split(".tmp")[0]) and p.is_file():
+                base = atomic.leftover_base(p.name)
+                if base is not None and ours(base) and p.is_file():
                     p.unlink()
                     removed.append(str(p.relative_to(run)))
     return removed

@@ -1,20 +1,27 @@
-"""Every stage's typed configuration: its fields, their defaults (once, here) and its checks.
+"""Every stage's typed configuration: each setting declared once, here.
 
-The CLI builds one of these from its options — each option's default is read from the
-field below, so a default exists in exactly one place — and hands it to the stage's
-`run(config)`, which calls `validate()` once before any work. `validate()` raises a
-`UserError` naming the flag at fault. This module imports nothing heavy (no torch, no
-numpy): `hierdctl --help` reads it.
+A field is declared with `setting(...)` (hierdctl/settings.py): its default, its help
+text, its role (identity / recorded / runtime) and, where it differs from --field-name,
+its spelling on the command line. hierdctl/cli.py builds every command from these
+classes, `settings.identity()` builds a cache's identity from them, and distill's resume
+check reads its role sets from them: adding a setting is one field.
+
+The stage's `run(config)` calls `validate()` once before any work; it raises a
+`UserError` naming the flag at fault. Checks that need a stage's own knowledge (a saved
+index's marker, Scenes' assets) live in that stage. This module imports nothing heavy
+(no torch, no numpy): `hierdctl --help` reads it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from hierdctl.errors import UserError, require
+from hierdctl.settings import IDENTITY, RECORDED, RUNTIME, default, setting  # noqa: F401 (default: re-exported)
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (~ 0.25 GB RGB)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -30,23 +37,56 @@ AUGMENTS = ("rrc+flip", "rrc+flip+randaugment")
 CAPTION_POLICIES = ("random", "first", "synthetic", "any", "real+synthetic")
 
 
-def default(cls, name: str):
-    """The default of field `name` of dataclass `cls` (the CLI shows and uses it)."""
-    f = {f.name: f for f in dataclasses.fields(cls)}[name]
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    return f.default_factory()  # type: ignore[misc]
+# ----------------------------------------------------------------------------------
+# Parsers of command-line text (value, flag) -> field value
+# ----------------------------------------------------------------------------------
 
 
-@dataclass
-class SourceOptions:
-    """How a source spec is read (hierdctl/sources.py's grammar)."""
+def parse_ks(text, where: str = "--k") -> list[int]:
+    if isinstance(text, (list, tuple)):
+        return [int(x) for x in text]
+    try:
+        ks = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"expected comma-separated integers like 1,5,10, got {text!r}", where) from None
+    require(bool(ks) and min(ks) >= 1, f"K must be positive integers, got {text!r}", where)
+    return ks
 
-    image_col: str = "image"  # tables: the image-path column
-    caption_col: str = "caption"  # tables: the caption column
-    image_root: str | None = None  # Karpathy JSON; tables resolve paths against their own folder
-    split: str = "test"  # Karpathy JSON
-    rows_per_unit: int = 1000  # tables and Karpathy JSON: samples per output shard
+
+def parse_pair(text, where: str) -> tuple[float, float]:
+    if isinstance(text, (list, tuple)):
+        return tuple(text)
+    try:
+        a, b = (float(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"expected two numbers 'LO,HI', got {text!r}", where) from None
+    return a, b
+
+
+def parse_int_pair(text, where: str) -> tuple[int, int]:
+    return tuple(int(x) for x in parse_pair(text, where))
+
+
+def parse_warmup(text, where: str = "--warmup") -> int | str | None:
+    """The --warmup option: 'auto' or a whole number of steps."""
+    if text is None or text == "auto" or isinstance(text, int):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"expected auto or a number of steps, got {text!r}", where) from None
+
+
+def pair_text(pair) -> str:
+    return ",".join(f"{x:g}" for x in pair)
+
+
+def _check_specs(models: list[str], where: str = "--model") -> None:
+    from hierdctl.specs import parse_spec
+
+    require(bool(models), f"give at least one {where} SPEC", where)
+    for m in models:
+        parse_spec(m, where)  # a malformed or unknown spec fails before any model loads
 
 
 def check_report_path(out: Path | None, where: str = "--out") -> None:
@@ -58,29 +98,51 @@ def check_report_path(out: Path | None, where: str = "--out") -> None:
     require(out.parent.is_dir(), f"the folder {out.parent} does not exist", where)
 
 
-def parse_ks(text: str, where: str = "--k") -> list[int]:
-    try:
-        ks = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"expected comma-separated integers like 1,5,10, got {text!r}", where) from None
-    require(bool(ks) and min(ks) >= 1, f"K must be positive integers, got {text!r}", where)
-    return ks
+# Declarations several stages share (each stage's field still names its own default and help).
+def _device(role=RUNTIME, help="auto, cpu, cuda or cuda:N."):
+    return setting("auto", help=help, role=role)
 
 
-def parse_pair(text: str, where: str) -> tuple[float, float]:
-    try:
-        a, b = (float(x) for x in text.split(","))
-    except ValueError:
-        raise UserError(f"expected two numbers 'LO,HI', got {text!r}", where) from None
-    return a, b
+def _quiet():
+    return setting(False, help="No progress bar.", role=RUNTIME)
 
 
-def _check_specs(models: list[str]) -> None:
-    from hierdctl.specs import parse_spec
+def _max_pixels(role):
+    return setting(DEFAULT_MAX_PIXELS, help="Decompression-bomb limit; larger images are skipped.", role=role)
 
-    require(bool(models), "give at least one --model SPEC", "--model")
-    for m in models:
-        parse_spec(m, "--model")  # a malformed or unknown spec fails before any model loads
+
+def _models():
+    return setting(help="Model spec (repeatable); the first is the reference for retention %.", role=IDENTITY,
+                   flags=("--model", "-m"), required=True, type=list[str])
+
+
+# ----------------------------------------------------------------------------------
+# Source options (hierdctl/sources.py's grammar): a group of options in every command that reads data
+# ----------------------------------------------------------------------------------
+
+
+@dataclass
+class SourceOptions:
+    """How a source spec is read. Its fields are options of every command that reads a source."""
+
+    image_col: str = setting("image", help="Tables: the image-path column.", role=IDENTITY)
+    caption_col: str = setting("caption", help="Tables: the caption column.", role=IDENTITY)
+    image_root: Optional[str] = setting(None, help="Karpathy JSON: folder the image paths are relative to.",
+                                        role=IDENTITY)
+    split: str = setting("test", help="Karpathy JSON: split to read (train, restval, val, test, all).", role=IDENTITY)
+    # The identity key keeps the name earlier caches recorded.
+    rows_per_shard: int = setting(1000, help="Tables / Karpathy JSON: samples per output shard.", role=IDENTITY,
+                                  key="rows_per_unit")
+
+    @classmethod
+    def from_record(cls, recorded: dict) -> "SourceOptions":
+        """The options a cache recorded (its identity's "source_options", keyed as identity() keys them)."""
+        keys = {(f.metadata["key"] or f.name): f.name for f in dataclasses.fields(cls)}
+        return cls(**{keys[k]: v for k, v in recorded.items() if k in keys})
+
+
+def _source_options():
+    return setting(help="", role=IDENTITY, factory=SourceOptions, kind="group")
 
 
 # ----------------------------------------------------------------------------------
@@ -88,42 +150,88 @@ def _check_specs(models: list[str]) -> None:
 # ----------------------------------------------------------------------------------
 
 
+def _teachers(values, where: str) -> dict:
+    """--teacher A [--teacher B …]: the first teacher and the ensemble's others."""
+    values = [values] if isinstance(values, str) else list(values)
+    require(bool(values), "give a --teacher SPEC", where)
+    return {"teacher": values[0], "ensemble": tuple(values[1:])}
+
+
 @dataclass
 class CacheTeacherConfig:
-    source: str
-    out: Path
-    teacher: str
-    source_options: SourceOptions = field(default_factory=SourceOptions)
-    ensemble: tuple[str, ...] = ()  # more teachers (--teacher A --teacher B): their global embeddings too
-    views: int = 2  # view 0 = the teacher's eval preprocessing, the rest random crops
-    clusters: int = 8
-    cluster_iters: int = 10
-    cluster_pos_weight: float = 0.0
-    max_phrases: int = 4
-    chunker: str = "auto"  # auto (spaCy if installed, else TextBlob) | spacy | textblob
-    perturbations: int = 0  # compositional caption perturbations per caption (hierdctl/perturb.py), 0 = none
-    cluster_crops: bool = False  # also the teacher's embedding of each cluster's crop (CLIPSelf-style)
-    captioner: str | None = None  # an open_clip CoCa spec: synthetic captions beside the real ones (DataCompDR)
-    synthetic_captions: int = 5  # with --captioner: generated captions per image
-    store: str = "clusters"  # "clusters" | "tokens"
-    store_images: bool = True
-    dtype: str = "fp16"
-    crop_scale: tuple[float, float] = (0.9, 1.0)  # open_clip's training default
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.5
-    augment: str = "rrc+flip"  # rrc+flip | rrc+flip+randaugment (DataCompDR's), for views ≥ 1
-    randaugment: tuple[int, int] = (2, 9)  # RandAugment's (ops per view, magnitude of 30)
-    seed: int = 0
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    batch_size: int = 64
-    device: str = "auto"
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast on GPU)
-    workers: int = -1  # -1: min(8, cpus - 1)
-    log_skipped: Path | None = None
-    overwrite: bool = False
-    rank: int | None = None
-    world_size: int | None = None
-    quiet: bool = False
+    source: str = setting(help="Shards (data/{00000..00099}.tar, a dir, one .tar, or URLs: pipe:CMD, https://…, "
+                               "file:…, s3://…), a .csv/.tsv/.jsonl, or a Karpathy .json.", role=IDENTITY,
+                          kind="argument")
+    out: Path = setting(help="Output cache directory (resumed if it exists).", role=RUNTIME,
+                        flags=("--out", "-o"), required=True)
+    teacher: str = setting(help="Model spec: open_clip:ARCH/TAG, open_clip:ARCH/CKPT, open_clip:CFG.json/CKPT, "
+                                "local-dir:PATH, hf:REPO_OR_PATH. Repeat for an ensemble: every teacher's global "
+                                "embeddings are cached; clusters, phrases, perturbations and crops come from the first.",
+                           role=IDENTITY, flags=("--teacher", "-t"), type=list[str], parse=_teachers, spread=True,
+                           required=True)
+    source_options: SourceOptions = _source_options()
+    ensemble: tuple[str, ...] = setting((), help="The ensemble's other teachers (the CLI's second --teacher on).",
+                                        role=IDENTITY, kind="none")
+    views: int = setting(2, help="Views per image: view 0 is the teacher's eval preprocessing, the rest random crops.",
+                         role=IDENTITY)
+    clusters: int = setting(8, help="K clusters of patch tokens per view (0: no clusters).", role=IDENTITY,
+                            key="clusters.k")
+    cluster_iters: int = setting(10, help="Spherical k-means iterations.", role=IDENTITY, key="clusters.iters")
+    cluster_pos_weight: float = setting(0.0, help="Weight of patch position in clustering (0: features only).",
+                                        role=IDENTITY, key="clusters.pos_weight")
+    max_phrases: int = setting(4, help="Noun phrases kept per caption (0: none).", role=IDENTITY,
+                               key="phrases.max_phrases")
+    chunker: str = setting("auto", help="Phrase chunker: auto (spaCy if installed, else TextBlob), spacy, textblob.",
+                           role=IDENTITY, key="phrases.chunker")
+    perturbations: int = setting(0, help="Compositional perturbations per caption (noun chunks' modifiers, heads or "
+                                         "places swapped) with the teacher's embeddings (0: none).",
+                                 role=IDENTITY, key="perturbations.per_caption")
+    cluster_crops: bool = setting(False, help="Also the teacher's embedding of each cluster's bounding-box crop "
+                                              "(CLIPSelf-style; K extra forwards per view).", role=IDENTITY,
+                                  flags=("--cluster-crops/--no-cluster-crops",))
+    captioner: Optional[str] = setting(None, help="An open_clip CoCa spec: N generated captions per image beside the "
+                                                  "real ones, embedded, chunked and perturbed like them (DataCompDR).",
+                                       role=IDENTITY, key="captioner.spec", when=lambda c: bool(c.captioner),
+                                       otherwise=None)
+    synthetic_captions: int = setting(5, help="With --captioner: captions generated per image (top-p sampling, "
+                                              "seeded per image).", role=IDENTITY, key="captioner.per_image",
+                                      when=lambda c: bool(c.captioner), otherwise=None)
+    store: str = setting("clusters", help="clusters, or tokens (also every patch token and text token feature).",
+                         role=IDENTITY)
+    store_images: bool = setting(True, help="Keep each original image in the cache (distill reads images from it).",
+                                 role=IDENTITY, flags=("--store-images/--no-store-images",))
+    dtype: str = setting("fp16", help="Storage of float arrays: fp16, fp32 or int8 (per-row scales).", role=IDENTITY)
+    crop_scale: tuple[float, float] = setting((0.9, 1.0), help="RandomResizedCrop area range for views ≥ 1 "
+                                              "(open_clip's training default).", role=IDENTITY,
+                                              key="augment.crop_scale", type=str, parse=parse_pair, show=pair_text)
+    crop_ratio: tuple[float, float] = setting((3 / 4, 4 / 3), help="RandomResizedCrop aspect range for views ≥ 1.",
+                                              role=IDENTITY, key="augment.crop_ratio", type=str, parse=parse_pair,
+                                              show=pair_text)
+    flip_p: float = setting(0.5, help="Horizontal-flip probability for views ≥ 1.", role=IDENTITY, key="augment.flip_p")
+    augment: str = setting("rrc+flip", help="Views ≥ 1: rrc+flip, or rrc+flip+randaugment (DataCompDR's; the drawn ops "
+                                            "and magnitudes are stored and replayed exactly by distill).",
+                           role=IDENTITY, key="augment.ops")
+    randaugment: tuple[int, int] = setting((2, 9), help="RandAugment N,M: ops per view and magnitude (of 30).",
+                                           role=IDENTITY, key="augment.randaugment",
+                                           when=lambda c: c.augment.endswith("randaugment"), type=str,
+                                           parse=parse_int_pair, show=lambda p: ",".join(map(str, p)))
+    seed: int = setting(0, help="Seed of the augmentations (views depend on seed and image bytes only).",
+                        role=IDENTITY)
+    max_pixels: int = _max_pixels(IDENTITY)
+    batch_size: int = setting(64, help="Images per teacher forward.", role=RUNTIME)
+    device: str = _device()
+    # The precision the teacher ran at is part of the identity, resolved (cache-teacher adds it).
+    precision: str = setting("auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16.", role=RUNTIME)
+    workers: int = setting(-1, help="DataLoader decoding workers (-1: min(8, cpus-1)).", role=RUNTIME)
+    log_skipped: Optional[Path] = setting(None, help="Write every skipped sample (JSONL) here.", role=RUNTIME)
+    overwrite: bool = setting(False, help="Remove what cache-teacher wrote in OUT and start over (never anything "
+                                          "else).", role=RUNTIME)
+    rank: Optional[int] = setting(None, help="Job arrays without torchrun: this job's rank.", role=RUNTIME)
+    world_size: Optional[int] = setting(None, help="Job arrays without torchrun: number of jobs.", role=RUNTIME)
+    quiet: bool = _quiet()
+
+    IDENTITY_CONSTANTS = {"clusters.algorithm": "spherical-kmeans/farthest-point-seeding",
+                          "perturbations.ops": "swap_modifiers/swap_heads/swap_chunks"}
 
     def validate(self) -> "CacheTeacherConfig":
         self.out = Path(self.out)
@@ -152,36 +260,10 @@ class CacheTeacherConfig:
         require(self.batch_size >= 1, "must be at least 1", "--batch-size")
         require(self.precision in PRECISIONS, "must be auto, fp32, bf16 or fp16", "--precision")
         require(self.max_pixels > 0, "must be positive", "--max-pixels")
-        require(self.source_options.rows_per_unit >= 1, "must be at least 1", "--rows-per-shard")
+        require(self.source_options.rows_per_shard >= 1, "must be at least 1", "--rows-per-shard")
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"{self.out} exists and is not a directory", "--out")
         return self
-
-    def identity(self) -> dict:
-        """Everything that decides the cache's bytes; a rerun must match it to resume."""
-        o = self.source_options
-        return {
-            "source": self.source,
-            "source_options": {"image_col": o.image_col, "caption_col": o.caption_col, "split": o.split,
-                               "image_root": o.image_root, "rows_per_unit": o.rows_per_unit},
-            "teacher": self.teacher,
-            "ensemble": list(self.ensemble),
-            "views": self.views,
-            "clusters": {"k": self.clusters, "iters": self.cluster_iters, "pos_weight": self.cluster_pos_weight,
-                         "algorithm": "spherical-kmeans/farthest-point-seeding"},
-            "phrases": {"max_phrases": self.max_phrases, "chunker": self.chunker},
-            "perturbations": {"per_caption": self.perturbations, "ops": "swap_modifiers/swap_heads/swap_chunks"},
-            "cluster_crops": self.cluster_crops,
-            "captioner": {"spec": self.captioner, "per_image": self.synthetic_captions} if self.captioner else None,
-            "store": self.store,
-            "store_images": self.store_images,
-            "dtype": self.dtype,
-            "augment": {"crop_scale": list(self.crop_scale), "crop_ratio": list(self.crop_ratio), "flip_p": self.flip_p,
-                        "ops": self.augment} | ({"randaugment": list(self.randaugment)}
-                                               if self.augment.endswith("randaugment") else {}),
-            "seed": self.seed,
-            "max_pixels": self.max_pixels,
-        }
 
 
 # ----------------------------------------------------------------------------------
@@ -191,38 +273,52 @@ class CacheTeacherConfig:
 
 @dataclass
 class DistillConfig:
-    cache: str
-    student: str
-    recipe: str
-    out: str
-    epochs: float | None = None
-    steps: int | None = None
-    batch_size: int = 256  # global, over all ranks
-    lr: float = 1e-3
-    warmup: int | str = "auto"  # steps, or auto = min(10,000, 10% of the run's steps)
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
-    grad_clip: float | None = 1.0
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
-    device: str = "auto"
-    seed: int = 0
-    view_policy: str = "random"  # random | sequential
-    caption_policy: str = "random"  # random (a real caption) | first | synthetic | any | real+synthetic
-    exp_scales: bool = False
-    mask_ratio: float = 0.75
-    workers: int = -1
-    save_every: int = 1000
-    keep_checkpoints: int = 3
-    log_every: int = 10
-    report_to: str = "none"  # none | tensorboard (scalars under RUN_DIR/tensorboard)
-    images: str | None = None  # a cache made with --no-store-images: its source, joined by key (sha256-checked)
-    cache_reader: str = "auto"  # random (random access, local) | stream (sequential, URLs too) | auto (stream for URLs)
-    shuffle_buffer: int = 1000  # the streaming reader's shuffle buffer, in samples per reader
-    resume: bool = False
-    overwrite: bool = False
-    quiet: bool = False
+    # cache, student, recipe and out may come from --config FILE: validate() requires them.
+    cache: str = setting("", help="A teacher cache written by cache-teacher.", role=IDENTITY, kind="argument")
+    student: str = setting("", help="Student: an open_clip architecture (ViT-T-16 ships), open_clip:CFG.json, or any "
+                                    "model spec to start from weights.", role=IDENTITY)
+    recipe: str = setting("", help="A shipped recipe name (see --list-recipes) or a recipe YAML file.", role=IDENTITY)
+    out: str = setting("", help="Run directory (config, metrics, checkpoints, loss curves).", role=RECORDED,
+                       flags=("--out", "-o"))
+    epochs: Optional[float] = setting(None, help="Epochs over the cache (fractions allowed).", role=IDENTITY)
+    steps: Optional[int] = setting(None, help="Optimizer steps (wins over --epochs).", role=IDENTITY)
+    batch_size: int = setting(256, help="Global batch size, over all processes.", role=IDENTITY)
+    lr: float = setting(1e-3, help="Peak learning rate.", role=IDENTITY)
+    warmup: int | str = setting("auto", help="Linear warm-up steps before the cosine decay, or auto = min(10000, 10% "
+                                             "of the run).", role=IDENTITY, type=str, parse=parse_warmup, show=str)
+    weight_decay: float = setting(0.1, help="AdamW weight decay (not on gains, biases, scales).", role=IDENTITY)
+    beta1: float = setting(0.9, help="AdamW β1.", role=IDENTITY, kind="none")
+    beta2: float = setting(0.98, help="AdamW β2.", role=IDENTITY, kind="none")
+    eps: float = setting(1e-6, help="AdamW ε.", role=IDENTITY, kind="none")
+    grad_clip: Optional[float] = setting(1.0, help="Gradient-norm clipping.", role=IDENTITY)
+    precision: str = setting("auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16.", role=IDENTITY)
+    device: str = _device(help="auto, cpu, cuda, cuda:N.")
+    seed: int = setting(0, help="Seed of initialisation, data order, views and masks.", role=IDENTITY)
+    view_policy: str = setting("random", help="Cached view per sample: random or sequential.", role=IDENTITY,
+                               kind="none")
+    caption_policy: str = setting("random", help="Caption per sample: random (a real one), first, synthetic, any, or "
+                                                 "real+synthetic (both, terms averaged).", role=IDENTITY, kind="none")
+    exp_scales: bool = setting(False, help="κ scales are exponentiated (log κ is the parameter).", role=IDENTITY,
+                               kind="none")
+    mask_ratio: float = setting(0.75, help="MFD's share of masked student patches.", role=IDENTITY, kind="none")
+    workers: int = setting(-1, help="DataLoader workers (-1: min(8, cpus-1) per process).", role=RUNTIME)
+    save_every: int = setting(1000, help="Checkpoint every N steps.", role=RECORDED)
+    keep_checkpoints: int = setting(3, help="Checkpoints kept (the oldest are pruned).", role=RECORDED, kind="none")
+    log_every: int = setting(10, help="Write metrics every N steps.", role=RECORDED)
+    report_to: str = setting("none", help="none, or tensorboard (every loss term, lr, logit scale and samples/s under "
+                                          "RUN_DIR/tensorboard).", role=RUNTIME)
+    images: Optional[str] = setting(None, help="For a cache made with --no-store-images: its source (the same shards or "
+                                               "table, any location); images are joined by key and checked by sha256.",
+                                    role=RECORDED)
+    cache_reader: str = setting("auto", help="random (random access to local shards), stream (shards read in order, "
+                                             "per-epoch shard shuffle and a shuffle buffer: caches on object storage), "
+                                             "or auto (stream for a URL).", role=IDENTITY)
+    shuffle_buffer: int = setting(1000, help="The streaming reader's shuffle buffer, in samples per reader.",
+                                  role=IDENTITY, kind="none")
+    resume: bool = setting(False, help="Continue the run in --out from its latest checkpoint.", role=RUNTIME)
+    overwrite: bool = setting(False, help="Discard the run in --out (only what distill wrote) and start over.",
+                              role=RUNTIME)
+    quiet: bool = _quiet()
 
     def validate(self) -> "DistillConfig":
         for req in ("cache", "student", "recipe", "out"):
@@ -293,18 +389,7 @@ class DistillConfig:
             except yaml.YAMLError as e:
                 raise UserError(f"{s!r}: the value is not valid YAML ({yaml_problem(e)})", "--set") from None
             values[k] = _coerce(k, parsed, "--set")
-        for req in ("cache", "student", "recipe", "out"):
-            values.setdefault(req, "")
         return cls(**values)
-
-
-# Settings a resumed run must share with the run it continues.
-# steps/epochs too: the cosine schedule is a function of the run's length.
-RESUME_KEYS = ("cache", "student", "recipe", "steps", "epochs", "batch_size", "lr", "warmup", "weight_decay",
-               "beta1", "beta2", "eps", "grad_clip", "seed", "view_policy", "caption_policy", "exp_scales",
-               "mask_ratio", "precision", "cache_reader", "shuffle_buffer")
-# Execution details that do not enter the resolved config.
-RUNTIME_KEYS = ("resume", "overwrite", "quiet", "device", "workers", "report_to")
 
 
 def yaml_problem(e: Exception) -> str:
@@ -323,7 +408,7 @@ def _coerce(name: str, value, where: str):
         raise UserError(f"unknown setting {name!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""), where)
     t = str(fields[name].type)
     if value is None:
-        if "None" in t:
+        if "None" in t or "Optional" in t:
             return None
         raise UserError(f"{name} cannot be empty", where)
     try:
@@ -335,25 +420,15 @@ def _coerce(name: str, value, where: str):
             return bool(value)
         if name == "warmup":
             return parse_warmup(str(value), where)
-        if t.startswith("int"):
+        if t.startswith("int") or t == "Optional[int]":
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return int(value)
-        if t.startswith("float"):
+        if t.startswith("float") or t == "Optional[float]":
             return float(value)
         return str(value)
     except (TypeError, ValueError, OverflowError):
         raise UserError(f"{name}={value!r} is not a valid {t.split(' ')[0]}", where) from None
-
-
-def parse_warmup(text: str | None, where: str = "--warmup") -> int | str | None:
-    """The --warmup option: 'auto' or a whole number of steps."""
-    if text is None or text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise UserError(f"expected auto or a number of steps, got {text!r}", where) from None
 
 
 # ----------------------------------------------------------------------------------
@@ -363,14 +438,20 @@ def parse_warmup(text: str | None, where: str = "--warmup") -> int | str | None:
 
 @dataclass
 class ExportConfig:
-    source: Path  # run dir, its checkpoints/ folder, or a step-NNNNNNN.safetensors
-    out: Path
-    format: str = "open_clip"
-    report: Path | None = None  # an eval-retrieval / eval-zeroshot report for the model card
-    opset: int = 17
-    atol: float = 1e-4  # ONNX vs PyTorch, on L2-normalised embeddings
-    overwrite: bool = False
-    quiet: bool = False
+    source: Path = setting(help="A distill run dir (its latest checkpoint), its checkpoints/ folder, or a "
+                                "step-NNNNNNN.safetensors.", role=IDENTITY, kind="argument")
+    out: Path = setting(help="Output folder (written under a temporary name, then renamed into place).", role=RUNTIME,
+                        flags=("--out", "-o"), required=True)
+    format: str = setting("open_clip", help="open_clip (local dir), onnx (image and text graphs), hf (local dir + a "
+                                            "transformers CLIPModel in DIR/hf), or all (open_clip + onnx).",
+                          role=IDENTITY, flags=("--format", "-f"))
+    report: Optional[Path] = setting(None, help="An eval-retrieval / eval-zeroshot report.json whose metrics go into "
+                                                "the model card.", role=IDENTITY)
+    opset: int = setting(17, help="ONNX opset.", role=IDENTITY)
+    atol: float = setting(1e-4, help="Largest ONNX-vs-PyTorch difference accepted (normalised embeddings).",
+                          role=RUNTIME)
+    overwrite: bool = setting(False, help="Replace an earlier export in --out.", role=RUNTIME)
+    quiet: bool = setting(False, help="No notes.", role=RUNTIME)
 
     def validate(self) -> "ExportConfig":
         import importlib.util
@@ -403,20 +484,26 @@ class ExportConfig:
 
 @dataclass
 class EvalRetrievalConfig:
-    source: str
-    models: list[str]
-    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
-    batch_size: int = 64
-    device: str = "auto"
-    index: str = "flat"
-    nprobe: int | None = None  # ivf only
-    out: Path | None = None
-    save_index: Path | None = None
-    overwrite: bool = False  # replace an earlier --save-index folder
-    source_options: SourceOptions = field(default_factory=SourceOptions)
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    workers: int = 4  # decoding threads
-    quiet: bool = False
+    source: str = setting(help="Shards (paths or URLs: pipe:CMD, https://…, file:…), a dir of shards, a "
+                               ".csv/.tsv/.jsonl, or a Karpathy .json (COCO, Flickr30k).", role=IDENTITY,
+                          kind="argument")
+    models: list[str] = _models()
+    ks: list[int] = setting(help="Comma-separated K of recall@K.", role=IDENTITY, factory=lambda: [1, 5, 10],
+                            flags=("--k",), type=str, parse=parse_ks, show=lambda ks: ",".join(map(str, ks)))
+    batch_size: int = setting(64, help="Images / captions per forward.", role=RUNTIME)
+    device: str = _device(help="auto, cpu, cuda or cuda:N (FAISS uses a GPU whenever faiss-gpu sees one).")
+    index: str = setting("flat", help="flat (exact IndexFlatIP), ivf or hnsw (approximate, labelled so).",
+                         role=IDENTITY)
+    nprobe: Optional[int] = setting(None, help="With --index ivf: lists probed per query (default nlist/8).",
+                                    role=IDENTITY)
+    out: Optional[Path] = setting(None, help="Write the JSON report here.", role=RUNTIME, flags=("--out", "-o"))
+    save_index: Optional[Path] = setting(None, help="Keep each model's embeddings and FAISS indexes in this folder.",
+                                         role=RUNTIME)
+    overwrite: bool = setting(False, help="Replace an earlier --save-index folder.", role=RUNTIME)
+    source_options: SourceOptions = _source_options()
+    max_pixels: int = _max_pixels(IDENTITY)
+    workers: int = setting(4, help="Image-decoding threads (0: decode in the main thread).", role=RUNTIME)
+    quiet: bool = _quiet()
 
     def validate(self) -> "EvalRetrievalConfig":
         _check_specs(self.models)
@@ -429,28 +516,29 @@ class EvalRetrievalConfig:
         require(self.nprobe is None or self.index == "ivf", f"only applies to --index ivf (not {self.index})", "--nprobe")
         require(self.max_pixels > 0, f"must be positive, got {self.max_pixels}", "--max-pixels")
         check_report_path(self.out)
-        if self.save_index is not None:  # a folder hierdctl did not write is never replaced
-            from hierdctl.atomic import check_dir_target
-            from hierdctl.stages.eval_retrieval import INDEX_MARKER, REPORT_SCHEMA
+        from hierdctl.reports import check_save_index
 
-            check_dir_target(Path(self.save_index), INDEX_MARKER, REPORT_SCHEMA, "--save-index", self.overwrite,
-                             "a saved index")
+        check_save_index(self.save_index, self.overwrite)
         return self
 
 
 @dataclass
 class EvalZeroshotConfig:
-    source: str
-    models: list[str]
-    classnames: str = "imagenet"  # imagenet | folders | FILE (.json list or one name a line)
-    templates: str = "openai"  # openai | simple | FILE (.json list or one a line, with {c})
-    class_field: str = "cls"
-    batch_size: int = 64
-    device: str = "auto"
-    out: Path | None = None
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    workers: int = 4
-    quiet: bool = False
+    source: str = setting(help="A class-per-folder tree (ROOT/<class>/<image>) or WebDataset shards (paths or URLs) "
+                               "with a class field.", role=IDENTITY, kind="argument")
+    models: list[str] = _models()
+    classnames: str = setting("imagenet", help="imagenet (open_clip's), folders (the folder names), or a file (.json "
+                                               "list or one name a line).", role=IDENTITY)
+    templates: str = setting("openai", help="openai (open_clip's 80 ImageNet prompts), simple, or a file of prompts "
+                                            "with {c}.", role=IDENTITY)
+    class_field: str = setting("cls", help="Shards: the member (KEY.cls) or .json field holding the class index.",
+                               role=IDENTITY)
+    batch_size: int = setting(64, help="Images / prompts per forward.", role=RUNTIME)
+    device: str = _device()
+    out: Optional[Path] = setting(None, help="Write the JSON report here.", role=RUNTIME, flags=("--out", "-o"))
+    max_pixels: int = _max_pixels(IDENTITY)
+    workers: int = setting(4, help="Image-decoding threads (0: decode in the main thread).", role=RUNTIME)
+    quiet: bool = _quiet()
 
     def validate(self) -> "EvalZeroshotConfig":
         _check_specs(self.models)
@@ -462,7 +550,7 @@ class EvalZeroshotConfig:
 
 
 # ----------------------------------------------------------------------------------
-# scenes (the benchmark generator, hierdctl/scenes.py)
+# scenes (the benchmark generator, stages/scenes.py)
 # ----------------------------------------------------------------------------------
 
 FLAVOURS = ("shapes", "fashion", "cluttered")
@@ -475,23 +563,38 @@ MAX_SAMPLES_PER_SPLIT = 10**9 - 1  # keys are nine digits
 MAX_SHARDS = 10**5  # shard names are five digits
 
 
+def _objects_help(end: int) -> str:
+    which = "Fewest" if end == 0 else "Most"
+    return (f"{which} objects per image [the flavour's default: "
+            + ", ".join(f"{f} {r[end]}" for f, r in DEFAULT_OBJECTS.items()) + "].")
+
+
 @dataclass
 class ScenesConfig:
-    out_dir: str | Path = "out/scenes"
-    flavour: str = "shapes"
-    n_train: int = 10_000
-    n_test: int = 1_000
-    image_size: int = 64
-    shard_size: int = 1_000
-    seed: int = 0
-    min_objects: int | None = None  # None: the flavour's default (DEFAULT_OBJECTS)
-    max_objects: int | None = None
-    captions_per_image: int = 4
-    negatives_per_kind: int = 2  # hard negatives of each kind per test image, at most
-    image_format: str = "png"
-    textured_fraction: float | None = None  # shapes/fashion: share of mottled backgrounds (None: 0.5)
-    fashion_path: str | Path | None = None  # a folder of Fashion-MNIST IDX files
-    clip_benchmark: bool = False  # also write OUT/clip_benchmark: the test split for CLIP_benchmark
+    out: str | Path = setting("out/scenes", help="Output folder: OUT/train/*.tar, OUT/test/*.tar, OUT/scenes.json.",
+                              role=RUNTIME, flags=("--out", "-o"), required=True, type=Path)
+    flavour: str = setting("shapes", help="shapes (drawn), fashion (Fashion-MNIST photos) or cluttered (2–6 shapes "
+                                          "and Fashion-MNIST items on photo crops, occlusion, distractors).",
+                           role=IDENTITY)
+    n_train: int = setting(10_000, help="Training images.", role=IDENTITY)
+    n_test: int = setting(1_000, help="Test images (these carry hard-negative captions).", role=IDENTITY)
+    image_size: int = setting(64, help="Image side in pixels.", role=IDENTITY)
+    shard_size: int = setting(1_000, help="Samples per shard.", role=IDENTITY)
+    seed: int = setting(0, help="Seed; the same seed gives byte-identical shards.", role=IDENTITY)
+    min_objects: Optional[int] = setting(None, help=_objects_help(0), role=IDENTITY)
+    max_objects: Optional[int] = setting(None, help=_objects_help(1), role=IDENTITY)
+    captions_per_image: int = setting(4, help="Captions per image.", role=IDENTITY)
+    negatives_per_kind: int = setting(2, help="Hard negatives of each kind per test image (at most).", role=IDENTITY)
+    image_format: str = setting("png", help="png or jpg (quality 95).", role=IDENTITY)
+    textured_fraction: Optional[float] = setting(
+        None, help=f"Share of mottled backgrounds, shapes and fashion [unset: {DEFAULT_TEXTURED_FRACTION}].",
+        role=IDENTITY)
+    fashion_path: Optional[Path] = setting(None, help="Folder of Fashion-MNIST IDX files (default: Debian's "
+                                                      "dataset-fashion-mnist), for fashion and cluttered (cluttered "
+                                                      "falls back to shapes only without it).", role=IDENTITY)
+    clip_benchmark: bool = setting(False, help="Also write OUT/clip_benchmark: the test split in CLIP_benchmark's wds "
+                                               "layout, every caption.", role=RUNTIME,
+                                   flags=("--clip-benchmark/--no-clip-benchmark",))
 
     def object_range(self) -> tuple[int, int]:
         """(fewest, most) objects per image: the fields, or the flavour's defaults."""
@@ -503,12 +606,13 @@ class ScenesConfig:
         return DEFAULT_TEXTURED_FRACTION if self.textured_fraction is None else self.textured_fraction
 
     def validate(self) -> "ScenesConfig":
-        """Check every field; raise UserError naming the flag at fault. Returns self."""
+        """Check every field, and that the flavour's assets are there (hierdctl/scenes_assets.py);
+        raise UserError naming the flag at fault. Returns self."""
 
         def is_int(v) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
-        if not str(self.out_dir).strip():
+        if not str(self.out).strip():
             raise UserError("an output folder is required", where="--out")
         if self.flavour not in FLAVOURS:
             raise UserError(f"unknown flavour {self.flavour!r}; choose one of {', '.join(FLAVOURS)}", where="--flavour")
@@ -549,17 +653,15 @@ class ScenesConfig:
             raise UserError(f"must be true or false, got {self.clip_benchmark!r}", where="--clip-benchmark")
         if self.clip_benchmark and self.n_test == 0:
             raise UserError("the CLIP_benchmark copy is of the test split: --n-test is 0", where="--clip-benchmark")
-        if self.flavour == "fashion" or (self.flavour == "cluttered" and self.fashion_path is not None):
-            from hierdctl.scenes import _fashion_split_files, _skimage_data, fashion_dir
+        from hierdctl import scenes_assets
 
-            folder = fashion_dir(self.fashion_path)
+        if self.flavour == "fashion" or (self.flavour == "cluttered" and self.fashion_path is not None):
+            folder = scenes_assets.fashion_dir(self.fashion_path)
             for split, n in (("train", self.n_train), ("test", self.n_test)):
                 if n:
-                    _fashion_split_files(folder, split)  # raises when a file is missing
+                    scenes_assets.fashion_split_files(folder, split)  # raises when a file is missing
         elif self.fashion_path is not None:
             raise UserError("only the fashion and cluttered flavours read Fashion-MNIST", where="--fashion-path")
         if self.flavour == "cluttered":
-            from hierdctl.scenes import _skimage_data
-
-            _skimage_data()  # raises when scikit-image is missing
+            scenes_assets.skimage_data()  # raises when scikit-image is missing
         return self

@@ -1,4 +1,5 @@
-"""Embedding a data source with any model spec: the shared core of eval-retrieval and eval-zeroshot.
+"""Embedding a data source with any model spec: the shared core of eval-retrieval and eval-zeroshot
+(what their reports record and how they are written: hierdctl/reports.py).
 
 Every model (teacher, exported student, open_clip tag: any `specs.load_encoder` result)
 reads a source through the same code: images decoded by `images.decode_rgb` and put
@@ -9,11 +10,8 @@ undecodable images and source skips are counted by reason, never fatal.
 from __future__ import annotations
 
 import itertools
-import platform
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
@@ -103,35 +101,3 @@ def check_joint_space(spec: str, image_dim: int, text_dim: int) -> None:
     if image_dim != text_dim:
         raise UserError(f"{spec} gives {image_dim}-wide image embeddings but {text_dim}-wide text embeddings: "
                         "they are not in one joint space", "--model")
-
-
-def retention(metrics: dict, reference: dict) -> dict:
-    """A later model's score as % of the reference's, for every metric the reference has > 0."""
-    return {k: round(100.0 * v / reference[k], 2) for k, v in metrics.items() if reference.get(k, 0) > 0}
-
-
-def versions() -> dict:
-    """The versions a report records."""
-    import faiss
-
-    from hierdctl import __version__
-    import open_clip
-
-    v = {"hierdctl": __version__, "python": platform.python_version(), "torch": torch.__version__,
-         "numpy": np.__version__, "faiss": faiss.__version__, "open_clip": open_clip.__version__}
-    if "transformers" in sys.modules:
-        v["transformers"] = sys.modules["transformers"].__version__
-    return v
-
-
-def finish_report(report: dict, out, quiet: bool, stage: str) -> dict:
-    """Write the report (atomically) where --out says, and say what was skipped."""
-    from hierdctl.atomic import write_json_atomic
-    from hierdctl.console import console
-
-    if out:
-        write_json_atomic(Path(out), report)
-    if not quiet and report["counts"]["skipped_total"]:
-        console.print(f"[dim]{stage}:[/] skipped {report['counts']['skipped_total']} samples: "
-                      + ", ".join(f"{k} {v}" for k, v in report["counts"]["skipped"].items()))
-    return report

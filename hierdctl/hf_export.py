@@ -265,14 +265,16 @@ def to_hf_config(model_cfg: dict, preprocess_cfg: dict):
     scale = float(model_cfg.get("init_logit_scale", math.log(1 / 0.07)))  # the weights carry the trained one
     config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=dim,
                                      logit_scale_init_value=scale)
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
     # PIL's BILINEAR (2) or BICUBIC (3); open_clip evaluates 'random' with bicubic.
     resample = 2 if preprocess_cfg.get("interpolation") == "bilinear" else 3
     squash = preprocess_cfg.get("resize_mode", "shortest") == "squash"
     processor = dict(do_resize=True, size={"height": size, "width": size} if squash else {"shortest_edge": size},
                      resample=resample, do_center_crop=not squash, crop_size={"height": size, "width": size},
                      do_rescale=True, rescale_factor=1 / 255, do_normalize=True, do_convert_rgb=True,
-                     image_mean=[float(x) for x in preprocess_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))],
-                     image_std=[float(x) for x in preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711))])
+                     image_mean=[float(x) for x in preprocess_cfg.get("mean", OPENAI_DATASET_MEAN)],
+                     image_std=[float(x) for x in preprocess_cfg.get("std", OPENAI_DATASET_STD)])
     return config, processor
 
 
@@ -347,7 +349,6 @@ def clip_bpe() -> tuple[dict[str, int], list[str]]:
     SimpleTokenizer numbers them (it names the two special tokens <start_of_text> / <end_of_text>)."""
     import gzip
 
-    import open_clip  # noqa: F401
     from open_clip.tokenizer import bytes_to_unicode, default_bpe
 
     lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (~ 0.25 GB RGB)
+from .configs import DEFAULT_MAX_PIXELS  # one declaration of PIL's decompression-bomb threshold
 
 # decode_rgb applies the caller's max_pixels itself; PIL's warning at its own global threshold
 # would only repeat that check on stderr (and warnings.catch_warnings is not thread-safe).

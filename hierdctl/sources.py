@@ -40,6 +40,7 @@ from .configs import SourceOptions  # noqa: F401 (part of this module's interfac
 from .errors import UserError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+FOLDER_IMAGE_EXTS = IMAGE_EXTS + ("bmp", "gif", "tif", "tiff", "jpe")  # class-per-folder trees (FolderTree)
 
 
 @dataclass
@@ -146,7 +147,7 @@ def _check_urls(spec: str, urls: list[str], where: str) -> None:
                                 "protocols such as s3:// or gs:// with their backend installed)", where) from None
 
 
-def _open_shard(label: str):
+def open_shard(label: str):
     """(what to read, what to close) for one shard: a local path, a webdataset.gopen URL or an
     fsspec URL. A gopen Pipe (pipe: commands, curl) polls its command after every read and
     raises once it exited non-zero, dropping output still in the pipe: its pipe is read
@@ -228,7 +229,7 @@ class TarSource:
         sample's, and its detail says how many samples were read before."""
         label = unit.label
         try:
-            stream, closer = _open_shard(label)
+            stream, closer = open_shard(label)
         except (OSError, ValueError) as e:  # a missing file, a refused pipe:/file: URL, an fsspec error
             yield Skip(label, "unreadable_shard", f"{label}: {_stream_failure(None, e)}")
             return
@@ -495,9 +496,9 @@ def open_source(spec: str, opts: SourceOptions | None = None, where: str = "SOUR
     if suffix == ".tar":
         return TarSource(spec, [str(p)])
     if suffix in (".csv", ".tsv", ".jsonl"):
-        return RowSource("table", spec, _table_rows(p, opts), opts.rows_per_unit)
+        return RowSource("table", spec, _table_rows(p, opts), opts.rows_per_shard)
     if suffix == ".json":
-        return RowSource("karpathy", spec, _karpathy_rows(p, opts), opts.rows_per_unit)
+        return RowSource("karpathy", spec, _karpathy_rows(p, opts), opts.rows_per_shard)
     raise UserError(f"cannot read {spec}: expected .tar shards, a directory, .csv/.tsv/.jsonl or a Karpathy .json", where)
 
 
@@ -511,3 +512,86 @@ def _expand(spec: str, where: str) -> list[str]:
         return list(braceexpand.braceexpand(spec))
     except braceexpand.UnbalancedBracesError:
         raise UserError(f"unbalanced braces in {spec}", where) from None
+
+
+# ----------------------------------------------------------------------------------
+# Labelled sources (eval-zeroshot): shards with a class field, class-per-folder trees
+# ----------------------------------------------------------------------------------
+
+
+def _parse_label(raw, by_name: dict[str, int]) -> int | None:
+    """A class index from a JSON int or a decimal string ("3", "-1"), or a class name; None if
+    it is neither. JSON true/false are not labels (bool is an int in Python), nor are strings
+    str.isdigit accepts but int() does not ("²")."""
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, int):
+        return raw
+    if not isinstance(raw, str):
+        return None
+    digits = raw.strip()
+    if digits.removeprefix("-").isdecimal():  # isdecimal: what int() reads, unlike isdigit ("²")
+        return int(digits)
+    return by_name.get(raw)
+
+
+class LabelledShards(TarSource):
+    """WebDataset shards whose samples carry a class (no caption needed)."""
+
+    def __init__(self, spec: str, paths: list[str], class_field: str, names: list[str]):
+        super().__init__(spec, paths)
+        self.class_field, self.names = class_field, names
+        self.by_name = {n: i for i, n in enumerate(names)}
+
+    def _make(self, key: str, members: dict):
+        ext = next((e for e in IMAGE_EXTS if e in members), None)
+        if ext is None:
+            return Skip(key, "missing_image")
+        raw = members.get(self.class_field.lower())
+        if raw is None and "json" in members:
+            try:
+                meta = json.loads(members["json"])
+                raw = meta.get(self.class_field) if isinstance(meta, dict) else None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raw = None
+        if isinstance(raw, bytes):
+            raw = raw.decode("utf-8", "replace").strip()
+        if raw is None or raw == "":
+            return Skip(key, "missing_label")
+        label = _parse_label(raw, self.by_name)
+        if label is None:
+            return Skip(key, "bad_label", repr(raw)[:80])
+        if not 0 <= label < len(self.names):
+            return Skip(key, "label_out_of_range", f"{label} not in 0..{len(self.names) - 1}")
+        return Sample(key, members[ext], ext, [], {"label": label})
+
+
+class FolderTree:
+    """ROOT/<class>/<image>: classes numbered in sorted folder order."""
+
+    kind = "folders"
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        self.files = []
+        for i, c in enumerate(self.classes):
+            for dirpath, _, names in sorted(os.walk(root / c)):
+                for n in sorted(names):
+                    if n.rsplit(".", 1)[-1].lower() in FOLDER_IMAGE_EXTS:
+                        self.files.append((os.path.join(dirpath, n), i))
+        self.units = [0]
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "spec": str(self.root), "classes": len(self.classes), "files": len(self.files)}
+
+    def iter_unit(self, unit):
+        for path, label in self.files:
+            key = os.path.relpath(path, self.root)
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                yield Skip(key, "missing_file", f"{path}: {e.strerror}")
+                continue
+            yield Sample(key, data, path.rsplit(".", 1)[-1].lower(), [], {"label": label})

@@ -335,9 +335,11 @@ class OpenClipEncoder(ClipEncoder):
         self.image_size = size[0] if isinstance(size, (tuple, list)) else int(size)
         self.eval_transform = preprocess
         self.tokenize = tokenizer
+        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
         pp = getattr(v, "preprocess_cfg", {}) or {}
-        self.mean = tuple(pp.get("mean", (0.48145466, 0.4578275, 0.40821073)))
-        self.std = tuple(pp.get("std", (0.26862954, 0.26130258, 0.27577711)))
+        self.mean = tuple(pp.get("mean", OPENAI_DATASET_MEAN))
+        self.std = tuple(pp.get("std", OPENAI_DATASET_STD))
         self.logit_scale = float(model.logit_scale.exp().item())
         # Patch tokens exist for open_clip's own VisionTransformer (class token + grid).
         vit = all(hasattr(v, a) for a in ("_embeds", "transformer", "_pool", "grid_size"))

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import IterableDataset
 
-from hierdctl import __version__, atomic, cache_format, distributed, faults
+from hierdctl import atomic, cache_format, distributed, faults, settings
 from hierdctl.configs import CacheTeacherConfig
 from hierdctl.console import console, progress
 from hierdctl.errors import UserError
@@ -51,13 +50,11 @@ class _UnitStream:
         from torch.utils.data import get_worker_info
 
         from hierdctl.images import BadImage, apply_view, decode_rgb, sample_views
-        from hierdctl.perturb import perturb
-        from hierdctl.phrases import Chunker
 
         wi = get_worker_info()
         units = self.units if wi is None else self.units[wi.id :: wi.num_workers]
         cfg, first = self.cfg, self.preps[0]
-        chunker = Chunker(cfg.chunker) if cfg.max_phrases > 0 or cfg.perturbations > 0 else None
+        chunker = make_chunker(cfg)
         for unit in units:
             pos = 0
             for rec in self.source.iter_unit(unit):
@@ -77,14 +74,7 @@ class _UnitStream:
                 # Every teacher sees the same views, each at its own resolution and normalisation.
                 pixels = [torch.stack([apply_view(img, v, p["image_size"], p["mean"], p["std"], p["eval_transform"])
                                        for v in views]) for p in self.preps]
-                # Perturbations are built from every noun chunk (up to 8), phrases keep max_phrases of them.
-                chunks = [chunker(c, max(cfg.max_phrases, 8)) for c in rec.captions] if chunker else \
-                    [[] for _ in rec.captions]
-                phrases = [ch[: cfg.max_phrases] for ch in chunks]
-                flat = [p for ps in phrases for p in ps]
-                negs = [perturb(c, ch, cfg.perturbations, cfg.seed) for c, ch in zip(rec.captions, chunks)] \
-                    if cfg.perturbations > 0 else None
-                flat_negs = [n for ns in negs for n in ns] if negs else []
+                phrases, negs, phr_tok, neg_tok = text_parts(rec.captions, chunker, cfg, first["tokenize"])
                 yield {
                     "type": "sample",
                     "unit": unit.index,
@@ -98,12 +88,12 @@ class _UnitStream:
                         "views": [v.to_json() for v in views],
                         "converted_from": converted,
                         "image_ext": rec.image_ext,
-                    } | ({"perturbations": negs} if negs is not None else {}),
+                    } | ({"perturbations": negs} if cfg.perturbations > 0 else {}),
                     "image": rec.image if cfg.store_images else None,
                     "pixels": pixels[0],  # (V,3,S,S)
                     "cap_tok": first["tokenize"](rec.captions),  # (C,L) or (C,2,L)
-                    "phr_tok": first["tokenize"](flat) if flat else None,
-                    "neg_tok": first["tokenize"](flat_negs) if flat_negs else None,
+                    "phr_tok": phr_tok,
+                    "neg_tok": neg_tok,
                     # the other teachers of an ensemble: their own pixels and tokens (global embeddings only)
                     "ensemble": [(px, p["tokenize"](rec.captions)) for px, p in zip(pixels[1:], self.preps[1:])],
                     "cap_pixels": self.caption_transform(img) if self.caption_transform else None,
@@ -112,8 +102,39 @@ class _UnitStream:
             yield {"type": "end", "unit": unit.index, "label": unit.label}
 
 
+def text_parts(captions: list[str], chunker, cfg: CacheTeacherConfig, tokenize):
+    """Each caption's noun phrases and compositional perturbations, and their tokens (flattened
+    in caption order; None when there are none). Perturbations are built from every noun chunk
+    (up to 8), phrases keep --max-phrases of them."""
+    from hierdctl.perturb import perturb
+
+    chunks = [chunker(c, max(cfg.max_phrases, 8)) for c in captions] if chunker else [[] for _ in captions]
+    phrases = [ch[: cfg.max_phrases] for ch in chunks]
+    negs = [perturb(c, ch, cfg.perturbations, cfg.seed) for c, ch in zip(captions, chunks)] \
+        if cfg.perturbations > 0 else None
+    flat = [p for ps in phrases for p in ps]
+    flat_negs = [n for ns in negs for n in ns] if negs else []
+    return (phrases, negs, tokenize(flat) if flat else None, tokenize(flat_negs) if flat_negs else None)
+
+
+def make_chunker(cfg: CacheTeacherConfig):
+    from hierdctl.phrases import Chunker
+
+    return Chunker(cfg.chunker) if cfg.max_phrases > 0 or cfg.perturbations > 0 else None
+
+
 def _identity_collate(x):
     return x
+
+
+class _Iterable(IterableDataset):
+    """A DataLoader dataset over any iterable (the unit stream itself stays free of torch's classes)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __iter__(self):
+        return iter(self.stream)
 
 
 # ----------------------------------------------------------------------------------
@@ -131,14 +152,11 @@ class _Teacher:
                 f"teacher {cfg.teacher} exposes no patch tokens (not a plain ViT): use --clusters 0 and --store clusters",
                 "--clusters",
             )
-        prec = cfg.precision
-        if prec == "auto":
-            prec = "bf16" if device.startswith("cuda") else "fp32"
+        prec = distributed.resolve_precision(cfg.precision, device)
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
         self.precision = prec
 
     def _autocast(self):
-        import contextlib
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.split(":")[0], dtype=self.autocast_dtype)
@@ -270,143 +288,6 @@ def _per_caption(parts: list[list[str]], emb, start: int, width: int, dim: int):
     return out, mask, start
 
 
-def _prepare_out(cfg: CacheTeacherConfig, identity: dict, env: distributed.DistEnv) -> list[str]:
-    """Create OUT, or check that it holds a cache of this very configuration. Returns notes.
-
-    A non-empty OUT must be a hierdctl cache (cache-config.json with the format name):
-    another tool's files are never written over, and --overwrite removes only what
-    cache-teacher wrote (cache_format.clear)."""
-    out, notes = cfg.out, []
-    cpath = out / cache_format.CONFIG_NAME
-    config = {"format": cache_format.FORMAT_NAME, "schema_version": cache_format.SCHEMA_VERSION, "config": identity}
-    if env.is_main:
-        others = [p for p in out.iterdir() if not cache_format.is_own_start(p.name)] if out.is_dir() else []
-        if others and not cache_format.is_cache_dir(out):
-            raise UserError(f"{out} is not empty and is not a hierdctl teacher cache (no {cache_format.CONFIG_NAME} "
-                            f"with format {cache_format.FORMAT_NAME!r}); pick a new or empty folder", "--out")
-        if cfg.overwrite and others:
-            removed = cache_format.clear(out)
-            notes.append(f"--overwrite: removed the earlier cache's {len(removed)} files")
-        out.mkdir(parents=True, exist_ok=True)
-        if not cpath.exists():
-            atomic.write_json_atomic(cpath, config)
-    distributed.barrier(env)
-    if not cpath.exists():  # a job-array rank that started before rank 0
-        out.mkdir(parents=True, exist_ok=True)
-        atomic.write_json_atomic(cpath, config)
-    have = json.loads(cpath.read_text())
-    if have.get("schema_version") != cache_format.SCHEMA_VERSION:
-        raise UserError(f"{out} holds a cache of schema version {have.get('schema_version')}; use --overwrite", "--out")
-    old = have.get("config", {})
-    diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
-    if diff:
-        detail = "; ".join(f"{k}: cache has {old.get(k)!r}, this run {identity.get(k)!r}" for k in diff[:4])
-        raise UserError(f"{out} holds a cache made with another configuration ({detail}). "
-                        "Use another --out, or --overwrite to start over", "--out")
-    return notes
-
-
-def _finish_unit(cfg, index: int, label: str, records: list[dict], skips: list[dict]) -> dict:
-    members = []
-    for r in sorted(records, key=lambda r: r["pos"]):
-        key = cache_format.sample_key(index, r["pos"])
-        members += cache_format.encode_sample(key, r["meta"], r["image"], r["arrays"], cfg.dtype)
-    written = atomic.write_tar_atomic(cfg.out / cache_format.shard_name(index), members)
-    stats = {
-        "index": index,
-        "name": cache_format.shard_name(index),
-        "label": label,
-        "samples": len(records),
-        "captions": sum(len(r["meta"]["captions"]) for r in records),
-        "phrases": sum(len(p) for r in records for p in r["meta"]["phrases"]),
-        "skipped": dict(collections.Counter(s["reason"] for s in skips)),
-        "skipped_samples": skips,
-        "converted": dict(collections.Counter(r["meta"]["converted_from"] for r in records if r["meta"]["converted_from"])),
-        "bytes": written.bytes,
-        "sha256": written.sha256,
-    }
-    atomic.write_json_atomic(cfg.out / cache_format.done_name(index), stats)  # the done-marker, last
-    return stats
-
-
-def _done_stats(out: Path, index: int) -> dict | None:
-    """A unit's stats if it finished (done-marker present and its shard of the recorded size)."""
-    p = out / cache_format.done_name(index)
-    if not p.exists():
-        return None
-    try:
-        st = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    shard = out / cache_format.shard_name(index)
-    return st if shard.exists() and shard.stat().st_size == st.get("bytes") else None
-
-
-def _verified_stats(out: Path, index: int) -> tuple[dict | None, str | None]:
-    """(stats, None) for a finished unit whose shard still has the bytes written (size, sample
-    count and sha256 re-checked); (None, why) for one to redo; (None, None) if never finished."""
-    p = out / cache_format.done_name(index)
-    if not p.exists():
-        return None, None
-    st = _done_stats(out, index)
-    if st is None:
-        return None, "its shard is missing or has another size than recorded"
-    shard = out / cache_format.shard_name(index)
-    if cache_format.verify_digests(out, [st]):
-        return None, "its bytes changed since they were written (sha256)"
-    try:
-        n = len(cache_format.index_shard(shard))
-    except cache_format.CorruptShard as e:
-        return None, str(e)
-    if n != st["samples"]:
-        return None, f"it holds {n} samples, {st['samples']} were written"
-    return st, None
-
-
-def _write_manifest(cfg, identity, teacher_info, source, started: float, infos: list[dict],
-                    captioner: dict | None = None) -> dict:
-    stats = [_done_stats(cfg.out, u.index) for u in source.units]
-    done = [s for s in stats if s is not None]
-    skipped: collections.Counter = collections.Counter()
-    converted: collections.Counter = collections.Counter()
-    for s in done:
-        skipped.update(s["skipped"])
-        converted.update(s["converted"])
-    samples = sum(s["samples"] for s in done)
-    total_bytes = sum(s["bytes"] for s in done)
-    manifest = {
-        "format": cache_format.FORMAT_NAME,
-        "schema_version": cache_format.SCHEMA_VERSION,
-        "created_by": f"hierdctl {__version__}",
-        "config": identity,
-        "teacher": teacher_info,  # the first teacher (clusters, phrases and the unsuffixed embeddings are its)
-        "teachers": infos,  # every teacher of the ensemble, the first first
-        "captioner": captioner,  # --captioner: its spec, sampling and fingerprint (None without one)
-        "source": source.describe(),
-        "samples": samples,
-        "captions": sum(s["captions"] for s in done),
-        "phrases": sum(s["phrases"] for s in done),
-        "skipped": dict(sorted(skipped.items())),
-        "skipped_total": sum(skipped.values()),
-        "converted": dict(sorted(converted.items())),
-        "bytes": total_bytes,
-        "bytes_per_sample": (total_bytes / samples) if samples else None,
-        "shards_total": len(source.units),
-        "shards_done": len(done),
-        "complete": len(done) == len(source.units),
-        "shards": [{k: s.get(k) for k in ("name", "label", "samples", "captions", "bytes", "sha256", "skipped")}
-                   for s in done],
-        "wall_seconds_last_run": round(time.time() - started, 3),
-    }
-    atomic.write_json_atomic(cfg.out / cache_format.MANIFEST_NAME, manifest)
-    if cfg.log_skipped:
-        with open(cfg.log_skipped, "w") as f:
-            for s in done:
-                for sk in s["skipped_samples"]:
-                    f.write(json.dumps({"shard": s["name"], **sk}) + "\n")
-    return manifest
-
-
 def run(cfg: CacheTeacherConfig) -> dict:
     """Cache the teacher's features for `cfg.source` into `cfg.out`. Returns the manifest."""
     cfg.validate()
@@ -434,89 +315,142 @@ def run(cfg: CacheTeacherConfig) -> dict:
 
 
 def _run(cfg: CacheTeacherConfig, env, device: str, started: float, notes: list[str]) -> dict:
-    from torch.utils.data import DataLoader, IterableDataset
-
     from hierdctl.specs import load_encoder
 
     source = open_source(cfg.source, cfg.source_options)
     encs = [load_encoder(spec, device, where="--teacher") for spec in (cfg.teacher, *cfg.ensemble)]
     # The first teacher gives clusters, phrases, perturbations and crops; the others global embeddings.
     teachers = [_Teacher(e, cfg, device, parts=k == 0) for k, e in enumerate(encs)]
-    teacher = teachers[0]
     infos = [e.describe() | {"fingerprint": e.fingerprint(), "precision": t.precision} for e, t in zip(encs, teachers)]
-    teacher_info = infos[0]
-    identity = cfg.identity() | {"teacher_fingerprint": teacher_info["fingerprint"], "precision": teacher.precision}
+    # What the cache holds depends on the teachers' weights and the precision they ran at, too.
+    identity = settings.identity(cfg) | {"teacher_fingerprint": infos[0]["fingerprint"],
+                                         "precision": teachers[0].precision}
     if cfg.ensemble:
         identity["ensemble_fingerprints"] = [i["fingerprint"] for i in infos[1:]]
-    notes += _prepare_out(cfg, identity, env)
+    notes += cache_format.prepare_out(cfg.out, identity, cfg.overwrite, env)
 
     mine = [u for u in source.units if u.index % env.world_size == env.rank]
-    todo = []
-    for u in mine:  # finished shards are re-verified (size, count, sha256); damaged ones are redone
-        stats, why = _verified_stats(cfg.out, u.index)
-        if stats is None:
-            todo.append(u)
-            if why:
-                notes.append(f"{cache_format.shard_name(u.index)} is redone: {why}")
-                (cfg.out / cache_format.done_name(u.index)).unlink(missing_ok=True)
-    for u in todo:  # leftovers of a killed run: this rank's shards and done-markers
-        for name in (cache_format.shard_name(u.index), cache_format.done_name(u.index)):
-            for p in cfg.out.glob(name + ".tmp*"):
-                p.unlink()
-    if env.world_size == 1:  # the folder lock is ours alone: every other leftover is a dead run's
-        for p in cfg.out.iterdir():
-            if cache_format.is_own_leftover(p.name) and p.is_file():
-                p.unlink()
+    todo = _units_to_do(cfg.out, mine, env, notes)
     if env.is_main and not cfg.quiet:
         for n in notes:
             console.print(f"[dim]cache-teacher:[/] {n}", soft_wrap=True)
-    workers = cfg.workers if cfg.workers >= 0 else min(8, max(0, (os.cpu_count() or 1) - 1))
-    workers = min(workers, len(todo))
     preps = [{"image_size": e.image_size, "mean": e.mean, "std": e.std, "eval_transform": e.eval_transform,
               "tokenize": e.tokenize} for e in encs]
     captioner = None
     if cfg.captioner:
         from hierdctl.captioner import Captioner
-        from hierdctl.perturb import perturb
-        from hierdctl.phrases import Chunker
 
         captioner = Captioner(cfg.captioner, device, cfg.synthetic_captions, cfg.seed)
-        chunker = Chunker(cfg.chunker) if cfg.max_phrases > 0 or cfg.perturbations > 0 else None
+    batcher = _Batcher(cfg, teachers, preps, captioner)
+    counts = _stream(cfg, env, source, todo, preps, captioner, batcher)
+    distributed.barrier(env)
+    if captioner is not None and captioner.failed:
+        notes.append(f"--captioner: {captioner.failed} images got no synthetic caption (the captioner's sampling "
+                     "met non-finite probabilities)")
+    manifest = None
+    if env.is_main or not env.torchrun:
+        manifest = cache_format.write_manifest(cfg.out, identity, infos, captioner.describe() if captioner else None,
+                                               source, started, cfg.log_skipped)
+    manifest = distributed.broadcast_object(env, manifest)
+    if manifest["complete"] and manifest["samples"] == 0:
+        raise UserError(
+            f"no valid sample in {cfg.source} (skipped: {manifest['skipped'] or 'nothing found'})", "SOURCE"
+        )
+    manifest["this_run"] = {"samples": counts["samples"], "skipped": counts["skipped"], "shards": len(todo),
+                            "shards_resumed": len(mine) - len(todo), "seconds": round(time.time() - started, 3),
+                            "setup_seconds": round(counts["loop_started"] - started, 3), "notes": notes,
+                            "rank": env.rank, "world_size": env.world_size}
+    return manifest
 
-        def add_synthetic(it: dict) -> None:
-            """Append the captioner's captions to an item: meta, tokens, phrases, perturbations, ensemble tokens."""
-            meta = it["meta"]
-            syn = [c for c in captioner.captions(it["cap_pixels"], meta["sha256"]) if c not in meta["captions"]]
-            meta["real_captions"] = len(meta["captions"])
-            meta["captions"] = meta["captions"] + syn
-            if not syn:
-                return
-            it["cap_tok"] = torch.cat([it["cap_tok"], preps[0]["tokenize"](syn)])
-            chunks = [chunker(c, max(cfg.max_phrases, 8)) for c in syn] if chunker else [[] for _ in syn]
-            phrases = [ch[: cfg.max_phrases] for ch in chunks]
-            meta["phrases"] = meta["phrases"] + phrases
-            flat = [p for ps in phrases for p in ps]
-            if flat:
-                tok = preps[0]["tokenize"](flat)
-                it["phr_tok"] = tok if it["phr_tok"] is None else torch.cat([it["phr_tok"], tok])
-            if cfg.perturbations > 0:
-                negs = [perturb(c, ch, cfg.perturbations, cfg.seed) for c, ch in zip(syn, chunks)]
-                meta["perturbations"] = meta["perturbations"] + negs
-                flat_negs = [n for ns in negs for n in ns]
-                if flat_negs:
-                    tok = preps[0]["tokenize"](flat_negs)
-                    it["neg_tok"] = tok if it["neg_tok"] is None else torch.cat([it["neg_tok"], tok])
-            it["ensemble"] = [(px, torch.cat([t, p["tokenize"](syn)])) for (px, t), p in zip(it["ensemble"], preps[1:])]
 
-    class _DS(IterableDataset):
-        def __init__(self, stream):
-            self.stream = stream
+def _units_to_do(out: Path, mine: list, env, notes: list[str]) -> list:
+    """This rank's units whose shard is not finished and intact. Finished shards are re-verified
+    (size, count, sha256); damaged ones are redone; what killed writes left is removed."""
+    todo = []
+    for u in mine:
+        stats, why = cache_format.verified_stats(out, u.index)
+        if stats is None:
+            todo.append(u)
+            if why:
+                notes.append(f"{cache_format.shard_name(u.index)} is redone: {why}")
+                (out / cache_format.done_name(u.index)).unlink(missing_ok=True)
+    for u in todo:  # leftovers of a killed run: this rank's shards and done-markers
+        cache_format.remove_shard_leftovers(out, u.index)
+    if env.world_size == 1:  # the folder lock is ours alone: every other leftover is a dead run's
+        for p in out.iterdir():
+            if cache_format.is_own_leftover(p.name) and p.is_file():
+                p.unlink()
+    return todo
 
-        def __iter__(self):
-            return iter(self.stream)
 
+def add_synthetic(it: dict, captioner, chunker, cfg: CacheTeacherConfig, preps: list[dict]) -> None:
+    """Append the captioner's captions to a worker item: meta, tokens, phrases, perturbations and
+    the ensemble's tokens, exactly as the worker prepares real captions (`text_parts`)."""
+    meta = it["meta"]
+    syn = [c for c in captioner.captions(it["cap_pixels"], meta["sha256"]) if c not in meta["captions"]]
+    meta["real_captions"] = len(meta["captions"])
+    meta["captions"] = meta["captions"] + syn
+    if not syn:
+        return
+    tokenize = preps[0]["tokenize"]
+    it["cap_tok"] = torch.cat([it["cap_tok"], tokenize(syn)])
+    phrases, negs, phr_tok, neg_tok = text_parts(syn, chunker, cfg, tokenize)
+    meta["phrases"] = meta["phrases"] + phrases
+    if phr_tok is not None:
+        it["phr_tok"] = phr_tok if it["phr_tok"] is None else torch.cat([it["phr_tok"], phr_tok])
+    if cfg.perturbations > 0:
+        meta["perturbations"] = meta["perturbations"] + negs
+        if neg_tok is not None:
+            it["neg_tok"] = neg_tok if it["neg_tok"] is None else torch.cat([it["neg_tok"], neg_tok])
+    it["ensemble"] = [(px, torch.cat([t, p["tokenize"](syn)])) for (px, t), p in zip(it["ensemble"], preps[1:])]
+
+
+class _Batcher:
+    """Samples from the workers, batched across units for the teachers; each unit's records are
+    kept until the unit ends (`finish`), when its shard is written."""
+
+    def __init__(self, cfg: CacheTeacherConfig, teachers: list[_Teacher], preps: list[dict], captioner):
+        self.cfg, self.teachers, self.preps, self.captioner = cfg, teachers, preps, captioner
+        self.chunker = make_chunker(cfg) if captioner is not None else None
+        self.pending: list[dict] = []
+        self.records: dict[int, list[dict]] = collections.defaultdict(list)
+        self.skips: dict[int, list[dict]] = collections.defaultdict(list)
+
+    def add(self, item: dict) -> int:
+        """Queue a sample; returns the samples run through the teachers (0 until a batch is full)."""
+        self.pending.append(item)
+        return self.flush() if len(self.pending) >= self.cfg.batch_size else 0
+
+    def flush(self) -> int:
+        """Run every queued sample through the teachers; returns how many."""
+        pending, self.pending = self.pending, []
+        if not pending:
+            return 0
+        if self.captioner is not None:
+            for it in pending:
+                add_synthetic(it, self.captioner, self.chunker, self.cfg, self.preps)
+        extra = [t.global_embeddings(pending, k) for k, t in enumerate(self.teachers) if k > 0]
+        for i, r in enumerate(self.teachers[0].process(pending)):
+            for per_teacher in extra:
+                r["arrays"].update(per_teacher[i])
+            self.records[r["unit"]].append(r)
+        return len(pending)
+
+    def finish(self, unit: int, label: str) -> int:
+        """A unit ended: everything of it goes through the teachers, then its shard is written."""
+        n = self.flush()
+        cache_format.write_shard(self.cfg.out, unit, label, self.records.pop(unit, []), self.skips.pop(unit, []),
+                                 self.cfg.dtype)
+        return n
+
+
+def _stream(cfg: CacheTeacherConfig, env, source, todo: list, preps: list[dict], captioner, batcher: _Batcher) -> dict:
+    """Decode in DataLoader workers, run the teachers in this process, write each unit's shard."""
+    from torch.utils.data import DataLoader
+
+    workers = min(distributed.auto_workers(cfg.workers), len(todo))
     loader = DataLoader(
-        _DS(_UnitStream(source, todo, cfg, preps, captioner.eval_transform if captioner else None)),
+        _Iterable(_UnitStream(source, todo, cfg, preps, captioner.eval_transform if captioner else None)),
         batch_size=None,
         num_workers=workers,
         collate_fn=_identity_collate,
@@ -525,69 +459,31 @@ def _run(cfg: CacheTeacherConfig, env, device: str, started: float, notes: list[
         # teacher runs the current one (4 per worker left the teacher waiting for decodes).
         prefetch_factor=max(4, -(-cfg.batch_size // workers)) if workers else None,
     )
-    pending: list[dict] = []
-    records: dict[int, list[dict]] = collections.defaultdict(list)
-    skips: dict[int, list[dict]] = collections.defaultdict(list)
     n_samples = n_skipped = units_done = 0
     est_total = sum(source.unit_rows(u) for u in todo) if hasattr(source, "unit_rows") else None
-
-    def flush():
-        nonlocal pending
-        if pending:
-            if captioner is not None:
-                for it in pending:
-                    add_synthetic(it)
-            extra = [t.global_embeddings(pending, k) for k, t in enumerate(teachers) if k > 0]
-            for i, r in enumerate(teacher.process(pending)):
-                for per_teacher in extra:
-                    r["arrays"].update(per_teacher[i])
-                records[r["unit"]].append(r)
-            pending = []
-
     loop_started = time.time()  # setup (model load, fingerprint, source listing) ends here
     with progress(cfg.quiet or not env.is_main) as bar:
         task = bar.add_task("cache-teacher", total=est_total, unit="samples", info="")
         for item in loader:
             kind = item["type"]
             if kind == "sample":
-                pending.append(item)
-                if len(pending) >= cfg.batch_size:
-                    n = len(pending)
-                    flush()
-                    n_samples += n
-                    bar.advance(task, n)
+                n = batcher.add(item)
             elif kind == "skip":
-                skips[item["unit"]].append({k: item[k] for k in ("key", "reason", "detail")})
+                batcher.skips[item["unit"]].append({k: item[k] for k in ("key", "reason", "detail")})
                 n_skipped += 1
+                n = 0
                 if est_total is not None:
                     bar.advance(task, 1)
             else:  # a unit ended: everything of it must be through the teacher
-                n = len(pending)
-                flush()
-                n_samples += n
-                bar.advance(task, n)
                 u = item["unit"]
-                _finish_unit(cfg, u, item["label"], records.pop(u, []), skips.pop(u, []))
+                n = batcher.finish(u, item["label"])
                 faults.point(f"cache-teacher:unit-done:{u}")
                 units_done += 1
+            if n:
+                n_samples += n
+                bar.advance(task, n)
+            if kind == "end":
                 if est_total is None and units_done:  # shards: extrapolate from finished ones
                     bar.update(task, total=int((n_samples + n_skipped) / units_done * len(todo)))
                 bar.update(task, info=f"shards {units_done}/{len(todo)} skipped {n_skipped}")
-    distributed.barrier(env)
-    if captioner is not None and captioner.failed:
-        notes.append(f"--captioner: {captioner.failed} images got no synthetic caption (the captioner's sampling "
-                     "met non-finite probabilities)")
-    manifest = None
-    if env.is_main or not env.torchrun:
-        manifest = _write_manifest(cfg, identity, teacher_info, source, started, infos,
-                                   captioner.describe() if captioner else None)
-    manifest = distributed.broadcast_object(env, manifest)
-    if manifest["complete"] and manifest["samples"] == 0:
-        raise UserError(
-            f"no valid sample in {cfg.source} (skipped: {manifest['skipped'] or 'nothing found'})", "SOURCE"
-        )
-    manifest["this_run"] = {"samples": n_samples, "skipped": n_skipped, "shards": len(todo),
-                            "shards_resumed": len(mine) - len(todo), "seconds": round(time.time() - started, 3),
-                            "setup_seconds": round(loop_started - started, 3), "notes": notes,
-                            "rank": env.rank, "world_size": env.world_size}
-    return manifest
+    return {"samples": n_samples, "skipped": n_skipped, "loop_started": loop_started}

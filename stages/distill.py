@@ -21,18 +21,22 @@ import dataclasses
 import io
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from hierdctl import __version__, atomic, cache_format, checkpoint, distributed, faults
-from hierdctl.configs import RESUME_KEYS, RUNTIME_KEYS, DistillConfig
+from hierdctl import __version__, atomic, cache_format, checkpoint, distributed, faults, settings
+from hierdctl.configs import DistillConfig, SourceOptions
 from hierdctl.console import console, progress
 from hierdctl.errors import UserError, require
 from hierdctl.losses.features import STUDENT_BATCH_FIELDS, TEACHER_BATCH_FIELDS
+
+if TYPE_CHECKING:
+    from hierdctl.losses.registry import Recipe
+    from hierdctl.student import StudentWrapper
 
 
 class TrainingDiverged(RuntimeError):
@@ -113,10 +117,22 @@ def _student_spec(text: str) -> str:
     return text if ":" in text else f"open_clip:{text}"
 
 
-def build_student(cfg: DistillConfig, device: str):
-    """(model, model_cfg, preprocess_cfg, eval_transform, tokenizer) for the student spec."""
-    from hierdctl.specs import create_open_clip, parse_spec
+@dataclass
+class Student:
+    """The open_clip student as built from --student, with what the data and export need of it."""
+
+    model: torch.nn.Module
+    model_cfg: dict  # open_clip's model config (export rebuilds the student from it)
+    pp_cfg: dict  # the visual tower's preprocess config (mean, std, interpolation, resize mode)
+    eval_transform: object
+    tokenizer: object
+
+
+def build_student(cfg: DistillConfig, device: str) -> Student:
     import open_clip
+
+    from hierdctl.specs import create_open_clip, parse_spec
+
     spec = parse_spec(_student_spec(cfg.student), "--student")
     if spec.kind not in ("open_clip", "local-dir"):
         raise UserError("students are open_clip models: use an architecture, a config JSON or local-dir:", "--student")
@@ -126,7 +142,7 @@ def build_student(cfg: DistillConfig, device: str):
     else:
         model_cfg = open_clip.get_model_config(name)
     pp = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
-    return model, model_cfg, pp, preprocess, tokenizer
+    return Student(model, model_cfg, pp, preprocess, tokenizer)
 
 
 def param_groups(module, weight_decay: float):
@@ -225,6 +241,18 @@ def _plot(run_dir: Path, png: Path) -> None:
 
 
 @dataclass
+class Data:
+    """The training data: the cache reader, its size in samples and steps, and what a batch carries."""
+
+    dataset: cache_format.CacheDataset
+    stream: cache_format.CacheStream | None  # the streaming reader (URL caches, --cache-reader stream), else None
+    n_samples: int
+    steps_per_epoch: int
+    workers: int  # DataLoader workers, resolved
+    needs: dict  # what each batch must carry: global, clusters, phrases, perturbations, cluster_crops, mask_noise, teachers
+
+
+@dataclass
 class Trainer:
     """Everything one training step needs, built once by `build_trainer`.
 
@@ -235,36 +263,34 @@ class Trainer:
     cfg: DistillConfig
     env: distributed.DistEnv
     device: str
-    recipe: object  # hierdctl.losses.registry.Recipe
-    teacher: dict  # the cache manifest's teacher entry (the first teacher)
-    teachers: list  # every teacher of the cache's ensemble (one entry without an ensemble)
-    model_cfg: dict
-    pp_cfg: dict
-    wrapper: object  # StudentWrapper
-    net: object  # the wrapper, or DDP around it
-    optimizer: object
-    scaler: object
-    amp_dtype: object
-    needs: dict
-    dataset: cache_format.CacheDataset
-    n_samples: int
-    steps_per_epoch: int
-    total: int
+    recipe: "Recipe"
+    teachers: list[dict]  # the cache manifest's entry of every teacher (one without an ensemble), the first first
+    student: Student
+    wrapper: "StudentWrapper"
+    net: torch.nn.Module  # the wrapper, or DDP around it
+    optimizer: torch.optim.Optimizer
+    scaler: "torch.amp.GradScaler | None"  # fp16 only
+    amp_dtype: "torch.dtype | None"
+    data: Data
+    total: int  # optimizer steps of the run
     warmup: int  # resolved: cfg.warmup, or auto = min(10,000, 10% of total)
     notes: list = field(default_factory=list)
-    stream: object = None  # cache_format.CacheStream when the cache is streamed, else None (random access)
-    workers: int = 0  # DataLoader workers, resolved
+
+    @property
+    def teacher(self) -> dict:
+        """The first teacher: clusters, phrases and the unsuffixed embeddings are its."""
+        return self.teachers[0]
 
     def loader(self, start: int):
         """The data stream from global step `start` on: this rank's slice of each global batch."""
         from torch.utils.data import DataLoader
 
-        cfg, env, workers = self.cfg, self.env, self.workers
-        if self.stream is not None:
+        cfg, env, workers = self.cfg, self.env, self.data.workers
+        if self.data.stream is not None:
             return self._streamed(start)
-        sampler = GlobalBatchSampler(self.n_samples, cfg.batch_size, env.rank, env.world_size, cfg.seed, start,
+        sampler = GlobalBatchSampler(self.data.n_samples, cfg.batch_size, env.rank, env.world_size, cfg.seed, start,
                                      self.total)
-        return DataLoader(self.dataset, batch_sampler=sampler, num_workers=workers,
+        return DataLoader(self.data.dataset, batch_sampler=sampler, num_workers=workers,
                           pin_memory=self.device.startswith("cuda"), persistent_workers=False,
                           prefetch_factor=4 if workers else None)
 
@@ -280,16 +306,16 @@ class Trainer:
             def __iter__(self):
                 return iter(self.stream)
 
-        st, step, epoch, done = self.stream, 0, 0, 0
+        st, step, epoch, done = self.data.stream, 0, 0, 0
         while done + st.steps_per_epoch(epoch) <= start:  # the epoch `start` falls in
             done += st.steps_per_epoch(epoch)
             epoch += 1
         step = start
         while step < self.total:
             st.epoch, st.skip_batches = epoch, step - done
-            loader = DataLoader(Streamed(st), batch_size=st.B, drop_last=True, num_workers=self.workers,
+            loader = DataLoader(Streamed(st), batch_size=st.B, drop_last=True, num_workers=self.data.workers,
                                 pin_memory=self.device.startswith("cuda"), persistent_workers=False,
-                                prefetch_factor=4 if self.workers else None)
+                                prefetch_factor=4 if self.data.workers else None)
             for batch in loader:
                 if step >= self.total or step - done >= st.steps_per_epoch(epoch):
                     break
@@ -301,9 +327,9 @@ class Trainer:
     def to_device(self, batch: dict) -> dict:
         """Tensors to the device (the loader's `bad` notes stay behind), plus the teachers' constants."""
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        if self.needs["global"]:
+        if self.data.needs["global"]:
             batch["logit_scale_t"] = float(self.teacher["logit_scale"])
-            teachers = self.needs.get("teachers", 1)
+            teachers = self.data.needs.get("teachers", 1)
             if teachers > 1:  # an ensemble: teacher k's embeddings and scale, k ≥ 1
                 batch["ensemble"] = [{"img_t": batch.pop(f"img_t_{k}"), "txt_t": batch.pop(f"txt_t_{k}"),
                                       "logit_scale_t": float(self.teachers[k]["logit_scale"])}
@@ -313,7 +339,7 @@ class Trainer:
             for k in [k for k in batch if k.startswith("txt_t") and k.endswith("_2")]:
                 second[k[: -len("_2")]] = batch.pop(k)
             batch["second"] = second
-        if self.needs["clusters"]:
+        if self.data.needs["clusters"]:
             batch["teacher_grid"] = tuple(self.teacher["patch_grid"])
         return batch
 
@@ -360,38 +386,68 @@ class Trainer:
 
 
 def build_trainer(cfg: DistillConfig, cache, recipe, env: distributed.DistEnv, device: str) -> Trainer:
-    """Student, wrapper, data set and optimizer for `cfg` (no run directory involved).
+    """Student, wrapper, data and optimizer for `cfg` (no run directory involved).
 
     Checks every shard against the manifest first (counts, sizes, the cache id)."""
+    torch.manual_seed(cfg.seed)
+    student = build_student(cfg, device)
+    wrapper, notes = _wrap(cfg, recipe, cache.teachers, student, device)
+    data = _data(cfg, cache, recipe, env, wrapper, student, notes)
+    if data.stream is not None:
+        total = cfg.steps if cfg.steps is not None else _stream_total(data.stream, cfg.epochs)
+    else:
+        total = cfg.steps if cfg.steps is not None else max(1, int(round(cfg.epochs * data.steps_per_epoch)))
+    warmup = cfg.resolve_warmup(total)
+    notes.append(f"warm-up {warmup} steps of {total}" + (" (auto: min(10,000, 10% of the run))"
+                                                         if cfg.warmup == "auto" else ""))
+    prec = distributed.resolve_precision(cfg.precision, device)
+    if prec != "fp32" and not device.startswith("cuda"):
+        raise UserError(f"{prec} autocast is for GPUs; use --precision fp32 on CPU", "--precision")
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
+    optimizer = torch.optim.AdamW(param_groups(wrapper, cfg.weight_decay), lr=cfg.lr,
+                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    scaler = torch.amp.GradScaler("cuda") if prec == "fp16" else None
+    net = wrapper
+    if env.torchrun and env.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(wrapper, device_ids=[device] if device.startswith("cuda") else None)
+    return Trainer(cfg=cfg, env=env, device=device, recipe=recipe, teachers=cache.teachers, student=student,
+                   wrapper=wrapper, net=net, optimizer=optimizer, scaler=scaler, amp_dtype=amp_dtype, data=data,
+                   total=total, warmup=warmup, notes=notes)
+
+
+def _wrap(cfg: DistillConfig, recipe, teachers: list[dict], student: Student, device: str):
+    """The student inside what the recipe learns beside it (projectors, κ scales, fusion). -> (wrapper, notes)"""
     from hierdctl.student import StudentWrapper
 
-    # --- student and its wrapper ---------------------------------------------------
-    torch.manual_seed(cfg.seed)
-    model, model_cfg, pp_cfg, eval_tf, tokenizer = build_student(cfg, device)
-    student_dim = int(model_cfg["embed_dim"])
-    teacher, teachers = cache.manifest["teacher"], cache.teachers
-    teacher_dim = int(teacher["embed_dim"]) if recipe.needs_teacher else None
-    extras = recipe.extras
+    student_dim = int(student.model_cfg["embed_dim"])
+    teacher_dim = int(teachers[0]["embed_dim"]) if recipe.needs_teacher else None
     n_teachers = len(teachers) if recipe.needs_teacher else 1
     for t in recipe.terms:
         which = t.args.get("teacher", "all")
         require(which == "all" or which < len(teachers), f"term {t.name} names teacher {which}, but the cache has "
                 f"{len(teachers)} teacher(s) (0 = the first --teacher)", "--recipe")
-    wrapper = StudentWrapper(model, student_dim, teacher_dim, recipe.fields, cfg.exp_scales, cfg.mask_ratio,
+    wrapper = StudentWrapper(student.model, student_dim, teacher_dim, recipe.fields, cfg.exp_scales, cfg.mask_ratio,
                              ensemble_dims=tuple(int(t["embed_dim"]) for t in teachers[1:n_teachers])).to(device)
     notes = []
     if n_teachers > 1:
         notes.append(f"teacher ensemble of {n_teachers}: in-batch distribution terms average the teachers' softmaxes, "
                      "feature terms average over the teachers (each through its own projector); parts come from the "
                      "first")
-    if ("patch_tokens" in extras or "masked_forward" in extras) and not wrapper.is_vit:
+    if ("patch_tokens" in recipe.extras or "masked_forward" in recipe.extras) and not wrapper.is_vit:
         raise UserError(f"recipe {recipe.name!r} needs patch tokens but the student is not a ViT", "--student")
     if wrapper.project:
         notes.append(f"student width {student_dim} ≠ teacher width {teacher_dim}: added projectors "
                      f"Linear({student_dim}, {teacher_dim}) for the terms that compare the student with the "
                      "teacher (trained, dropped by export; the task loss trains the student's own embedding)")
+    return wrapper, notes
 
-    # --- data ---------------------------------------------------------------------
+
+def _data(cfg: DistillConfig, cache, recipe, env, wrapper, student: Student, notes: list) -> Data:
+    """The cache reader: random access over checked local shards, or the streaming reader."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
     remote = cache_format.is_remote(str(cache.root))
     stream = cfg.cache_reader == "stream" or (cfg.cache_reader == "auto" and remote)
     require(not (remote and not stream), "a cache given as a URL is read by the streaming reader: drop "
@@ -401,69 +457,38 @@ def build_trainer(cfg: DistillConfig, cache, recipe, env: distributed.DistEnv, d
     n_samples = sum(len(s) for s in spans)
     require(n_samples >= cfg.batch_size,
             f"the cache holds {n_samples} samples, fewer than one global batch ({cfg.batch_size})", "--batch-size")
-    workers = cfg.workers if cfg.workers >= 0 else min(8, max(0, (os.cpu_count() or 1) // max(1, env.world_size) - 1))
-    streamer = None
-    if stream:
-        streamer = cache_format.CacheStream(cache, None, env.world_size, env.rank, workers,
-                                            cfg.batch_size // env.world_size, cfg.shuffle_buffer, cfg.seed)
-        require(streamer.steps_per_epoch(0) >= 1, f"streaming {len(cache.shard_entries)} shards over "
-                f"{env.world_size} process(es) × {max(1, workers)} worker(s) leaves fewer samples per worker than one "
-                "batch: fewer --workers or a smaller --batch-size", "--cache-reader")
-        steps_per_epoch = streamer.steps_per_epoch(0)
-        total = cfg.steps if cfg.steps is not None else _stream_total(streamer, cfg.epochs)
-        notes.append(f"streaming the cache: {max(1, workers)} reader(s) per process, shuffle buffer "
-                     f"{cfg.shuffle_buffer}, {steps_per_epoch} steps per epoch")
-    else:
-        steps_per_epoch = n_samples // cfg.batch_size
-        total = cfg.steps if cfg.steps is not None else max(1, int(round(cfg.epochs * steps_per_epoch)))
-    warmup = cfg.resolve_warmup(total)
-    notes.append(f"warm-up {warmup} steps of {total}" + (" (auto: min(10,000, 10% of the run))"
-                                                         if cfg.warmup == "auto" else ""))
-    vs = model.visual.image_size
+    workers = distributed.auto_workers(cfg.workers)
+    vs = student.model.visual.image_size
     student_io = {
         "image_size": vs[0] if isinstance(vs, (tuple, list)) else int(vs),
-        "mean": tuple(pp_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))),
-        "std": tuple(pp_cfg.get("std", (0.26862954, 0.26130258, 0.27577711))),
-        "eval_transform": eval_tf,
-        "tokenize": tokenizer,
+        "mean": tuple(student.pp_cfg.get("mean", OPENAI_DATASET_MEAN)),
+        "std": tuple(student.pp_cfg.get("std", OPENAI_DATASET_STD)),
+        "eval_transform": student.eval_transform,
+        "tokenize": student.tokenizer,
         "grid_size": (wrapper.grid[0] * wrapper.grid[1]) if wrapper.grid else 0,
     }
     parts = set(recipe.cache_parts)
     needs = {"global": recipe.needs_teacher, "clusters": "clusters" in parts, "phrases": "phrases" in parts,
              "perturbations": "perturbations" in parts, "cluster_crops": "cluster_crops" in parts,
-             "mask_noise": "masked_forward" in extras, "teachers": n_teachers}
+             "mask_noise": "masked_forward" in recipe.extras,
+             "teachers": len(cache.teachers) if recipe.needs_teacher else 1}
     join = None
     if cfg.images is not None:
-        from hierdctl.configs import SourceOptions
-
-        join = cache_format.ImageJoin(cfg.images, SourceOptions(**cache.config["source_options"]),
+        join = cache_format.ImageJoin(cfg.images, SourceOptions.from_record(cache.config["source_options"]),
                                       cache.manifest["shards_total"])
         notes.append(f"images joined from {cfg.images} by key (sha256-checked)")
     dataset = cache_format.CacheDataset(cache, spans, cfg.seed, cfg.view_policy, cfg.caption_policy, student_io, needs,
                                         join)
-    if streamer is not None:
-        streamer.ds = dataset
-
-    # --- optimisation -------------------------------------------------------------
-    prec = cfg.precision if cfg.precision != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
-    if prec != "fp32" and not device.startswith("cuda"):
-        raise UserError(f"{prec} autocast is for GPUs; use --precision fp32 on CPU", "--precision")
-    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
-    optimizer = torch.optim.AdamW(param_groups(wrapper, cfg.weight_decay), lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    scaler = torch.amp.GradScaler("cuda") if prec == "fp16" else None
-    if env.torchrun and env.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        net = DDP(wrapper, device_ids=[device] if device.startswith("cuda") else None)
-    else:
-        net = wrapper
-    return Trainer(cfg=cfg, env=env, device=device, recipe=recipe, teacher=teacher, teachers=teachers,
-                   model_cfg=model_cfg,
-                   pp_cfg=pp_cfg, wrapper=wrapper, net=net, optimizer=optimizer, scaler=scaler,
-                   amp_dtype=amp_dtype, needs=needs, dataset=dataset, n_samples=n_samples,
-                   steps_per_epoch=steps_per_epoch, total=total, warmup=warmup, notes=notes, stream=streamer,
-                   workers=workers)
+    if not stream:
+        return Data(dataset, None, n_samples, n_samples // cfg.batch_size, workers, needs)
+    streamer = cache_format.CacheStream(cache, dataset, env.world_size, env.rank, workers,
+                                        cfg.batch_size // env.world_size, cfg.shuffle_buffer, cfg.seed)
+    require(streamer.steps_per_epoch(0) >= 1, f"streaming {len(cache.shard_entries)} shards over "
+            f"{env.world_size} process(es) × {max(1, workers)} worker(s) leaves fewer samples per worker than one "
+            "batch: fewer --workers or a smaller --batch-size", "--cache-reader")
+    notes.append(f"streaming the cache: {max(1, workers)} reader(s) per process, shuffle buffer "
+                 f"{cfg.shuffle_buffer}, {streamer.steps_per_epoch(0)} steps per epoch")
+    return Data(dataset, streamer, n_samples, streamer.steps_per_epoch(0), workers, needs)
 
 
 def _log_line(out: Path, mf, rec: dict) -> None:
@@ -499,11 +524,12 @@ def run(cfg: DistillConfig) -> dict:
                 f"global batch {cfg.batch_size} is not divisible by {env.world_size} processes", "--batch-size")
 
         # --- the run directory: fresh, resumed, or a clear refusal ---------------------
-        resolved = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUNTIME_KEYS}
+        runtime = settings.keys(DistillConfig, settings.RUNTIME)  # never recorded; free to change at a resume
+        resolved = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in runtime}
         has_ckpt = checkpoint.check_run_target(out, cfg.resume, cfg.overwrite)
         if cfg.resume and has_ckpt:
             old = checkpoint.read_config(out) or {}
-            diff = [k for k in RESUME_KEYS if old.get(k) != resolved.get(k)]
+            diff = [k for k in settings.keys(DistillConfig, settings.IDENTITY) if old.get(k) != resolved.get(k)]
             if diff:
                 raise UserError("cannot resume with changed settings: " + ", ".join(
                     f"{k} {old.get(k)!r} → {resolved.get(k)!r}" for k in diff), "--resume")
@@ -520,7 +546,7 @@ def run(cfg: DistillConfig) -> dict:
             distributed.barrier(env)
             tr = build_trainer(cfg, cache, recipe, env, device)
             notes = notes + tr.notes
-            readers = max(1, tr.workers) if tr.stream is not None else None
+            readers = max(1, tr.data.workers) if tr.data.stream is not None else None
             if resume and readers != (checkpoint.read_config(out) or {}).get("stream_readers"):
                 raise UserError(f"the streamed data order depends on the number of readers: resume with the --workers "
                                 f"of the run ({(checkpoint.read_config(out) or {}).get('stream_readers')}), not "
@@ -550,7 +576,7 @@ def _train(cfg: DistillConfig, out: Path, cache, recipe, tr: "Trainer", env, res
         kept, torn = checkpoint.truncate_metrics(out, start)
         if torn:
             notes.append(f"{checkpoint.METRICS}: dropped {torn} unreadable line(s) (torn by a crash mid-write)")
-    ckpt_meta = {"model_cfg": tr.model_cfg, "preprocess_cfg": tr.pp_cfg, "teacher": tr.teacher,
+    ckpt_meta = {"model_cfg": tr.student.model_cfg, "preprocess_cfg": tr.student.pp_cfg, "teacher": tr.teacher,
                  "recipe": recipe.name, "recipe_terms": [{"name": t.name, "weight": t.weight} for t in recipe.terms],
                  "data": str(cfg.cache), "student_spec": cfg.student, "hierdctl": __version__}
     if env.is_main and not cfg.quiet:
@@ -592,7 +618,7 @@ def _train(cfg: DistillConfig, out: Path, cache, recipe, tr: "Trainer", env, res
                 n_skipped = _sum_over_ranks(skipped, env)
                 if env.is_main:
                     now = time.time()
-                    rec = {"step": step, "epoch": round(step / tr.steps_per_epoch, 4), "lr": lr, **last,
+                    rec = {"step": step, "epoch": round(step / tr.data.steps_per_epoch, 4), "lr": lr, **last,
                            "logit_scale": float(wrapper.student.logit_scale.detach().exp()),
                            "samples_per_s": round(n_log / max(now - t_log, 1e-9), 2), "skipped_samples": n_skipped}
                     _log_line(out, mf, rec)
@@ -617,7 +643,7 @@ def _train(cfg: DistillConfig, out: Path, cache, recipe, tr: "Trainer", env, res
     seconds = time.time() - started
     return {
         "out": str(out), "steps": step, "resumed_from": start, "final": last, "recipe": recipe.name,
-        "samples_per_epoch": tr.n_samples, "steps_per_epoch": tr.steps_per_epoch, "warmup_steps": tr.warmup,
+        "samples_per_epoch": tr.data.n_samples, "steps_per_epoch": tr.data.steps_per_epoch, "warmup_steps": tr.warmup,
         "seconds": round(seconds, 2), "samples_per_s": round((step - start) * cfg.batch_size / max(seconds, 1e-9), 2),
         "checkpoint": str(checkpoint.checkpoint_dir(out) / f"{checkpoint.stem(step)}.safetensors"), "notes": notes,
         "skipped_samples": _sum_over_ranks(skipped, env), "skipped_examples": skipped_examples, "rank": env.rank,

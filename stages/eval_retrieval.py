@@ -25,13 +25,14 @@ import numpy as np
 from hierdctl import distributed
 from hierdctl.atomic import publish_dir
 from hierdctl.configs import EvalRetrievalConfig
-from hierdctl.embedding import check_joint_space, encode_images, encode_texts, finish_report, retention, versions
+from hierdctl.embedding import check_joint_space, encode_images, encode_texts
+from hierdctl.reports import finish_report, retention, versions
 from hierdctl.retrieval import build_index, check_ks, hardneg_accuracy, index_to_cpu, recall_from_ranked, search
 from hierdctl.sources import open_source
 from hierdctl.specs import load_encoder
 
-REPORT_SCHEMA = "hierdctl.eval-retrieval/1"  # the report's and --save-index's index.json "schema"
-INDEX_MARKER = "index.json"
+from hierdctl.reports import INDEX_MARKER
+from hierdctl.reports import RETRIEVAL_SCHEMA as REPORT_SCHEMA
 
 
 # ----------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ replace them. Metrics: acc1, acc5 (with ≥ 5 classes), mean_per_class_recall.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,14 +23,13 @@ import numpy as np
 
 from hierdctl import distributed
 from hierdctl.configs import EvalZeroshotConfig
-from hierdctl.embedding import check_joint_space, encode_images, encode_texts, finish_report, retention, versions
+from hierdctl.embedding import check_joint_space, encode_images, encode_texts
+from hierdctl.reports import finish_report, retention, versions
 from hierdctl.errors import UserError, require
 from hierdctl.retrieval import classification_metrics
-from hierdctl.sources import IMAGE_EXTS, Sample, Skip, TarSource, open_source, url_scheme
+from hierdctl.reports import ZEROSHOT_SCHEMA as REPORT_SCHEMA
+from hierdctl.sources import FolderTree, LabelledShards, TarSource, open_source, url_scheme
 from hierdctl.specs import load_encoder
-
-REPORT_SCHEMA = "hierdctl.eval-zeroshot/1"
-FOLDER_IMAGE_EXTS = IMAGE_EXTS + ("bmp", "gif", "tif", "tiff", "jpe")
 
 
 # ----------------------------------------------------------------------------------
@@ -69,84 +67,6 @@ def load_templates(spec: str) -> tuple[list, str]:
     if bad:
         raise UserError(f"template {bad[0]!r} has no {{c}} placeholder for the class name", "--templates")
     return [lambda c, t=t: t.replace("{c}", c).replace("{}", c) for t in items], spec
-
-
-def _parse_label(raw, by_name: dict[str, int]) -> int | None:
-    """A class index from a JSON int or a decimal string ("3", "-1"), or a class name; None if
-    it is neither. JSON true/false are not labels (bool is an int in Python), nor are strings
-    str.isdigit accepts but int() does not ("²")."""
-    if isinstance(raw, bool):
-        return None
-    if isinstance(raw, int):
-        return raw
-    if not isinstance(raw, str):
-        return None
-    digits = raw.strip()
-    if digits.removeprefix("-").isdecimal():  # isdecimal: what int() reads, unlike isdigit ("²")
-        return int(digits)
-    return by_name.get(raw)
-
-
-class LabelledShards(TarSource):
-    """WebDataset shards whose samples carry a class (no caption needed)."""
-
-    def __init__(self, spec: str, paths: list[str], class_field: str, names: list[str]):
-        super().__init__(spec, paths)
-        self.class_field, self.names = class_field, names
-        self.by_name = {n: i for i, n in enumerate(names)}
-
-    def _make(self, key: str, members: dict):
-        ext = next((e for e in IMAGE_EXTS if e in members), None)
-        if ext is None:
-            return Skip(key, "missing_image")
-        raw = members.get(self.class_field.lower())
-        if raw is None and "json" in members:
-            try:
-                meta = json.loads(members["json"])
-                raw = meta.get(self.class_field) if isinstance(meta, dict) else None
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raw = None
-        if isinstance(raw, bytes):
-            raw = raw.decode("utf-8", "replace").strip()
-        if raw is None or raw == "":
-            return Skip(key, "missing_label")
-        label = _parse_label(raw, self.by_name)
-        if label is None:
-            return Skip(key, "bad_label", repr(raw)[:80])
-        if not 0 <= label < len(self.names):
-            return Skip(key, "label_out_of_range", f"{label} not in 0..{len(self.names) - 1}")
-        return Sample(key, members[ext], ext, [], {"label": label})
-
-
-class FolderTree:
-    """ROOT/<class>/<image>: classes numbered in sorted folder order."""
-
-    kind = "folders"
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        self.files = []
-        for i, c in enumerate(self.classes):
-            for dirpath, _, names in sorted(os.walk(root / c)):
-                for n in sorted(names):
-                    if n.rsplit(".", 1)[-1].lower() in FOLDER_IMAGE_EXTS:
-                        self.files.append((os.path.join(dirpath, n), i))
-        self.units = [0]
-
-    def describe(self) -> dict:
-        return {"kind": self.kind, "spec": str(self.root), "classes": len(self.classes), "files": len(self.files)}
-
-    def iter_unit(self, unit):
-        for path, label in self.files:
-            key = os.path.relpath(path, self.root)
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-            except OSError as e:
-                yield Skip(key, "missing_file", f"{path}: {e.strerror}")
-                continue
-            yield Sample(key, data, path.rsplit(".", 1)[-1].lower(), [], {"label": label})
 
 
 def open_labelled(cfg: EvalZeroshotConfig) -> tuple[object, list[str], str]:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from hierdctl import checkpoint, hf_export
+from hierdctl import cache_format, checkpoint, hf_export
 from hierdctl.atomic import check_dir_target, publish_dir, sha256_file
 from hierdctl.checkpoint import StudentCheckpoint
 from hierdctl.configs import ExportConfig
@@ -318,23 +318,20 @@ def cache_dir(ck: StudentCheckpoint) -> Path | None:
 
 
 def _training_and_data(ck: StudentCheckpoint) -> tuple[dict, dict]:
-    import yaml
-
+    """For the model card: the run's training settings (its resolved config) and its data (the
+    cache's manifest), each when it can still be read; missing or unreadable ones are left out."""
     train, data = {}, {}
-    if ck.run_dir and (ck.run_dir / "config.resolved.yaml").is_file():
-        try:
-            r = yaml.safe_load((ck.run_dir / "config.resolved.yaml").read_text()) or {}
-        except yaml.YAMLError:
-            r = {}
+    r = checkpoint.read_config(ck.run_dir) if ck.run_dir else None
+    if r:
         train = {k: r[k] for k in ("batch_size", "lr", "warmup", "weight_decay", "epochs", "steps", "precision", "seed")
                  if r.get(k) is not None}
     cache = cache_dir(ck)
-    if cache is not None and (cache / "manifest.json").is_file():
+    if cache is not None:
         try:
-            m = json.loads((cache / "manifest.json").read_text())
+            m = cache_format.read_manifest(cache)
             data = {"samples": m.get("samples"), "captions": m.get("captions"),
                     "source": (m.get("source") or {}).get("spec")}
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        except (UserError, AttributeError):
             data = {}
     return train, data
 

@@ -72,8 +72,8 @@ def test_smoke_run_exercises_every_part(tmp_path):
     prof = parts["cache-profile"]["data"]["profile"]
     assert prof["total_s"] > 0 and any("cache_teacher.py" in name for name, _ in prof["cumulative"])
     steps = dict(prof["breakdown"])
-    assert 0 < steps["teacher batches (flush: process + bookkeeping)"] <= prof["total_s"]
-    assert "waiting for decoded samples (DataLoader.__next__)" in steps and "writing shards (_finish_unit)" in steps
+    assert 0 < steps["teacher batches (_Batcher.flush: process + bookkeeping)"] <= prof["total_s"]
+    assert "waiting for decoded samples (DataLoader.__next__)" in steps and "writing shards (write_shard)" in steps
 
     md = (tmp_path / "summary.md").read_text()
     for piece in ("## On a GPU: CPU only", "smoke run", "`python bench/gpu/run_gpu.py --out ", " --smoke`",

@@ -202,18 +202,18 @@ def test_dataloader_worker_gives_the_same_cache(ref, data, tiny_teacher, tmp_pat
 
 def test_resume_after_a_kill_equals_the_uninterrupted_run(ref, data, tiny_teacher, tmp_path, monkeypatch):
     out = tmp_path / "killed"
-    real = CT._finish_unit
+    real = cache_format.write_shard
 
-    def finish_then_die(cfg, index, *a, **k):
-        stats = real(cfg, index, *a, **k)
+    def finish_then_die(out, index, *a, **k):
+        stats = real(out, index, *a, **k)
         if index == 0:
             raise KeyboardInterrupt  # killed right after the first shard's done-marker
         return stats
 
-    monkeypatch.setattr(CT, "_finish_unit", finish_then_die)
+    monkeypatch.setattr(cache_format, "write_shard", finish_then_die)
     with pytest.raises(KeyboardInterrupt):
         _run(data, out, tiny_teacher)
-    monkeypatch.setattr(CT, "_finish_unit", real)
+    monkeypatch.setattr(cache_format, "write_shard", real)
     assert (out / "shard-00000.done.json").exists() and not (out / "shard-00001.tar").exists()
     assert not (out / "manifest.json").exists()
     with pytest.raises(UserError, match="unfinished cache"):
@@ -356,7 +356,7 @@ def _source(kind: str, root: Path) -> tuple[str, SourceOptions, int, dict]:
                    "sentences": [{"raw": CAPTIONS[i]}, {"raw": CAPTIONS[i + 1]}]} for i in range(3)]
         images.append({"filename": "gone.png", "imgid": 9, "split": "test", "sentences": [{"raw": "x"}]})
         (root / "dataset_coco.json").write_text(json.dumps({"images": images}))
-        opts = SourceOptions(image_root=str(root / "img"), split="test", rows_per_unit=2)
+        opts = SourceOptions(image_root=str(root / "img"), split="test", rows_per_shard=2)
         return str(root / "dataset_coco.json"), opts, 3, {"missing_file": 1}
     rows = [(f"img/{i}.png", [CAPTIONS[i], CAPTIONS[i + 2]] if kind == "jsonl" else CAPTIONS[i]) for i in range(3)]
     rows.append(("img/gone.png", "a missing file"))
@@ -366,7 +366,7 @@ def _source(kind: str, root: Path) -> tuple[str, SourceOptions, int, dict]:
     else:
         p = root / "pairs.csv"
         p.write_text("image,caption\n" + "".join(f'{f},"{c}"\n' for f, c in rows))
-    return str(p), SourceOptions(rows_per_unit=2), 3, {"missing_file": 1}
+    return str(p), SourceOptions(rows_per_shard=2), 3, {"missing_file": 1}
 
 
 @pytest.mark.parametrize("kind", ["directory", "single-tar", "csv", "jsonl", "karpathy"])

@@ -302,15 +302,15 @@ def test_a_narrow_student_exports_an_embedding_that_was_trained(tmp_path):
     projector for the teacher-matching terms only: the CLIP task loss trains its own embedding,
     the one export ships. Its retrieval must be far above chance and close to the same student
     trained at the teacher's width (before the fix: 0.008 against 0.66, chance 0.016)."""
-    from hierdctl.scenes import ScenesConfig
-    from hierdctl.scenes import run as scenes_run
+    from hierdctl.stages.scenes import ScenesConfig
+    from hierdctl.stages.scenes import run as scenes_run
     from hierdctl.stages.eval_retrieval import EvalRetrievalConfig
     from hierdctl.stages.eval_retrieval import run as eval_run
     from hierdctl.stages.export import ExportConfig
     from hierdctl.stages.export import run as export_run
 
     n = 64
-    scenes_run(ScenesConfig(out_dir=tmp_path / "data", n_train=n, n_test=0, image_size=32, shard_size=n,
+    scenes_run(ScenesConfig(out=tmp_path / "data", n_train=n, n_test=0, image_size=32, shard_size=n,
                             captions_per_image=1, seed=3).validate())
     src = str(tmp_path / "data" / "train")
     teacher = Path(__file__).parents[1] / "examples" / "teacher"

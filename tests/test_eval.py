@@ -493,7 +493,8 @@ def test_zeroshot_on_shards_with_class_field(tmp_path, tiny_teacher):
     assert set(report["models"][0]["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
     # The labels the shards give: the .cls index, or the class name's position ("boat" -> 5).
     from hierdctl.sources import Sample, Skip
-    from hierdctl.stages.eval_zeroshot import LabelledShards, load_templates
+    from hierdctl.sources import LabelledShards
+    from hierdctl.stages.eval_zeroshot import load_templates
 
     src = LabelledShards(str(tmp_path / "00000.tar"), [str(tmp_path / "00000.tar")], "cls", names)
     items = list(src.iter_unit(src.units[0]))
@@ -523,7 +524,7 @@ def test_labels_true_and_non_decimal_digits_are_bad_labels(tmp_path):
     """JSON true is not class 1 (bool is an int in Python); "²" passes str.isdigit but is no
     number: both are counted bad_label skips, never a crash."""
     from hierdctl.sources import Sample, Skip
-    from hierdctl.stages.eval_zeroshot import LabelledShards
+    from hierdctl.sources import LabelledShards
 
     samples = [{"key": "t", "jpg": image_bytes(0), "json": {"cls": True}},
                {"key": "sq", "jpg": image_bytes(1), "cls": "²"},

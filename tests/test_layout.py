@@ -3,6 +3,8 @@
 - No stage imports another stage: what two stages share lives in hierdctl/.
 - Stages never print or read argv: progress and summaries go through hierdctl.console.
 - `hierdctl --help` stays instant: the CLI module imports no heavy library at import time.
+- The import graph: stages on top, the library (hierdctl/) below; no library module imports
+  a stage (only the CLI, the adapter, runs a stage).
 """
 
 from __future__ import annotations
@@ -47,6 +49,24 @@ def test_no_stage_imports_another_stage():
                 parts = parts[1:]
             if parts[0] == "stages" and len(parts) > 1 and parts[1] in stage_names and parts[1] != path.stem:
                 bad.append(f"stages/{path.name}:{line} imports {mod}")
+    assert not bad, bad
+
+
+def test_no_library_module_imports_a_stage():
+    library = sorted(p for p in (ROOT / "hierdctl").rglob("*.py") if p.name != "cli.py")
+    assert len(library) > 20
+    bad = []
+    for path in library:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                # relative imports stay within hierdctl/ (hierdctl.stages installs from stages/, never relatively)
+                mod = ("hierdctl." * bool(node.level)) + (node.module or "")
+                names = [mod] + [f"{mod}.{a.name}" for a in node.names if mod in ("hierdctl", "hierdctl.")]
+            bad += [f"{path.relative_to(ROOT)}:{node.lineno} imports {n}" for n in names
+                    if n.split(".")[:2] == ["hierdctl", "stages"] or n.split(".")[0] == "stages"]
     assert not bad, bad
 
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hierdctl import scenes as S
+from hierdctl import scenes_assets
+from hierdctl.stages import scenes as S
 from hierdctl.errors import UserError
 
 DEBIAN_FASHION = Path(S.DEFAULT_FASHION_DIRS[0])
@@ -113,7 +114,7 @@ def _tint_check(image: np.ndarray, scene: S.Scene) -> None:
         ("negatives_per_kind", 9, "--negatives-per-kind"),
         ("image_format", "webp", "--image-format"),
         ("textured_fraction", 1.5, "--textured-fraction"),
-        ("out_dir", "", "--out"),
+        ("out", "", "--out"),
     ],
 )
 def test_bad_config_raises_user_error(field, value, flag):
@@ -170,7 +171,7 @@ def test_every_error_names_a_flag_of_the_scenes_command():
     named = set(re.findall(r'where="(--[a-z-]+)"', source))
     assert named >= {"--out", "--flavour", "--fashion-path", "--image-format", "--textured-fraction", "--clip-benchmark"}
     assert named <= flags, named - flags
-    # Every field of the config is a flag (out_dir is --out).
+    # Every field of the config is a flag (out is --out).
     fields = {f.replace("_", "-") for f in vars(S.ScenesConfig())} - {"out-dir"}
     assert {f"--{f}" for f in fields} <= flags, {f"--{f}" for f in fields} - flags
 
@@ -179,14 +180,14 @@ def test_out_dir_guard_and_stale_shards(tmp_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(UserError) as err:
-        S.run(S.ScenesConfig(out_dir=tmp_path / "busy", n_train=1, n_test=1))
+        S.run(S.ScenesConfig(out=tmp_path / "busy", n_train=1, n_test=1))
     assert err.value.where == "--out"
 
     out = tmp_path / "o"
-    S.run(S.ScenesConfig(out_dir=out, n_train=9, n_test=1, shard_size=3))
+    S.run(S.ScenesConfig(out=out, n_train=9, n_test=1, shard_size=3))
     assert len(list((out / "train").glob("*.tar"))) == 3
     # Regenerating smaller over it drops the shards that no longer belong.
-    summary = S.run(S.ScenesConfig(out_dir=out, n_train=4, n_test=1, shard_size=3, image_format="jpg"))
+    summary = S.run(S.ScenesConfig(out=out, n_train=4, n_test=1, shard_size=3, image_format="jpg"))
     assert sorted(p.name for p in (out / "train").glob("*.tar")) == ["00000.tar", "00001.tar"]
     assert summary["counts"] == {"train": 4, "test": 1}
     assert "000000003.jpg" in _tar_members(out / "train" / "00001.tar")
@@ -282,7 +283,7 @@ def test_render_puts_each_colour_in_its_box():
 
 def test_run_is_deterministic_and_independent_of_sharding(tmp_path):
     def cfg(out, shard_size):
-        return S.ScenesConfig(out_dir=tmp_path / out, n_train=23, n_test=11, shard_size=shard_size, seed=7)
+        return S.ScenesConfig(out=tmp_path / out, n_train=23, n_test=11, shard_size=shard_size, seed=7)
 
     S.run(cfg("a", 8))
     S.run(cfg("b", 8))
@@ -310,7 +311,7 @@ def test_run_is_deterministic_and_independent_of_sharding(tmp_path):
 def test_shards_read_back_with_webdataset_and_tarfile(tmp_path):
     wds = pytest.importorskip("webdataset")
     out = tmp_path / "o"
-    summary = S.run(S.ScenesConfig(out_dir=out, n_train=10, n_test=6, shard_size=4, captions_per_image=3))
+    summary = S.run(S.ScenesConfig(out=out, n_train=10, n_test=6, shard_size=4, captions_per_image=3))
     assert summary["counts"] == {"train": 10, "test": 6}
     manifest = json.loads((out / "scenes.json").read_text())
     assert manifest["version"] == S.GENERATOR_VERSION and manifest["config"]["seed"] == 0
@@ -348,7 +349,7 @@ def test_every_file_is_written_atomically_and_leftovers_go(tmp_path, monkeypatch
     real_fsync = atomic.os.fsync
     monkeypatch.setattr(atomic.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
     out = tmp_path / "o"
-    S.run(S.ScenesConfig(out_dir=out, n_train=5, n_test=3, shard_size=2))
+    S.run(S.ScenesConfig(out=out, n_train=5, n_test=3, shard_size=2))
     written = [p for p in out.rglob("*") if p.is_file()]
     assert len(written) == 3 + 2 + 2 + 1  # train and test shards, two stats.json, scenes.json
     assert len(synced) == len(written)
@@ -356,7 +357,7 @@ def test_every_file_is_written_atomically_and_leftovers_go(tmp_path, monkeypatch
     # A kill mid-write leaves NAME.tmpPID (atomic.py's temporary name): the next run removes it.
     leftover = out / "train" / "00001.tar.tmp4242"
     leftover.write_bytes(b"torn")
-    S.run(S.ScenesConfig(out_dir=out, n_train=5, n_test=3, shard_size=2))
+    S.run(S.ScenesConfig(out=out, n_train=5, n_test=3, shard_size=2))
     assert not leftover.exists()
 
 
@@ -379,7 +380,7 @@ def test_read_idx_plain_gzip_and_broken(tmp_path):
 
 def test_fashion_flavour_from_fake_idx(tmp_path):
     folder = _fake_fashion(tmp_path / "fmnist")
-    cfg = S.ScenesConfig(out_dir=tmp_path / "o", flavour="fashion", fashion_path=folder, n_train=6, n_test=6, shard_size=4)
+    cfg = S.ScenesConfig(out=tmp_path / "o", flavour="fashion", fashion_path=folder, n_train=6, n_test=6, shard_size=4)
     summary = S.run(cfg)
     assert summary["config"]["fashion_path"] == str(folder)
     assert summary["vocabulary"]["shapes"] == list(S.FASHION_ITEMS)
@@ -399,7 +400,7 @@ def test_fashion_flavour_from_fake_idx(tmp_path):
 
 @pytest.mark.skipif(not DEBIAN_FASHION.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_fashion_flavour_from_debian_package(tmp_path):
-    cfg = S.ScenesConfig(out_dir=tmp_path / "o", flavour="fashion", n_train=3, n_test=3)
+    cfg = S.ScenesConfig(out=tmp_path / "o", flavour="fashion", n_train=3, n_test=3)
     summary = S.run(cfg)
     assert summary["config"]["fashion_path"] == str(DEBIAN_FASHION)
     images, labels = S.load_fashion(DEBIAN_FASHION, "test")
@@ -430,9 +431,9 @@ def _fingerprint(root: Path) -> str:
 def test_shapes_and_fashion_samples_are_unchanged(tmp_path):
     """The samples (pixels, captions, metadata) of the two older flavours are those that
     generator 1.0 (commit ba9d25a) wrote: eval numbers on them stay comparable."""
-    S.run(S.ScenesConfig(out_dir=tmp_path / "s", n_train=24, n_test=16, shard_size=10, seed=5))
+    S.run(S.ScenesConfig(out=tmp_path / "s", n_train=24, n_test=16, shard_size=10, seed=5))
     fake = _fake_fashion(tmp_path / "fmnist")
-    S.run(S.ScenesConfig(out_dir=tmp_path / "f", flavour="fashion", fashion_path=fake, n_train=12, n_test=12,
+    S.run(S.ScenesConfig(out=tmp_path / "f", flavour="fashion", fashion_path=fake, n_train=12, n_test=12,
                          shard_size=10, seed=5))
     assert _fingerprint(tmp_path / "s") == "6319e040aaa2486d85ee306183118030a550152b74639e2ad8dce11c430cf724"
     assert _fingerprint(tmp_path / "f") == "9e8351f7e15302fd001743ae3fa2886befe91fef0ce8a2deda42a22a54d925ad"
@@ -443,13 +444,13 @@ def test_shapes_and_fashion_samples_are_unchanged(tmp_path):
 
 def _no_debian_fashion(monkeypatch, tmp_path):
     """Make Debian's Fashion-MNIST look absent, whatever this machine has installed."""
-    monkeypatch.setattr(S, "DEFAULT_FASHION_DIRS", (str(tmp_path / "no-fashion-here"),))
+    monkeypatch.setattr(scenes_assets, "DEFAULT_FASHION_DIRS", (str(tmp_path / "no-fashion-here"),))
 
 
 @pytest.fixture
 def cluttered_cfg(tmp_path):
     """A cluttered config that mixes shapes with (fake) Fashion-MNIST items."""
-    return S.ScenesConfig(out_dir=tmp_path / "o", flavour="cluttered", fashion_path=_fake_fashion(tmp_path / "fmnist"))
+    return S.ScenesConfig(out=tmp_path / "o", flavour="cluttered", fashion_path=_fake_fashion(tmp_path / "fmnist"))
 
 
 @pytest.mark.parametrize("flavour", S.FLAVOURS)
@@ -469,7 +470,7 @@ def test_captions_true_and_negatives_false_in_every_flavour(flavour, tmp_path):
 
 def test_cluttered_run_is_deterministic(cluttered_cfg, tmp_path):
     def cfg(out):
-        return S.ScenesConfig(out_dir=tmp_path / out, flavour="cluttered", fashion_path=cluttered_cfg.fashion_path,
+        return S.ScenesConfig(out=tmp_path / out, flavour="cluttered", fashion_path=cluttered_cfg.fashion_path,
                               n_train=12, n_test=9, shard_size=5, seed=3, clip_benchmark=True)
 
     S.run(cfg("a"))
@@ -564,7 +565,7 @@ def test_verifier_sees_distractors_and_occlusion():
 
 
 def test_cluttered_backgrounds_split_train_and_test(cluttered_cfg, tmp_path):
-    cfg = S.ScenesConfig(out_dir=tmp_path / "bg", flavour="cluttered", fashion_path=cluttered_cfg.fashion_path,
+    cfg = S.ScenesConfig(out=tmp_path / "bg", flavour="cluttered", fashion_path=cluttered_cfg.fashion_path,
                          n_train=60, n_test=60, shard_size=60)
     summary = S.run(cfg)
     regions = summary["cluttered"]["backgrounds"]["regions"]
@@ -614,7 +615,7 @@ def test_cluttered_objects_stand_out_from_the_background(size, cluttered_cfg):
 
 def test_cluttered_without_fashion_mnist_falls_back_to_shapes(tmp_path, monkeypatch):
     _no_debian_fashion(monkeypatch, tmp_path)
-    summary = S.run(S.ScenesConfig(out_dir=tmp_path / "o", flavour="cluttered", n_train=4, n_test=4))
+    summary = S.run(S.ScenesConfig(out=tmp_path / "o", flavour="cluttered", n_train=4, n_test=4))
     assert summary["config"]["fashion_path"] is None and summary["cluttered"]["fashion_mnist"] is None
     assert summary["cluttered"]["objects"].startswith("shapes only")
     assert summary["vocabulary"]["shapes"] == list(S.SHAPES)
@@ -630,7 +631,7 @@ def test_cluttered_without_fashion_mnist_falls_back_to_shapes(tmp_path, monkeypa
 
 
 def test_cluttered_sample_metadata(cluttered_cfg, tmp_path):
-    cfg = S.ScenesConfig(out_dir=tmp_path / "m", flavour="cluttered", fashion_path=cluttered_cfg.fashion_path,
+    cfg = S.ScenesConfig(out=tmp_path / "m", flavour="cluttered", fashion_path=cluttered_cfg.fashion_path,
                          n_train=0, n_test=20, shard_size=20, image_size=96)
     summary = S.run(cfg)
     stats = summary["stats"]["test"]
@@ -667,7 +668,7 @@ def test_clip_benchmark_copy_matches_our_reader(cluttered_cfg, tmp_path):
 
     out = tmp_path / "cb"
     for flavour in ("shapes", "cluttered"):
-        S.run(S.ScenesConfig(out_dir=out, flavour=flavour, n_train=3, n_test=13, shard_size=4, captions_per_image=5,
+        S.run(S.ScenesConfig(out=out, flavour=flavour, n_train=3, n_test=13, shard_size=4, captions_per_image=5,
                              clip_benchmark=True, fashion_path=None if flavour == "shapes" else cluttered_cfg.fashion_path))
         theirs = _clip_benchmark_pairs(out / "clip_benchmark")
         source = open_source(str(out / "test"))
@@ -679,10 +680,10 @@ def test_clip_benchmark_copy_matches_our_reader(cluttered_cfg, tmp_path):
     manifest = json.loads((out / "scenes.json").read_text())
     assert manifest["clip_benchmark"]["shards"] == 4
     assert "--dataset_root OUT/clip_benchmark " in manifest["clip_benchmark"]["command"]  # files name no path
-    summary = S.run(S.ScenesConfig(out_dir=out, n_train=3, n_test=5, clip_benchmark=True))
+    summary = S.run(S.ScenesConfig(out=out, n_train=3, n_test=5, clip_benchmark=True))
     assert f"--dataset_root {out / 'clip_benchmark'} " in summary["clip_benchmark"]["command"]
     # Regenerating without the copy removes it: it would describe a test split that is gone.
-    S.run(S.ScenesConfig(out_dir=out, n_train=3, n_test=5))
+    S.run(S.ScenesConfig(out=out, n_train=3, n_test=5))
     assert not (out / "clip_benchmark").exists()
 
 
@@ -692,9 +693,9 @@ def test_run_refuses_a_folder_whose_scenes_json_another_tool_wrote(tmp_path):
     (out / "scenes.json").write_text('{"name": "someone else\'s dataset"}')
     (out / "train" / "00007.tar").write_bytes(b"the user's shard")
     with pytest.raises(UserError, match="holds no scenes.json of hierdctl scenes"):
-        S.run(S.ScenesConfig(out_dir=out, n_train=4, n_test=4, shard_size=4))
+        S.run(S.ScenesConfig(out=out, n_train=4, n_test=4, shard_size=4))
     assert (out / "train" / "00007.tar").read_bytes() == b"the user's shard"
     # its own earlier output is regenerated as before
     mine = tmp_path / "mine"
-    S.run(S.ScenesConfig(out_dir=mine, n_train=4, n_test=4, shard_size=4))
-    S.run(S.ScenesConfig(out_dir=mine, n_train=4, n_test=4, shard_size=4))
+    S.run(S.ScenesConfig(out=mine, n_train=4, n_test=4, shard_size=4))
+    S.run(S.ScenesConfig(out=mine, n_train=4, n_test=4, shard_size=4))

@@ -373,7 +373,7 @@ def _table(tmp_path: Path, kind: str) -> Path:
 @pytest.mark.parametrize("kind", ["csv", "tsv", "jsonl"])
 def test_tables(tmp_path, kind):
     p = _table(tmp_path, kind)
-    src = open_source(str(p), SourceOptions(image_col="filepath", caption_col="title", rows_per_unit=2))
+    src = open_source(str(p), SourceOptions(image_col="filepath", caption_col="title", rows_per_shard=2))
     assert len(src.units) == (3 if kind == "jsonl" else 2)
     assert [src.unit_rows(u) for u in src.units][:2] == [2, 2]
     recs = _collect(src)

@@ -320,12 +320,12 @@ def profile_summary(path: Path) -> dict:
     steps = [("set-up: load the teacher", "specs.py", "load_encoder"),
              ("set-up: fingerprint its weights", "specs.py", "fingerprint"),
              ("waiting for decoded samples (DataLoader.__next__)", "dataloader.py", "__next__"),
-             ("teacher batches (flush: process + bookkeeping)", "cache_teacher.py", "flush"),
+             ("teacher batches (_Batcher.flush: process + bookkeeping)", "cache_teacher.py", "flush"),
              ("of which image forward (encode_image)", "specs.py", "encode_image"),
              ("of which text forward (_Teacher.text)", "cache_teacher.py", "text"),
              ("of which k-means (spherical_kmeans)", "cluster.py", "spherical_kmeans"),
-             ("writing shards (_finish_unit)", "cache_teacher.py", "_finish_unit"),
-             ("manifest (_write_manifest)", "cache_teacher.py", "_write_manifest")]
+             ("writing shards (write_shard)", "cache_format.py", "write_shard"),
+             ("manifest (write_manifest)", "cache_format.py", "write_manifest")]
     breakdown = [(what, t) for what, f, fn in steps if (t := cum(f, fn)) is not None]
     ours = [(label(*key), v[3]) for key, v in st.items()
             if any(s in key[0] for s in ("hierdctl", "stages", "torch/utils/data")) and v[3] >= 0.02 * total]

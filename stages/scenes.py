@@ -37,7 +37,6 @@ complete files or none, never a torn shard.
 from __future__ import annotations
 
 import functools
-import gzip
 import io
 import itertools
 import json
@@ -51,10 +50,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .atomic import write_bytes_atomic, write_json_atomic, write_tar_atomic
-from .configs import (DEFAULT_OBJECTS, DEFAULT_TEXTURED_FRACTION, FLAVOURS, IMAGE_FORMATS,  # noqa: F401
+from hierdctl.atomic import write_bytes_atomic, write_json_atomic, write_tar_atomic
+from hierdctl.scenes_assets import (DEFAULT_FASHION_DIRS, FASHION_FILES, cluttered_fashion_dir,  # noqa: F401
+                                    fashion_dir, load_fashion, read_idx, skimage_data)
+from hierdctl.configs import (DEFAULT_OBJECTS, DEFAULT_TEXTURED_FRACTION, FLAVOURS, IMAGE_FORMATS,  # noqa: F401
                       MAX_OBJECTS, MAX_SAMPLES_PER_SPLIT, MAX_SHARDS, MIN_OBJECTS, ScenesConfig)
-from .errors import UserError
+from hierdctl.errors import UserError
 
 # Bump when a change alters the bytes generated for a given config and seed.
 # 1.1: shards and JSON files written through hierdctl.atomic (tar members now carry the
@@ -91,11 +92,6 @@ RELATION_MARGIN = 0.125
 NUMBER_WORDS = ("one", "two", "three", "four", "five", "six")
 SPLIT_IDS = {"train": 0, "test": 1}
 NEGATIVE_KINDS = ("swap_attribute", "swap_relation", "replace_object")
-DEFAULT_FASHION_DIRS = ("/usr/share/datasets/fashion-mnist",)
-FASHION_FILES = {  # split -> (images, labels) base names; a ".gz" twin is also accepted
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
 
 SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: smooth, deterministic edges
 TEXTURE_AMPLITUDE = 10  # grey levels of the smooth background mottling
@@ -151,101 +147,13 @@ def vocabulary(flavour: str, fashion: bool = True) -> tuple[str, ...]:
     return SHAPES
 
 
-# --------------------------------------------------------------------------- Fashion-MNIST
-
-# IDX type codes (http://yann.lecun.com/exdb/mnist/): the third byte of the magic number.
-_IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def read_idx(path: str | Path) -> np.ndarray:
-    """Read an IDX file (gzip-compressed or not, told apart by content) into an array."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError) as e:
-        raise UserError(f"cannot read {path}: {e}", where="--fashion-path") from e
-    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES:
-        raise UserError(f"{path} is not an IDX file (bad magic number)", where="--fashion-path")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise UserError(f"{path} is truncated (incomplete IDX header)", where="--fashion-path")
-    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    if len(raw) - header != math.prod(dims) * dtype.itemsize:
-        raise UserError(f"{path} holds {len(raw) - header} data bytes, its header promises a {dims} array", where="--fashion-path")
-    return np.frombuffer(raw, dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
-
-
-def fashion_dir(fashion_path: str | Path | None) -> Path:
-    """The folder holding the Fashion-MNIST IDX files: the given one or Debian's."""
-    if fashion_path is not None:
-        folder = Path(fashion_path)
-        if not folder.is_dir():
-            raise UserError(f"{folder} is not a folder of Fashion-MNIST IDX files", where="--fashion-path")
-        return folder
-    for candidate in DEFAULT_FASHION_DIRS:
-        if Path(candidate).is_dir():
-            return Path(candidate)
-    raise UserError(
-        "Fashion-MNIST not found: install Debian's dataset-fashion-mnist "
-        f"(it fills {DEFAULT_FASHION_DIRS[0]}) or pass the folder of its IDX files",
-        where="--fashion-path",
-    )
-
-
-def _fashion_split_files(folder: Path, split: str) -> tuple[Path, Path]:
-    found = []
-    for base in FASHION_FILES[split]:
-        options = [folder / base, folder / f"{base}.gz"]
-        hit = next((p for p in options if p.is_file()), None)
-        if hit is None:
-            raise UserError(f"{folder} has no {base} (nor {base}.gz) for the {split} split", where="--fashion-path")
-        found.append(hit)
-    return found[0], found[1]
-
-
-def load_fashion(folder: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(images (N, H, W) uint8, labels (N,) int) of one Fashion-MNIST split."""
-    images_path, labels_path = _fashion_split_files(Path(folder), split)
-    images, labels = read_idx(images_path), read_idx(labels_path)
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise UserError(
-            f"{images_path.name} {images.shape} and {labels_path.name} {labels.shape} do not pair up as images and labels",
-            where="--fashion-path",
-        )
-    if len(labels) and (labels.min() < 0 or labels.max() >= len(FASHION_ITEMS)):
-        raise UserError(f"{labels_path} has labels outside 0..{len(FASHION_ITEMS) - 1}", where="--fashion-path")
-    return images.astype(np.uint8), labels.astype(np.int64)
-
-
-def cluttered_fashion_dir(fashion_path: str | Path | None) -> Path | None:
-    """Where the cluttered flavour reads Fashion-MNIST: the given folder (which must hold
-    it), else Debian's when installed, else None: the flavour falls back to shapes only."""
-    if fashion_path is not None:
-        return fashion_dir(fashion_path)
-    return next((Path(d) for d in DEFAULT_FASHION_DIRS if Path(d).is_dir()), None)
-
-
 # --------------------------------------------------------------------------- photos
-
-
-def _skimage_data():
-    """skimage.data, imported on first use: only the cluttered flavour needs it."""
-    try:
-        import skimage.data
-    except ImportError as e:
-        raise UserError("the cluttered flavour draws its backgrounds from scikit-image's sample photos: "
-                        f"pip install scikit-image ({e})", where="--flavour") from e
-    return skimage.data
 
 
 @functools.lru_cache(maxsize=1)
 def load_photos() -> dict[str, np.ndarray]:
     """BACKGROUND_PHOTOS as RGB arrays (H, W, 3) uint8; greyscale photos are repeated to RGB."""
-    data = _skimage_data()
+    data = skimage_data()
     photos = {}
     for name in BACKGROUND_PHOTOS:
         a = np.asarray(getattr(data, name)())
@@ -1082,9 +990,9 @@ def clip_benchmark_command(root: str | Path = f"OUT/{CLIP_BENCHMARK_DIR}") -> st
 
 
 def run(cfg: ScenesConfig) -> dict:
-    """Generate both splits under cfg.out_dir; return the manifest plus per-split stats."""
+    """Generate both splits under cfg.out; return the manifest plus per-split stats."""
     cfg.validate()
-    out = Path(cfg.out_dir)
+    out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder", where="--out")
     # Regenerating over an earlier Scenes output is fine; writing into anything else is not.
@@ -1100,7 +1008,7 @@ def run(cfg: ScenesConfig) -> dict:
         "train": _write_split(cfg, "train", cfg.n_train, out / "train"),
         "test": _write_split(cfg, "test", cfg.n_test, out / "test", cb / "test" if cfg.clip_benchmark else None),
     }
-    config = {k: v for k, v in vars(cfg).items() if k != "out_dir"}  # the manifest lives in out_dir
+    config = {k: v for k, v in vars(cfg).items() if k != "out"}  # the manifest lives in out
     config["min_objects"], config["max_objects"] = cfg.object_range()  # the flavour's defaults filled in
     config["textured_fraction"] = None if cfg.flavour == "cluttered" else cfg.texture_share()
     nouns = vocabulary(cfg.flavour)
@@ -1154,7 +1062,7 @@ def run(cfg: ScenesConfig) -> dict:
                                               "layout": "CLIP_benchmark wds (retrieval)", "of": "../test",
                                               "count": cfg.n_test, **manifest["clip_benchmark"]})
     write_json_atomic(out / "scenes.json", manifest)
-    summary = {"out_dir": str(out), **manifest, "stats": stats}
+    summary = {"out": str(out), **manifest, "stats": stats}
     if cfg.clip_benchmark:
         summary["clip_benchmark"] = {**manifest["clip_benchmark"], "command": clip_benchmark_command(cb)}
     return summary

@@ -1,0 +1,59 @@
+"""Evaluation reports: their schemas, what every report records, and writing one.
+
+eval-retrieval and eval-zeroshot return one flat JSON object (docs/eval.md) and write it
+where --out says; eval-retrieval's --save-index folder is marked by its index.json. The
+schema names below are those files' contracts.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+
+RETRIEVAL_SCHEMA = "hierdctl.eval-retrieval/1"  # eval-retrieval's report and --save-index's index.json
+ZEROSHOT_SCHEMA = "hierdctl.eval-zeroshot/1"
+INDEX_MARKER = "index.json"  # the file that marks a --save-index folder as hierdctl's (written last)
+
+
+def retention(metrics: dict, reference: dict) -> dict:
+    """A later model's score as % of the reference's, for every metric the reference has > 0."""
+    return {k: round(100.0 * v / reference[k], 2) for k, v in metrics.items() if reference.get(k, 0) > 0}
+
+
+def versions() -> dict:
+    """The versions a report records."""
+    import faiss
+    import numpy as np
+    import open_clip
+    import torch
+
+    from hierdctl import __version__
+
+    v = {"hierdctl": __version__, "python": platform.python_version(), "torch": torch.__version__,
+         "numpy": np.__version__, "faiss": faiss.__version__, "open_clip": open_clip.__version__}
+    if "transformers" in sys.modules:
+        v["transformers"] = sys.modules["transformers"].__version__
+    return v
+
+
+def check_save_index(folder: Path | None, overwrite: bool, where: str = "--save-index") -> None:
+    """A --save-index folder hierdctl did not write is never replaced (checked before any model loads)."""
+    if folder is None:
+        return
+    from hierdctl.atomic import check_dir_target
+
+    check_dir_target(Path(folder), INDEX_MARKER, RETRIEVAL_SCHEMA, where, overwrite, "a saved index")
+
+
+def finish_report(report: dict, out, quiet: bool, stage: str) -> dict:
+    """Write the report (atomically) where --out says, and say what was skipped."""
+    from hierdctl.atomic import write_json_atomic
+    from hierdctl.console import console
+
+    if out:
+        write_json_atomic(Path(out), report)
+    if not quiet and report["counts"]["skipped_total"]:
+        console.print(f"[dim]{stage}:[/] skipped {report['counts']['skipped_total']} samples: "
+                      + ", ".join(f"{k} {v}" for k, v in report["counts"]["skipped"].items()))
+    return report
