@@ -82,7 +82,8 @@ class GlobalBatchSampler:
 
 
 def _check_cache(cache, recipe, images: str | None, cfg_policy: str = "random") -> None:
-    have = {p: cache.has(p) for p in ("global", "clusters", "phrases", "perturbations", "cluster_crops", "images")}
+    have = {p: cache.has(p) for p in ("global", "clusters", "phrases", "perturbations", "cluster_crops", "tokens",
+                                      "images")}
     if not have["images"] and images is None:
         raise UserError(f"the cache holds no images (made with --no-store-images): give its source with --images SOURCE "
                         f"(it was made from {cache.config['source']}); images are joined by key and checked by sha256",
@@ -101,7 +102,8 @@ def _check_cache(cache, recipe, images: str | None, cfg_policy: str = "random") 
         how = {"clusters": "rerun cache-teacher with --clusters K (K > 0)",
                "phrases": "rerun cache-teacher with --max-phrases P (P > 0)",
                "perturbations": "rerun cache-teacher with --perturbations Q (Q > 0)",
-               "cluster_crops": "rerun cache-teacher with --cluster-crops"}
+               "cluster_crops": "rerun cache-teacher with --cluster-crops",
+               "tokens": "rerun cache-teacher with --store tokens"}
         raise UserError(
             f"recipe {recipe.name!r} needs {', '.join(missing)} that cache {cache.root} lacks: "
             + "; ".join(how.get(p, p) for p in missing),
@@ -313,7 +315,7 @@ class Trainer:
             for k in [k for k in batch if k.startswith("txt_t") and k.endswith("_2")]:
                 second[k[: -len("_2")]] = batch.pop(k)
             batch["second"] = second
-        if self.needs["clusters"]:
+        if self.needs["clusters"] or self.needs.get("tokens"):
             batch["teacher_grid"] = tuple(self.teacher["patch_grid"])
         return batch
 
@@ -431,7 +433,7 @@ def build_trainer(cfg: DistillConfig, cache, recipe, env: distributed.DistEnv, d
     parts = set(recipe.cache_parts)
     needs = {"global": recipe.needs_teacher, "clusters": "clusters" in parts, "phrases": "phrases" in parts,
              "perturbations": "perturbations" in parts, "cluster_crops": "cluster_crops" in parts,
-             "mask_noise": "masked_forward" in extras, "teachers": n_teachers}
+             "tokens": "tokens" in parts, "mask_noise": "masked_forward" in extras, "teachers": n_teachers}
     join = None
     if cfg.images is not None:
         from hierdctl.configs import SourceOptions
