@@ -237,6 +237,9 @@ class StudentWrapper(nn.Module):
             keep = noise.argsort(dim=1)[:, :n_keep].sort(dim=1).values  # (N,G_keep) kept patch indices
             masked = vit_tokens(m.visual, images, keep)[0]  # (N,D_s)
             f.img_st_masked = self._proj_img(masked)
+        if want & {"img_fused", "txt_fused"}:  # before `second`, which fuses its own caption beside these
+            f.img_fused = self.img_fusion(torch.cat([F.normalize(pooled, dim=-1), batch["img_t"]], dim=-1))
+            f.txt_fused = self.txt_fusion(torch.cat([F.normalize(txt, dim=-1), batch["txt_t"]], dim=-1))
         if batch.get("second"):  # real+synthetic: the same images with each sample's synthetic caption
             sec = batch["second"]
             txt2 = encode_text_trimmed(m, sec["text"])  # (N,D_s)
@@ -259,7 +262,4 @@ class StudentWrapper(nn.Module):
                                           "txt_st": (f.second.txt_st if k == 0 else self.ens_txt_proj[k - 1](f.second.txt_s))
                                           if e["txt_st"] is not None else None}
                                      for k, e in enumerate(f.ensemble)]
-        if want & {"img_fused", "txt_fused"}:
-            f.img_fused = self.img_fusion(torch.cat([F.normalize(pooled, dim=-1), batch["img_t"]], dim=-1))
-            f.txt_fused = self.txt_fusion(torch.cat([F.normalize(txt, dim=-1), batch["txt_t"]], dim=-1))
         return f
