@@ -179,13 +179,17 @@ class StudentWrapper(nn.Module):
             weights = area_weights(batch["clu_assign"].flatten(1), K, t_grid, self.grid, self.extent)  # (N,G_s,K)
             if "clu_s" in want:
                 f.clu_s, cover = pool_area(tokens, weights)  # (N,K,D_s), (N,K)
-            if "clu_st" in want:
+            if "clu_st" in want and "clu_s" in want and not self.project:
+                f.clu_st = f.clu_s  # no projector: the very same tensor (as img_st is img_s)
+            elif "clu_st" in want:
                 f.clu_st, cover = pool_area(projected, weights)  # (N,K,D_t)
             f.clu_t, f.clu_mask = batch["clu_t"], batch["clu_mask"] & (cover > 0)
         if "tok_st" in want:  # dense FD: the teacher's tokens, area-resampled onto the student's grid
-            o = area_overlap(self.grid, t_grid, self.extent).to(tokens.device, torch.float32)  # (G_s,G_t)
-            f.tok_st = projected
-            f.tok_t = F.normalize(torch.einsum("st,ntd->nsd", o, batch["tok_t"].float()), dim=-1)  # (N,G_s,D_t)
+            f.tok_st, tok_t = projected, batch["tok_t"].float()  # (N,G_s,D_t), (N,G_t,D_t)
+            if t_grid != self.grid or self.extent != (1, 1):
+                o = area_overlap(self.grid, t_grid, self.extent).to(tokens.device, torch.float32)  # (G_s,G_t)
+                tok_t = torch.einsum("st,ntd->nsd", o, tok_t)
+            f.tok_t = F.normalize(tok_t, dim=-1)  # (N,G_s,D_t)
         for r in GRID_CELLS:  # fixed cells over the view, pooled on each model's own grid
             if f"grid{r}_st" in want:
                 w_s = cell_weights(r, self.grid, self.extent).to(tokens.device, torch.float32)  # (G_s,r²)
