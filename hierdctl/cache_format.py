@@ -863,13 +863,16 @@ class CacheDataset:
                 out["neg_tok"] = io_["tokenize"](negs)
             if self.needs.get("cluster_crops"):
                 out["clu_crop_t"] = torch.from_numpy(a["clu_crop_emb"][v])
+            if self.needs.get("tokens"):  # --store tokens: the teacher's patch tokens (G_t, D), unnormalised
+                out["tok_t"] = torch.from_numpy(a["img_tok"][v])
             if self.needs["mask_noise"]:
                 out["mask_noise"] = torch.from_numpy(rng.random(io_["grid_size"]).astype(np.float32))
         except BadImage as e:
             raise CorruptSample("bad_image", f"{sample.key}: {e}") from None
         except (KeyError, IndexError, TypeError, ValueError) as e:
             raise CorruptSample("inconsistent_sample", f"{sample.key}: {type(e).__name__} {str(e)[:120]}") from None
-        for name in [n for n in out if n.startswith(("img_t", "txt_t", "clu_t", "phr_t", "neg_t", "clu_crop_t"))]:
+        teacher_arrays = ("img_t", "txt_t", "clu_t", "phr_t", "neg_t", "clu_crop_t", "tok_t")
+        for name in [n for n in out if n.startswith(teacher_arrays)]:
             if not torch.isfinite(out[name]).all():
                 raise CorruptSample("non_finite_teacher_features", f"{sample.key}: {name}")
         return out

@@ -86,7 +86,8 @@ class GlobalBatchSampler:
 
 
 def _check_cache(cache, recipe, images: str | None, cfg_policy: str = "random") -> None:
-    have = {p: cache.has(p) for p in ("global", "clusters", "phrases", "perturbations", "cluster_crops", "images")}
+    have = {p: cache.has(p) for p in ("global", "clusters", "phrases", "perturbations", "cluster_crops", "tokens",
+                                      "images")}
     if not have["images"] and images is None:
         raise UserError(f"the cache holds no images (made with --no-store-images): give its source with --images SOURCE "
                         f"(it was made from {cache.config['source']}); images are joined by key and checked by sha256",
@@ -105,7 +106,8 @@ def _check_cache(cache, recipe, images: str | None, cfg_policy: str = "random") 
         how = {"clusters": "rerun cache-teacher with --clusters K (K > 0)",
                "phrases": "rerun cache-teacher with --max-phrases P (P > 0)",
                "perturbations": "rerun cache-teacher with --perturbations Q (Q > 0)",
-               "cluster_crops": "rerun cache-teacher with --cluster-crops"}
+               "cluster_crops": "rerun cache-teacher with --cluster-crops",
+               "tokens": "rerun cache-teacher with --store tokens"}
         raise UserError(
             f"recipe {recipe.name!r} needs {', '.join(missing)} that cache {cache.root} lacks: "
             + "; ".join(how.get(p, p) for p in missing),
@@ -339,7 +341,7 @@ class Trainer:
             for k in [k for k in batch if k.startswith("txt_t") and k.endswith("_2")]:
                 second[k[: -len("_2")]] = batch.pop(k)
             batch["second"] = second
-        if self.data.needs["clusters"]:
+        if self.data.needs["clusters"] or self.data.needs.get("tokens"):
             batch["teacher_grid"] = tuple(self.teacher["patch_grid"])
         return batch
 
@@ -470,7 +472,7 @@ def _data(cfg: DistillConfig, cache, recipe, env, wrapper, student: Student, not
     parts = set(recipe.cache_parts)
     needs = {"global": recipe.needs_teacher, "clusters": "clusters" in parts, "phrases": "phrases" in parts,
              "perturbations": "perturbations" in parts, "cluster_crops": "cluster_crops" in parts,
-             "mask_noise": "masked_forward" in recipe.extras,
+             "tokens": "tokens" in parts, "mask_noise": "masked_forward" in recipe.extras,
              "teachers": len(cache.teachers) if recipe.needs_teacher else 1}
     join = None
     if cfg.images is not None:

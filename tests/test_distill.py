@@ -4,6 +4,7 @@ torchrun with 2 processes equals 1 process, and every pre-flight check fails cle
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -296,6 +297,29 @@ def test_mfd_masks_patches_for_real():
     assert not torch.allclose(f.img_st_masked, f.img_s)
 
 
+def test_afd_fuses_the_second_caption_of_real_plus_synthetic():
+    """caption_policy real+synthetic: the second pass (the synthetic caption) has its own fused text
+    feature and shares the image's, so AFD computes on it (it read the fusion before it was set)."""
+    from conftest import make_tiny_model
+
+    from hierdctl.losses.registry import Recipe, Term, compute_terms
+    from hierdctl.student import StudentWrapper
+
+    recipe = Recipe("afd", (Term("clip", 1.0), Term("afd", 1.0)))
+    w = StudentWrapper(make_tiny_model(), 32, 32, fields=recipe.fields)
+    unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
+    second = {"text": torch.randint(1, 100, (2, 77)), "txt_t": unit(torch.randn(2, 32))}
+    batch = {"image": torch.randn(2, 3, 32, 32), "text": torch.randint(1, 100, (2, 77)), "img_t": unit(torch.randn(2, 32)),
+             "txt_t": unit(torch.randn(2, 32)), "logit_scale_t": 17.5, "second": second}
+    f = w(batch)
+    assert f.second is not None and f.second.img_fused is f.img_fused
+    txt2 = w.student.encode_text(second["text"])
+    torch.testing.assert_close(f.second.txt_fused, w.txt_fusion(torch.cat([unit(txt2), second["txt_t"]], dim=-1)),
+                               rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(f.second.txt_fused, f.txt_fused)
+    assert torch.isfinite(compute_terms(recipe, f.second)["afd_loss"])
+
+
 @pytest.mark.slow
 def test_a_narrow_student_exports_an_embedding_that_was_trained(tmp_path):
     """A student narrower than its teacher (64 vs the shipped Scenes teacher's 128) gets a
@@ -567,6 +591,11 @@ def test_synthetic_captions_from_a_coca_captioner(tmp_path, tiny_teacher):
         summary = S.run(_cfg(tmp_path / "cache", tmp_path / policy, recipe="clip-kd", steps=2, batch_size=4,
                              caption_policy=policy))
         assert summary["steps"] == 2
+    afd = tmp_path / "afd.yaml"  # AFD fuses each of the two captions with its teacher embedding
+    afd.write_text("terms:\n  - {name: clip, weight: 1.0}\n  - {name: afd, weight: 1.0}\n")
+    summary = S.run(_cfg(tmp_path / "cache", tmp_path / "afd", recipe=str(afd), steps=2, batch_size=4,
+                         caption_policy="real+synthetic"))
+    assert summary["steps"] == 2 and math.isfinite(summary["final"]["afd_loss"])
     with pytest.raises(UserError, match="caption_policy"):  # real+synthetic averages global terms only
         S.run(_cfg(tmp_path / "cache", tmp_path / "h", recipe="hierd", steps=1, caption_policy="real+synthetic"))
 
