@@ -286,8 +286,6 @@ def front_matter(manifest: dict, license: str) -> str:
     tags = ["clip", "hierdctl", "knowledge-distillation", "image-text-retrieval", "zero-shot-image-classification"]
     tags += [t for f, t in (("open_clip", "open_clip"), ("hf", "transformers"), ("hf", "sentence-transformers"),
                             ("onnx", "onnx")) if f in formats]
-    if manifest.get("recipe"):
-        tags.append(f"recipe:{manifest['recipe']}")
     meta = {"library_name": "open_clip" if "open_clip" in formats else "onnx",
             "pipeline_tag": "zero-shot-image-classification", "license": license, "tags": tags}
     base = hub_id((manifest.get("teacher") or {}).get("spec"))
