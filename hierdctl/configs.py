@@ -445,6 +445,9 @@ def _coerce(name: str, value, where: str):
         close = [f for f in fields if f.startswith(name[:3])]
         raise UserError(f"unknown setting {name!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""), where)
     t = str(fields[name].type)
+    parse = fields[name].metadata["cli"].parse
+    if isinstance(value, (list, tuple)) and parse is not None:  # a YAML list of a repeatable option (report_to)
+        return parse(value, where)
     if value is None:
         if "None" in t or "Optional" in t:
             return None

@@ -459,6 +459,11 @@ def test_report_to_takes_a_list_and_bad_reporters_exit_2_naming_the_flag(cache, 
     assert _cfg(cache, tmp_path / "a", report_to=["tensorboard", "wandb,tensorboard"]).reporters == (
         "tensorboard", "wandb")
     assert _cfg(cache, tmp_path / "a").reporters == ()
+    given = {"cache": str(cache), "student": "tiny-test", "recipe": "clip", "out": str(tmp_path / "a"), "steps": 2}
+    yaml_list = S.resolve_config(given, None, ["report_to=[tensorboard, wandb]"])  # --set / --config: a YAML list
+    assert yaml_list.report_to == "tensorboard,wandb" and yaml_list.validate().reporters == ("tensorboard", "wandb")
+    with pytest.raises(UserError, match="unknown reporter 'mlflow'"):
+        S.resolve_config(given, None, ["report_to=tensorboard,mlflow"]).validate()
     base = ["distill", str(cache), "--student", "tiny-test", "--recipe", "clip", "--out", str(tmp_path / "r"),
             "--steps", "2", "--batch-size", "8", "--workers", "0", "--quiet"]
     for bad in (["mlflow"], ["tensorboard,"], ["none,wandb"], ["tensorboard", "--report-to", "neptune"]):
