@@ -29,8 +29,10 @@ STORE_DTYPES = ("fp16", "fp32", "int8")  # cache float arrays (docs/cache-format
 INDEX_KINDS = ("flat", "ivf", "hnsw")  # eval-retrieval's FAISS indexes
 # "all" is open_clip + onnx: hf is asked for by name (it needs transformers, and not every student maps).
 EXPORT_FORMATS = ("open_clip", "onnx", "hf", "all")
-ONNX_MODULES = ("onnx", "onnxruntime")  # the `onnx` extra: exporting and checking the graphs
-REPORT_TO = ("none", "tensorboard")
+# The `onnx` extra: exporting and checking the graphs, and writing the tokenizer files beside them.
+ONNX_MODULES = ("onnx", "onnxruntime", "transformers")
+REPORTERS = ("tensorboard", "wandb")  # distill --report-to: any of them (a comma list), or none
+REPORTER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 AUGMENTS = ("rrc+flip", "rrc+flip+randaugment")
 # distill's caption per sample: a real one at random (the default), the first real one, a synthetic one
 # (--captioner caches), any of them, or DataCompDR's real and synthetic in every step (both, averaged)
@@ -75,6 +77,34 @@ def parse_warmup(text, where: str = "--warmup") -> int | str | None:
         return int(text)
     except ValueError:
         raise UserError(f"expected auto or a number of steps, got {text!r}", where) from None
+
+
+def parse_names(values, where: str, choices: tuple[str, ...], what: str) -> str:
+    """A repeatable option of names, each value a name or a comma list ("a,b" or "--x a --x b"):
+    the names given, in order, once each, as one comma list. An unknown or empty name is an
+    error naming the flag; nothing given is dropped."""
+    values = [values] if isinstance(values, str) else list(values or [])
+    names: list[str] = []
+    for v in values:
+        for name in str(v).split(","):
+            name = name.strip()
+            require(bool(name), f"an empty {what} in {v!r} (give {', '.join(choices)}, comma-separated)", where)
+            require(name in choices, f"unknown {what} {name!r} (choose from {', '.join(choices)})", where)
+            if name not in names:
+                names.append(name)
+    require(bool(names), f"give a {what} ({', '.join(choices)})", where)
+    return ",".join(names)
+
+
+def parse_formats(values, where: str = "--format") -> str:
+    return parse_names(values, where, EXPORT_FORMATS, "format")
+
+
+def parse_reporters(values, where: str = "--report-to") -> str:
+    text = parse_names(values, where, ("none",) + REPORTERS, "reporter")
+    require(text == "none" or "none" not in text.split(","), f"none cannot be combined with a reporter ({text})",
+            where)
+    return text
 
 
 def pair_text(pair) -> str:
@@ -305,8 +335,11 @@ class DistillConfig:
     save_every: int = setting(1000, help="Checkpoint every N steps.", role=RECORDED)
     keep_checkpoints: int = setting(3, help="Checkpoints kept (the oldest are pruned).", role=RECORDED, kind="none")
     log_every: int = setting(10, help="Write metrics every N steps.", role=RECORDED)
-    report_to: str = setting("none", help="none, or tensorboard (every loss term, lr, logit scale and samples/s under "
-                                          "RUN_DIR/tensorboard).", role=RUNTIME)
+    report_to: str = setting("none", help="none, or reporters (repeatable or a comma list): tensorboard (RUN_DIR/"
+                                          "tensorboard) and/or wandb (W&B; WANDB_MODE=offline works without network): "
+                                          "open_clip's scalar names (train/loss, train/<term>_loss, train/lr, "
+                                          "train/scale, train/samples_per_second) and the run's hyperparameters.",
+                             role=RUNTIME, type=list[str], parse=parse_reporters, show=lambda d: [d])
     images: Optional[str] = setting(None, help="For a cache made with --no-store-images: its source (the same shards or "
                                                "table, any location); images are joined by key and checked by sha256.",
                                     role=RECORDED)
@@ -341,15 +374,20 @@ class DistillConfig:
         require(self.save_every >= 1, "must be at least 1", "--save-every")
         require(self.log_every >= 1, "must be at least 1", "--log-every")
         require(self.keep_checkpoints >= 1, "must be at least 1", "--set keep_checkpoints")
-        require(self.report_to in REPORT_TO, f"must be one of {', '.join(REPORT_TO)}", "--report-to")
+        self.report_to = parse_reporters(self.report_to)  # also what --config / --set gave
         require(self.cache_reader in ("auto", "random", "stream"), "must be auto, random or stream", "--cache-reader")
         require(self.shuffle_buffer >= 1, "must be at least 1", "--set shuffle_buffer")
-        if self.report_to == "tensorboard":
-            import importlib.util
+        import importlib.util
 
-            require(importlib.util.find_spec("tensorboard") is not None,
-                    "tensorboard is not installed (pip install 'hierdctl[tensorboard]')", "--report-to")
+        for r in self.reporters:
+            require(importlib.util.find_spec(REPORTER_MODULES[r]) is not None,
+                    f"{r} is not installed (pip install 'hierdctl[{r}]')", "--report-to")
         return self
+
+    @property
+    def reporters(self) -> tuple[str, ...]:
+        """The reporters asked for (none: empty), in the order given."""
+        return tuple(r for r in parse_reporters(self.report_to).split(",") if r != "none")
 
     def resolve_warmup(self, total_steps: int) -> int:
         """The warm-up in steps: auto = min(10,000, 10 % of the run); an explicit value must
@@ -407,6 +445,9 @@ def _coerce(name: str, value, where: str):
         close = [f for f in fields if f.startswith(name[:3])]
         raise UserError(f"unknown setting {name!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""), where)
     t = str(fields[name].type)
+    parse = fields[name].metadata["cli"].parse
+    if isinstance(value, (list, tuple)) and parse is not None:  # a YAML list of a repeatable option (report_to)
+        return parse(value, where)
     if value is None:
         if "None" in t or "Optional" in t:
             return None
@@ -442,11 +483,17 @@ class ExportConfig:
                                 "step-NNNNNNN.safetensors.", role=IDENTITY, kind="argument")
     out: Path = setting(help="Output folder (written under a temporary name, then renamed into place).", role=RUNTIME,
                         flags=("--out", "-o"), required=True)
-    format: str = setting("open_clip", help="open_clip (local dir), onnx (image and text graphs), hf (local dir + a "
-                                            "transformers CLIPModel in DIR/hf), or all (open_clip + onnx).",
-                          role=IDENTITY, flags=("--format", "-f"))
+    format: str = setting("open_clip", help="What DIR holds, repeatable or a comma list: open_clip (open_clip's "
+                                            "local dir), onnx (image and text graphs + tokenizer files), hf (the "
+                                            "local dir + a transformers CLIPModel beside it, as LAION's open_clip "
+                                            "repos are laid out), all (open_clip + onnx).",
+                          role=IDENTITY, flags=("--format", "-f"), type=list[str], parse=parse_formats,
+                          show=lambda d: [d])
     report: Optional[Path] = setting(None, help="An eval-retrieval / eval-zeroshot report.json whose metrics go into "
                                                 "the model card.", role=IDENTITY)
+    license: str = setting("other", help="The model card's license, a Hugging Face license id (mit, apache-2.0, "
+                                         "cc-by-4.0, …; other: see the teacher's and the data's terms).",
+                           role=IDENTITY)
     opset: int = setting(17, help="ONNX opset.", role=IDENTITY)
     atol: float = setting(1e-4, help="Largest ONNX-vs-PyTorch difference accepted (normalised embeddings).",
                           role=RUNTIME)
@@ -455,9 +502,9 @@ class ExportConfig:
 
     def validate(self) -> "ExportConfig":
         import importlib.util
+        import re
 
-        require(self.format in EXPORT_FORMATS, f"unknown format {self.format!r} ({', '.join(EXPORT_FORMATS)})",
-                "--format")
+        self.format = parse_formats(self.format)  # also a list or a comma list given in Python
         if "onnx" in self.formats:  # before any work, not after the open_clip export
             missing = [m for m in ONNX_MODULES if importlib.util.find_spec(m) is None]
             require(not missing, f"--format {self.format} needs {' and '.join(missing)}, which "
@@ -465,6 +512,9 @@ class ExportConfig:
         if "hf" in self.formats and importlib.util.find_spec("transformers") is None:
             raise UserError(f"--format {self.format} needs transformers, which is not installed "
                             "(pip install 'hierdctl[hf]')", "--format")
+        require(isinstance(self.license, str) and re.fullmatch(r"[a-z0-9][a-z0-9.+-]{0,63}", self.license) is not None,
+                f"expected a Hugging Face license id such as mit, apache-2.0 or other, got {self.license!r}",
+                "--license")
         require(self.opset >= 14, "ONNX opset must be at least 14", "--opset")
         require(math.isfinite(self.atol) and self.atol > 0, f"must be a positive number, got {self.atol:g}", "--atol")
         if self.report is not None:
@@ -473,8 +523,13 @@ class ExportConfig:
 
     @property
     def formats(self) -> tuple[str, ...]:
-        # hf keeps the open_clip local dir beside DIR/hf: one folder for both libraries.
-        return {"all": ("open_clip", "onnx"), "hf": ("open_clip", "hf")}.get(self.format, (self.format,))
+        """What is written, in a fixed order: all = open_clip + onnx; hf keeps the open_clip local dir
+        beside the transformers files (one folder for both libraries)."""
+        given = set(parse_formats(self.format).split(","))
+        want = set()
+        for f in given:
+            want |= {"all": {"open_clip", "onnx"}, "hf": {"open_clip", "hf"}}.get(f, {f})
+        return tuple(f for f in ("open_clip", "onnx", "hf") if f in want)
 
 
 # ----------------------------------------------------------------------------------

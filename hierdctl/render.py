@@ -61,6 +61,10 @@ def export_summary(summary: dict) -> None:
         t.add_row("hf vs open_clip", f"max |Δ| image {hf['image']['max_abs_diff']:.2e}, text {hf['text']['max_abs_diff']:.2e}"
                   f" (token ids equal on {hf['text']['captions']} captions); pixels ≤ "
                   f"{hf['image_processor']['max_levels']:.1f}/255 ({hf['image_processor']['class']})")
+    tok = summary["checks"].get("tokenizer")
+    if tok:
+        t.add_row("tokenizer files", f"{tok['class']}: open_clip's ids on {tok['captions']} captions "
+                  f"(context {tok['context_length']})")
     console.print(t)
 
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hierdctl import __version__, atomic, cache_format, checkpoint, distributed, faults, settings
+from hierdctl import __version__, atomic, cache_format, checkpoint, distributed, faults, reporting, settings
 from hierdctl.configs import DistillConfig, SourceOptions
 from hierdctl.console import console, progress
 from hierdctl.errors import UserError, require
@@ -529,8 +529,10 @@ def run(cfg: DistillConfig) -> dict:
         runtime = settings.keys(DistillConfig, settings.RUNTIME)  # never recorded; free to change at a resume
         resolved = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in runtime}
         has_ckpt = checkpoint.check_run_target(out, cfg.resume, cfg.overwrite)
+        old = (checkpoint.read_config(out) or {}) if cfg.resume and has_ckpt else {}
+        # One W&B run across resumes: its id is kept with the run (a run started without W&B gets one now).
+        wandb_id = old.get("wandb_run_id") or (reporting.new_run_id() if "wandb" in cfg.reporters else None)
         if cfg.resume and has_ckpt:
-            old = checkpoint.read_config(out) or {}
             diff = [k for k in settings.keys(DistillConfig, settings.IDENTITY) if old.get(k) != resolved.get(k)]
             if diff:
                 raise UserError("cannot resume with changed settings: " + ", ".join(
@@ -557,7 +559,8 @@ def run(cfg: DistillConfig) -> dict:
                 checkpoint.write_config(out, resolved | {
                     "warmup_steps": tr.warmup, "total_steps": tr.total, "stream_readers": readers,
                     "hierdctl": __version__,
-                    "recipe_terms": [{"name": t.name, "weight": t.weight, "args": dict(t.args)} for t in recipe.terms]})
+                    "recipe_terms": [{"name": t.name, "weight": t.weight, "args": dict(t.args)} for t in recipe.terms]}
+                    | ({"wandb_run_id": wandb_id} if wandb_id else {}))
             distributed.barrier(env)
             return _train(cfg, out, cache, recipe, tr, env, resume, notes, started)
     except cache_format.CorruptShard as e:  # re-raised from a loader worker
@@ -584,11 +587,10 @@ def _train(cfg: DistillConfig, out: Path, cache, recipe, tr: "Trainer", env, res
     if env.is_main and not cfg.quiet:
         for n in notes:
             console.print(f"[dim]distill:[/] {n}")
-    tb = None
-    if cfg.report_to == "tensorboard" and env.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        tb = SummaryWriter(str(out / checkpoint.TENSORBOARD), purge_step=start + 1)  # resume drops later events
+    reporters = None
+    if cfg.reporters and env.is_main:  # open_clip's scalar names and the run's hyperparameters (hierdctl/reporting.py)
+        recorded = checkpoint.read_config(out) or {}
+        reporters = reporting.Reporters(cfg.reporters, out, recorded, start, recorded.get("wandb_run_id"), cfg.quiet)
 
     # --- the loop -----------------------------------------------------------------
     step, last_saved, last = start, (start if resume else None), {}
@@ -596,50 +598,49 @@ def _train(cfg: DistillConfig, out: Path, cache, recipe, tr: "Trainer", env, res
     t_log, n_log = time.time(), 0
     wrapper.train()
     mf_ctx = open(out / checkpoint.METRICS, "a") if env.is_main else contextlib.nullcontext()
-    with progress(cfg.quiet or not env.is_main) as bar, mf_ctx as mf:
-        task = bar.add_task("distill", total=total, completed=start, unit="steps", info="")
-        for batch in tr.loader(start):
-            bad = [b for b in batch.get("bad", []) if b]
-            if bad:
-                skipped += sum(b.count("; ") + 1 for b in bad)
-                if not skipped_examples and env.is_main and not cfg.quiet:
-                    console.print(f"[yellow]distill:[/] skipped a damaged cached sample: {bad[0]} "
-                                  "(replaced by the next good one; counted in metrics.jsonl)", soft_wrap=True)
-                skipped_examples += bad[: max(0, 5 - len(skipped_examples))]
-            try:
-                terms, total_loss, lr = tr.step(tr.to_device(batch), step)
-            except TrainingDiverged as e:
-                kept = (f"the last good checkpoint (step {last_saved}) is kept in {checkpoint.checkpoint_dir(out)}"
-                        if last_saved is not None else "no checkpoint was written yet")
-                raise TrainingDiverged(f"{e}; {kept}") from None
-            step += 1
-            faults.point(f"distill:step:{step}")
-            n_log += cfg.batch_size
-            last = {k: float(v.detach()) for k, v in terms.items()} | {"loss": float(total_loss.detach())}
-            if step % cfg.log_every == 0 or step == total or step == start + 1:
-                n_skipped = _sum_over_ranks(skipped, env)
-                if env.is_main:
-                    now = time.time()
-                    rec = {"step": step, "epoch": round(step / tr.data.steps_per_epoch, 4), "lr": lr, **last,
-                           "logit_scale": float(wrapper.student.logit_scale.detach().exp()),
-                           "samples_per_s": round(n_log / max(now - t_log, 1e-9), 2), "skipped_samples": n_skipped}
-                    _log_line(out, mf, rec)
-                    if tb is not None:
-                        for k, v in rec.items():
-                            if k not in ("step", "epoch"):
-                                tb.add_scalar(k if k.endswith("_loss") or k == "loss" else f"train/{k}", v, step)
-                        tb.flush()
-                    t_log, n_log = now, 0
-                    bar.update(task, info=f"{rec['samples_per_s']:,.0f} samples/s  " + " ".join(
-                        f"{k.removesuffix('_loss')} {v:.3g}" for k, v in last.items()))
-            bar.advance(task)
-            if step % cfg.save_every == 0 or step == total:
-                if env.is_main:
-                    checkpoint.save(out, step, wrapper, tr.optimizer, tr.scaler, ckpt_meta, cfg.keep_checkpoints)
-                last_saved = step
-                distributed.barrier(env)
-    if tb is not None:
-        tb.close()
+    try:
+        with progress(cfg.quiet or not env.is_main) as bar, mf_ctx as mf:
+            task = bar.add_task("distill", total=total, completed=start, unit="steps", info="")
+            for batch in tr.loader(start):
+                bad = [b for b in batch.get("bad", []) if b]
+                if bad:
+                    skipped += sum(b.count("; ") + 1 for b in bad)
+                    if not skipped_examples and env.is_main and not cfg.quiet:
+                        console.print(f"[yellow]distill:[/] skipped a damaged cached sample: {bad[0]} "
+                                      "(replaced by the next good one; counted in metrics.jsonl)", soft_wrap=True)
+                    skipped_examples += bad[: max(0, 5 - len(skipped_examples))]
+                try:
+                    terms, total_loss, lr = tr.step(tr.to_device(batch), step)
+                except TrainingDiverged as e:
+                    kept = (f"the last good checkpoint (step {last_saved}) is kept in {checkpoint.checkpoint_dir(out)}"
+                            if last_saved is not None else "no checkpoint was written yet")
+                    raise TrainingDiverged(f"{e}; {kept}") from None
+                step += 1
+                faults.point(f"distill:step:{step}")
+                n_log += cfg.batch_size
+                last = {k: float(v.detach()) for k, v in terms.items()} | {"loss": float(total_loss.detach())}
+                if step % cfg.log_every == 0 or step == total or step == start + 1:
+                    n_skipped = _sum_over_ranks(skipped, env)
+                    if env.is_main:
+                        now = time.time()
+                        rec = {"step": step, "epoch": round(step / tr.data.steps_per_epoch, 4), "lr": lr, **last,
+                               "logit_scale": float(wrapper.student.logit_scale.detach().exp()),
+                               "samples_per_s": round(n_log / max(now - t_log, 1e-9), 2), "skipped_samples": n_skipped}
+                        _log_line(out, mf, rec)
+                        if reporters is not None:
+                            reporters.log(step, rec)
+                        t_log, n_log = now, 0
+                        bar.update(task, info=f"{rec['samples_per_s']:,.0f} samples/s  " + " ".join(
+                            f"{k.removesuffix('_loss')} {v:.3g}" for k, v in last.items()))
+                bar.advance(task)
+                if step % cfg.save_every == 0 or step == total:
+                    if env.is_main:
+                        checkpoint.save(out, step, wrapper, tr.optimizer, tr.scaler, ckpt_meta, cfg.keep_checkpoints)
+                    last_saved = step
+                    distributed.barrier(env)
+    finally:  # a run stopped by an error still closes its reporters (W&B's run, TensorBoard's file)
+        if reporters is not None:
+            reporters.close()
     if env.is_main:
         _plot(out, out / checkpoint.CURVES)
     seconds = time.time() - started

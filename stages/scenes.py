@@ -980,13 +980,20 @@ def _write_split(cfg: ScenesConfig, split: str, n: int, folder: Path, cb_folder:
     return stats
 
 
-def clip_benchmark_command(root: str | Path = f"OUT/{CLIP_BENCHMARK_DIR}") -> str:
+def clip_benchmark_command(root: str | Path = f"OUT/{CLIP_BENCHMARK_DIR}", shards: int = 1) -> str:
     """How to run CLIP_benchmark on the copy at `root` (the files say OUT/clip_benchmark, so
-    they do not depend on where the output was written). --output is needed: the default
-    file name holds the model name, and "local-dir:PATH" has slashes. --no_amp: fp32, as
-    hierdctl's eval-retrieval computes (amp's bf16 on CPU can reorder near ties)."""
-    return (f"clip_benchmark eval --dataset wds/scenes --dataset_root {root} --task zeroshot_retrieval "
-            "--model local-dir:MODEL_DIR --pretrained none --recall_k 1 5 10 --no_amp --output scenes_clip_benchmark.json")
+    they do not depend on where the output was written), with MODEL_DIR the one thing to fill
+    in. --output is needed: the default file name holds the model name, and "local-dir:PATH"
+    has slashes. --no_amp: fp32, as hierdctl's eval-retrieval computes (amp's bf16 on CPU can
+    reorder near ties). --num_workers at most the number of shards: CLIP_benchmark's default
+    of 4 DataLoader workers over fewer shards leaves a worker without data, and webdataset
+    then stops the run ("No samples found in dataset; perhaps you have fewer shards than
+    workers")."""
+    import shlex
+
+    return (f"clip_benchmark eval --dataset wds/scenes --dataset_root {shlex.quote(str(root))} "
+            "--task zeroshot_retrieval --model local-dir:MODEL_DIR --pretrained none --recall_k 1 5 10 --no_amp "
+            f"--num_workers {max(1, min(4, shards))} --output scenes_clip_benchmark.json")
 
 
 def run(cfg: ScenesConfig) -> dict:
@@ -1056,13 +1063,15 @@ def run(cfg: ScenesConfig) -> dict:
     if cfg.clip_benchmark:
         # CLIP_benchmark's wds/ layout: dataset_type.txt beside test/{nshards.txt, 0.tar, ...}.
         write_bytes_atomic(cb / "dataset_type.txt", b"retrieval\n")
-        manifest["clip_benchmark"] = {"dir": CLIP_BENCHMARK_DIR, "split": "test", "shards": len(stats["test"]["shards"]),
-                                      "command": clip_benchmark_command()}
+        n_shards = len(stats["test"]["shards"])
+        manifest["clip_benchmark"] = {"dir": CLIP_BENCHMARK_DIR, "split": "test", "shards": n_shards,
+                                      "command": clip_benchmark_command(shards=n_shards)}
         write_json_atomic(cb / "scenes.json", {"generator": "hierdctl.scenes", "version": GENERATOR_VERSION,
                                               "layout": "CLIP_benchmark wds (retrieval)", "of": "../test",
                                               "count": cfg.n_test, **manifest["clip_benchmark"]})
     write_json_atomic(out / "scenes.json", manifest)
     summary = {"out": str(out), **manifest, "stats": stats}
     if cfg.clip_benchmark:
-        summary["clip_benchmark"] = {**manifest["clip_benchmark"], "command": clip_benchmark_command(cb)}
+        summary["clip_benchmark"] = {**manifest["clip_benchmark"],
+                                     "command": clip_benchmark_command(cb, manifest["clip_benchmark"]["shards"])}
     return summary

@@ -444,20 +444,145 @@ def test_warmup_auto_fits_the_run_and_an_impossible_one_is_refused(cache, tmp_pa
     assert r.exit_code == 2 and "--epochs" in r.output and "Traceback" not in r.output, r.output
 
 
-def test_report_to_tensorboard_writes_every_scalar(cache, tmp_path):
+OPEN_CLIP_SCALARS = {"train/loss", "train/lr", "train/scale", "train/samples_per_second"}  # open_clip's train.py
+
+
+def test_report_to_tensorboard_writes_open_clips_names_and_the_hyperparameters(cache, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
 
     out = tmp_path / "tb"
     S.run(_cfg(cache, out, recipe="clip-kd", steps=4, report_to="tensorboard"))
     acc = EventAccumulator(str(out / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"clip_loss", "crd_loss", "icl_loss", "fd_loss", "loss", "train/lr", "train/logit_scale",
-            "train/samples_per_s"} <= tags, tags
-    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4]
-    rows = _metrics(out)  # metrics.jsonl stays, with the same numbers
-    assert [round(e.value, 4) for e in acc.Scalars("fd_loss")] == [round(r["fd_loss"], 4) for r in rows]
+    terms = {"train/clip_loss", "train/crd_loss", "train/icl_loss", "train/fd_loss"}
+    assert tags == OPEN_CLIP_SCALARS | terms | {"train/epoch", "train/skipped_samples"}, tags
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
+    rows = _metrics(out)  # metrics.jsonl stays, with the same numbers under its own names
+    for tag, key in (("train/fd_loss", "fd_loss"), ("train/scale", "logit_scale"), ("train/lr", "lr"),
+                     ("train/samples_per_second", "samples_per_s")):
+        assert [e.value for e in acc.Scalars(tag)] == pytest.approx([r[key] for r in rows], rel=1e-6), tag
+    # The hyperparameters, in the run's own event file (TensorBoard's HPARAMS tab), with its metrics.
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        acc.SummaryMetadata("_hparams_/session_start_info").plugin_data.content).session_start_info
+    hp = {k: v.string_value or v.number_value or v.bool_value for k, v in start.hparams.items()}
+    assert hp["recipe"] == "clip-kd" and hp["lr"] == pytest.approx(1e-3) and hp["batch_size"] == 8
+    assert hp["total_steps"] == 4 and hp["warmup_steps"] == 1 and hp["cache"] == str(cache)
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(
+        acc.SummaryMetadata("_hparams_/experiment").plugin_data.content).experiment
+    assert {m.name.tag for m in experiment.metric_infos} == {"train/loss", "train/lr"}
+    assert sorted(p.name for p in (out / "tensorboard").iterdir())[0].startswith("events.out.tfevents.")
     assert (out / "loss_curves.png").exists()
+
+
+def test_report_to_takes_a_list_and_bad_reporters_exit_2_naming_the_flag(cache, tmp_path, monkeypatch):
+    import importlib.util
+
+    assert _cfg(cache, tmp_path / "a", report_to="wandb,tensorboard").reporters == ("wandb", "tensorboard")
+    assert _cfg(cache, tmp_path / "a", report_to=["tensorboard", "wandb,tensorboard"]).reporters == (
+        "tensorboard", "wandb")
+    assert _cfg(cache, tmp_path / "a").reporters == ()
+    given = {"cache": str(cache), "student": "tiny-test", "recipe": "clip", "out": str(tmp_path / "a"), "steps": 2}
+    yaml_list = S.resolve_config(given, None, ["report_to=[tensorboard, wandb]"])  # --set / --config: a YAML list
+    assert yaml_list.report_to == "tensorboard,wandb" and yaml_list.validate().reporters == ("tensorboard", "wandb")
+    with pytest.raises(UserError, match="unknown reporter 'mlflow'"):
+        S.resolve_config(given, None, ["report_to=tensorboard,mlflow"]).validate()
+    base = ["distill", str(cache), "--student", "tiny-test", "--recipe", "clip", "--out", str(tmp_path / "r"),
+            "--steps", "2", "--batch-size", "8", "--workers", "0", "--quiet"]
+    for bad in (["mlflow"], ["tensorboard,"], ["none,wandb"], ["tensorboard", "--report-to", "neptune"]):
+        r = _cli(*base, "--report-to", *bad)
+        assert r.exit_code == 2 and "--report-to" in r.output and r.output.count("\n") <= 2, (bad, r.output)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    r = _cli(*base, "--report-to", "tensorboard,wandb")
+    assert r.exit_code == 2 and "--report-to" in r.output and "hierdctl[wandb]" in r.output, r.output
+    assert not (tmp_path / "r").exists()
+
+
+def _wandb_records(path: Path) -> list:
+    """The records of a W&B offline run file (run-ID.wandb): LevelDB's log format (32 KiB blocks;
+    each record a 7-byte header crc32c(4) length(2, little-endian) type(1: full, 2-4: first, middle,
+    last) and its bytes) after W&B's 7-byte header, each record a wandb_internal_pb2.Record."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    pos, block, buf, out = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if left < 7 or (kind == 0 and length == 0):  # a block's zero-filled tail
+            pos += left
+            continue
+        buf += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            r = pb.Record()
+            r.ParseFromString(buf)
+            out.append(r)
+            buf = b""
+    return out
+
+
+def _wandb_run(folder: Path) -> dict:
+    import json as _json
+
+    (f,) = folder.glob("run-*.wandb")
+    run, history = None, {}
+    for r in _wandb_records(f):
+        kind = r.WhichOneof("record_type")
+        if kind == "run":
+            run = r.run
+        elif kind == "history":
+            history[r.history.step.num] = {(i.key or "/".join(i.nested_key)): _json.loads(i.value_json)
+                                           for i in r.history.item}
+    config = {(i.key or "/".join(i.nested_key)): _json.loads(i.value_json) for i in run.config.update}
+    return {"id": run.run_id, "name": run.display_name, "project": run.project, "config": config, "history": history}
+
+
+@pytest.mark.slow
+def test_report_to_wandb_offline_and_a_resumed_run_continues_its_wandb_run(cache, tmp_path, monkeypatch):
+    """--report-to tensorboard,wandb with WANDB_MODE=offline: no network (a base URL that cannot
+    answer), the same scalars under the same names, the hyperparameters as the W&B config; a run
+    stopped by an error closes its W&B run, and its resume logs into the same W&B run id."""
+    import yaml
+
+    wandb_dir = tmp_path / "wandb-files"
+    wandb_dir.mkdir()
+    for k, v in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(wandb_dir),
+                 "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_PROJECT": "hierdctl-test",
+                 "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache")
+                 }.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "run"
+    real_point = S.faults.point
+
+    def stop_at_3(name):
+        if name == "distill:step:3":
+            raise RuntimeError("stopped at step 3")
+        real_point(name)
+
+    monkeypatch.setattr(S.faults, "point", stop_at_3)
+    with pytest.raises(RuntimeError, match="stopped at step 3"):
+        S.run(_cfg(cache, out, recipe="clip-kd", steps=4, save_every=2, report_to="tensorboard,wandb"))
+    monkeypatch.setattr(S.faults, "point", real_point)
+    S.run(_cfg(cache, out, recipe="clip-kd", steps=4, save_every=2, report_to=["tensorboard", "wandb"], resume=True))
+
+    run_id = yaml.safe_load((out / "config.resolved.yaml").read_text())["wandb_run_id"]
+    folders = sorted((wandb_dir / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2 and all(f.name.endswith(run_id) for f in folders)
+    first, second = (_wandb_run(f) for f in folders)
+    assert first["id"] == second["id"] == run_id and first["name"] == "run" and first["project"] == "hierdctl-test"
+    assert sorted(first["history"]) == [1, 2] and sorted(second["history"]) == [3, 4]
+    rows = {r["step"]: r for r in _metrics(out)}
+    history = first["history"] | second["history"]
+    for step, logged in history.items():
+        assert OPEN_CLIP_SCALARS | {"train/fd_loss"} <= set(logged), logged
+        assert logged["train/loss"] == pytest.approx(rows[step]["loss"], rel=1e-6)
+        assert logged["train/scale"] == pytest.approx(rows[step]["logit_scale"], rel=1e-6)
+    assert second["config"]["lr"] == 1e-3 and second["config"]["recipe"] == "clip-kd"
+    assert second["config"]["total_steps"] == 4
 
 
 def test_a_cache_without_images_joins_its_source_by_key(tmp_path, tiny_teacher):

@@ -680,8 +680,13 @@ def test_clip_benchmark_copy_matches_our_reader(cluttered_cfg, tmp_path):
     manifest = json.loads((out / "scenes.json").read_text())
     assert manifest["clip_benchmark"]["shards"] == 4
     assert "--dataset_root OUT/clip_benchmark " in manifest["clip_benchmark"]["command"]  # files name no path
+    assert "--num_workers 4 " in manifest["clip_benchmark"]["command"]
     summary = S.run(S.ScenesConfig(out=out, n_train=3, n_test=5, clip_benchmark=True))
     assert f"--dataset_root {out / 'clip_benchmark'} " in summary["clip_benchmark"]["command"]
+    # One shard: CLIP_benchmark's default of 4 workers would leave 3 without data (webdataset then
+    # stops the run); the command asks for no more workers than there are shards.
+    assert summary["clip_benchmark"]["shards"] == 1 and "--num_workers 1 " in summary["clip_benchmark"]["command"]
+    assert S.clip_benchmark_command("OUT/clip benchmark", 2).count("'OUT/clip benchmark'") == 1  # quoted for the shell
     # Regenerating without the copy removes it: it would describe a test split that is gone.
     S.run(S.ScenesConfig(out=out, n_train=3, n_test=5))
     assert not (out / "clip_benchmark").exists()
