@@ -254,6 +254,7 @@ class Trainer:
     notes: list = field(default_factory=list)
     stream: object = None  # cache_format.CacheStream when the cache is streamed, else None (random access)
     workers: int = 0  # DataLoader workers, resolved
+    decoder: object = None  # gpu_decode.BatchDecoder with --decode gpu: the batch's JPEGs are decoded in to_device
 
     def loader(self, start: int):
         """The data stream from global step `start` on: this rank's slice of each global batch."""
@@ -266,7 +267,7 @@ class Trainer:
                                      self.total)
         return DataLoader(self.dataset, batch_sampler=sampler, num_workers=workers,
                           pin_memory=self.device.startswith("cuda"), persistent_workers=False,
-                          prefetch_factor=4 if workers else None)
+                          prefetch_factor=4 if workers else None, collate_fn=self._collate())
 
     def _streamed(self, start: int):
         """Streamed batches from global step `start` on: epoch by epoch, each a fresh pass whose
@@ -289,7 +290,7 @@ class Trainer:
             st.epoch, st.skip_batches = epoch, step - done
             loader = DataLoader(Streamed(st), batch_size=st.B, drop_last=True, num_workers=self.workers,
                                 pin_memory=self.device.startswith("cuda"), persistent_workers=False,
-                                prefetch_factor=4 if self.workers else None)
+                                prefetch_factor=4 if self.workers else None, collate_fn=self._collate())
             for batch in loader:
                 if step >= self.total or step - done >= st.steps_per_epoch(epoch):
                     break
@@ -298,9 +299,19 @@ class Trainer:
             done += st.steps_per_epoch(epoch)
             epoch += 1
 
+    def _collate(self):
+        from hierdctl import gpu_decode
+
+        return gpu_decode.collate if self.decoder is not None else None  # None: DataLoader's default_collate
+
     def to_device(self, batch: dict) -> dict:
-        """Tensors to the device (the loader's `bad` notes stay behind), plus the teachers' constants."""
+        """Tensors to the device (the loader's `bad` notes stay behind), plus the teachers' constants.
+        With --decode gpu the images are decoded here; a row no decoder reads is replaced in `batch`
+        and noted in its `bad` field."""
+        image = self.decoder(batch) if self.decoder is not None and "jpeg" in batch else None
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        if image is not None:
+            batch["image"] = image
         if self.needs["global"]:
             batch["logit_scale_t"] = float(self.teacher["logit_scale"])
             teachers = self.needs.get("teachers", 1)
@@ -402,6 +413,8 @@ def build_trainer(cfg: DistillConfig, cache, recipe, env: distributed.DistEnv, d
     require(n_samples >= cfg.batch_size,
             f"the cache holds {n_samples} samples, fewer than one global batch ({cfg.batch_size})", "--batch-size")
     workers = cfg.workers if cfg.workers >= 0 else min(8, max(0, (os.cpu_count() or 1) // max(1, env.world_size) - 1))
+    decode = getattr(cfg, "decode", "cpu")  # distill --decode cpu|gpu (hierdctl.gpu_decode)
+    require(decode in ("cpu", "gpu"), f"must be cpu or gpu, got {decode!r}", "--decode")
     streamer = None
     if stream:
         streamer = cache_format.CacheStream(cache, None, env.world_size, env.rank, workers,
@@ -427,6 +440,7 @@ def build_trainer(cfg: DistillConfig, cache, recipe, env: distributed.DistEnv, d
         "eval_transform": eval_tf,
         "tokenize": tokenizer,
         "grid_size": (wrapper.grid[0] * wrapper.grid[1]) if wrapper.grid else 0,
+        "decode": decode,
     }
     parts = set(recipe.cache_parts)
     needs = {"global": recipe.needs_teacher, "clusters": "clusters" in parts, "phrases": "phrases" in parts,
@@ -443,6 +457,15 @@ def build_trainer(cfg: DistillConfig, cache, recipe, env: distributed.DistEnv, d
                                         join)
     if streamer is not None:
         streamer.ds = dataset
+    decoder = None
+    if decode == "gpu":
+        from hierdctl.gpu_decode import BatchDecoder
+
+        decoder = BatchDecoder(student_io["image_size"], student_io["mean"], student_io["std"], dataset.plan, device,
+                               eval_tf, (streamer or dataset).where)
+        notes.append(f"--decode gpu: JPEGs decoded on {device} (torchvision decode_jpeg), crops replayed there"
+                     + ("" if dataset.plan else "; eval views on the CPU (the student's eval transform is not "
+                        "resize + centre crop)"))
 
     # --- optimisation -------------------------------------------------------------
     prec = cfg.precision if cfg.precision != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
@@ -463,7 +486,7 @@ def build_trainer(cfg: DistillConfig, cache, recipe, env: distributed.DistEnv, d
                    pp_cfg=pp_cfg, wrapper=wrapper, net=net, optimizer=optimizer, scaler=scaler,
                    amp_dtype=amp_dtype, needs=needs, dataset=dataset, n_samples=n_samples,
                    steps_per_epoch=steps_per_epoch, total=total, warmup=warmup, notes=notes, stream=streamer,
-                   workers=workers)
+                   workers=workers, decoder=decoder)
 
 
 def _log_line(out: Path, mf, rec: dict) -> None:
@@ -571,6 +594,7 @@ def _train(cfg: DistillConfig, out: Path, cache, recipe, tr: "Trainer", env, res
     with progress(cfg.quiet or not env.is_main) as bar, mf_ctx as mf:
         task = bar.add_task("distill", total=total, completed=start, unit="steps", info="")
         for batch in tr.loader(start):
+            device_batch = tr.to_device(batch)  # first: --decode gpu notes an image no decoder reads in batch["bad"]
             bad = [b for b in batch.get("bad", []) if b]
             if bad:
                 skipped += sum(b.count("; ") + 1 for b in bad)
@@ -579,7 +603,7 @@ def _train(cfg: DistillConfig, out: Path, cache, recipe, tr: "Trainer", env, res
                                   "(replaced by the next good one; counted in metrics.jsonl)", soft_wrap=True)
                 skipped_examples += bad[: max(0, 5 - len(skipped_examples))]
             try:
-                terms, total_loss, lr = tr.step(tr.to_device(batch), step)
+                terms, total_loss, lr = tr.step(device_batch, step)
             except TrainingDiverged as e:
                 kept = (f"the last good checkpoint (step {last_saved}) is kept in {checkpoint.checkpoint_dir(out)}"
                         if last_saved is not None else "no checkpoint was written yet")

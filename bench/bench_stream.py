@@ -1,0 +1,337 @@
+"""Benchmark distill's per-sample loader work at 224 px from 256-px and 512-px JPEGs, and the
+cores a GPU needs to be fed at a ViT-T/16 student's step rate, in one run:
+
+  before             today's path (before issue 23): decode_rgb (full size) + apply_view
+                     (PIL's bicubic resize(box=), ToTensor + Normalize; the eval view through
+                     open_clip's eval transform)
+  after, no draft    images.decode_view with draft=False: the region cut and resized by
+                     PyTorch's antialiased bicubic on uint8, the eval view likewise
+  after              images.decode_view: the above, plus libjpeg's DCT-scaled decoding
+                     (Image.draft) when the region is scaled down 2x or more (the default path)
+  gpu: worker part   --decode gpu: what the loader worker still does (header check, the
+                     JPEG's bytes into a tensor); the decoding happens on the device
+
+Each contender is distill's whole per-sample loader work (`CacheDataset.__getitem__`: read
+the sample's span, decode its members, the image, cut the view, tokenise, the teacher's
+features), one process, one torch thread: samples/s per core. Rounds alternate the
+contenders (their order rotating); figures are medians over rounds, ratios per round.
+
+The images are scikit-image's sample photos (real photographs, bundled with it), cut at
+random (60-100 % of each side) and resized so their shorter side is 256 or 512 px
+(img2dataset's keep_ratio), JPEG quality 95 (img2dataset's default); cached by a tiny random
+teacher with 2 views (eval + RandomResizedCrop at open_clip's default scale 0.9-1 + flip),
+8 clusters, up to 4 phrases, so a sample holds what a HieRD cache holds.
+
+The step rate: the FLOPs of a ViT-T-16 student's image (224 px) and text (77 tokens)
+forward, counted by FlopCounterMode and by hand, times 3 for forward + backward, at 40 % of
+the H200's dense bf16 peak (989.4 TFLOP/s). Cores needed = 1.2 x step rate / (samples/s per
+core) (the issue's target: the stream at >= 1.2x the step rate).
+
+With --device cuda, also the device part of --decode gpu: gpu_decode.BatchDecoder on batches
+of the cache's JPEGs (decode + crop + resize + normalise), synchronised.
+
+    python bench/bench_stream.py [--samples 192] [--rounds 5] [--needs global|hierd] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+H200_BF16_TFLOPS = 989.4  # dense bf16 peak, NVIDIA's data sheet (H100 SXM's compute)
+MFU = 0.40
+TARGET = 1.2  # the stream at >= 1.2x the step rate
+
+WORDS = (["a", "the", "two", "an old", "a small", "a red", "a wooden", "a quiet"],
+         ["dog", "woman", "rocket", "cup of coffee", "cat", "street", "galaxy", "boat", "table"],
+         ["on", "next to", "under", "in front of", "near", "behind"],
+         ["a bench", "the sea", "a window", "the launch pad", "a white plate", "the park", "a city at night"])
+
+
+def photos():
+    """scikit-image's bundled colour photographs, (H,W,3) uint8."""
+    import skimage.data as d
+
+    return [d.astronaut(), d.chelsea(), d.coffee(), d.rocket(), d.immunohistochemistry(),
+            d.hubble_deep_field(), d.retina(), d.stereo_motorcycle()[0]]
+
+
+def make_source(root: Path, n: int, short: int, per_shard: int, seed: int) -> str:
+    """n JPEGs (shorter side `short`, keep_ratio, quality 95) with captions, img2dataset's layout."""
+    from PIL import Image
+
+    from conftest import write_tar
+
+    rng = np.random.default_rng(seed)
+    pics = photos()
+    root.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for i in range(n):
+        a = pics[i % len(pics)]
+        h, w = a.shape[:2]
+        cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        s = short / min(cw, ch)
+        img = Image.fromarray(a).resize((round(cw * s), round(ch * s)), Image.BICUBIC, box=(x, y, x + cw, y + ch))
+        if rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=95)
+        cap = " ".join(str(rng.choice(p)) for p in WORDS)
+        samples.append({"key": f"{i:09d}", "jpg": buf.getvalue(), "txt": cap, "json": {"key": f"{i:09d}"}})
+    shards = (n + per_shard - 1) // per_shard
+    for s in range(shards):
+        write_tar(root / f"{s:05d}.tar", samples[s * per_shard : (s + 1) * per_shard])
+    return str(root / ("{00000..%05d}.tar" % (shards - 1)))
+
+
+# ----------------------------------------------------------------------------------
+# FLOPs of the ViT-T-16 student and the step rate they allow
+# ----------------------------------------------------------------------------------
+
+
+def vit_forward_macs(tokens: int, width: int, layers: int, mlp: int) -> int:
+    """Multiply-accumulates of a pre-norm transformer's forward: per layer and token, q/k/v/out
+    projections 4·w², the MLP 2·w·mlp; attention scores and their weighted sum 2·n·w per token."""
+    return layers * (tokens * (4 * width * width + 2 * width * mlp) + 2 * tokens * tokens * width)
+
+
+def student_flops(text_tokens: int = 77) -> dict:
+    """The ViT-T-16 student's FLOPs per sample: by hand (shown) and by FlopCounterMode."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hierdctl.specs import create_open_clip, parse_spec
+    from hierdctl.student import encode_text_trimmed
+
+    cfg = json.loads((Path(__file__).resolve().parents[1] / "hierdctl" / "model_configs" / "ViT-T-16.json").read_text())
+    v, t, d = cfg["vision_cfg"], cfg["text_cfg"], cfg["embed_dim"]
+    grid = v["image_size"] // v["patch_size"]
+    n_img = grid * grid + 1  # patches + class token
+    img = vit_forward_macs(n_img, v["width"], v["layers"], 4 * v["width"])
+    patch = grid * grid * (3 * v["patch_size"] ** 2) * v["width"]
+    txt = vit_forward_macs(text_tokens, t["width"], t["layers"], 4 * t["width"])
+    heads = v["width"] * d + t["width"] * d  # the two projections into the joint space
+    hand = 2 * (img + patch + txt + heads)  # FLOPs = 2 x MACs
+
+    model, _, _, _ = create_open_clip(parse_spec("open_clip:ViT-T-16", "--student"), "cpu", "--student")
+    model.train()
+    x = torch.randn(1, 3, v["image_size"], v["image_size"])
+    tok = torch.zeros(1, t["context_length"], dtype=torch.long)  # a caption of `text_tokens` tokens, padded
+    tok[0, :text_tokens] = torch.randint(1, 49407, (text_tokens,))
+    with FlopCounterMode(display=False) as fwd:
+        with torch.no_grad():
+            model.encode_image(x)
+            encode_text_trimmed(model, tok)  # what distill runs: the padding after the batch's last token is cut
+    with FlopCounterMode(display=False) as both:
+        loss = model.encode_image(x).sum() + encode_text_trimmed(model, tok).sum()
+        loss.backward()
+    return {"image_macs": img, "patch_macs": patch, "text_macs": txt, "head_macs": heads, "hand_forward": hand,
+            "counted_forward": fwd.get_total_flops(), "counted_forward_backward": both.get_total_flops(),
+            "n_img_tokens": n_img, "text_tokens": text_tokens, "cfg": cfg}
+
+
+# ----------------------------------------------------------------------------------
+# The contenders
+# ----------------------------------------------------------------------------------
+
+
+def datasets(work: Path, name: str, needs: dict):
+    """{contender: CacheDataset} over the cache `work/name`, the ViT-T-16 student's I/O."""
+    import open_clip
+    from open_clip.transform import image_transform
+
+    from hierdctl import cache_format
+    from hierdctl.images import apply_view, decode_rgb, decode_view
+
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    io_ = {"image_size": 224, "mean": mean, "std": std, "grid_size": 196,
+           "eval_transform": image_transform(224, is_train=False, mean=mean, std=std),
+           "tokenize": open_clip.get_tokenizer("ViT-B-32")}  # CLIP's tokenizer: ViT-T-16's
+
+    class Before(cache_format.CacheDataset):  # the per-sample image work before issue 23
+        def pixels(self, data, view):
+            img, _ = decode_rgb(data)
+            return {"image": apply_view(img, view, 224, mean, std, io_["eval_transform"])}
+
+    class NoDraft(cache_format.CacheDataset):
+        def pixels(self, data, view):
+            return {"image": decode_view(data, view, 224, mean, std, io_["eval_transform"], self.plan, draft=False)}
+
+    cache = cache_format.open_cache(work / name)
+    spans = cache_format.check_shards(cache)
+    out = {"before": Before(cache, spans, 0, "random", "random", io_, needs),
+           "after, no draft": NoDraft(cache, spans, 0, "random", "random", io_, needs),
+           "after": cache_format.CacheDataset(cache, spans, 0, "random", "random", io_, needs),
+           "gpu: worker part": cache_format.CacheDataset(cache, spans, 0, "random", "random", io_ | {"decode": "gpu"},
+                                                         needs)}
+    assert out["after"].plan is not None, "open_clip's eval transform should be recognised"
+    return out
+
+
+def one_pass(ds, epoch: int) -> float:
+    """samples/s of one pass over the data set in a seeded random order."""
+    order = np.random.default_rng(epoch).permutation(len(ds))
+    t0 = time.perf_counter()
+    for i in order:
+        assert not ds[(int(i), epoch)]["bad"]
+    return len(order) / (time.perf_counter() - t0)
+
+
+def device_decode_rate(ds, device: str, batch: int, rounds: int) -> dict:
+    """samples/s of gpu_decode.BatchDecoder on `device` over batches of the data set's items."""
+    import torch
+
+    from hierdctl.gpu_decode import BatchDecoder, collate
+
+    n = (len(ds) // batch) * batch
+    batches = [collate([ds[(i, 0)] for i in range(a, a + batch)]) for a in range(0, n, batch)]
+    dec = BatchDecoder(224, ds.io["mean"], ds.io["std"], ds.plan, device, ds.io["eval_transform"], ds.where)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def run():
+        for b in batches:
+            dec(dict(b))  # a shallow copy: the decoder pops its fields
+        sync()
+
+    run()  # warm-up (nvJPEG handles, kernels)
+    rates = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        run()
+        rates.append(n / (time.perf_counter() - t0))
+    return {"samples_per_s": statistics.median(rates), "batch": batch, "batches": len(batches),
+            "on_cpu": dec.on_cpu, "device": device}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--samples", type=int, default=192, help="JPEGs per source size")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--sizes", default="256,512", help="the JPEGs' shorter side, px")
+    p.add_argument("--needs", choices=("global", "hierd"), default="global",
+                   help="what the recipe reads: global (clip-kd, clip-rd) or hierd (+ clusters, phrases)")
+    p.add_argument("--device", default="cpu", help="cuda: also time the device part of --decode gpu")
+    p.add_argument("--batch", type=int, default=64, help="batch of the device decode timing")
+    p.add_argument("--no-flops", action="store_true", help="skip counting the student's FLOPs (smoke runs)")
+    args = p.parse_args()
+
+    import torch
+
+    from conftest import TINY_CFG, make_tiny_model, save_local_dir
+    from hierdctl.configs import CacheTeacherConfig
+    from hierdctl.stages.cache_teacher import run as cache_run
+
+    torch.set_num_threads(1)
+    load0 = os.getloadavg()
+    work = Path(tempfile.mkdtemp(prefix="bench-stream-"))
+    teacher = f"local-dir:{save_local_dir(make_tiny_model(), TINY_CFG, work / 'teacher')}"
+    sizes = [int(s) for s in args.sizes.split(",")]
+    needs = {"global": True, "clusters": args.needs == "hierd", "phrases": args.needs == "hierd",
+             "mask_noise": False}
+    sets, jpeg_kb = {}, {}
+    for short in sizes:
+        src = make_source(work / f"src{short}", args.samples, short, max(1, args.samples // 4), seed=short)
+        cache_run(CacheTeacherConfig(source=src, out=work / f"cache{short}", teacher=teacher, views=2, clusters=8,
+                                     max_phrases=4, workers=0, quiet=True))
+        sets[short] = datasets(work, f"cache{short}", needs)
+        with tarfile.open(next((work / f"src{short}").glob("*.tar"))) as tf:
+            sizes_b = [m.size for m in tf if m.name.endswith(".jpg")]
+        jpeg_kb[short] = sum(sizes_b) / len(sizes_b) / 1e3
+
+    names = list(next(iter(sets.values())))
+    rates = {(s, n): [] for s in sizes for n in names}
+    ratios = {(s, n): [] for s in sizes for n in names}
+    for r in range(args.rounds):
+        for s in sizes:
+            got = {}
+            for n in names[r % len(names):] + names[: r % len(names)]:
+                got[n] = one_pass(sets[s][n], r)
+                rates[(s, n)].append(got[n])
+            for n in names:
+                ratios[(s, n)].append(got[n] / got["before"])
+    load1 = os.getloadavg()
+
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    res = {"samples": args.samples, "rounds": args.rounds, "needs": args.needs, "jpeg_kb": jpeg_kb,
+           "loadavg": [load0[0], load1[0]], "cpus": len(os.sched_getaffinity(0)),
+           "per_core": {f"{s}/{n}": med[(s, n)] for s in sizes for n in names},
+           "ratio_to_before": {f"{s}/{n}": statistics.median(ratios[(s, n)]) for s in sizes for n in names}}
+    print(f"\n**distill's per-sample loader work at 224 px** — {args.samples} JPEGs per size (scikit-image photos, "
+          f"shorter side {'/'.join(map(str, sizes))} px, quality 95, mean "
+          + ", ".join(f"{jpeg_kb[s]:.0f} kB" for s in sizes) + f"), 2 views (eval + RRC 0.9-1 + flip), needs "
+          f"`{args.needs}`, {args.rounds} rounds alternating, 1 process, 1 torch thread; load average "
+          f"{load0[0]:.1f} → {load1[0]:.1f} on {res['cpus']} cores\n")
+    print("| contender | " + " | ".join(f"{s}-px JPEG: samples/s per core | ms/sample | × before" for s in sizes)
+          + " |\n|---|" + "---:|---:|---:|" * len(sizes))
+    for n in names:
+        print(f"| {n} | " + " | ".join(f"{med[(s, n)]:,.0f} | {1e3 / med[(s, n)]:.2f} | "
+                                       f"{res['ratio_to_before'][f'{s}/{n}']:.2f}" for s in sizes) + " |")
+
+    if not args.no_flops:
+        f = student_flops(77)
+        f32 = student_flops(32)
+        step = {}
+        print("\n**The step rate to feed** (ViT-T-16: image 224 px = "
+              f"{f['n_img_tokens']} tokens of width {f['cfg']['vision_cfg']['width']}, 12 layers; text "
+              f"width {f['cfg']['text_cfg']['width']}, 12 layers)\n")
+        print("| text tokens | image fwd (hand) | text fwd (hand) | fwd total: hand / FlopCounterMode | fwd+bwd "
+              "counted | fwd+bwd = 3 × fwd | samples/s at 40 % of 989.4 TFLOP/s | × 1.2 |\n"
+              "|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for k, ff in (("77", f), ("32", f32)):
+            per = 3 * ff["counted_forward"]
+            sps = MFU * H200_BF16_TFLOPS * 1e12 / per
+            step[k] = {"flops_per_sample": per, "counted_fwd_bwd": ff["counted_forward_backward"],
+                       "hand_forward": ff["hand_forward"], "counted_forward": ff["counted_forward"],
+                       "step_samples_per_s": sps}
+            print(f"| {k} | {2 * (ff['image_macs'] + ff['patch_macs']) / 1e9:.3f} G | {2 * ff['text_macs'] / 1e9:.3f} G "
+                  f"| {ff['hand_forward'] / 1e9:.3f} / {ff['counted_forward'] / 1e9:.3f} G | "
+                  f"{ff['counted_forward_backward'] / 1e9:.2f} G | {per / 1e9:.2f} G | {sps:,.0f} | "
+                  f"{TARGET * sps:,.0f} |")
+        w, L = f["cfg"]["vision_cfg"]["width"], f["cfg"]["vision_cfg"]["layers"]
+        tw = f["cfg"]["text_cfg"]["width"]
+        print(f"\nBy hand, per layer and token: 4·w² (q, k, v, out) + 2·w·4w (MLP) MACs, plus 2·n·w for the "
+              f"attention; image: {L} × ({f['n_img_tokens']} × 12 × {w}² + 2 × {f['n_img_tokens']}² × {w}) "
+              f"= {f['image_macs'] / 1e9:.4f} G MACs + patch embedding {f['patch_macs'] / 1e9:.4f} G; text at 77 tokens: "
+              f"12 × (77 × 12 × {tw}² + 2 × 77² × {tw}) = {f['text_macs'] / 1e9:.4f} G MACs; FLOPs = 2 × MACs. "
+              f"Forward + backward ≈ 3 × forward (FlopCounterMode counts "
+              f"{f['counted_forward_backward'] / f['counted_forward']:.2f} ×: no input gradient for the pixels). "
+              f"Step rate = 0.40 × 989.4e12 / (3 × forward FLOPs).\n")
+        res["step"] = step
+        print("| source | contender | samples/s per core | cores for 1.2 × step rate, 77-token text | "
+              "32-token text |\n|---|---|---:|---:|---:|")
+        res["cores"] = {}
+        for s in sizes:
+            for n in names:
+                c77 = TARGET * step["77"]["step_samples_per_s"] / med[(s, n)]
+                c32 = TARGET * step["32"]["step_samples_per_s"] / med[(s, n)]
+                res["cores"][f"{s}/{n}"] = {"77": c77, "32": c32}
+                print(f"| {s} px | {n} | {med[(s, n)]:,.0f} | {c77:,.0f} | {c32:,.0f} |")
+        print("\n(gpu: worker part is the CPU's share only: the device then decodes and cuts, measured on a GPU "
+              "with --device cuda.)")
+
+    res["device_decode"] = {}
+    for s in sizes:
+        dd = device_decode_rate(sets[s]["gpu: worker part"], args.device, min(args.batch, args.samples), 3)
+        res["device_decode"][str(s)] = dd
+        print(f"\ngpu_decode.BatchDecoder on {args.device}, {s}-px JPEGs, batch {dd['batch']}: "
+              f"{dd['samples_per_s']:,.0f} samples/s" + (" (torchvision's CPU decode: the fallback the tests "
+                                                          "compare, not a GPU figure)" if args.device == "cpu" else ""))
+    print(json.dumps(res), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
