@@ -44,8 +44,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import math
+import os
 import re
 import tarfile
 from dataclasses import dataclass, field
