@@ -1,20 +1,25 @@
 """Benchmark distill's per-sample loader work at 224 px from 256-px and 512-px JPEGs, and the
 cores a GPU needs to be fed at a ViT-T/16 student's step rate, in one run:
 
-  before             today's path (before issue 23): decode_rgb (full size) + apply_view
-                     (PIL's bicubic resize(box=), ToTensor + Normalize; the eval view through
-                     open_clip's eval transform)
-  after, no draft    images.decode_view with draft=False: the region cut and resized by
-                     PyTorch's antialiased bicubic on uint8, the eval view likewise
-  after              images.decode_view: the above, plus libjpeg's DCT-scaled decoding
-                     (Image.draft) when the region is scaled down 2x or more (the default path)
+  before             the path before issue 23: decode_rgb (full size) + apply_view (PIL's
+                     bicubic resize(box=), ToTensor + Normalize; the eval view through
+                     open_clip's eval transform), with numpy's .npy and tarfile's header parsers
+  no draft           images.decode_view, draft_from=0: the region cut and resized by PyTorch's
+                     antialiased bicubic on uint8, the eval view likewise; the cache reader's
+                     own .npy and tar header parsing (both contenders below have them too)
+  after              images.decode_view as distill runs it: the above, plus libjpeg's
+                     DCT-scaled decoding (Image.draft) where the region is scaled down >= 4x
+  draft from 2x      images.decode_view, draft_from=2: a draft already at 2x
   gpu: worker part   --decode gpu: what the loader worker still does (header check, the
-                     JPEG's bytes into a tensor); the decoding happens on the device
+                     JPEG's bytes into a tensor, everything but the image); the decoding and
+                     cutting happen on the device
 
 Each contender is distill's whole per-sample loader work (`CacheDataset.__getitem__`: read
 the sample's span, decode its members, the image, cut the view, tokenise, the teacher's
-features), one process, one torch thread: samples/s per core. Rounds alternate the
-contenders (their order rotating); figures are medians over rounds, ratios per round.
+features), one process, one torch thread. "Per core" is samples per CPU-second of this
+process (time.process_time), which other jobs on a shared machine do not dilute; the
+wall-clock rate is given beside it. Rounds alternate the contenders (their order rotating);
+figures are medians over rounds, ratios per round (of CPU-time rates).
 
 The images are scikit-image's sample photos (real photographs, bundled with it), cut at
 random (60-100 % of each side) and resized so their shorter side is 256 or 512 px
@@ -30,7 +35,7 @@ core) (the issue's target: the stream at >= 1.2x the step rate).
 With --device cuda, also the device part of --decode gpu: gpu_decode.BatchDecoder on batches
 of the cache's JPEGs (decode + crop + resize + normalise), synchronised.
 
-    python bench/bench_stream.py [--samples 192] [--rounds 5] [--needs global|hierd] [--device cpu|cuda]
+    python bench/bench_stream.py [--samples 192] [--rounds 5] [--sizes 256,512] [--needs global|hierd] [--device cuda]
 """
 
 from __future__ import annotations
@@ -167,28 +172,32 @@ def datasets(work: Path, name: str, needs: dict):
             img, _ = decode_rgb(data)
             return {"image": apply_view(img, view, 224, mean, std, io_["eval_transform"])}
 
-    class NoDraft(cache_format.CacheDataset):
-        def pixels(self, data, view):
-            return {"image": decode_view(data, view, 224, mean, std, io_["eval_transform"], self.plan, draft=False)}
+    def drafting(scale: int):
+        class Drafting(cache_format.CacheDataset):
+            def pixels(self, data, view):
+                return {"image": decode_view(data, view, 224, mean, std, io_["eval_transform"], self.plan,
+                                             draft_from=scale)}
+        return Drafting
 
     cache = cache_format.open_cache(work / name)
     spans = cache_format.check_shards(cache)
     out = {"before": Before(cache, spans, 0, "random", "random", io_, needs),
-           "after, no draft": NoDraft(cache, spans, 0, "random", "random", io_, needs),
+           "no draft": drafting(0)(cache, spans, 0, "random", "random", io_, needs),
            "after": cache_format.CacheDataset(cache, spans, 0, "random", "random", io_, needs),
+           "draft from 2x": drafting(2)(cache, spans, 0, "random", "random", io_, needs),
            "gpu: worker part": cache_format.CacheDataset(cache, spans, 0, "random", "random", io_ | {"decode": "gpu"},
                                                          needs)}
     assert out["after"].plan is not None, "open_clip's eval transform should be recognised"
     return out
 
 
-def one_pass(ds, epoch: int) -> float:
-    """samples/s of one pass over the data set in a seeded random order."""
+def one_pass(ds, epoch: int) -> tuple[float, float]:
+    """(samples per CPU-second, samples per wall-second) of one pass in a seeded random order."""
     order = np.random.default_rng(epoch).permutation(len(ds))
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     for i in order:
         assert not ds[(int(i), epoch)]["bad"]
-    return len(order) / (time.perf_counter() - t0)
+    return len(order) / (time.process_time() - c0), len(order) / (time.perf_counter() - t0)
 
 
 def device_decode_rate(ds, device: str, batch: int, rounds: int) -> dict:
@@ -253,32 +262,38 @@ def main() -> None:
         jpeg_kb[short] = sum(sizes_b) / len(sizes_b) / 1e3
 
     names = list(next(iter(sets.values())))
-    rates = {(s, n): [] for s in sizes for n in names}
+    rates = {(s, n): [] for s in sizes for n in names}  # samples per CPU-second
+    walls = {(s, n): [] for s in sizes for n in names}  # samples per wall-second
     ratios = {(s, n): [] for s in sizes for n in names}
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     for r in range(args.rounds):
         for s in sizes:
             got = {}
             for n in names[r % len(names):] + names[: r % len(names)]:
-                got[n] = one_pass(sets[s][n], r)
+                got[n], wall = one_pass(sets[s][n], r)
                 rates[(s, n)].append(got[n])
+                walls[(s, n)].append(wall)
             for n in names:
                 ratios[(s, n)].append(got[n] / got["before"])
     load1 = os.getloadavg()
+    share = (time.process_time() - cpu0) / (time.perf_counter() - wall0)  # of one core, while timed
 
     med = {k: statistics.median(v) for k, v in rates.items()}
     res = {"samples": args.samples, "rounds": args.rounds, "needs": args.needs, "jpeg_kb": jpeg_kb,
-           "loadavg": [load0[0], load1[0]], "cpus": len(os.sched_getaffinity(0)),
+           "loadavg": [load0[0], load1[0]], "cpus": len(os.sched_getaffinity(0)), "cpu_share": share,
            "per_core": {f"{s}/{n}": med[(s, n)] for s in sizes for n in names},
+           "wall": {f"{s}/{n}": statistics.median(walls[(s, n)]) for s in sizes for n in names},
            "ratio_to_before": {f"{s}/{n}": statistics.median(ratios[(s, n)]) for s in sizes for n in names}}
     print(f"\n**distill's per-sample loader work at 224 px** — {args.samples} JPEGs per size (scikit-image photos, "
           f"shorter side {'/'.join(map(str, sizes))} px, quality 95, mean "
           + ", ".join(f"{jpeg_kb[s]:.0f} kB" for s in sizes) + f"), 2 views (eval + RRC 0.9-1 + flip), needs "
           f"`{args.needs}`, {args.rounds} rounds alternating, 1 process, 1 torch thread; load average "
-          f"{load0[0]:.1f} → {load1[0]:.1f} on {res['cpus']} cores\n")
-    print("| contender | " + " | ".join(f"{s}-px JPEG: samples/s per core | ms/sample | × before" for s in sizes)
-          + " |\n|---|" + "---:|---:|---:|" * len(sizes))
+          f"{load0[0]:.1f} → {load1[0]:.1f} on {res['cpus']} cores (this process got {share:.0%} of a core)\n")
+    print("| contender | " + " | ".join(f"{s} px: samples/s per core (CPU time) | ms | wall samples/s | × before"
+                                       for s in sizes) + " |\n|---|" + "---:|---:|---:|---:|" * len(sizes))
     for n in names:
         print(f"| {n} | " + " | ".join(f"{med[(s, n)]:,.0f} | {1e3 / med[(s, n)]:.2f} | "
+                                       f"{res['wall'][f'{s}/{n}']:,.0f} | "
                                        f"{res['ratio_to_before'][f'{s}/{n}']:.2f}" for s in sizes) + " |")
 
     if not args.no_flops:

@@ -268,12 +268,16 @@ def apply_view(img: Image.Image, view: View, size: int, mean, std, eval_transfor
 # --- distill's loader: the view cut straight from the encoded bytes, cheaply ------------
 # `decode_view` gives what `apply_view(decode_rgb(data)[0], view, ...)` gives, within
 # interpolation tolerance (tests/test_stream.py states it), at a fraction of the cost:
-#  - a JPEG whose region is scaled down 2x or more is decoded by libjpeg at 1/2, 1/4 or 1/8
-#    scale (`Image.draft`), the region kept at least as large as the output, and the crop box
-#    mapped into the reduced image exactly (PIL's own box: x -> x / s);
 #  - no full-size intermediate: the region is cut and resized in one pass, by PyTorch's
-#    antialiased bicubic on uint8 (PIL's filter; 4-6x faster than PIL's resize on one core)
-#    when the box lies on whole pixels, by PIL's resize(box=) after a draft (its box is fractional);
+#    antialiased bicubic on uint8 (PIL's filter and rounding: mean difference 0.02-0.07 grey
+#    levels; 4-6x faster than PIL's resize on one core);
+#  - a JPEG whose region is scaled down DRAFT_FROM (4) times or more is decoded by libjpeg at
+#    1/4 or 1/8 scale (`Image.draft`), the region kept at least as large as the output, the
+#    crop box mapped into the reduced image exactly (PIL's own box: x -> x / s) and cut by
+#    PIL's resize(box=), which takes the fractional box as it is. At 2x a draft saves less
+#    decoding than PIL's resize costs over PyTorch's (bench/bench_stream.py: no gain from
+#    512-px JPEGs at 224 px) and moves the pixels more (DCT scaling: mean 1.3-1.6 grey levels
+#    from the full decode), so `draft_from=2` is there to measure, not the default;
 #  - the eval view through the student's eval transform, or, when that transform is
 #    recognised as resize-shorter-side + centre crop + normalise (open_clip's), the same
 #    arithmetic with PyTorch's resize.
@@ -330,11 +334,14 @@ def eval_plan(transform) -> EvalPlan | None:
     return EvalPlan(int(size), int(ch), mean, std)
 
 
-def draft_scale(region_w: float, region_h: float, out: int) -> int:
-    """The largest JPEG decode scale s of 8, 4, 2 that keeps the region at least `out` pixels
-    on its shorter side (s·out ≤ min side); 1 when it is scaled down less than 2x."""
+DRAFT_FROM = 4  # the smallest JPEG draft scale decode_view uses (see above)
+
+
+def draft_scale(region_w: float, region_h: float, out: int, lowest: int = 2) -> int:
+    """The largest JPEG decode scale s of 8, 4, 2 (and ≥ `lowest`) that keeps the region at
+    least `out` pixels on its shorter side (s·out ≤ min side); 1 when there is none."""
     for s in (8, 4, 2):
-        if s * out <= min(region_w, region_h):
+        if s >= lowest and s * out <= min(region_w, region_h):
             return s
     return 1
 
@@ -370,20 +377,22 @@ def eval_pixels(img: Image.Image, plan: EvalPlan):
 
 
 def decode_view(data: bytes, view: View, size: int, mean, std, eval_transform, plan: EvalPlan | None = None,
-                max_pixels: int = DEFAULT_MAX_PIXELS, draft: bool = True):
+                max_pixels: int = DEFAULT_MAX_PIXELS, draft_from: int = DRAFT_FROM):
     """`apply_view(decode_rgb(data)[0], view, size, mean, std, eval_transform)` within
-    interpolation tolerance, without its costs (see above). The decompression-bomb check and
-    the colour conversions are decode_rgb's own (open_checked, load_rgb). Raises BadImage."""
+    interpolation tolerance, without its costs (see above); a JPEG is draft-decoded at a scale
+    ≥ `draft_from` where one fits (0: never). The decompression-bomb check and the colour
+    conversions are decode_rgb's own (open_checked, load_rgb). Raises BadImage."""
     import torch
 
     img = open_checked(data, max_pixels)
     w0, h0 = img.size
+    lowest = max(2, draft_from)
     if view.kind == "eval":
-        s = draft_scale(w0, h0, plan.short) if plan is not None else 1  # an unknown transform: full size
+        s = draft_scale(w0, h0, plan.short, lowest) if plan is not None else 1  # an unknown transform: full size
     else:
-        s = draft_scale(view.box[2], view.box[3], size)
+        s = draft_scale(view.box[2], view.box[3], size, lowest)
     rx = ry = 1.0
-    if draft and s > 1 and img.format == "JPEG":
+    if draft_from and s > 1 and img.format == "JPEG":
         got = img.draft("RGB", (w0 // s, h0 // s))  # libjpeg's DCT scaling: 1/s of the pixels decoded
         if got is not None:
             rx, ry = got[1][2] / w0, got[1][3] / h0  # the original image spans (0, 0, w0/s, h0/s) of the draft

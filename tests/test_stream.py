@@ -24,11 +24,11 @@ STD_T = torch.tensor(STD).view(3, 1, 1)
 
 # Tolerances in 8-bit grey levels (the pixels' own unit: 1 level = 1/255 before normalising),
 # about 1.5x what was measured on the photos below (max over crops of each measure):
-#   no draft, PyTorch's uint8 bicubic vs PIL's:          mean 0.02, max 9
+#   no draft, PyTorch's uint8 bicubic vs PIL's:          mean 0.02-0.07, max 9-15
 #   draft 1/2, 1/4 (libjpeg's DCT scaling) vs full decode: mean 1.3-1.6, max 19-34
 #     (PIL's bilinear vs its bicubic on the same crops: mean 0.5-0.7, max 13-17)
 #   --decode gpu on the CPU (float bicubic) vs PIL's:     mean 0.16, max 19
-TOL = {"torch": (0.05, 12), "draft": (2.5, 48), "gpu": (0.3, 28)}
+TOL = {"torch": (0.1, 22), "draft": (2.5, 48), "gpu": (0.3, 28)}
 
 
 def _photo(i: int, short: int) -> Image.Image:
@@ -89,8 +89,9 @@ def draft_scales(monkeypatch):
 # ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("short,size,scale", [(256, 160, 1), (256, 96, 2), (512, 100, 4)])
-def test_decode_view_crops_match_the_old_path(short, size, scale, draft_scales, eval_tf):
+@pytest.mark.parametrize("short,size,draft_from,scale", [(256, 160, 4, 1), (256, 96, 4, 1), (256, 96, 2, 2),
+                                                         (512, 100, 4, 4)])
+def test_decode_view_crops_match_the_old_path(short, size, draft_from, scale, draft_scales, eval_tf):
     rng = np.random.default_rng(short + size)
     worst = (0.0, 0.0)
     for i in range(4):
@@ -98,7 +99,8 @@ def test_decode_view_crops_match_the_old_path(short, size, scale, draft_scales, 
         w, h = Image.open(io.BytesIO(data)).size
         for flip in (False, True):
             view = View("crop", random_resized_crop_box(rng, w, h, (0.9, 1.0), (3 / 4, 4 / 3)), flip)
-            got, want = decode_view(data, view, size, MEAN, STD, eval_tf), _old(data, view, size, eval_tf)
+            got = decode_view(data, view, size, MEAN, STD, eval_tf, draft_from=draft_from)
+            want = _old(data, view, size, eval_tf)
             assert got.shape == want.shape == (3, size, size) and got.dtype == torch.float32
             mean, mx = _levels(got, want)
             worst = (max(worst[0], mean), max(worst[1], mx))
