@@ -322,7 +322,7 @@ def _plain_header(h: bytes) -> tuple[str, int] | None:
         chksum = int(h[148:156].split(b"\0", 1)[0].decode("ascii").strip() or "0", 8)
     except ValueError:  # UnicodeDecodeError included
         return None
-    if chksum != 256 + sum(h[:148]) + sum(h[156:]):
+    if chksum != 256 + sum(h) - sum(h[148:156]):  # the checksum field counts as 8 spaces
         return None
     return h[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape"), size
 

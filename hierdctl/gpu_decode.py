@@ -71,16 +71,21 @@ def encode_item(data: bytes, view: View, size: int, mean, std, eval_transform, p
 
 
 def collate(items: list[dict]) -> dict:
-    """default_collate, except for the ragged image fields: "jpeg" stays a list of byte
-    tensors, "cpu_image" a list of (3,S,S) tensors or None (the device decodes that row)."""
+    """default_collate, except for the ragged image fields, which become flat tensors (one
+    shared-memory block each when a worker hands the batch over, not one per sample):
+    "jpeg" (N,) uint8, every row's bytes end to end, "jpeg_len" (B,) int64 (0 for a row
+    decoded in the worker), "cpu_image" (n,3,S,S) float32, those rows' pixels in row order."""
+    import torch
     from torch.utils.data import default_collate
 
     if "jpeg" not in items[0]:
         return default_collate(items)
     jpegs = [it.pop("jpeg") for it in items]
-    cpu = [it.pop("image", None) for it in items]
+    cpu = [img for img in (it.pop("image", None) for it in items) if img is not None]
     batch = default_collate(items)
-    batch["jpeg"], batch["cpu_image"] = jpegs, cpu
+    batch["jpeg"] = torch.cat(jpegs)
+    batch["jpeg_len"] = torch.tensor([len(j) for j in jpegs], dtype=torch.int64)
+    batch["cpu_image"] = torch.stack(cpu) if cpu else torch.empty(0)
     return batch
 
 
@@ -132,12 +137,16 @@ class BatchDecoder:
         return out.round_().clamp_(0, 255)
 
     def __call__(self, batch: dict):
-        """(B,3,S,S) float32 on the device, normalised; pops the batch's "jpeg", "cpu_image" and
-        "view". A row no decoder reads takes the next good row's fields (in place) and a note in "bad"."""
+        """(B,3,S,S) float32 on the device, normalised; pops the batch's "jpeg", "jpeg_len",
+        "cpu_image" and "view". A row no decoder reads takes the next good row's fields (in
+        place) and a note in "bad"."""
         import torch
 
-        jpegs, cpu, views = batch.pop("jpeg"), batch.pop("cpu_image"), batch.pop("view").tolist()
+        views = batch.pop("view").tolist()
         B = len(views)
+        jpegs = list(torch.split(batch.pop("jpeg"), batch.pop("jpeg_len").tolist()))  # views, nothing copied
+        on_cpu = iter(batch.pop("cpu_image"))
+        cpu = [next(on_cpu) if v[0] == ON_CPU else None for v in views]  # (3,S,S) for the worker's rows
         rows = [i for i in range(B) if views[i][0] != ON_CPU]
         decoded = self.decode([jpegs[i] for i in rows])
         failed: dict[int, str] = {}

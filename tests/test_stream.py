@@ -240,7 +240,7 @@ def test_gpu_decode_on_the_cpu_matches_the_pil_path(short, size):
     batch = _batch(items)
     out = _decoder(size, plan, tf)(batch)
     assert out.shape == (len(views), 3, size, size) and out.dtype == torch.float32
-    assert "jpeg" not in batch and "view" not in batch and "cpu_image" not in batch
+    assert not {"jpeg", "jpeg_len", "view", "cpu_image"} & set(batch)
     for k, (d, v) in enumerate(zip(datas, views)):
         mean, mx = _levels(out[k], _old(d, v, size, tf))
         assert mean <= TOL["gpu"][0] and mx <= TOL["gpu"][1], (k, v, mean, mx)
@@ -275,7 +275,12 @@ def test_what_the_device_does_not_replay_is_decoded_in_the_worker(eval_tf):
     assert int(it["view"][0]) == gpu_decode.ON_CPU
     cpu_rows = [k for k, it in enumerate(items) if "image" in it]
     want = {k: items[k]["image"] for k in cpu_rows}
-    out = _decoder(64, plan, eval_tf)(_batch(items))
+    batch = _batch(items)
+    # One flat tensor per field, so a worker hands the batch over in a few shared-memory blocks.
+    assert batch["jpeg"].dtype == torch.uint8 and batch["jpeg"].ndim == 1
+    assert batch["jpeg_len"].tolist() == [len(c[0]) if c[2] else 0 for c in cases.values()]
+    assert batch["cpu_image"].shape == (len(cpu_rows), 3, 64, 64)
+    out = _decoder(64, plan, eval_tf)(batch)
     for k in cpu_rows:  # a mixed batch: the worker's rows go through untouched
         assert torch.equal(out[k], want[k])
     for k, (data, view, on_device) in enumerate(cases.values()):
