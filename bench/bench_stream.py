@@ -337,18 +337,21 @@ def main() -> None:
             step[k] = {"flops_per_sample": per, "counted_fwd_bwd": ff["counted_forward_backward"],
                        "hand_forward": ff["hand_forward"], "counted_forward": ff["counted_forward"],
                        "attention_flops": ff["attention_flops"], "step_samples_per_s": sps}
-            print(f"| {k} | {2 * (ff['image_macs'] + ff['patch_macs']) / 1e9:.3f} G | {2 * ff['text_macs'] / 1e9:.3f} G "
+            img_g, txt_g = 2 * (ff["image_macs"] + ff["patch_macs"]) / 1e9, 2 * ff["text_macs"] / 1e9
+            print(f"| {k} | {img_g:.3f} G | {txt_g:.3f} G "
                   f"| {ff['hand_forward'] / 1e9:.3f} G | {ff['attention_flops'] / 1e9:.3f} G | "
                   f"{ff['counted_forward'] / 1e9:.3f} G | {per / 1e9:.2f} G | {sps:,.0f} | {TARGET * sps:,.0f} |")
         w, L = f["cfg"]["vision_cfg"]["width"], f["cfg"]["vision_cfg"]["layers"]
         tw = f["cfg"]["text_cfg"]["width"]
         print(f"\nBy hand, per layer and token: 4·w² (q, k, v, out) + 2·w·4w (MLP) MACs, plus 2·n·w for the "
               f"attention; image: {L} × ({f['n_img_tokens']} × 12 × {w}² + 2 × {f['n_img_tokens']}² × {w}) "
-              f"= {f['image_macs'] / 1e9:.4f} G MACs + patch embedding {f['patch_macs'] / 1e9:.4f} G; text at 77 tokens: "
+              f"= {f['image_macs'] / 1e9:.4f} G MACs + patch embedding {f['patch_macs'] / 1e9:.4f} G; "
+              f"text at 77 tokens: "
               f"12 × (77 × 12 × {tw}² + 2 × 77² × {tw}) = {f['text_macs'] / 1e9:.4f} G MACs; FLOPs = 2 × MACs. "
               f"FlopCounterMode on the CPU counts the same matmuls (hand − attention = "
-              f"{(f['hand_forward'] - f['attention_flops']) / 1e9:.3f} G against its {f['counted_forward'] / 1e9:.3f} G) "
-              f"but has no formula for the CPU's attention kernel. Forward + backward ≈ 3 × forward (FlopCounterMode: "
+              f"{(f['hand_forward'] - f['attention_flops']) / 1e9:.3f} G against its "
+              f"{f['counted_forward'] / 1e9:.3f} G) but has no formula for the CPU's attention kernel. "
+              f"Forward + backward ≈ 3 × forward (FlopCounterMode: "
               f"{f['counted_forward_backward'] / f['counted_forward']:.2f} ×; the pixels need no gradient). "
               f"Step rate = 0.40 × 989.4e12 / (3 × forward FLOPs by hand).\n")
         res["step"] = step

@@ -146,7 +146,8 @@ def npy_load(b: bytes) -> np.ndarray:
 
 
 # np.save's format-1.0 header of a C-order number array: {'descr': '<f2', 'fortran_order': False, 'shape': (2, 32), }
-_NPY_V1 = re.compile(rb"\{'descr': '([<|][fiu][1248]|\|b1)', 'fortran_order': False, 'shape': \(((?:\d+, )*(?:\d+,?)?)\), \} *\n")
+_NPY_V1 = re.compile(rb"\{'descr': '([<|][fiu][1248]|\|b1)', 'fortran_order': False, "
+                     rb"'shape': \(((?:\d+, )*(?:\d+,?)?)\), \} *\n")
 
 
 def encode_float(name: str, a: np.ndarray, dtype: str) -> list[tuple[str, bytes]]:

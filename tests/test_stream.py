@@ -129,7 +129,8 @@ def test_the_replayed_crop_is_the_same_region(short, size, eval_tf):
     box = (int(0.2 * w), int(0.05 * h), int(0.7 * w), int(0.9 * h))
     for flip in (False, True):
         view = View("crop", box, flip)
-        new, old = centroid(decode_view(data, view, size, MEAN, STD, eval_tf)), centroid(_old(data, view, size, eval_tf))
+        new = centroid(decode_view(data, view, size, MEAN, STD, eval_tf))
+        old = centroid(_old(data, view, size, eval_tf))
         assert abs(new[0] - old[0]) < 0.1 and abs(new[1] - old[1]) < 0.1, (new, old)
     # A crop moved by 2 original pixels moves the disk by a measurable amount: the check can fail.
     moved = View("crop", (box[0] + 2, box[1], box[2], box[3]), False)
@@ -164,7 +165,8 @@ def test_eval_plan_recognises_open_clips_transform_only():
     bilinear = T.Compose([T.Resize(64, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(64), T.ToTensor(),
                           T.Normalize(MEAN, STD)])
     assert images.eval_plan(bilinear) is None
-    plain = T.Compose([T.Resize(72, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(64), T.ToTensor(), T.Normalize(MEAN, STD)])
+    plain = T.Compose([T.Resize(72, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(64), T.ToTensor(),
+                       T.Normalize(MEAN, STD)])
     assert images.eval_plan(plain) == images.EvalPlan(72, 64, MEAN, STD)
 
 
@@ -327,43 +329,77 @@ def test_a_jpeg_no_decoder_reads_takes_the_next_good_row_and_is_noted(eval_tf):
     out = dec(batch)
     assert torch.equal(out[1], out[2]) and torch.equal(batch["text"][1], batch["text"][2])
     assert batch["index"].tolist() == [10, 12, 12]
-    assert batch["bad"][0] == batch["bad"][2] == "" and batch["bad"][1].startswith("shard-00000.tar sample 11: bad_image")
+    assert batch["bad"][0] == batch["bad"][2] == ""
+    assert batch["bad"][1].startswith("shard-00000.tar sample 11: bad_image")
     # A whole batch of them is a corrupt shard, not an endless loop.
     with pytest.raises(cache_format.CorruptShard):
         dec(_batch([gpu_decode.encode_item(bad, View("crop", (0, 0, 100, 100)), 32, MEAN, STD, eval_tf, None)]))
 
 
-def test_distill_with_decode_gpu_trains_on_the_same_samples(tmp_path, tiny_teacher):
-    """The wiring: with decode "gpu" (here on the CPU) the trainer's batches hold the pixels the
-    CPU path gives, within tolerance, for the same samples; a damaged image is counted."""
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory, tiny_teacher):
     from conftest import make_shards
-    from hierdctl.stages import distill as S
     from hierdctl.stages.cache_teacher import CacheTeacherConfig
     from hierdctl.stages.cache_teacher import run as cache_run
+
+    d = tmp_path_factory.mktemp("stream")
+    src = make_shards(d / "data", n_shards=1, per_shard=8)
+    cache_run(CacheTeacherConfig(source=src, out=d / "cache", teacher=tiny_teacher, views=2, clusters=0,
+                                 max_phrases=0, workers=0, quiet=True))
+    return d / "cache"
+
+
+def _trainer(cache_dir, decode: str):
     from hierdctl import distributed
     from hierdctl.losses.registry import load_recipe
+    from hierdctl.stages import distill as S
 
-    src = make_shards(tmp_path / "data", n_shards=1, per_shard=8)
-    cache_run(CacheTeacherConfig(source=src, out=tmp_path / "cache", teacher=tiny_teacher, views=2, clusters=0,
-                                 max_phrases=0, workers=0, quiet=True))
-    cache = cache_format.open_cache(tmp_path / "cache")
-    batches = {}
+    cfg = S.resolve_config(dict(cache=str(cache_dir), student="tiny-test", recipe="clip-kd", out=str(cache_dir.parent /
+                                "run"), steps=1, batch_size=8, workers=0, quiet=True))
+    cfg.decode = decode  # the field the lead wires as --decode (configs.py is not this branch's)
+    return S.build_trainer(cfg, cache_format.open_cache(cache_dir), load_recipe("clip-kd"), distributed.resolve(),
+                           "cpu")
+
+
+def test_distill_with_decode_gpu_trains_on_the_same_samples(tiny_cache):
+    """The wiring: with decode "gpu" (here on the CPU) the trainer's batches hold, for the same
+    samples and captions, the pixels the CPU path gives, within tolerance."""
+    got = {}
     for decode in ("cpu", "gpu"):
-        cfg = S.resolve_config(dict(cache=str(tmp_path / "cache"), student="tiny-test", recipe="clip-kd",
-                                    out=str(tmp_path / "run"), steps=1, batch_size=8, workers=0, quiet=True))
-        cfg.decode = decode  # the field the lead wires as --decode (configs.py is not this branch's)
-        tr = S.build_trainer(cfg, cache, load_recipe("clip-kd"), distributed.resolve(), "cpu")
+        tr = _trainer(tiny_cache, decode)
         assert (tr.decoder is not None) == (decode == "gpu")
-        batch = next(iter(tr.loader(0)))
-        batches[decode] = (batch, tr.to_device(batch))
-    (cpu_raw, cpu), (gpu_raw, gpu) = batches["cpu"], batches["gpu"]
+        got[decode] = tr.to_device(next(iter(tr.loader(0))))
+    cpu, gpu = got["cpu"], got["gpu"]
     assert torch.equal(cpu["index"], gpu["index"]) and torch.equal(cpu["text"], gpu["text"])
     assert gpu["image"].shape == cpu["image"].shape
     std = torch.tensor(tr.dataset.io["std"]).view(1, 3, 1, 1)
     assert float(((gpu["image"] - cpu["image"]) * std * 255).abs().mean()) <= TOL["gpu"][0]
     with pytest.raises(UserError):
-        cfg.decode = "tpu"
-        S.build_trainer(cfg, cache, load_recipe("clip-kd"), distributed.resolve(), "cpu")
+        _trainer(tiny_cache, "tpu")
+
+
+def test_a_cut_cached_jpeg_is_skipped_and_counted_alike_with_decode_gpu(tiny_cache, monkeypatch):
+    """The cache reader replaces a sample whose JPEG is cut by the next good one and names it,
+    the same way with decode "gpu" as with "cpu"."""
+    items = {}
+    for decode in ("cpu", "gpu"):
+        ds = _trainer(tiny_cache, decode).dataset
+        real = ds._read
+
+        def cut_third(i, real=real):
+            s = real(i)
+            if i == 3:  # its last 40 bytes lost: the header still parses, the scan is cut
+                s.image = s.image[:-40]
+                assert Image.open(io.BytesIO(s.image)).size == (48, 40)
+            return s
+
+        monkeypatch.setattr(ds, "_read", cut_third)
+        items[decode] = ds[(3, 0)]
+    for decode, it in items.items():
+        assert int(it["index"]) == 4, decode  # the next good sample took its place
+        assert it["bad"].startswith("shard-00000.tar sample 3: bad_image: "), it["bad"]
+        assert "truncated_image" in it["bad"], it["bad"]
+    assert items["cpu"]["bad"].split("truncated_image")[0] == items["gpu"]["bad"].split("truncated_image")[0]
 
 
 # ----------------------------------------------------------------------------------
