@@ -252,7 +252,7 @@ class CacheTeacherConfig:
     device: str = _device()
     # The precision the teacher ran at is part of the identity, resolved (cache-teacher adds it).
     precision: str = setting("auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16.", role=RUNTIME)
-    workers: int = setting(-1, help="DataLoader decoding workers (-1: min(8, cpus-1)).", role=RUNTIME)
+    workers: int = setting(-1, help="DataLoader decoding workers (-1: the usable cores per process − 1).", role=RUNTIME)
     log_skipped: Optional[Path] = setting(None, help="Write every skipped sample (JSONL) here.", role=RUNTIME)
     overwrite: bool = setting(False, help="Remove what cache-teacher wrote in OUT and start over (never anything "
                                           "else).", role=RUNTIME)
@@ -331,7 +331,13 @@ class DistillConfig:
     exp_scales: bool = setting(False, help="κ scales are exponentiated (log κ is the parameter).", role=IDENTITY,
                                kind="none")
     mask_ratio: float = setting(0.75, help="MFD's share of masked student patches.", role=IDENTITY, kind="none")
-    workers: int = setting(-1, help="DataLoader workers (-1: min(8, cpus-1) per process).", role=RUNTIME)
+    workers: int = setting(-1, help="DataLoader workers (-1: the usable cores per process − 1).", role=RUNTIME)
+    # Runtime like --device: views, captions and data order are the same either way; only the
+    # interpolation's rounding differs (within the tolerance docs/distill.md states).
+    decode: str = setting("cpu", help="Where JPEGs are decoded and the views cut: cpu (loader workers) or gpu (the "
+                                      "batch's JPEG bytes decoded on the training device with torchvision's nvJPEG "
+                                      "decode_jpeg, crops, flips and eval views replayed there; PNG, CMYK and "
+                                      "RandAugment views stay on the CPU).", role=RUNTIME)
     save_every: int = setting(1000, help="Checkpoint every N steps.", role=RECORDED)
     keep_checkpoints: int = setting(3, help="Checkpoints kept (the oldest are pruned).", role=RECORDED, kind="none")
     log_every: int = setting(10, help="Write metrics every N steps.", role=RECORDED)
@@ -376,6 +382,7 @@ class DistillConfig:
         require(self.keep_checkpoints >= 1, "must be at least 1", "--set keep_checkpoints")
         self.report_to = parse_reporters(self.report_to)  # also what --config / --set gave
         require(self.cache_reader in ("auto", "random", "stream"), "must be auto, random or stream", "--cache-reader")
+        require(self.decode in ("cpu", "gpu"), f"must be cpu or gpu, got {self.decode!r}", "--decode")
         require(self.shuffle_buffer >= 1, "must be at least 1", "--set shuffle_buffer")
         import importlib.util
 

@@ -448,7 +448,9 @@ def _stream(cfg: CacheTeacherConfig, env, source, todo: list, preps: list[dict],
     """Decode in DataLoader workers, run the teachers in this process, write each unit's shard."""
     from torch.utils.data import DataLoader
 
-    workers = min(distributed.auto_workers(cfg.workers), len(todo))
+    from hierdctl.loader import workers_for
+
+    workers = min(workers_for(cfg.workers), len(todo))
     loader = DataLoader(
         _Iterable(_UnitStream(source, todo, cfg, preps, captioner.eval_transform if captioner else None)),
         batch_size=None,

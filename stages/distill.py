@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from hierdctl import __version__, atomic, cache_format, checkpoint, distributed, faults, reporting, settings
+from hierdctl.loader import batch_bytes, prefetch_for, workers_for
 from hierdctl.configs import DistillConfig, SourceOptions
 from hierdctl.console import console, progress
 from hierdctl.errors import UserError, require
@@ -277,6 +278,7 @@ class Trainer:
     total: int  # optimizer steps of the run
     warmup: int  # resolved: cfg.warmup, or auto = min(10,000, 10% of total)
     notes: list = field(default_factory=list)
+    decoder: object = None  # gpu_decode.BatchDecoder with --decode gpu: the batch's JPEGs are decoded in to_device
 
     @property
     def teacher(self) -> dict:
@@ -294,7 +296,7 @@ class Trainer:
                                      self.total)
         return DataLoader(self.data.dataset, batch_sampler=sampler, num_workers=workers,
                           pin_memory=self.device.startswith("cuda"), persistent_workers=False,
-                          prefetch_factor=4 if workers else None)
+                          prefetch_factor=self._prefetch(), collate_fn=self._collate())
 
     def _streamed(self, start: int):
         """Streamed batches from global step `start` on: epoch by epoch, each a fresh pass whose
@@ -317,7 +319,7 @@ class Trainer:
             st.epoch, st.skip_batches = epoch, step - done
             loader = DataLoader(Streamed(st), batch_size=st.B, drop_last=True, num_workers=self.data.workers,
                                 pin_memory=self.device.startswith("cuda"), persistent_workers=False,
-                                prefetch_factor=4 if self.data.workers else None)
+                                prefetch_factor=self._prefetch(), collate_fn=self._collate())
             for batch in loader:
                 if step >= self.total or step - done >= st.steps_per_epoch(epoch):
                     break
@@ -326,9 +328,25 @@ class Trainer:
             done += st.steps_per_epoch(epoch)
             epoch += 1
 
+    def _prefetch(self) -> int | None:
+        """Batches in flight per worker, within a share of /dev/shm (hierdctl/loader.py)."""
+        io = self.data.dataset.io
+        local = self.cfg.batch_size // self.env.world_size
+        return prefetch_for(self.data.workers, batch_bytes(local, io["image_size"], self.cfg.decode))
+
+    def _collate(self):
+        from hierdctl import gpu_decode
+
+        return gpu_decode.collate if self.decoder is not None else None  # None: DataLoader's default_collate
+
     def to_device(self, batch: dict) -> dict:
-        """Tensors to the device (the loader's `bad` notes stay behind), plus the teachers' constants."""
+        """Tensors to the device (the loader's `bad` notes stay behind), plus the teachers' constants.
+        With --decode gpu the images are decoded here; a row no decoder reads is replaced in `batch`
+        and noted in its `bad` field."""
+        image = self.decoder(batch) if self.decoder is not None and "jpeg" in batch else None
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        if image is not None:
+            batch["image"] = image
         if self.data.needs["global"]:
             batch["logit_scale_t"] = float(self.teacher["logit_scale"])
             teachers = self.data.needs.get("teachers", 1)
@@ -395,6 +413,16 @@ def build_trainer(cfg: DistillConfig, cache, recipe, env: distributed.DistEnv, d
     student = build_student(cfg, device)
     wrapper, notes = _wrap(cfg, recipe, cache.teachers, student, device)
     data = _data(cfg, cache, recipe, env, wrapper, student, notes)
+    decoder = None
+    if cfg.decode == "gpu":
+        from hierdctl.gpu_decode import BatchDecoder
+
+        io = data.dataset.io
+        decoder = BatchDecoder(io["image_size"], io["mean"], io["std"], data.dataset.plan, device,
+                               student.eval_transform, (data.stream or data.dataset).where)
+        notes.append(f"--decode gpu: JPEGs decoded on {device} (torchvision decode_jpeg), crops replayed there"
+                     + ("" if data.dataset.plan else "; eval views on the CPU (the student's eval transform is not "
+                        "resize + centre crop)"))
     if data.stream is not None:
         total = cfg.steps if cfg.steps is not None else _stream_total(data.stream, cfg.epochs)
     else:
@@ -416,7 +444,7 @@ def build_trainer(cfg: DistillConfig, cache, recipe, env: distributed.DistEnv, d
         net = DDP(wrapper, device_ids=[device] if device.startswith("cuda") else None)
     return Trainer(cfg=cfg, env=env, device=device, recipe=recipe, teachers=cache.teachers, student=student,
                    wrapper=wrapper, net=net, optimizer=optimizer, scaler=scaler, amp_dtype=amp_dtype, data=data,
-                   total=total, warmup=warmup, notes=notes)
+                   total=total, warmup=warmup, notes=notes, decoder=decoder)
 
 
 def _wrap(cfg: DistillConfig, recipe, teachers: list[dict], student: Student, device: str):
@@ -459,7 +487,7 @@ def _data(cfg: DistillConfig, cache, recipe, env, wrapper, student: Student, not
     n_samples = sum(len(s) for s in spans)
     require(n_samples >= cfg.batch_size,
             f"the cache holds {n_samples} samples, fewer than one global batch ({cfg.batch_size})", "--batch-size")
-    workers = distributed.auto_workers(cfg.workers)
+    workers = workers_for(cfg.workers)
     vs = student.model.visual.image_size
     student_io = {
         "image_size": vs[0] if isinstance(vs, (tuple, list)) else int(vs),
@@ -468,6 +496,7 @@ def _data(cfg: DistillConfig, cache, recipe, env, wrapper, student: Student, not
         "eval_transform": student.eval_transform,
         "tokenize": student.tokenizer,
         "grid_size": (wrapper.grid[0] * wrapper.grid[1]) if wrapper.grid else 0,
+        "decode": cfg.decode,
     }
     parts = set(recipe.cache_parts)
     needs = {"global": recipe.needs_teacher, "clusters": "clusters" in parts, "phrases": "phrases" in parts,
@@ -602,6 +631,7 @@ def _train(cfg: DistillConfig, out: Path, cache, recipe, tr: "Trainer", env, res
         with progress(cfg.quiet or not env.is_main) as bar, mf_ctx as mf:
             task = bar.add_task("distill", total=total, completed=start, unit="steps", info="")
             for batch in tr.loader(start):
+                device_batch = tr.to_device(batch)  # first: --decode gpu notes an image no decoder reads in batch["bad"]
                 bad = [b for b in batch.get("bad", []) if b]
                 if bad:
                     skipped += sum(b.count("; ") + 1 for b in bad)
@@ -610,7 +640,7 @@ def _train(cfg: DistillConfig, out: Path, cache, recipe, tr: "Trainer", env, res
                                       "(replaced by the next good one; counted in metrics.jsonl)", soft_wrap=True)
                     skipped_examples += bad[: max(0, 5 - len(skipped_examples))]
                 try:
-                    terms, total_loss, lr = tr.step(tr.to_device(batch), step)
+                    terms, total_loss, lr = tr.step(device_batch, step)
                 except TrainingDiverged as e:
                     kept = (f"the last good checkpoint (step {last_saved}) is kept in {checkpoint.checkpoint_dir(out)}"
                             if last_saved is not None else "no checkpoint was written yet")
