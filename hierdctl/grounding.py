@@ -25,7 +25,13 @@ writes the report); nothing here reads a source or prints.
    - chance levels beside them: `pointing_acc_chance` = the share of patch centres inside
      the box (what a uniformly random patch scores), `box_mass_chance` = the box's share of
      the model's input area (the crop as the model sees it: what a constant similarity
-     scores, since Σ_g a_g / G is that share when the patches tile the input).
+     scores, since Σ_g a_g / G is that share when the patches tile the input);
+   - a phrase-agnostic control, `pointing_acc_control` / `box_mass_control`: the same two
+     scores with the phrase replaced by the image's mean phrase (the L2-normalised mean of
+     the embeddings of all the image's scored phrases). It knows which objects the image
+     holds, not which one is asked for: a model that only points at salient things (a
+     random-init ViT already does, well above chance) scores as well with it as with the
+     phrase; the gap between a score and its control is what the phrase itself adds.
    A box with no area inside the model's input (cut away by the centre crop) is not scored:
    `cover` marks it and the stage counts it as `box_outside_crop`.
 """
@@ -42,7 +48,8 @@ SIZE_ORDER = ("small", "medium", "large")
 # COCO's object-size buckets (cocodataset.org/#detection-eval), here on the box area in
 # original pixels: for regions whose data names no size.
 COCO_SMALL, COCO_MEDIUM = 32**2, 96**2
-SCORE_NAMES = ("pointing_acc", "pointing_acc_chance", "box_mass", "box_mass_chance")
+SCORE_NAMES = ("pointing_acc", "pointing_acc_control", "pointing_acc_chance",
+               "box_mass", "box_mass_control", "box_mass_chance")
 
 
 class Unsupported(Exception):
@@ -312,8 +319,8 @@ def patch_tokens(encoder, x):
 def score(tokens, phrases):
     """Cosine similarity of every phrase with every patch of its own image, one batched matmul.
 
-    tokens (B,G,D) and phrases (B,R,D), both L2-normalised (phrase rows of padding are zero)
-    -> (B,R,G)."""
+    tokens (B,G,D) and phrases (B,R,D), both L2-normalised (rows of padding are zero; the
+    stage puts each image's control query, its mean phrase, in one of the rows) -> (B,R,G)."""
     import torch
 
     assert tokens.shape[0] == phrases.shape[0] and tokens.shape[2] == phrases.shape[2], (tokens.shape, phrases.shape)
@@ -332,12 +339,13 @@ def region_scores(sims: np.ndarray, area: np.ndarray, centre: np.ndarray) -> dic
     return {"hit": hit, "mass": mass, "positive": total > 0}
 
 
-def summarise(hit, mass, pointing_chance, mass_chance, kinds: list, sizes: list[str]) -> tuple[dict, dict]:
+def summarise(values: dict[str, np.ndarray], kinds: list, sizes: list[str]) -> tuple[dict, dict]:
     """(metrics, region counts) over all regions, then per phrase kind (where the data names
-    one) and per size bucket. Metric names: `<score>/all`, `<score>/kind:<kind>`,
-    `<score>/size:<bucket>` for each of SCORE_NAMES; every value a mean over the group's regions."""
-    values = {"pointing_acc": np.asarray(hit, np.float64), "pointing_acc_chance": np.asarray(pointing_chance, np.float64),
-              "box_mass": np.asarray(mass, np.float64), "box_mass_chance": np.asarray(mass_chance, np.float64)}
+    one) and per size bucket. `values` holds one (R,) array per name of SCORE_NAMES. Metric
+    names: `<score>/all`, `<score>/kind:<kind>`, `<score>/size:<bucket>`; every value a mean
+    over the group's regions."""
+    values = {name: np.asarray(values[name], np.float64) for name in SCORE_NAMES}
+    assert all(len(v) == len(kinds) == len(sizes) for v in values.values()), {k: v.shape for k, v in values.items()}
     kinds_a, sizes_a = np.asarray(kinds, object), np.asarray(sizes, object)
     groups = [("all", np.ones(len(kinds_a), bool))]
     groups += [(f"kind:{k}", kinds_a == k) for k in sorted({k for k in kinds if k is not None})]

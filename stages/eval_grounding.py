@@ -3,8 +3,9 @@
 For every sample whose JSON carries `regions: [{"phrase": str, "bbox": [x0, y0, x1, y1]}]`
 (original pixels; Scenes writes them, docs/eval.md has converters for Flickr30k Entities and
 RefCOCO), each model's patch tokens in the joint space are compared with the phrase's text
-embedding: pointing-game accuracy and box mass, with their chance levels, over all regions,
-per phrase kind and per object size. The geometry and the metrics are hierdctl/grounding.py's;
+embedding: pointing-game accuracy and box mass, with their chance levels and a
+phrase-agnostic control (each image's mean phrase), over all regions, per phrase kind and
+per object size. The geometry and the metrics are hierdctl/grounding.py's;
 the reading is hierdctl/embedding.py's (the eval transform in a thread pool, skip-and-count).
 A model without patch tokens is skipped with one line in the report, not a failure.
 """
@@ -101,7 +102,8 @@ def ground_source(encoder, source, cfg: EvalGroundingConfig, label: str) -> dict
     grid = grounding.patch_grid(encoder)
     skipped, bad, region_skips = Counter(), Counter(), Counter()
     keys: list[str] = []
-    hit, mass, p_chance, m_chance, kinds, sizes = [], [], [], [], [], []
+    scores = {name: [] for name in grounding.SCORE_NAMES}  # per batch, (R_b,) arrays
+    kinds, sizes = [], []
     clipped = no_positive = n_read = 0
     phrases = _Phrases(encoder, cfg.batch_size)
     t_model = t_score = 0.0
@@ -132,21 +134,27 @@ def ground_source(encoder, source, cfg: EvalGroundingConfig, label: str) -> dict
             if R:
                 flat = [r.phrase for regs, _, _ in per_image for r in regs]
                 emb = torch.from_numpy(phrases.embed(flat))  # (sum R_b, D)
-                padded = emb.new_zeros(len(per_image), R, emb.shape[1])  # (B,R,D), zero rows pad
+                # (B,R+1,D): image b's phrases in rows 0..R_b-1, its control query (the normalised
+                # mean of those phrases) in row R, zero rows pad
+                queries = emb.new_zeros(len(per_image), R + 1, emb.shape[1])
                 a = 0
                 for b, (regs, _, _) in enumerate(per_image):
-                    padded[b, : len(regs)] = emb[a : a + len(regs)]
+                    if regs:
+                        queries[b, : len(regs)] = emb[a : a + len(regs)]
+                        queries[b, R] = torch.nn.functional.normalize(emb[a : a + len(regs)].mean(0), dim=0)
                     a += len(regs)
-                sims = grounding.score(tokens, padded.to(tokens.device)).cpu().numpy()  # (B,R,G)
+                sims = grounding.score(tokens, queries.to(tokens.device)).cpu().numpy()  # (B,R+1,G)
                 for b, (regs, c, keep) in enumerate(per_image):
                     if not regs:
                         continue
-                    r = grounding.region_scores(sims[b, : len(regs)], c.area[keep], c.centre[keep])
-                    hit.append(r["hit"])
-                    mass.append(r["mass"])
+                    area, centre = c.area[keep], c.centre[keep]
+                    r = grounding.region_scores(sims[b, : len(regs)], area, centre)
+                    ctl = grounding.region_scores(np.repeat(sims[b, R][None], len(regs), 0), area, centre)
+                    for name, v in (("pointing_acc", r["hit"]), ("box_mass", r["mass"]),
+                                    ("pointing_acc_control", ctl["hit"]), ("box_mass_control", ctl["mass"]),
+                                    ("pointing_acc_chance", centre.mean(axis=1)), ("box_mass_chance", c.share[keep])):
+                        scores[name].append(v)
                     no_positive += int((~r["positive"]).sum())
-                    p_chance.append(c.centre[keep].mean(axis=1))
-                    m_chance.append(c.share[keep])
                     kinds += [g.kind for g in regs]
                     sizes += [grounding.size_bucket(g) for g in regs]
             t_score += time.perf_counter() - t1
@@ -158,9 +166,9 @@ def ground_source(encoder, source, cfg: EvalGroundingConfig, label: str) -> dict
                 if skipped.get("no_regions") else "")
         raise UserError(f"no sample of {cfg.source} carries usable regions [{{\"phrase\", \"bbox\"}}] "
                         f"(skipped: {why}){hint}", "SOURCE")
-    cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0))  # noqa: E731
     n_scored = len(kinds)
-    metrics, by_group = grounding.summarise(cat(hit), cat(mass), cat(p_chance), cat(m_chance), kinds, sizes)
+    metrics, by_group = grounding.summarise({k: np.concatenate(v) if v else np.zeros(0) for k, v in scores.items()},
+                                            kinds, sizes)
     return {
         "keys": keys,
         "regions_read": n_read,
@@ -226,7 +234,8 @@ def run(cfg: EvalGroundingConfig) -> dict:
         raise UserError("no model could be evaluated: " + "; ".join(notes), "--model")
     scored = [r for r in runs if "skipped" not in r]
     reference = scored[0]
-    keep = {k: v for k, v in reference["metrics"].items() if "_chance/" not in k}  # chance is no score to retain
+    # chance levels and controls are no scores to retain
+    keep = {k: v for k, v in reference["metrics"].items() if "_chance/" not in k and "_control/" not in k}
     for r in scored[1:]:
         r["retention"] = retention({k: v for k, v in r["metrics"].items() if k in keep}, keep)
     o = cfg.source_options

@@ -213,6 +213,10 @@ def test_one_object_with_known_tokens_scores_pointing_1_and_mass_1(tmp_path, mon
     assert m["metrics"]["pointing_acc/kind:wrong"] == 0.0 and m["metrics"]["box_mass/kind:wrong"] == 0.0
     assert m["metrics"]["pointing_acc/all"] == 0.5 and m["metrics"]["box_mass/all"] == pytest.approx(0.5)
     assert m["metrics"]["pointing_acc_chance/all"] == 4 / 16
+    # The control query is the image's mean phrase: 0.25 on the four object patches, 0.5 on patch
+    # 15 (before normalising): it points at patch 15 (a miss) and puts 1/1.5 of its mass inside.
+    assert m["metrics"]["pointing_acc_control/all"] == 0.0
+    assert m["metrics"]["box_mass_control/all"] == pytest.approx(1 / 1.5)
     assert m["metrics"]["box_mass_chance/all"] == pytest.approx(16 * 16 / 32**2)
     assert m["regions"]["scored"] == 2 and m["regions"]["skipped"] == {"box_outside_crop": 1}
     assert r["counts"] == {"images": 1, "regions": 3, "regions_malformed": 2, "skipped_total": 2,
@@ -268,10 +272,10 @@ def scenes_test(tmp_path_factory) -> Path:
     return out / "test"
 
 
-def _reference(model, pre, tok, samples: list[tuple[bytes, dict]]) -> list[tuple[bool, float]]:
-    """(hit, box mass) per region, computed without hierdctl/grounding.py: open_clip's own
-    forward with output_tokens (ln_post applied), tokens @ proj, per-patch loops, and 64 px
-    square images that Resize(32) halves (no crop)."""
+def _reference(model, pre, tok, samples: list[tuple[bytes, dict]]) -> list[tuple[bool, float, bool, float]]:
+    """(hit, box mass, control hit, control box mass) per region, computed without
+    hierdctl/grounding.py: open_clip's own forward with output_tokens (ln_post applied),
+    tokens @ proj, per-patch loops, and 64 px square images that Resize(32) halves (no crop)."""
     phrases = sorted({r["phrase"] for _, meta in samples for r in meta["regions"]})
     model.visual.output_tokens = True
     with torch.no_grad():
@@ -283,18 +287,23 @@ def _reference(model, pre, tok, samples: list[tuple[bytes, dict]]) -> list[tuple
         with torch.no_grad():
             _, tokens = model.visual(pre(img)[None])
             tokens = torch.nn.functional.normalize(tokens[0] @ model.visual.proj, dim=-1)  # (16,D)
-        for r in meta["regions"]:
-            s = (tokens @ text[r["phrase"]]).tolist()
-            x0, y0, x1, y1 = (v / 2 for v in r["bbox"])
+        mean = torch.stack([text[r["phrase"]] for r in meta["regions"]]).mean(0)
+        mean = mean / mean.norm()
+
+        def hit_and_mass(query, box):
+            s = (tokens @ query).tolist()
+            x0, y0, x1, y1 = (v / 2 for v in box)
             best = max(range(16), key=lambda g: (s[g], -g))
             cx, cy = (best % 4) * 8 + 4, (best // 4) * 8 + 4
-            hit = x0 <= cx < x1 and y0 <= cy < y1
             num = den = 0.0
             for g in range(16):
                 px, py = (g % 4) * 8, (g // 4) * 8
                 a = max(0.0, min(x1, px + 8) - max(x0, px)) * max(0.0, min(y1, py + 8) - max(y0, py)) / 64
                 num, den = num + a * max(s[g], 0.0), den + max(s[g], 0.0)
-            out.append((hit, num / den if den > 0 else 0.0))
+            return x0 <= cx < x1 and y0 <= cy < y1, num / den if den > 0 else 0.0
+
+        for r in meta["regions"]:
+            out.append(hit_and_mass(text[r["phrase"]], r["bbox"]) + hit_and_mass(mean, r["bbox"]))
     return out
 
 
@@ -324,17 +333,18 @@ def test_scenes_end_to_end_matches_an_independent_reference(scenes_test, tiny_te
                            "skipped_total": 0}
     teacher, model = r["models"]
     assert teacher["metrics"] == model["metrics"] and set(model["retention"].values()) == {100.0}
-    assert not any("_chance" in k for k in model["retention"])
+    assert not any("_chance" in k or "_control" in k for k in model["retention"])
     model, _, pre = open_clip.create_model_and_transforms(f"local-dir:{model_dir}")
     tok = open_clip.get_tokenizer(f"local-dir:{model_dir}")
     ref = _reference(model.eval(), pre, tok, samples)
     m = teacher["metrics"]
-    assert m["pointing_acc/all"] == pytest.approx(np.mean([h for h, _ in ref]), abs=1e-6)
-    assert m["box_mass/all"] == pytest.approx(np.mean([b for _, b in ref]), abs=1e-5)
+    for j, name in enumerate(("pointing_acc", "box_mass", "pointing_acc_control", "box_mass_control")):
+        assert m[f"{name}/all"] == pytest.approx(np.mean([x[j] for x in ref]), abs=1e-5), name
+    assert m["box_mass/all"] != m["box_mass_control/all"]  # the control is another query
     kinds = [reg["kind"] for reg in regions]
     for kind in ("attribute", "object"):
         assert teacher["regions"]["by_group"][f"kind:{kind}"] == kinds.count(kind)
-        sel = [b for (_, b), k in zip(ref, kinds) if k == kind]
+        sel = [x[1] for x, k in zip(ref, kinds) if k == kind]
         assert m[f"box_mass/kind:{kind}"] == pytest.approx(np.mean(sel), abs=1e-5)
     for size in ("small", "large"):
         share = [(x1 - x0) * (y1 - y0) / 64**2 for reg in regions if reg["size"] == size
