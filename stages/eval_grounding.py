@@ -118,7 +118,7 @@ def ground_source(encoder, source, cfg: EvalGroundingConfig, label: str) -> dict
             tokens = grounding.patch_tokens(encoder, x.to(encoder.device))  # (B,G,D)
             t_model += time.perf_counter() - t1
             t1 = time.perf_counter()
-            per_image = []  # (regions kept, Cover rows kept) per image of the batch
+            per_image = []  # per image of the batch: (the regions scored, its Cover, their rows in it)
             for s, (w, h) in zip(batch, whs):
                 regions, _ = grounding.read_regions(s.meta)
                 geometry = plan(w, h)
