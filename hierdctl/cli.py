@@ -23,8 +23,8 @@ from typing import Callable, List, Optional
 import typer
 
 from . import settings
-from .configs import (CacheTeacherConfig, DistillConfig, EvalRetrievalConfig, EvalZeroshotConfig, ExportConfig,
-                      ScenesConfig)
+from .configs import (CacheTeacherConfig, DistillConfig, EvalGroundingConfig, EvalRetrievalConfig, EvalZeroshotConfig,
+                      ExportConfig, ScenesConfig)
 from .errors import UserError
 
 app = typer.Typer(
@@ -49,6 +49,7 @@ ADAPTER_OPTIONS: dict[str, list[tuple[str, Callable, type]]] = {
     ],
     "eval-retrieval": [JSON_OPTION],
     "eval-zeroshot": [JSON_OPTION],
+    "eval-grounding": [JSON_OPTION],
 }
 
 
@@ -263,8 +264,19 @@ def _zeroshot_done(report, cfg, adapter) -> None:
     _emit_report(report, cfg, adapter)
 
 
+def _grounding_done(report, cfg, adapter) -> None:
+    """Phrase grounding from patch tokens: pointing-game accuracy and box mass, with chance levels and a control."""
+    _emit_report(report, cfg, adapter)
+    if not adapter["json_out"]:
+        from .console import console
+
+        for note in report["notes"]:
+            console.print(f"[dim]eval-grounding:[/] {_escape(note)}", soft_wrap=True)
+
+
 command("eval-retrieval", EvalRetrievalConfig, "hierdctl.stages.eval_retrieval", _retrieval_done)
 command("eval-zeroshot", EvalZeroshotConfig, "hierdctl.stages.eval_zeroshot", _zeroshot_done)
+command("eval-grounding", EvalGroundingConfig, "hierdctl.stages.eval_grounding", _grounding_done)
 
 
 # ----------------------------------------------------------------------------------

@@ -611,6 +611,35 @@ class EvalZeroshotConfig:
         return self
 
 
+@dataclass
+class EvalGroundingConfig:
+    source: str = setting(help="Shards, a dir of shards or a .csv/.tsv/.jsonl whose sample JSON carries regions: "
+                               "[{phrase, bbox}] in original pixels (hierdctl scenes writes them; docs/eval.md).",
+                          role=IDENTITY, kind="argument")
+    models: list[str] = _models()
+    teacher: Optional[str] = setting(None, help="A teacher spec, evaluated first and the reference for retention %.",
+                                     role=IDENTITY)
+    batch_size: int = setting(64, help="Images / phrases per forward.", role=RUNTIME)
+    device: str = _device()
+    out: Optional[Path] = setting(None, help="Write the JSON report here.", role=RUNTIME, flags=("--out", "-o"))
+    source_options: SourceOptions = _source_options()
+    max_pixels: int = _max_pixels(IDENTITY)
+    workers: int = setting(4, help="Image-decoding threads (0: decode in the main thread).", role=RUNTIME)
+    quiet: bool = _quiet()
+
+    def validate(self) -> "EvalGroundingConfig":
+        self.models = list(self.models)
+        _check_specs(self.models)
+        if self.teacher is not None:
+            _check_specs([self.teacher], "--teacher")
+        require(self.batch_size >= 1, "must be at least 1", "--batch-size")
+        require(self.workers >= 0, "must be 0 or more", "--workers")
+        require(self.max_pixels > 0, f"must be positive, got {self.max_pixels}", "--max-pixels")
+        self.out = Path(self.out) if self.out is not None else None
+        check_report_path(self.out)
+        return self
+
+
 # ----------------------------------------------------------------------------------
 # scenes (the benchmark generator, stages/scenes.py)
 # ----------------------------------------------------------------------------------

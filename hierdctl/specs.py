@@ -483,6 +483,7 @@ def _pil_eval_transform(short: int, crop: int, mean, std):
         t = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
         return (t - m) / s
 
+    tf.resize_crop = (short, crop)  # what hierdctl/grounding.py maps boxes through (its rounding: above)
     return tf
 
 
