@@ -622,6 +622,7 @@ class EvalGroundingConfig:
     batch_size: int = setting(64, help="Images / phrases per forward.", role=RUNTIME)
     device: str = _device()
     out: Optional[Path] = setting(None, help="Write the JSON report here.", role=RUNTIME, flags=("--out", "-o"))
+    overwrite: bool = setting(False, help="Replace an existing --out file.", role=RUNTIME)
     source_options: SourceOptions = _source_options()
     max_pixels: int = _max_pixels(IDENTITY)
     workers: int = setting(4, help="Image-decoding threads (0: decode in the main thread).", role=RUNTIME)
