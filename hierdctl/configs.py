@@ -504,6 +504,12 @@ class EvalRetrievalConfig:
     max_pixels: int = _max_pixels(IDENTITY)
     workers: int = setting(4, help="Image-decoding threads (0: decode in the main thread).", role=RUNTIME)
     quiet: bool = _quiet()
+    # issue 20: the visual report (hierdctl/html_report.py)
+    html: Optional[Path] = setting(None, help="Also write a self-contained HTML report here: each model's top-k images "
+                                              "for a sample of caption queries, hits marked, the metrics, the loss "
+                                              "curves of exported students.", role=RUNTIME)
+    html_queries: int = setting(20, help="With --html: caption queries shown (drawn with a fixed seed).",
+                                role=RUNTIME)
 
     def validate(self) -> "EvalRetrievalConfig":
         _check_specs(self.models)
@@ -516,6 +522,8 @@ class EvalRetrievalConfig:
         require(self.nprobe is None or self.index == "ivf", f"only applies to --index ivf (not {self.index})", "--nprobe")
         require(self.max_pixels > 0, f"must be positive, got {self.max_pixels}", "--max-pixels")
         check_report_path(self.out)
+        check_report_path(self.html, "--html")  # issue 20
+        require(self.html_queries >= 1, f"must be at least 1, got {self.html_queries}", "--html-queries")
         from hierdctl.reports import check_save_index
 
         check_save_index(self.save_index, self.overwrite)
