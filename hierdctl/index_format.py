@@ -15,7 +15,8 @@ Index types, sized to the collection of N vectors of dimension D:
     hnsw   IndexHNSWFlat: M = 32, efConstruction = 80, efSearch = 128.
     pq     IndexPQ: m sub-quantisers of D/m ≥ 4 dimensions each (m = the largest divisor of D that
            is ≤ D/4 and ≤ 64), 8 bits each (fewer when N is too small to train 256 centroids with
-           39 points each), trained on ≤ 256·39 sampled rows: 4·D bytes a vector become m.
+           39 points each; below 16 centroids it is refused), trained on ≤ 256·39 sampled rows:
+           4·D bytes a vector become m.
 
 recall@10 against exact is measured on a held-out sample of the collection's own rows (held
 out of the training sample, never of the index): for each query row, the share of its 10
@@ -45,6 +46,7 @@ MARKER = "index.json"
 INDEX_FILE = "index.faiss"
 KINDS = ("flat", "ivf", "hnsw", "pq")
 RECALL_K = 10
+PQ_MIN_TRAIN = 39 * 16  # 4 bits per sub-quantiser at least; fewer make PQ pointless
 
 
 def ivf_nlist(n: int) -> int:
@@ -141,8 +143,10 @@ def build(emb: Embeddings, over: str, kind: str, *, nprobe: int | None, recall_q
         t = time.perf_counter()
         sample = np.sort(rest[:want_train])
         x = emb.gather(sample, over)
-        if kind == "pq" and len(x) < 2 ** params["nbits"]:  # tiny collections: fewer centroids than points
-            raise UserError(f"{len(x)} rows are too few to train --index-type pq; use flat", "--index-type")
+        if kind == "pq" and len(x) < PQ_MIN_TRAIN:
+            raise UserError(f"{len(x)} training rows are too few for product quantisation (≥ {PQ_MIN_TRAIN}: 16 "
+                            "centroids per sub-quantiser, 39 rows each); a collection this small is searched "
+                            "exactly as fast: use flat", "--index-type")
         index.train(x)
         train_s = time.perf_counter() - t
         params["train_rows"] = int(len(x))
