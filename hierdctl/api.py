@@ -112,15 +112,15 @@ def _value(f: dataclasses.Field, owner, value):
     c = f.metadata["cli"]
     t = settings.field_types(owner)[f.name]
     origin = typing.get_origin(t)
-    if origin is list and isinstance(value, (str, os.PathLike)):
-        value = [value]  # a repeatable option given once
-    if c.parse is not None and value is not None:
+    if c.parse is not None and value is not None:  # the CLI's parser reads its text and Python values alike
         try:
             return settings.parse_value(f, value)
         except UserError:
             raise
         except (TypeError, ValueError, AttributeError):
             raise UserError(f"cannot read {value!r}", flag) from None
+    if origin is list and isinstance(value, (str, os.PathLike)):
+        value = [value]  # a repeatable option given once
     if not _is(value, t):
         raise UserError(f"expected {_expected(t)}, got {value!r}", flag)
     if t is Path or (typing.get_args(t) and Path in typing.get_args(t) and isinstance(value, str)):
