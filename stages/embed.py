@@ -128,12 +128,21 @@ def _units_to_do(cfg: EmbedConfig, source, notes: list[str]) -> list:
 
 def run(cfg: EmbedConfig) -> dict:
     """Embed `cfg.source` into `cfg.out`. Returns the manifest, with this run's figures."""
-    from hierdctl.specs import load_encoder
-
     cfg.validate()
     started = time.time()
     embeddings_format.check_out(cfg.out)  # before the lock file lands in someone's folder
     device = distributed.resolve_device(cfg.device, distributed.resolve())
+    created = not cfg.out.exists()
+    try:
+        return _run(cfg, device, started)
+    finally:
+        if created and cfg.out.is_dir() and not any(cfg.out.iterdir()):
+            cfg.out.rmdir()  # a run that failed before writing anything leaves no empty folder behind
+
+
+def _run(cfg: EmbedConfig, device: str, started: float) -> dict:
+    from hierdctl.specs import load_encoder
+
     with atomic.FolderLock(cfg.out, "--out") as lock:
         notes = [f"took over the lock of a run that is gone ({o})" for o in lock.took_over]
         source = open_source(cfg.source, cfg.source_options, needs=NEEDS[cfg.modality])

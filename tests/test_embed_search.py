@@ -478,3 +478,14 @@ def test_pq_on_a_collection_too_small_to_train_is_one_line(tmp_path):
     EF.write_manifest(out, {"modality": "image", "dtype": "fp32"}, {"spec": "s", "fingerprint": "f", "embed_dim": 32},
                       _Units(1), 0.0)
     _one_line_error(_cli("index", out, "--index-type", "pq", "--quiet"), "--index-type", "too few")
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder(collection, tmp_path):
+    out = tmp_path / "new"
+    _one_line_error(_cli("embed", collection, "--model", "open_clip:NoSuchArch-1", "--out", out, "--quiet"),
+                    "--model", "NoSuchArch-1")
+    assert not out.exists()
+    (tmp_path / "mine").mkdir()  # a folder that was there before stays
+    _one_line_error(_cli("embed", collection, "--model", "open_clip:NoSuchArch-1", "--out", tmp_path / "mine",
+                         "--quiet"), "--model")
+    assert (tmp_path / "mine").is_dir()
