@@ -95,8 +95,6 @@ def bench_embed(images: int, arch: str, batch: int, rounds: int, tmp: Path) -> l
 
 
 def bench_index(n: int, d: int, q: int, kinds: list[str], tmp: Path) -> list[tuple[str, ...]]:
-    import faiss
-
     from hierdctl import embeddings_format as EF
     from hierdctl import index_format as IF
     from hierdctl.configs import IndexConfig

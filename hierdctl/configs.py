@@ -733,7 +733,8 @@ class IndexConfig:
     embeddings: Path = setting(help="An embeddings folder written by hierdctl embed.", role=IDENTITY, kind="argument")
     out: Optional[Path] = setting(None, help="The index folder (default: DIR/index).", role=RUNTIME,
                                   flags=("--out", "-o"))
-    index_type: str = setting("flat", help="flat (exact), ivf (IVF-Flat, nlist ≈ 4·√N), hnsw (HNSW-Flat, M 32) or pq "
+    index_type: str = setting("flat", help="flat (exact), ivf (IVF-Flat, nlist ≈ 4·√N), hnsw (HNSW-Flat, M 32) or "
+                                           "pq "
                                            "(product quantisation, m sized to the dimension); approximate ones get "
                                            "their recall@10 against exact measured.", role=IDENTITY)
     over: str = setting("auto", help="Index the image rows or the caption rows (auto: images when there are any).",

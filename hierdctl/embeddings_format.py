@@ -168,7 +168,8 @@ def write_shard(out: Path, index: int, label: str, *, image: np.ndarray | None, 
         files[suffix] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     marker = {
         "schema": SCHEMA, "index": index, "unit": label, "rows": n, "texts": int(text_row.shape[0]),
-        "captionless": dict(sorted(captionless.items())), "skipped": dict(sorted(Counter(s["reason"] for s in skipped).items())),
+        "captionless": dict(sorted(captionless.items())),
+        "skipped": dict(sorted(Counter(s["reason"] for s in skipped).items())),
         "skipped_samples": skipped, "files": files,
     }
     atomic.write_json_atomic(out / done_name(index), marker)  # last: the shard is finished

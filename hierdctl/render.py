@@ -111,7 +111,8 @@ def embed_summary(m: dict) -> None:
     t.add_row("model", escape(f"{m['model']['spec']}  ({m['model']['embed_dim']}-d, {m['model']['precision']})"))
     t.add_row("complete", f"{m['complete']}  ({m['shards_done']}/{m['shards_total']} shards)")
     t.add_row("rows", f"{c['rows']:,} samples, {c['texts']:,} captions  ({m['modality']}, {m['dtype']})")
-    t.add_row("caption-less", f"{c['captionless_total']:,}  " + ", ".join(f"{k}: {v}" for k, v in c["captionless"].items()))
+    t.add_row("caption-less", f"{c['captionless_total']:,}  "
+              + ", ".join(f"{k}: {v}" for k, v in c["captionless"].items()))
     t.add_row("skipped", f"{c['skipped_total']:,}  " + ", ".join(f"{k}: {v}" for k, v in c["skipped"].items()))
     t.add_row("duplicates", f"keys {c['duplicate_keys']:,}, images {c['duplicate_images']:,} (kept, counted)")
     if r:

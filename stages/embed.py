@@ -92,7 +92,8 @@ def _embed_unit(cfg: EmbedConfig, source, unit, model: _Model, advance) -> dict:
                                       Counter(), on_skip=bad_image):
             feats.append(model.images(x))
             for s in batch:
-                kept.append((s.key, _path(source, unit, s), s.captions, s.caption_issue, embeddings_format.key_hash(s.image)))
+                image_hash = embeddings_format.key_hash(s.image)
+                kept.append((s.key, _path(source, unit, s), s.captions, s.caption_issue, image_hash))
             advance(len(batch))
     else:
         for s in samples():

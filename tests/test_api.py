@@ -37,7 +37,8 @@ def test_import_hierdctl_is_light_and_exposes_every_command_lazily():
     assert heavy == "heavy:", f"importing the API pulls in: {heavy}"
     assert names == "hierdctl.api True distill"
     assert set(hierdctl.API) <= set(dir(hierdctl)) and set(hierdctl.__all__) >= set(hierdctl.API)
-    assert {"cache_teacher", "distill", "export", "eval_retrieval", "eval_zeroshot", "embed", "search"} <= set(hierdctl.API)
+    wanted = {"cache_teacher", "distill", "export", "eval_retrieval", "eval_zeroshot", "embed", "search"}
+    assert wanted <= set(hierdctl.API)
     with pytest.raises(AttributeError):
         hierdctl.no_such_function
     from hierdctl.stages import distill as stage  # the package beside the function of the same name

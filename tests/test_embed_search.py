@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -141,7 +140,8 @@ def test_embed_shards_hold_the_models_embeddings_keys_paths_and_captions(embedde
     # The same numbers as the encoder gives directly (its own transform, its embedding).
     enc = load_encoder(tiny_teacher)
     with torch.no_grad():
-        x = torch.stack([enc.eval_transform(Image.open(io.BytesIO(image_bytes(i))).convert("RGB")) for i in (20, 21, 0, 24)])
+        x = torch.stack([enc.eval_transform(Image.open(io.BytesIO(image_bytes(i))).convert("RGB"))
+                         for i in (20, 21, 0, 24)])
         want_img = enc.encode_image(x)[0].numpy()
         want_txt = enc.encode_text(enc.tokenize(["the same image as sample 0", "a key seen before"]))[0].numpy()
     np.testing.assert_allclose(img.astype(np.float32), want_img, atol=2e-3)
@@ -253,7 +253,8 @@ def test_a_damaged_finished_shard_is_redone_on_rerun(collection, tiny_teacher, t
     good = (out / "shard-00000.image.npy").read_bytes()
     (out / "shard-00000.image.npy").write_bytes(good[:-8] + b"\x00" * 8)  # same size, other bytes
     m = _embed(collection / "00000.tar", out, tiny_teacher, quiet=False)
-    assert m["this_run"]["shards"] == 1 and any("does not match its recorded sha256" in n for n in m["this_run"]["notes"])
+    assert m["this_run"]["shards"] == 1
+    assert any("does not match its recorded sha256" in n for n in m["this_run"]["notes"])
     assert (out / "shard-00000.image.npy").read_bytes() == good
 
 
