@@ -280,6 +280,47 @@ command("eval-grounding", EvalGroundingConfig, "hierdctl.stages.eval_grounding",
 
 
 # ----------------------------------------------------------------------------------
+# embed, index, search (issue 20): a collection embedded, indexed and searched
+# ----------------------------------------------------------------------------------
+
+from .configs import EmbedConfig, IndexConfig, SearchConfig  # noqa: E402
+
+ADAPTER_OPTIONS.update({"embed": [JSON_OPTION], "index": [JSON_OPTION], "search": [JSON_OPTION]})
+
+
+def _json_or(render_name: str):
+    def done(result: dict, cfg, adapter) -> None:
+        if adapter["json_out"]:
+            sys.stdout.write(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+        else:
+            from . import render
+
+            getattr(render, render_name)(result)
+
+    return done
+
+
+def _embed_done(manifest: dict, cfg, adapter) -> None:
+    """Embed a collection's images and/or texts (captions optional) into resumable shards with their keys."""
+    _json_or("embed_summary")(manifest, cfg, adapter)
+
+
+def _index_done(manifest: dict, cfg, adapter) -> None:
+    """Build a FAISS index over an embeddings folder: flat (exact), ivf, hnsw or pq with its recall@10 measured."""
+    _json_or("index_summary")(manifest, cfg, adapter)
+
+
+def _search_done(result: dict, cfg, adapter) -> None:
+    """Search an index with text or image queries: top-k keys, paths, captions and scores."""
+    _json_or("search_table")(result, cfg, adapter)
+
+
+command("embed", EmbedConfig, "hierdctl.stages.embed", _embed_done)
+command("index", IndexConfig, "hierdctl.stages.index", _index_done)
+command("search", SearchConfig, "hierdctl.stages.search", _search_done)
+
+
+# ----------------------------------------------------------------------------------
 # scenes, version
 # ----------------------------------------------------------------------------------
 

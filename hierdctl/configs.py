@@ -566,6 +566,12 @@ class EvalRetrievalConfig:
     max_pixels: int = _max_pixels(IDENTITY)
     workers: int = setting(4, help="Image-decoding threads (0: decode in the main thread).", role=RUNTIME)
     quiet: bool = _quiet()
+    # issue 20: the visual report (hierdctl/html_report.py)
+    html: Optional[Path] = setting(None, help="Also write a self-contained HTML report here: each model's top-k images "
+                                              "for a sample of caption queries, hits marked, the metrics, the loss "
+                                              "curves of exported students.", role=RUNTIME)
+    html_queries: int = setting(20, help="With --html: caption queries shown (drawn with a fixed seed).",
+                                role=RUNTIME)
 
     def validate(self) -> "EvalRetrievalConfig":
         _check_specs(self.models)
@@ -578,6 +584,8 @@ class EvalRetrievalConfig:
         require(self.nprobe is None or self.index == "ivf", f"only applies to --index ivf (not {self.index})", "--nprobe")
         require(self.max_pixels > 0, f"must be positive, got {self.max_pixels}", "--max-pixels")
         check_report_path(self.out)
+        check_report_path(self.html, "--html")  # issue 20
+        require(self.html_queries >= 1, f"must be at least 1, got {self.html_queries}", "--html-queries")
         from hierdctl.reports import check_save_index
 
         check_save_index(self.save_index, self.overwrite)
@@ -756,4 +764,124 @@ class ScenesConfig:
             raise UserError("only the fashion and cluttered flavours read Fashion-MNIST", where="--fashion-path")
         if self.flavour == "cluttered":
             scenes_assets.skimage_data()  # raises when scikit-image is missing
+        return self
+
+
+# ----------------------------------------------------------------------------------
+# embed / index / search (issue 20: a collection embedded, indexed and searched)
+# ----------------------------------------------------------------------------------
+
+EMBED_MODALITIES = ("both", "image", "text")  # hierdctl/embeddings_format.py's MODALITIES
+EMBED_DTYPES = ("fp16", "fp32")
+INDEX_TYPES = ("flat", "ivf", "hnsw", "pq")  # hierdctl/index_format.py builds them
+INDEX_OVER = ("auto", "image", "text")
+
+
+def _check_out_dir(out, where: str = "--out") -> None:
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"{out} exists and is not a directory", where)
+
+
+@dataclass
+class EmbedConfig:
+    source: str = setting(help="Shards (paths or URLs), a dir of shards, a .csv/.tsv/.jsonl, or a Karpathy .json; "
+                               "captions are optional (an image collection), or images are (--modality text).",
+                          role=IDENTITY, kind="argument")
+    model: str = setting(help="Model spec: open_clip:ARCH/TAG, local-dir:PATH (an export), hf:REPO_OR_PATH, ….",
+                         role=IDENTITY, flags=("--model", "-m"), required=True)
+    out: Path = setting(help="Output embeddings folder (resumed if it exists).", role=RUNTIME, flags=("--out", "-o"),
+                        required=True)
+    modality: str = setting("both", help="both (every image, and the captions a sample has), image, or text (the "
+                                         "captions; images are not read).", role=IDENTITY)
+    dtype: str = setting("fp16", help="Storage of the embeddings: fp16 or fp32.", role=IDENTITY)
+    source_options: SourceOptions = _source_options()
+    max_pixels: int = _max_pixels(IDENTITY)
+    # The precision the model ran at is part of the identity, resolved (embed records it).
+    precision: str = setting("auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16.", role=RUNTIME)
+    batch_size: int = setting(64, help="Images / captions per forward.", role=RUNTIME)
+    device: str = _device()
+    workers: int = setting(4, help="Image-decoding threads (0: decode in the main thread).", role=RUNTIME)
+    overwrite: bool = setting(False, help="Remove what embed wrote in OUT and start over (never anything else).",
+                              role=RUNTIME)
+    quiet: bool = _quiet()
+
+    def validate(self) -> "EmbedConfig":
+        _check_specs([self.model])
+        self.out = Path(self.out)
+        require(self.modality in EMBED_MODALITIES, f"must be one of {', '.join(EMBED_MODALITIES)}, got "
+                f"{self.modality!r}", "--modality")
+        require(self.dtype in EMBED_DTYPES, f"must be one of {', '.join(EMBED_DTYPES)}, got {self.dtype!r}", "--dtype")
+        require(self.precision in PRECISIONS, "must be auto, fp32, bf16 or fp16", "--precision")
+        require(self.batch_size >= 1, "must be at least 1", "--batch-size")
+        require(self.workers >= 0, "must be 0 or more", "--workers")
+        require(self.max_pixels > 0, f"must be positive, got {self.max_pixels}", "--max-pixels")
+        require(self.source_options.rows_per_shard >= 1, "must be at least 1", "--rows-per-shard")
+        _check_out_dir(self.out)
+        return self
+
+
+@dataclass
+class IndexConfig:
+    embeddings: Path = setting(help="An embeddings folder written by hierdctl embed.", role=IDENTITY, kind="argument")
+    out: Optional[Path] = setting(None, help="The index folder (default: DIR/index).", role=RUNTIME,
+                                  flags=("--out", "-o"))
+    index_type: str = setting("flat", help="flat (exact), ivf (IVF-Flat, nlist ≈ 4·√N), hnsw (HNSW-Flat, M 32) or "
+                                           "pq "
+                                           "(product quantisation, m sized to the dimension); approximate ones get "
+                                           "their recall@10 against exact measured.", role=IDENTITY)
+    over: str = setting("auto", help="Index the image rows or the caption rows (auto: images when there are any).",
+                        role=IDENTITY)
+    nprobe: Optional[int] = setting(None, help="With --index-type ivf: lists probed per query (default nlist/8).",
+                                    role=IDENTITY)
+    recall_queries: int = setting(1000, help="Held-out rows of the collection searched to measure recall@10 against "
+                                             "exact (0: not measured).", role=RECORDED)
+    seed: int = setting(0, help="Seed of the training sample and the recall queries.", role=IDENTITY)
+    overwrite: bool = setting(False, help="Replace an earlier index in --out.", role=RUNTIME)
+    quiet: bool = _quiet()
+
+    def validate(self) -> "IndexConfig":
+        self.embeddings = Path(self.embeddings)
+        require(self.embeddings.is_dir(), f"{self.embeddings} is not a directory", "DIR")
+        require(self.index_type in INDEX_TYPES, f"unknown index type {self.index_type!r} ({', '.join(INDEX_TYPES)})",
+                "--index-type")
+        require(self.over in INDEX_OVER, f"must be one of {', '.join(INDEX_OVER)}, got {self.over!r}", "--over")
+        require(self.nprobe is None or self.nprobe >= 1, "must be at least 1", "--nprobe")
+        require(self.nprobe is None or self.index_type == "ivf", f"only applies to --index-type ivf (not "
+                f"{self.index_type})", "--nprobe")
+        require(self.recall_queries >= 0, "must be 0 or more", "--recall-queries")
+        require(self.seed >= 0, "must be 0 or more", "--seed")
+        if self.out is None:
+            self.out = self.embeddings / "index"
+        self.out = Path(self.out)
+        _check_out_dir(self.out)
+        return self
+
+
+@dataclass
+class SearchConfig:
+    index: Path = setting(help="An index folder written by hierdctl index.", role=IDENTITY, kind="argument")
+    model: Optional[str] = setting(None, help="Model spec of the queries (default: the model the collection was "
+                                              "embedded with); its weights must be the same.", role=IDENTITY,
+                                   flags=("--model", "-m"))
+    texts: list[str] = setting(help="A text query (repeatable).", role=IDENTITY, factory=list, flags=("--text", "-t"))
+    images: list[Path] = setting(help="An image file as the query (repeatable).", role=IDENTITY, factory=list,
+                                 flags=("--image", "-i"))
+    k: int = setting(10, help="Results per query.", role=IDENTITY, flags=("--k",))
+    max_pixels: int = _max_pixels(IDENTITY)
+    device: str = _device()
+    quiet: bool = _quiet()
+
+    def validate(self) -> "SearchConfig":
+        self.index = Path(self.index)
+        require(self.index.is_dir(), f"{self.index} is not a directory", "INDEX")
+        if self.model is not None:
+            _check_specs([self.model])
+        self.texts, self.images = list(self.texts), [Path(p) for p in self.images]
+        require(bool(self.texts or self.images), "give a query: --text TEXT or --image PATH", "--text")
+        for t in self.texts:
+            require(isinstance(t, str) and bool(t.strip()), f"a query must be non-empty text, got {t!r}", "--text")
+        for p in self.images:
+            require(p.is_file(), f"{p} does not exist or is not a file", "--image")
+        require(1 <= self.k <= 10_000, f"must be within 1..10000, got {self.k}", "--k")
+        require(self.max_pixels > 0, f"must be positive, got {self.max_pixels}", "--max-pixels")
         return self

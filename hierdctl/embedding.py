@@ -35,16 +35,17 @@ def iter_samples(source, skipped: Counter) -> Iterator:
 
 
 def image_batches(samples, encoder, batch_size: int, workers: int, max_pixels: int, skipped: Counter,
-                  with_sizes: bool = False):
+                  with_sizes: bool = False, on_skip: Callable | None = None):
     """Decode + eval-transform in a thread pool; yield (samples, images (B,3,S,S)) batches, or with
     `with_sizes` (samples, images, each image's original (w, h)). Undecodable images are skipped
-    and counted, never fatal."""
+    and counted, never fatal; on_skip(sample, BadImage), when given, hears of each one (hierdctl
+    embed lists them by key)."""
 
     def prep(s):
         try:
             img, _ = decode_rgb(s.image, max_pixels)
         except BadImage as e:
-            return s, e.reason, None
+            return s, e, None
         return s, encoder.eval_transform(img), img.size
 
     pool = ThreadPoolExecutor(workers) if workers > 0 else None
@@ -55,9 +56,11 @@ def image_batches(samples, encoder, batch_size: int, workers: int, max_pixels: i
             if not chunk:
                 return
             done = list(pool.map(prep, chunk)) if pool else [prep(s) for s in chunk]
-            good = [d for d in done if not isinstance(d[1], str)]
-            for _, why, _ in (d for d in done if isinstance(d[1], str)):
-                skipped[why] += 1
+            good = [d for d in done if not isinstance(d[1], BadImage)]
+            for s, bad, _ in (d for d in done if isinstance(d[1], BadImage)):
+                skipped[bad.reason] += 1
+                if on_skip is not None:
+                    on_skip(s, bad)
             if good:
                 batch = [s for s, _, _ in good], torch.stack([x for _, x, _ in good])
                 yield (*batch, [wh for _, _, wh in good]) if with_sizes else batch

@@ -20,6 +20,9 @@ CONFIGS = {
     "eval-retrieval": configs.EvalRetrievalConfig,
     "eval-zeroshot": configs.EvalZeroshotConfig,
     "scenes": configs.ScenesConfig,
+    "embed": configs.EmbedConfig,  # issue 20
+    "index": configs.IndexConfig,
+    "search": configs.SearchConfig,
 }
 COMMANDS = typer.main.get_command(app).commands
 
