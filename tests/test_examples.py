@@ -25,13 +25,17 @@ def test_quick_demo_runs_the_pipeline_and_prints_one_table(tmp_path, tiny_teache
     report = json.loads((work / "report.json").read_text())
     assert [m["spec"] for m in report["models"]] == [
         tiny_teacher, f"local-dir:{work / 'models' / 'clip'}", f"local-dir:{work / 'models' / 'hierd'}"]
-    for m in report["models"]:
+    grounding = json.loads((work / "grounding.json").read_text())
+    assert [m["spec"] for m in grounding["models"]] == [m["spec"] for m in report["models"]]
+    rows = demo.summarise(report, ["teacher", "clip", "hierd"], grounding)
+    for name, m in rows:
         for _, key in demo.COLUMNS:
-            assert 0.0 <= m["metrics"][key] <= 1.0, key
+            assert 0.0 <= m[key] <= 1.0, (name, key)
     out = capsys.readouterr()
     printed = out.out + out.err
-    assert printed.count("$ hierdctl ") == 7  # scenes, cache-teacher, 2 × (distill, export), eval-retrieval
-    assert "Scenes demo" in printed and "hierd" in printed
+    # scenes, cache-teacher, 2 × (distill, export), eval-retrieval, eval-grounding
+    assert printed.count("$ hierdctl ") == 8
+    assert "Scenes demo" in printed and "hierd" in printed and "point" in printed and "chance" in printed
     assert (work / "demo.png").stat().st_size > 5000
     assert (work / "models" / "hierd" / "open_clip_model.safetensors").is_file()
 
