@@ -623,11 +623,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--jobs", type=int, default=1, help="students trained at once, one torch thread each [1]")
+    ap.add_argument("--seeds", type=int, default=None,
+                    help="final: only the first N of SEEDS (when compute runs out; results record the seeds used)")
     args = ap.parse_args(argv)
     global JOBS
     JOBS = args.jobs
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # one thread per student (inherited by commands)
     p = dict(PRESETS["quick" if args.quick else "full"], quick=args.quick)
+    if args.seeds is not None:
+        p["seeds"] = p["seeds"][: args.seeds]
     phases = args.phase.split(",")
     root = args.work
     (root / "results").mkdir(parents=True, exist_ok=True)
