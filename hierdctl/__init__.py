@@ -3,7 +3,8 @@
 The Python API (docs/api.md): every command as a function taking its settings as keyword
 arguments (or its config dataclass) and returning its report —
 
-    hierdctl.cache_teacher  distill  export  eval_retrieval  eval_zeroshot  embed  index  search  scenes
+    hierdctl.cache_teacher  distill  export  eval_retrieval  eval_zeroshot  eval_grounding  embed  index  search
+    scenes
 
 They live in hierdctl/api.py, loaded on first use: `import hierdctl` (and `hierdctl --help`)
 imports nothing heavy.
@@ -11,7 +12,8 @@ imports nothing heavy.
 
 __version__ = "0.1.0"
 
-API = ("cache_teacher", "distill", "export", "eval_retrieval", "eval_zeroshot", "embed", "index", "search", "scenes")
+API = ("cache_teacher", "distill", "export", "eval_retrieval", "eval_zeroshot", "eval_grounding", "embed", "index", "search",
+       "scenes")
 __all__ = ["__version__", *API]
 
 

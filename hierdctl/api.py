@@ -39,13 +39,14 @@ STAGES = {
     "export": (configs.ExportConfig, "hierdctl.stages.export"),
     "eval_retrieval": (configs.EvalRetrievalConfig, "hierdctl.stages.eval_retrieval"),
     "eval_zeroshot": (configs.EvalZeroshotConfig, "hierdctl.stages.eval_zeroshot"),
+    "eval_grounding": (configs.EvalGroundingConfig, "hierdctl.stages.eval_grounding"),
     "embed": (configs.EmbedConfig, "hierdctl.stages.embed"),
     "index": (configs.IndexConfig, "hierdctl.stages.index"),
     "search": (configs.SearchConfig, "hierdctl.stages.search"),
     "scenes": (configs.ScenesConfig, "hierdctl.stages.scenes"),
 }
 ALIASES = {"search": {"text": "texts", "image": "images"}, "eval_retrieval": {"model": "models", "k": "ks"},
-           "eval_zeroshot": {"model": "models"}}
+           "eval_zeroshot": {"model": "models"}, "eval_grounding": {"model": "models"}}
 
 
 # ----------------------------------------------------------------------------------
@@ -239,6 +240,10 @@ def eval_zeroshot(config: configs.EvalZeroshotConfig | None = None, /, **setting
     return _run("eval_zeroshot", config, settings_)
 
 
+def eval_grounding(config: configs.EvalGroundingConfig | None = None, /, **settings_) -> dict:
+    return _run("eval_grounding", config, settings_)
+
+
 def embed(config: configs.EmbedConfig | None = None, /, **settings_) -> dict:
     return _run("embed", config, settings_)
 
@@ -261,6 +266,7 @@ _RETURNS = {
     "export": "the export's manifest (DIR/export.json) with 'out' and 'seconds'",
     "eval_retrieval": "the report of docs/eval.md (what --out writes)",
     "eval_zeroshot": "the report of docs/eval.md (what --out writes)",
+    "eval_grounding": "the report of docs/eval.md (what --out writes)",
     "embed": "the embeddings folder's manifest (OUT/manifest.json) with this run's figures under 'this_run'",
     "index": "the index's manifest (INDEX/index.json) with 'out' and 'seconds'",
     "search": "{'queries': [{'text' | 'image', 'results': [{rank, score, row, key, path, captions | caption}]}], …}",

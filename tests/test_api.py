@@ -37,7 +37,7 @@ def test_import_hierdctl_is_light_and_exposes_every_command_lazily():
     assert heavy == "heavy:", f"importing the API pulls in: {heavy}"
     assert names == "hierdctl.api True distill"
     assert set(hierdctl.API) <= set(dir(hierdctl)) and set(hierdctl.__all__) >= set(hierdctl.API)
-    wanted = {"cache_teacher", "distill", "export", "eval_retrieval", "eval_zeroshot", "embed", "search"}
+    wanted = {"cache_teacher", "distill", "export", "eval_retrieval", "eval_zeroshot", "eval_grounding", "embed", "search"}
     assert wanted <= set(hierdctl.API)
     with pytest.raises(AttributeError):
         hierdctl.no_such_function
@@ -109,6 +109,9 @@ def test_zeroshot_embed_index_search_and_scenes_through_the_api(pipeline, tiny_t
     assert hits["queries"] == same["queries"] and len(hits["queries"][0]["results"]) == 3
     s = hierdctl.scenes(out=tmp_path / "scenes", n_train=3, n_test=2, shard_size=5)
     assert s["counts"]["train"] == 3 and (tmp_path / "scenes" / "scenes.json").is_file()
+    g = hierdctl.eval_grounding(str(tmp_path / "scenes" / "test"), model=pipeline["student"], device="cpu",
+                                workers=0, quiet=True)
+    assert g["counts"]["images"] == 2 and 0 <= g["models"][0]["metrics"]["pointing_acc/all"] <= 1
 
 
 def test_bad_input_raises_the_message_the_command_exits_with(tiny_teacher, tmp_path):
@@ -123,6 +126,8 @@ def test_bad_input_raises_the_message_the_command_exits_with(tiny_teacher, tmp_p
          ["eval-retrieval", src, "--model", tiny_teacher, "--k", "one"]),
         (hierdctl.eval_retrieval, dict(source=src, models=[tiny_teacher], index="lsh"),
          ["eval-retrieval", src, "--model", tiny_teacher, "--index", "lsh"]),
+        (hierdctl.eval_grounding, dict(source=src, model=[tiny_teacher], batch_size=0),
+         ["eval-grounding", src, "--model", tiny_teacher, "--batch-size", "0"]),
         (hierdctl.cache_teacher, dict(source=src, out=tmp_path / "c", teacher=tiny_teacher, views=0),
          ["cache-teacher", src, "--out", tmp_path / "c", "--teacher", tiny_teacher, "--views", "0"]),
         (hierdctl.distill, dict(cache=str(tmp_path), student="tiny-test", recipe="clip-kd", out=str(tmp_path / "r"),
