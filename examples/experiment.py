@@ -28,6 +28,18 @@ The protocol is fixed here, in code, before any test number exists (issue 24):
              teacher's recall@1 both ways); the last one on the test split, once.
     report   WORK/RESULTS.generated.md and WORK/results.json from every part finished so far.
 
+The reduced protocol (`--budget small`), fixed on 2026-12-04 before any test number existed,
+because the full one (~9 core-hours; a search student took 165-450 core-seconds on the shared
+2-core machine) did not fit the session's ~4 core-hours:
+
+    search   A exactly as above: it alone chooses clip, tinyclip, clip-kd, clip-rd and hierd
+             (the same budget for each: 3 rates). B is dropped for every recipe. hierd-rel:
+             hierd's five structure configurations (FIRST["hierd"]) at hierd's best rate, on
+             shapes' two draws, chosen among themselves only (5 configurations more than any
+             other recipe: a hierd-rel win is partly budget). C: shapes only.
+    final    FINAL_RECIPES × the first 3 seeds (--seeds 3), shapes and cluttered.
+    dropped  fashion, and the long budget (curves, epochs to 90 %).
+
 Every part resumes: a student already exported with the very same settings is reused, so
 the experiment runs in parts (--phase, --flavours, --jobs) and survives interruption. Only
 public commands are used (scenes, cache-teacher, distill, export, eval-retrieval,
@@ -171,7 +183,9 @@ def choose(search: dict) -> dict:
     for r, rows in search["tried"].items():
         ok = [x for x in rows if within_budget(x["weights"])]
         chosen[r] = max(ok, key=lambda x: x["score"])
-    rel = [x for x in search["tried"]["hierd"] if within_budget(x["weights"]) and set(STRUCTURE_TERMS) & set(x["weights"])]
+    # (--budget small: hierd-rel's own candidates, chosen above; the full search: hierd's own)
+    rel = [x for x in search["tried"].get("hierd-rel", search["tried"]["hierd"])
+           if within_budget(x["weights"]) and set(STRUCTURE_TERMS) & set(x["weights"])]
     chosen["hierd-rel"] = max(rel, key=lambda x: x["score"])
     return chosen
 
@@ -296,11 +310,11 @@ def r1(m: dict) -> float:
 
 
 def _val_scores(root: Path, p: dict, device: str, times: dict, models: dict[str, tuple[str, float]],
-                tag: str, grounding: bool = False) -> dict:
+                tag: str, grounding: bool = False, flavours: tuple[str, ...] = FLAVOURS) -> dict:
     """Train `models` (config name -> (recipe path, lr)) at seed 0 on every flavour and score them
     on both validation draws -> {config name: {"metrics": {flavour/draw: metrics}, "grounding": …}}."""
     out: dict = {name: {"metrics": {}, "grounding": {}} for name in models}
-    for flavour in FLAVOURS:
+    for flavour in flavours:
         w, teacher = prepare(flavour, root, p, device, times)
         items = []
         for name, (path, lr) in models.items():
@@ -322,7 +336,7 @@ def _val_scores(root: Path, p: dict, device: str, times: dict, models: dict[str,
     return out
 
 
-def search_phase(root: Path, p: dict, device: str) -> dict:
+def search_phase(root: Path, p: dict, device: str, small: bool = False) -> dict:
     times: dict = {}
     folder = root / "recipes"
     base = {r: weights_of(shipped_recipe(r)) for r in RECIPES}
@@ -339,6 +353,8 @@ def search_phase(root: Path, p: dict, device: str) -> dict:
         for lr in p["lrs"]:
             add(r, r, lr, base[r], res[f"{r}@{lr:g}"])
     best_lr = {r: max(tried[r], key=lambda x: x["score"])["lr"] for r in RECIPES}
+    if small:
+        return _small_search_rest(root, p, device, times, folder, base, tried, best_lr, res.get("_teacher_grounding"))
     # B1: the single changes, at each recipe's own best rate
     b1 = {f"{r}-{c}": (write_recipe(folder, f"{r}-{c}", apply(base[r], ch), f"{r}: {c}"), best_lr[r])
           for r, changes in FIRST.items() for c, ch in changes.items()}
@@ -365,6 +381,29 @@ def search_phase(root: Path, p: dict, device: str) -> dict:
     out = {"tried": tried, "controls": controls, "best_lr": best_lr, "teacher_grounding": res.get("_teacher_grounding"),
            "configs_tried": {r: len(v) for r, v in tried.items()}, "wall_seconds": times}
     assert all(out["configs_tried"][r] == len(p["lrs"]) + EXTRA for r in ("clip-kd", "clip-rd", "hierd")), out
+    (root / "search.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def _small_search_rest(root, p, device, times, folder, base, tried, best_lr, teacher_grounding) -> dict:
+    """--budget small after A: hierd-rel's structure configurations and the controls, shapes only."""
+    only = (FLAVOURS[0],)
+    rel = {f"hierd-{c}": (write_recipe(folder, f"hierd-{c}", apply(base["hierd"], ch), f"hierd: {c}"),
+                          best_lr["hierd"]) for c, ch in FIRST["hierd"].items()}
+    res = _val_scores(root, p, device, times, rel, "rel", grounding=True, flavours=only)
+    tried["hierd-rel"] = [{"config": c, "lr": best_lr["hierd"], "weights": apply(base["hierd"], ch),
+                           "score": val_score(res[f"hierd-{c}"]["metrics"]), "metrics": res[f"hierd-{c}"]["metrics"],
+                           "grounding": res[f"hierd-{c}"]["grounding"]} for c, ch in FIRST["hierd"].items()]
+    ctl = {c: (write_recipe(folder, c, weights_of(shipped_recipe(c)), f"control {c}"), best_lr["hierd"])
+           for c in CONTROLS}
+    res_c = _val_scores(root, p, device, times, ctl, "controls", grounding=True, flavours=only)
+    controls = [{"config": c, "lr": best_lr["hierd"], "weights": weights_of(shipped_recipe(c)),
+                 "score": val_score(res_c[c]["metrics"]), "metrics": res_c[c]["metrics"],
+                 "grounding": res_c[c]["grounding"]} for c in CONTROLS]
+    out = {"budget": "small", "tried": tried, "controls": controls, "best_lr": best_lr,
+           "teacher_grounding": teacher_grounding,
+           "configs_tried": {r: len(v) for r, v in tried.items()}, "wall_seconds": times}
+    assert all(out["configs_tried"][r] == len(p["lrs"]) for r in RECIPES), out
     (root / "search.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
 
@@ -498,7 +537,7 @@ def search_markdown(s: dict, chosen: dict | None) -> str:
         for f in FLAVOURS:
             ms = [m for k, m in x["metrics"].items() if k.startswith(f + "/")]
             cells.append(f"{100 * statistics.mean(m[R1[0]] for m in ms):.1f} / "
-                         f"{100 * statistics.mean(m[R1[1]] for m in ms):.1f}")
+                         f"{100 * statistics.mean(m[R1[1]] for m in ms):.1f}" if ms else "–")
         g = x.get("grounding") or {}
         point = ", ".join(pct(g[f], "pointing_acc") if g.get(f, {}).get("pointing_acc") is not None else "–"
                           for f in FLAVOURS)
@@ -623,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--jobs", type=int, default=1, help="students trained at once, one torch thread each [1]")
+    ap.add_argument("--budget", choices=("full", "small"), default="full", help="search: the protocol (see above)")
     ap.add_argument("--seeds", type=int, default=None,
                     help="final: only the first N of SEEDS (when compute runs out; results record the seeds used)")
     args = ap.parse_args(argv)
@@ -637,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     (root / "results").mkdir(parents=True, exist_ok=True)
     started = time.time()
     if "search" in phases:
-        search_phase(root, p, args.device)
+        search_phase(root, p, args.device, small=args.budget == "small")
     if "select" in phases:
         select_phase(root)
     flavours = args.flavours.split(",")

@@ -98,6 +98,21 @@ def test_the_choice_is_the_best_on_validation_within_the_step_budget():
     assert c["hierd-rel"]["config"] == "+align" and c["hierd-rel"]["lr"] == 0.002
 
 
+def test_the_small_budget_chooses_hierd_from_its_rates_and_hierd_rel_from_its_own_candidates():
+    m = {"text_retrieval_recall@1": 0.3, "image_retrieval_recall@1": 0.2}
+    both = {"metrics": {"shapes/val7": m, "cluttered/val7": m}}
+    rates = [_row("hierd", lr, sc, {"hierd_clu_fd": 1}) | both for lr, sc in ((0.002, 0.2), (0.004, 0.25), (0.008, 0.1))]
+    shapes = {"metrics": {"shapes/val7": m, "shapes/val8": m}}
+    s = {"tried": {"hierd": rates,
+                   "hierd-rel": [_row("+align", 0.004, 0.30, {"hierd_clu_fd": 1, "hierd_clu_phr": 1}) | shapes,
+                                 _row("+coupling", 0.004, 0.26, {"hierd_clu_fd": 1, "hierd_clu_img": 1}) | shapes]}}
+    c = experiment.choose(s)
+    assert (c["hierd"]["config"], c["hierd"]["lr"]) == ("hierd", 0.004)  # the structure rows never compete here
+    assert c["hierd-rel"]["config"] == "+align"
+    md = experiment.search_markdown(s | {"controls": [], "configs_tried": {"hierd": 3, "hierd-rel": 2}}, c)
+    assert md.count("(chosen)") == 2 and "–" in md  # hierd-rel's rows ran on one flavour only
+
+
 def test_the_validation_score_averages_both_ways_over_flavours_and_draws():
     m = lambda a, b: {"text_retrieval_recall@1": a, "image_retrieval_recall@1": b}  # noqa: E731
     assert experiment.val_score({"shapes/val7": m(0.2, 0.4), "cluttered/val8": m(0.1, 0.1)}) == pytest.approx(0.2)
