@@ -29,16 +29,19 @@ The protocol is fixed here, in code, before any test number exists (issue 24):
     report   WORK/RESULTS.generated.md and WORK/results.json from every part finished so far.
 
 The reduced protocol (`--budget small`), fixed on 2026-12-04 before any test number existed,
-because the full one (~9 core-hours; a search student took 165-450 core-seconds on the shared
-2-core machine) did not fit the session's ~4 core-hours:
+because the full one (~9 core-hours) did not fit the session: on the shared 2-core machine a
+search student took 450 s of wall time (165 core-seconds when alone), so about 45 students fit.
 
-    search   A exactly as above: it alone chooses clip, tinyclip, clip-kd, clip-rd and hierd
-             (the same budget for each: 3 rates). B is dropped for every recipe. hierd-rel:
-             hierd's five structure configurations (FIRST["hierd"]) at hierd's best rate, on
-             shapes' two draws, chosen among themselves only (5 configurations more than any
-             other recipe: a hierd-rel win is partly budget). C: shapes only.
-    final    FINAL_RECIPES × the first 3 seeds (--seeds 3), shapes and cluttered.
-    dropped  fashion, and the long budget (curves, epochs to 90 %).
+    search   A for the three contenders only: clip-kd, clip-rd and hierd at each rate of LRS,
+             both flavours, both draws (the same budget for each: 3 configurations). clip (the
+             no-teacher reference) at LRS on shapes only; tinyclip not run. B is dropped.
+             hierd-rel: SMALL_REL (two of hierd's structure configurations) at hierd's best
+             rate on shapes' two draws, chosen among themselves. C: SMALL_CONTROLS, shapes only.
+    final    SMALL_FINAL × the first 3 seeds (--seeds 3), shapes, then cluttered. A final
+             student whose settings equal a search student's (seed 0, same configuration, rate
+             and cache) is that student: it is not trained twice.
+    dropped  tinyclip, B, four of the six controls, fashion, and the long budget (curves,
+             epochs to 90 %).
 
 Every part resumes: a student already exported with the very same settings is reused, so
 the experiment runs in parts (--phase, --flavours, --jobs) and survives interruption. Only
@@ -82,6 +85,10 @@ SEEDS = (0, 1, 2, 3, 4)
 FASHION_SEEDS = (0, 1, 2)
 LONG_SEEDS = (0, 1, 2)
 FINAL_RECIPES = ("clip", "tinyclip", "clip-kd", "clip-rd", "hierd", "hierd-rel")
+SMALL_TUNED = ("clip-kd", "clip-rd", "hierd")  # --budget small: A on both flavours for these
+SMALL_REL = ("+align", "+structure")  # of FIRST["hierd"]
+SMALL_CONTROLS = ("ctl-grid2-fd", "ctl-global-fd6000")  # clusters vs a fixed grid; FD matched globally
+SMALL_FINAL = ("clip", "clip-kd", "clip-rd", "hierd", "hierd-rel")
 FASHION_RECIPES = ("clip-kd", "clip-rd", "hierd", "hierd-rel")
 LONG_RECIPES = ("clip-kd", "clip-rd", "hierd", "hierd-rel")
 METRICS = ("text_retrieval_recall@1", "image_retrieval_recall@1", "hardneg_acc/swap_attribute",
@@ -247,6 +254,11 @@ def distill_export(w: Path, cache: Path, name: str, recipe: str, lr: float, seed
     out = {None: f"local-dir:{model}"} | {e: f"local-dir:{model}-ep{e}" for e in curve}
     if (model / "export.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == settings:
         return out
+    if not curve:  # the same student trained under another name (a search student is a final one's seed 0)
+        for other in sorted((w / "models").glob("*.settings.json")):
+            twin = other.with_name(other.name[: -len(".settings.json")])
+            if (twin / "export.json").is_file() and _same_student(json.loads(other.read_text()), settings):
+                return {None: f"local-dir:{twin}"}
     steps_per_epoch = json.loads((cache / "manifest.json").read_text())["samples"] // p["batch_size"]
     t0 = time.time()
     extra = ["--save-every", str(steps_per_epoch), "--set", f"keep_checkpoints={max(curve) + 1}"] if curve else \
@@ -263,6 +275,14 @@ def distill_export(w: Path, cache: Path, name: str, recipe: str, lr: float, seed
     hierdctl("export", str(run), "--out", str(model), "--format", "open_clip", "--overwrite", times=times, key="export")
     stamp.write_text(json.dumps(settings, indent=2) + "\n")
     return out
+
+
+def _same_student(a: dict, b: dict) -> bool:
+    """Two distill settings train the same student: equal but for the recipe's description."""
+    def terms(x):
+        return yaml.safe_load(x["recipe"]).get("terms")
+    return terms(a) == terms(b) and {k: v for k, v in a.items() if k != "recipe"} == \
+        {k: v for k, v in b.items() if k != "recipe"}
 
 
 def prepare(flavour: str, root: Path, p: dict, device: str, times: dict, long: bool = False) -> tuple[Path, str]:
@@ -346,6 +366,8 @@ def search_phase(root: Path, p: dict, device: str, small: bool = False) -> dict:
         tried[r].append({"config": config, "lr": lr, "weights": weights, "score": val_score(res["metrics"]),
                          "metrics": res["metrics"], "grounding": res["grounding"]})
 
+    if small:
+        return _small_search(root, p, device, times, folder, base, add, tried)
     # A: the rate grid, every recipe at its shipped weights
     grid = {f"{r}@{lr:g}": (write_recipe(folder, r, base[r], f"{r} (shipped)"), lr) for r in RECIPES for lr in p["lrs"]}
     res = _val_scores(root, p, device, times, grid, "grid", grounding=True)
@@ -353,8 +375,6 @@ def search_phase(root: Path, p: dict, device: str, small: bool = False) -> dict:
         for lr in p["lrs"]:
             add(r, r, lr, base[r], res[f"{r}@{lr:g}"])
     best_lr = {r: max(tried[r], key=lambda x: x["score"])["lr"] for r in RECIPES}
-    if small:
-        return _small_search_rest(root, p, device, times, folder, base, tried, best_lr, res.get("_teacher_grounding"))
     # B1: the single changes, at each recipe's own best rate
     b1 = {f"{r}-{c}": (write_recipe(folder, f"{r}-{c}", apply(base[r], ch), f"{r}: {c}"), best_lr[r])
           for r, changes in FIRST.items() for c, ch in changes.items()}
@@ -385,25 +405,36 @@ def search_phase(root: Path, p: dict, device: str, small: bool = False) -> dict:
     return out
 
 
-def _small_search_rest(root, p, device, times, folder, base, tried, best_lr, teacher_grounding) -> dict:
-    """--budget small after A: hierd-rel's structure configurations and the controls, shapes only."""
+def _small_search(root, p, device, times, folder, base, add, tried) -> dict:
+    """--budget small (the docstring): A for SMALL_TUNED on both flavours, clip's rates on shapes,
+    hierd-rel's SMALL_REL and the SMALL_CONTROLS on shapes at hierd's rate."""
     only = (FLAVOURS[0],)
-    rel = {f"hierd-{c}": (write_recipe(folder, f"hierd-{c}", apply(base["hierd"], ch), f"hierd: {c}"),
-                          best_lr["hierd"]) for c, ch in FIRST["hierd"].items()}
-    res = _val_scores(root, p, device, times, rel, "rel", grounding=True, flavours=only)
-    tried["hierd-rel"] = [{"config": c, "lr": best_lr["hierd"], "weights": apply(base["hierd"], ch),
-                           "score": val_score(res[f"hierd-{c}"]["metrics"]), "metrics": res[f"hierd-{c}"]["metrics"],
-                           "grounding": res[f"hierd-{c}"]["grounding"]} for c, ch in FIRST["hierd"].items()]
+    grid = {f"{r}@{lr:g}": (write_recipe(folder, r, base[r], f"{r} (shipped)"), lr) for r in SMALL_TUNED
+            for lr in p["lrs"]}
+    res = _val_scores(root, p, device, times, grid, "grid", grounding=True)
+    clip = {f"clip@{lr:g}": (write_recipe(folder, "clip", base["clip"], "clip (shipped)"), lr) for lr in p["lrs"]}
+    res |= _val_scores(root, p, device, times, clip, "grid-clip", grounding=True, flavours=only)
+    for r in ("clip",) + SMALL_TUNED:
+        for lr in p["lrs"]:
+            add(r, r, lr, base[r], res[f"{r}@{lr:g}"])
+    del tried["tinyclip"]
+    best_lr = {r: max(rows, key=lambda x: x["score"])["lr"] for r, rows in tried.items()}
+    rel = {f"hierd{c}": (write_recipe(folder, f"hierd{c}", apply(base["hierd"], FIRST["hierd"][c]), f"hierd: {c}"),
+                         best_lr["hierd"]) for c in SMALL_REL}
+    res_r = _val_scores(root, p, device, times, rel, "rel", grounding=True, flavours=only)
+    tried["hierd-rel"] = [{"config": c, "lr": best_lr["hierd"], "weights": apply(base["hierd"], FIRST["hierd"][c]),
+                           "score": val_score(res_r[f"hierd{c}"]["metrics"]), "metrics": res_r[f"hierd{c}"]["metrics"],
+                           "grounding": res_r[f"hierd{c}"]["grounding"]} for c in SMALL_REL]
     ctl = {c: (write_recipe(folder, c, weights_of(shipped_recipe(c)), f"control {c}"), best_lr["hierd"])
-           for c in CONTROLS}
+           for c in SMALL_CONTROLS}
     res_c = _val_scores(root, p, device, times, ctl, "controls", grounding=True, flavours=only)
     controls = [{"config": c, "lr": best_lr["hierd"], "weights": weights_of(shipped_recipe(c)),
                  "score": val_score(res_c[c]["metrics"]), "metrics": res_c[c]["metrics"],
-                 "grounding": res_c[c]["grounding"]} for c in CONTROLS]
+                 "grounding": res_c[c]["grounding"]} for c in SMALL_CONTROLS]
     out = {"budget": "small", "tried": tried, "controls": controls, "best_lr": best_lr,
-           "teacher_grounding": teacher_grounding,
+           "teacher_grounding": res.get("_teacher_grounding"),
            "configs_tried": {r: len(v) for r, v in tried.items()}, "wall_seconds": times}
-    assert all(out["configs_tried"][r] == len(p["lrs"]) for r in RECIPES), out
+    assert all(out["configs_tried"][r] == len(p["lrs"]) for r in SMALL_TUNED), out
     (root / "search.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
 
@@ -429,7 +460,7 @@ def final_phase(flavour: str, root: Path, p: dict, device: str) -> dict:
     times: dict = {}
     w, teacher = prepare(flavour, root, p, device, times)
     recipes = chosen_recipes(root)
-    names = FASHION_RECIPES if flavour == FASHION else FINAL_RECIPES
+    names = FASHION_RECIPES if flavour == FASHION else p.get("final_recipes", FINAL_RECIPES)
     seeds = p["fashion_seeds"] if flavour == FASHION else p["seeds"]
     runs = [(s, r) for s in seeds for r in names]
     specs = run_many(lambda x: distill_export(w, w / "cache", f"final-{x[1]}-s{x[0]}", *recipes[x[1]], x[0], p,
@@ -678,6 +709,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     if "search" in phases:
         search_phase(root, p, args.device, small=args.budget == "small")
+    if args.budget == "small":
+        p["final_recipes"] = SMALL_FINAL
     if "select" in phases:
         select_phase(root)
     flavours = args.flavours.split(",")

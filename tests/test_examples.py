@@ -191,3 +191,12 @@ def test_demo_clears_only_its_own_command_logs(tmp_path, monkeypatch):
     with pytest.raises(Stop):
         demo.main(["--work", str(tmp_path), "--quick"])
     assert sorted(p.name for p in logs.iterdir()) == ["notes.txt"]
+
+
+def test_a_final_student_equal_to_a_search_student_is_that_student():
+    a = {"recipe": "description: clip-kd (shipped)\nterms:\n- {name: clip, weight: 1.0}\n", "lr": 0.004, "seed": 0,
+         "cache": "c", "epochs": 4, "curve": [], "batch_size": 128, "warmup": 50}
+    b = a | {"recipe": "description: 'clip-kd: the search''s choice'\nterms:\n- {name: clip, weight: 1.0}\n"}
+    assert experiment._same_student(a, b)
+    assert not experiment._same_student(a, b | {"seed": 1})
+    assert not experiment._same_student(a, a | {"recipe": "terms:\n- {name: clip, weight: 2.0}\n"})
