@@ -117,6 +117,7 @@ COLUMNS = [  # (label, metric name in the eval-retrieval report, or grounding/�
     ("point", "grounding/pointing_acc/all"),
     ("mass", "grounding/box_mass/all"),
 ]
+GROUNDING_CONTROLS = [("point ctl", "grounding/pointing_acc_control/all"), ("mass ctl", "grounding/box_mass_control/all")]
 
 
 def summarise(report: dict, names: list[str], grounding: dict) -> list[tuple[str, dict]]:
@@ -129,30 +130,36 @@ def summarise(report: dict, names: list[str], grounding: dict) -> list[tuple[str
 
 
 def print_table(rows, times, wall: float) -> None:
+    """Two tables with the same rows: retrieval and hard negatives, then phrase grounding (one
+    table of eleven columns does not fit 80 characters)."""
     from rich.table import Table
 
     from hierdctl.console import console
 
+    def table(title, caption, columns):
+        t = Table(title=title, caption=caption)
+        t.add_column("model", no_wrap=True)
+        for label, _ in columns:
+            t.add_column(label, justify="right", no_wrap=True)
+        best = {key: max(m.get(key, float("-inf")) for name, m in rows[1:]) for _, key in columns}
+        for name, m in rows:
+            cells = []
+            for _, key in columns:
+                v = m.get(key)
+                s = "–" if v is None else f"{100 * v:.1f}"
+                cells.append(f"[bold]{s}[/]" if name != "teacher" and v is not None and v == best.get(key) else s)
+            t.add_row(name, *cells)
+        console.print(t)
+
+    table("Scenes demo: retrieval recall@K (I→T, T→I) and hard-negative accuracy (HN), in %",
+          "HN: how often the true caption beats a negative that swaps an attribute (attr), flips a relation (rel) "
+          "or replaces an object (obj); bold: best student", COLUMNS[:8])
     chance = rows[0][1]
-    t = Table(title="Scenes demo: retrieval recall@K (I→T, T→I), hard-negative accuracy (HN) and phrase "
-              "grounding, in %",
-              caption="HN: how often the true caption beats a negative that swaps an attribute (attr), "
-              "flips a relation (rel) or replaces an object (obj). point: the patch most like an object's phrase "
-              "lies in its box; mass: the share of positive similarity inside the box (chance "
-              f"{100 * chance.get('grounding/pointing_acc_chance/all', float('nan')):.1f} / "
-              f"{100 * chance.get('grounding/box_mass_chance/all', float('nan')):.1f}). Bold: best student")
-    t.add_column("model", no_wrap=True)
-    for label, _ in COLUMNS:
-        t.add_column(label, justify="right")
-    best = {key: max(m.get(key, float("-inf")) for name, m in rows[1:]) for _, key in COLUMNS} if len(rows) > 1 else {}
-    for name, m in rows:
-        cells = []
-        for _, key in COLUMNS:
-            v = m.get(key)
-            s = "–" if v is None else f"{100 * v:.1f}"
-            cells.append(f"[bold]{s}[/]" if name != "teacher" and v is not None and v == best.get(key) else s)
-        t.add_row(name, *cells)
-    console.print(t)
+    table("… and phrase grounding from patch tokens (eval-grounding), in %",
+          "point: the patch most like an object's phrase lies in its box; mass: the share of positive similarity "
+          "inside the box; control: the image's mean phrase instead (no phrase-specific information); chance "
+          f"{100 * chance.get('grounding/pointing_acc_chance/all', float('nan')):.1f} / "
+          f"{100 * chance.get('grounding/box_mass_chance/all', float('nan')):.1f}", COLUMNS[8:] + GROUNDING_CONTROLS)
     console.print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"; total {wall:.0f} s")
 
 
