@@ -683,18 +683,25 @@ class ImageJoin:
     def _tar_index(self, unit: int) -> dict[str, tuple[int, int]]:
         idx = self._index.get(unit)
         if idx is None:
-            from hierdctl.sources import IMAGE_EXTS
+            from hierdctl.sources import IMAGE_EXTS, member_key
 
             idx, path = {}, self.source.units[unit].label
             order = {e: r for r, e in enumerate(IMAGE_EXTS)}
+            key, exts, done = None, set(), set()  # the sample being read, its member names, keys read
             try:
                 with tarfile.open(path, "r:") as tf:
                     for m in tf:
-                        d, base = os.path.split(m.name)
-                        if not m.isfile() or "." not in base or base.startswith("."):
+                        km = member_key(m.name) if m.isfile() else None
+                        if km is None:
                             continue
-                        k, ext = base.split(".", 1)
-                        k, ext = (f"{d}/{k}" if d else k), ext.lower()
+                        k, ext = km
+                        if k != key or ext in exts:  # the next sample (the sources' grouping)
+                            if key is not None:
+                                done.add(key)
+                            key, exts = k, set()
+                        exts.add(ext)
+                        if k in done:  # a later copy of a key: the cache holds the first (duplicate_key)
+                            continue
                         best = idx.get(k)
                         # the sources' rule: the first of IMAGE_EXTS a sample has is its image
                         if ext in order and (best is None or order[ext] < best[2]):

@@ -40,11 +40,14 @@ from hierdctl.sources import open_source
 class _UnitStream:
     """Iterable over the units of this rank; each DataLoader worker takes every W-th unit."""
 
-    def __init__(self, source, units, cfg: CacheTeacherConfig, preps: list[dict], caption_transform=None):
+    def __init__(self, source, units, cfg: CacheTeacherConfig, preps: list[dict], caption_transform=None,
+                 duplicates: dict | None = None):
         """preps: each teacher's preprocessing {image_size, mean, std, eval_transform, tokenize}, teacher 0 first;
-        caption_transform: the captioner's eval transform (--captioner), else None."""
+        caption_transform: the captioner's eval transform (--captioner), else None; duplicates: unit index ->
+        {key: where it was first} for the keys an earlier unit has (skipped as duplicate_key)."""
         self.source, self.units, self.cfg, self.preps = source, units, cfg, preps
         self.caption_transform = caption_transform
+        self.duplicates = duplicates or {}
 
     def __iter__(self):
         from torch.utils.data import get_worker_info
@@ -57,7 +60,7 @@ class _UnitStream:
         chunker = make_chunker(cfg)
         for unit in units:
             pos = 0
-            for rec in self.source.iter_unit(unit):
+            for rec in self.source.iter_unit(unit, self.duplicates.get(unit.index, {})):
                 if not hasattr(rec, "image"):  # a Skip from the source
                     yield {"type": "skip", "unit": unit.index, "key": rec.key, "reason": rec.reason, "detail": rec.detail}
                     continue
@@ -449,8 +452,11 @@ def _stream(cfg: CacheTeacherConfig, env, source, todo: list, preps: list[dict],
     from torch.utils.data import DataLoader
 
     workers = min(distributed.auto_workers(cfg.workers), len(todo))
+    # Duplicate keys: the first copy in unit order is kept, whichever worker, rank or run reads it.
+    duplicates = source.later_duplicates() if hasattr(source, "later_duplicates") and todo else {}
     loader = DataLoader(
-        _Iterable(_UnitStream(source, todo, cfg, preps, captioner.eval_transform if captioner else None)),
+        _Iterable(_UnitStream(source, todo, cfg, preps, captioner.eval_transform if captioner else None,
+                              duplicates)),
         batch_size=None,
         num_workers=workers,
         collate_fn=_identity_collate,

