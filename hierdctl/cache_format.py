@@ -369,6 +369,8 @@ def write_shard(out: Path, index: int, label: str, records: list[dict], skips: l
         "skipped": dict(collections.Counter(s["reason"] for s in skips)),
         "skipped_samples": skips,
         "converted": dict(collections.Counter(r["meta"]["converted_from"] for r in records if r["meta"]["converted_from"])),
+        # captions cut to sources.MAX_CAPTION_CHARS (a sample's meta says how many of its own)
+        "caption_truncated": sum(r["meta"].get("captions_cut", 0) for r in records),
         "bytes": written.bytes,
         "sha256": written.sha256,
     }
@@ -456,13 +458,15 @@ def write_manifest(out: Path, identity: dict, teachers: list[dict], captioner: d
         "phrases": sum(s["phrases"] for s in done),
         "skipped": dict(sorted(skipped.items())),
         "skipped_total": sum(skipped.values()),
+        "caption_truncated": sum(s.get("caption_truncated", 0) for s in done),
         "converted": dict(sorted(converted.items())),
         "bytes": total_bytes,
         "bytes_per_sample": (total_bytes / samples) if samples else None,
         "shards_total": len(source.units),
         "shards_done": len(done),
         "complete": len(done) == len(source.units),
-        "shards": [{k: s.get(k) for k in ("name", "label", "samples", "captions", "bytes", "sha256", "skipped")}
+        "shards": [{k: s.get(k, 0 if k == "caption_truncated" else None) for k in
+                    ("name", "label", "samples", "captions", "bytes", "sha256", "skipped", "caption_truncated")}
                    for s in done],
         "wall_seconds_last_run": round(time.time() - started, 3),
     }

@@ -50,6 +50,7 @@ class Sample:
     image_ext: str
     captions: list[str]
     meta: dict = field(default_factory=dict)  # the sample's .json, if any
+    captions_cut: int = 0  # captions cut to MAX_CAPTION_CHARS (counted as caption_truncated)
 
 
 @dataclass
@@ -67,24 +68,52 @@ class Unit:
 
 
 
-def _clean_captions(raw) -> tuple[list[str], str | None]:
-    """Captions as stripped non-empty strings, or a skip reason."""
+# Captions are bounded before anything parses them (chunking grows about quadratically with
+# length: a 4 MB caption stalled cache-teacher for minutes). CLIP reads 77 tokens, about 300
+# characters of English: 2,000 characters cost nothing a model could use.
+MAX_CAPTION_CHARS = 2000
+# Whitespace, and characters that print nothing: format characters (zero-width space and
+# joiners, word joiner, BOM, soft hyphen, direction marks) and C0/C1 controls. A caption made
+# of these alone is empty.
+_INVISIBLE = "".join(map(chr, [*range(0x00, 0x21), *range(0x7F, 0xA1), 0xAD, 0x61C, 0x1680, 0x180E,
+                               *range(0x2000, 0x2010), 0x2028, 0x2029, *range(0x202A, 0x2030), 0x205F,
+                               *range(0x2060, 0x2065), *range(0x2066, 0x2070), 0x3000, 0xFEFF]))
+
+
+def bound_caption(c: str) -> tuple[str, bool]:
+    """(caption, was it cut): invisible characters at the ends stripped, whitespace folded, at
+    most MAX_CAPTION_CHARS, cut at the last space before the cap when there is one in its second
+    half. "" when nothing visible is left. Linear in the caption (str.strip, str.split), and
+    only its first 4 x MAX_CAPTION_CHARS characters are folded."""
+    c = c.strip(_INVISIBLE)
+    head = c[: 4 * MAX_CAPTION_CHARS]
+    folded = " ".join(head.split())
+    if len(folded) <= MAX_CAPTION_CHARS and len(head) == len(c):
+        return folded, False
+    cut = folded.rfind(" ", MAX_CAPTION_CHARS // 2, MAX_CAPTION_CHARS + 1)
+    return folded[: cut if cut > 0 else MAX_CAPTION_CHARS].strip(_INVISIBLE), True
+
+
+def _clean_captions(raw) -> tuple[list[str], str | None, int]:
+    """Captions as stripped non-empty strings, bounded (`bound_caption`), or a skip reason;
+    and how many of them were cut."""
     items = raw if isinstance(raw, list) else [raw]
-    out = []
+    out, cut = [], 0
     for c in items:
         if isinstance(c, bytes):
             try:
                 c = c.decode("utf-8")
             except UnicodeDecodeError:
-                return [], "undecodable_caption"
+                return [], "undecodable_caption", 0
         if not isinstance(c, str):
             continue
         if _undecodable(c):  # a table read with surrogateescape, or a "\udcXX" JSON escape
-            return [], "undecodable_caption"
-        c = " ".join(c.split())
+            return [], "undecodable_caption", 0
+        c, was_cut = bound_caption(c)
         if c:
             out.append(c)
-    return (out, None) if out else ([], "empty_caption")
+            cut += was_cut
+    return (out, None, cut) if out else ([], "empty_caption", 0)
 
 
 # ----------------------------------------------------------------------------------
@@ -407,21 +436,22 @@ class TarSource:
             if not isinstance(meta, dict):  # a JSON list or number carries no fields
                 meta = {}
         if "txt" in members:
-            captions, why = _clean_captions(members["txt"])
+            captions, why, cut = _clean_captions(members["txt"])
         elif "captions" in meta or "caption" in meta:
-            captions, why = _clean_captions(meta.get("captions", meta.get("caption")))
+            captions, why, cut = _clean_captions(meta.get("captions", meta.get("caption")))
         else:
             return Skip(key, "missing_caption")
         if why:
             return Skip(key, why)
         # A .json may carry extra captions (COCO-style shards): keep every distinct one, in order,
         # cleaned like the rest (non-strings such as null or numbers dropped, whitespace folded).
-        extra = _clean_captions(meta["captions"])[0] if isinstance(meta.get("captions"), list) else []
+        extra, _, extra_cut = _clean_captions(meta["captions"]) if isinstance(meta.get("captions"), list) and \
+            "txt" in members else ([], None, 0)
         distinct: list[str] = []
         for c in captions + extra:
             if c not in distinct:
                 distinct.append(c)
-        return Sample(key, members[ext], ext, distinct, meta)
+        return Sample(key, members[ext], ext, distinct, meta, cut + extra_cut)
 
 def iter_source(source) -> Iterator[Sample | Skip]:
     """Every record of every unit in order, for a reader that reads the whole source in one
@@ -480,7 +510,7 @@ class RowSource:
             if i in self._dup:
                 yield Skip(row.key, "duplicate_key", f"row {i} has the key of row {self._dup[i]}; the first is kept")
                 continue
-            captions, why = _clean_captions(row.captions)
+            captions, why, cut = _clean_captions(row.captions)
             if why:
                 yield Skip(row.key, why)
                 continue
@@ -494,7 +524,7 @@ class RowSource:
                 yield Skip(row.key, "missing_file", f"{_shown(row.path)}: {e}")
                 continue
             ext = Path(row.path).suffix.lstrip(".").lower() or "jpg"
-            yield Sample(row.key, data, ext, captions, {"path": row.path})
+            yield Sample(row.key, data, ext, captions, {"path": row.path}, cut)
 
 
 def _undecodable(text: str) -> bool:

@@ -91,7 +91,8 @@ class _UnitStream:
                         "views": [v.to_json() for v in views],
                         "converted_from": converted,
                         "image_ext": rec.image_ext,
-                    } | ({"perturbations": negs} if cfg.perturbations > 0 else {}),
+                    } | ({"perturbations": negs} if cfg.perturbations > 0 else {})
+                      | ({"captions_cut": rec.captions_cut} if rec.captions_cut else {}),
                     "image": rec.image if cfg.store_images else None,
                     "pixels": pixels[0],  # (V,3,S,S)
                     "cap_tok": first["tokenize"](rec.captions),  # (C,L) or (C,2,L)

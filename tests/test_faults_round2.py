@@ -145,3 +145,69 @@ def test_joined_images_come_from_the_first_copy_of_a_key(tmp_path):
     join = cache_format.ImageJoin(str(d / "00000.tar"), SourceOptions(), 1)
     assert join.read(0, "k") == first["png"]
 
+
+# ----------------------------------------------------------------------------------
+# 2. Huge captions are bounded before any parsing; invisible captions are empty
+# ----------------------------------------------------------------------------------
+
+HUGE = "a red circle next to a blue square " * 120_000  # 4.2 MB: chunking it took minutes
+
+
+def test_a_huge_caption_is_cut_to_the_documented_cap_and_counted(tmp_path):
+    from hierdctl.sources import MAX_CAPTION_CHARS, Sample, open_source
+
+    d = tmp_path / "d"
+    d.mkdir()
+    write_tar(d / "00000.tar", [_sample("big", 0, HUGE), _sample("small", 1, "a black cat")])
+    src = open_source(str(d / "00000.tar"))
+    big, small = list(src.iter_unit(src.units[0]))
+    assert isinstance(big, Sample) and 0 < len(big.captions[0]) <= MAX_CAPTION_CHARS
+    assert HUGE.startswith(big.captions[0]) and not big.captions[0].endswith(" ")  # cut at a word boundary
+    assert big.captions_cut == 1 and small.captions_cut == 0
+
+
+def test_the_chunker_reads_a_bounded_number_of_words():
+    from hierdctl.phrases import MAX_CHUNK_WORDS, Chunker
+
+    seen = []
+    ch = Chunker("textblob")
+    real = ch._parse
+    ch._parse = lambda text, **kw: (seen.append(len(text.split())), real(text, **kw))[1]
+    ch(HUGE[:2000], 4)
+    assert seen == [MAX_CHUNK_WORDS]
+
+
+def test_cache_teacher_on_a_huge_caption_takes_seconds_and_counts_it(world, tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    write_tar(d / "00000.tar", [_sample("big", 0, HUGE), _sample("ok", 1)])
+    t0 = time.time()
+    m = _cache(d / "00000.tar", tmp_path / "c", world.teacher, perturbations=2, max_phrases=4)
+    assert time.time() - t0 < 120  # before: minutes (noun-phrase chunking grows about quadratically)
+    assert m["samples"] == 2 and m["caption_truncated"] == 1 and m["shards"][0]["caption_truncated"] == 1
+
+
+@pytest.mark.parametrize("caption", ["\u200b", "\u200b\u200c\u200d\ufeff", " \u2060 \u200b\t", "\u00ad\u200e"],
+                         ids=["zwsp", "zw-joiners-bom", "word-joiner-and-spaces", "soft-hyphen-lrm"])
+def test_a_caption_of_only_invisible_characters_is_empty(tmp_path, caption):
+    from hierdctl.sources import Skip, open_source
+
+    d = tmp_path / "d"
+    d.mkdir()
+    write_tar(d / "00000.tar", [_sample("z", 0, caption)])
+    src = open_source(str(d / "00000.tar"))
+    (rec,) = list(src.iter_unit(src.units[0]))
+    assert isinstance(rec, Skip) and rec.reason == "empty_caption"
+
+
+def test_eval_retrieval_counts_cut_captions(world, tmp_path):
+    from hierdctl.configs import EvalRetrievalConfig
+    from hierdctl.stages.eval_retrieval import run
+
+    d = tmp_path / "d"
+    d.mkdir()
+    write_tar(d / "00000.tar", [_sample("big", 0, HUGE), _sample("ok", 1), _sample("z", 2, "\u200b")])
+    report = run(EvalRetrievalConfig(source=str(d / "00000.tar"), models=[world.teacher], ks=[1], workers=0,
+                                     device="cpu", quiet=True))
+    assert report["counts"]["images"] == 2 and report["counts"]["caption_truncated"] == 1
+    assert report["counts"]["skipped"] == {"empty_caption": 1}
