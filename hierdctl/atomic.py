@@ -60,31 +60,115 @@ def leftovers(folder: Path, name: str) -> list[Path]:
     return [p for p in folder.iterdir() if leftover_base(p.name) == name and p.is_file()]
 
 
-class DiskFull(UserError):
+class NotWritable(UserError):
+    """An output cannot be written: a read-only file system, a folder this user may not write
+    in, a full device. One line naming the folder and the reason; nothing was replaced."""
+
+
+class DiskFull(NotWritable):
     """The device ran out of space (or quota) during an atomic write; nothing was replaced."""
+
+
+# The errors of writing that the user's environment causes, and what each means.
+WRITE_ERRNOS = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
+                errno.EFBIG: "File too large", errno.EROFS: "Read-only file system",
+                errno.EACCES: "Permission denied", errno.EPERM: "Operation not permitted"}
+
+
+def write_errno(e: BaseException) -> int | None:
+    """The WRITE_ERRNOS code behind a failed write: an OSError's own, or one a library wrapped in
+    its own exception (safetensors' `IoError(Os { code: 28, ... })`, faiss's and onnx's messages),
+    found in the exception's chain and text. None for anything else."""
+    import re
+
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            return e.errno
+        text = str(e)
+        for code, words in WRITE_ERRNOS.items():
+            if words in text or re.search(rf"(?:code: |os error |Errno |errno=?){code}\b", text):
+                return code
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+def write_error(e: BaseException, folder: Path | None, where: str | None = None, name: str | None = None,
+                needed: int | None = None) -> "NotWritable | None":
+    """The one-line error for a write in `folder` (of file `name`) that failed with `e`; None
+    when `e` is not about writing (the caller re-raises it)."""
+    code = write_errno(e)
+    if code is None:
+        return None
+    folder = Path(folder) if folder is not None else Path(getattr(e, "filename", None) or ".")
+    where = where or str(folder)
+    what = f" while writing {name}" if name else ""
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = shutil.disk_usage(_existing(folder)).free
+        except OSError:
+            free = -1
+        need = f"{_size(needed)} for this file, " if needed else ""
+        quota = " (the disk quota is used up)" if code == errno.EDQUOT else ""
+        return DiskFull(f"no space left on the device of {folder}{quota}{what} ({need}{_size(free)} free); free "
+                        "some space and rerun: finished work is kept (distill: add --resume)", where)
+    if code == errno.EFBIG:
+        return DiskFull(f"{name or 'a file'} is larger than a file in {folder} may be (EFBIG: a file-size limit, "
+                        "ulimit -f, or a FAT/exFAT volume's 4 GiB); raise the limit or use another file system, "
+                        "and rerun the same command: finished work is kept", where)
+    why = {errno.EROFS: "it is on a read-only file system (EROFS)",
+           errno.EACCES: "permission denied (EACCES): this user may not create files there",
+           errno.EPERM: "operation not permitted (EPERM: an immutable folder, or a file system that forbids it)"}[code]
+    return NotWritable(f"cannot write in {folder}{what}: {why}; pick a writable folder (or make this one "
+                       "writable) and rerun: finished work is kept", where)
+
+
+def _existing(p: Path) -> Path:
+    """`p`, or its nearest ancestor that exists."""
+    p = Path(p).absolute()
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    return p
+
+
+def check_writable(path: Path, where: str) -> None:
+    """Refuse, before any work, an output `path` (a file or folder, made or still to be made)
+    whose folder cannot be written: the folder that holds it, or the nearest ancestor that
+    exists, is on a read-only file system or not writable by this user. The line names `path`."""
+    path = Path(path)
+    anchor = path if path.is_dir() else _existing(path.parent)
+    if os.access(anchor, os.W_OK | os.X_OK):
+        return
+    try:
+        read_only = bool(os.statvfs(anchor).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    code = errno.EROFS if read_only else (errno.EPERM if os.geteuid() == 0 else errno.EACCES)
+    raise write_error(OSError(code, WRITE_ERRNOS[code]), path, where)
+
+
+@contextlib.contextmanager
+def write_guard(folder: Path, where: str | None = None, name: str | None = None, needed: int | None = None,
+                cleanup: Callable[[], None] | None = None):
+    """Turn a failed write in `folder` (full, read-only, unwritable; also from inside a library)
+    into one NotWritable line; `cleanup` first removes what the write left."""
+    try:
+        yield
+    except Exception as e:
+        err = write_error(e, folder, where, name, needed)
+        if err is None:
+            raise
+        if cleanup is not None:
+            with contextlib.suppress(OSError):
+                cleanup()
+        raise err from None
 
 
 @contextlib.contextmanager
 def _no_space_guard(path: Path, tmp: Path, needed: int | None):
-    """Turn ENOSPC/EDQUOT during a write into one clear message; remove the partial file."""
-    try:
+    """An atomic write: a failed write is one clear message; the partial file is removed."""
+    with write_guard(path.parent, str(path.parent), path.name, needed, lambda: tmp.unlink(missing_ok=True)):
         yield
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise
-        tmp.unlink(missing_ok=True)
-        if e.errno == errno.EFBIG:
-            raise DiskFull(f"{path.name} is larger than a file in {path.parent} may be (EFBIG: a file-size limit, "
-                           "ulimit -f, or a FAT/exFAT volume's 4 GiB); raise the limit or use another file system, "
-                           "and rerun the same command: finished work is kept", str(path.parent)) from None
-        try:
-            free = shutil.disk_usage(path.parent).free
-        except OSError:
-            free = -1
-        need = f"{_size(needed)} for this file, " if needed else ""
-        raise DiskFull(f"no space left on the device of {path.parent} while writing {path.name} ({need}"
-                       f"{_size(free)} free); free some space and rerun: finished work is kept (distill: add "
-                       "--resume)", str(path.parent)) from None
 
 
 def _size(n: int | None) -> str:
@@ -194,15 +278,20 @@ class FolderLock:
         self.folder, self.where, self.part = Path(folder), where, part
         self._fds: list[int] = []
         self.took_over: list[str] = []  # descriptions of dead owners whose locks were taken over
+        self._made: list[Path] = []  # folders this lock created (removed again if left empty)
 
     def __enter__(self) -> "FolderLock":
-        self.folder.mkdir(parents=True, exist_ok=True)
         try:
+            self._made = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
+            self.folder.mkdir(parents=True, exist_ok=True)
             self._take(self.folder / LOCK_NAME, exclusive=self.part is None)
             if self.part is not None:
                 self._take(self.folder / f".hierdctl.{self.part}.lock", exclusive=True)
-        except BaseException:
+        except BaseException as e:
             self.release()
+            err = write_error(e, self.folder, self.where) if isinstance(e, OSError) else None
+            if err is not None:
+                raise err from None
             raise
         return self
 
@@ -243,6 +332,10 @@ class FolderLock:
                     os.unlink(path)
             os.close(fd)  # closing releases the flock
         self._fds = []
+        for p in self._made:  # a run that failed before writing anything leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        self._made = []
 
 
 def _describe_owner(raw: bytes) -> str:
@@ -293,11 +386,12 @@ def publish_dir(final: Path, write: Callable[[Path], None], *, marker: str, sche
     both are removed and an old `final` already moved aside is put back."""
     final = Path(final)
     check_dir_target(final, marker, schema, where, overwrite, what)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    with write_guard(final.parent, where):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     trash: Path | None = None  # holds the previous `final` while the new one moves in
     try:
-        with _no_space_guard(final, tmp / final.name, None):
+        with write_guard(final.parent, where, f"{final.name}/"):  # also a library's own error (safetensors, onnx)
             write(tmp)
         # mkdtemp makes the folder private (0700) and safetensors writes 0600 files; an
         # output folder gets the permissions of anything else the user creates.

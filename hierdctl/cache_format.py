@@ -472,10 +472,8 @@ def write_manifest(out: Path, identity: dict, teachers: list[dict], captioner: d
     }
     atomic.write_json_atomic(out / MANIFEST_NAME, manifest)
     if log_skipped:
-        with open(log_skipped, "w") as f:
-            for s in done:
-                for sk in s["skipped_samples"]:
-                    f.write(json.dumps({"shard": s["name"], **sk}) + "\n")
+        atomic.write_text_atomic(Path(log_skipped), "".join(json.dumps({"shard": s["name"], **sk}) + "\n"
+                                                            for s in done for sk in s["skipped_samples"]))
     return manifest
 
 

@@ -155,7 +155,8 @@ def save(run: Path, step: int, wrapper, optimizer, scaler, meta: dict, keep: int
     from safetensors.torch import save as safetensors_bytes
 
     d = checkpoint_dir(run)
-    d.mkdir(parents=True, exist_ok=True)
+    with atomic.write_guard(d, str(d)):
+        d.mkdir(parents=True, exist_ok=True)
     name = stem(step)
     weights = {k: v.detach().contiguous().cpu() for k, v in wrapper.state_dict().items()}
     atomic.write_bytes_atomic(d / f"{name}.safetensors", safetensors_bytes(weights))

@@ -124,6 +124,13 @@ def command(name: str, cls, stage: str, render: Callable, *, errors: dict[str, s
             result = module.run(cfg)
         except UserError as e:
             _fail(e)
+        except OSError as e:  # a write the stage did not guard: a full, read-only or unwritable output
+            from .atomic import write_error
+
+            err = write_error(e, None)
+            if err is None:
+                raise
+            _fail(err)
         except failures as e:
             from .console import console
 

@@ -96,6 +96,9 @@ def check_report_path(out: Path | None, where: str = "--out") -> None:
     out = Path(out)
     require(not out.is_dir(), f"{out} is a directory; give a file name such as {out / 'report.json'}", where)
     require(out.parent.is_dir(), f"the folder {out.parent} does not exist", where)
+    from hierdctl.atomic import check_writable
+
+    check_writable(out, where)  # a read-only or unwritable folder: now, not after the evaluation
 
 
 # Declarations several stages share (each stage's field still names its own default and help).
@@ -263,6 +266,7 @@ class CacheTeacherConfig:
         require(self.source_options.rows_per_shard >= 1, "must be at least 1", "--rows-per-shard")
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"{self.out} exists and is not a directory", "--out")
+        check_report_path(self.log_skipped, "--log-skipped")
         return self
 
 

@@ -41,9 +41,10 @@ def check_save_index(folder: Path | None, overwrite: bool, where: str = "--save-
     """A --save-index folder hierdctl did not write is never replaced (checked before any model loads)."""
     if folder is None:
         return
-    from hierdctl.atomic import check_dir_target
+    from hierdctl.atomic import check_dir_target, check_writable
 
     check_dir_target(Path(folder), INDEX_MARKER, RETRIEVAL_SCHEMA, where, overwrite, "a saved index")
+    check_writable(Path(folder), where)  # filled beside itself, then renamed into place
 
 
 def finish_report(report: dict, out, quiet: bool, stage: str) -> dict:

@@ -493,17 +493,9 @@ def _data(cfg: DistillConfig, cache, recipe, env, wrapper, student: Student, not
 
 def _log_line(out: Path, mf, rec: dict) -> None:
     """Append one metrics row; a full disk is one clear message, not a traceback."""
-    try:
+    with atomic.write_guard(out, str(out), checkpoint.METRICS):
         mf.write(json.dumps(rec) + "\n")
         mf.flush()
-    except OSError as e:
-        import errno
-
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise atomic.DiskFull(f"no space left on the device of {out} while appending to {checkpoint.METRICS}; "
-                                  "free some space and rerun with --resume: the last checkpoint is kept",
-                                  str(out)) from None
-        raise
 
 
 def run(cfg: DistillConfig) -> dict:

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from hierdctl import cache_format, checkpoint, hf_export
-from hierdctl.atomic import check_dir_target, publish_dir, sha256_file
+from hierdctl.atomic import check_dir_target, check_writable, publish_dir, sha256_file
 from hierdctl.checkpoint import StudentCheckpoint
 from hierdctl.configs import ExportConfig
 from hierdctl.console import console
@@ -352,6 +352,7 @@ def run(cfg: ExportConfig) -> dict:
                 f"{cfg.report} is not an eval-retrieval / eval-zeroshot report (no 'models' list)", "--report")
     out = Path(cfg.out)
     check_dir_target(out, MARKER, SCHEMA, "--out", cfg.overwrite, "an export")  # before any work
+    check_writable(out, "--out")  # DIR is filled beside itself, then renamed into place
 
     t0 = time.time()
     ck = checkpoint.load_student(cfg.source)

@@ -999,6 +999,9 @@ def run(cfg: ScenesConfig) -> dict:
     if out.is_dir() and any(out.iterdir()) and not _written_by_scenes(out / "scenes.json"):
         raise UserError(f"{out} is not empty and holds no scenes.json of hierdctl scenes: pick a new or empty folder",
                         where="--out")
+    from hierdctl.atomic import check_writable
+
+    check_writable(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
 
     cb = out / CLIP_BENCHMARK_DIR

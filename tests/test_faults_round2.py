@@ -211,3 +211,160 @@ def test_eval_retrieval_counts_cut_captions(world, tmp_path):
                                      device="cpu", quiet=True))
     assert report["counts"]["images"] == 2 and report["counts"]["caption_truncated"] == 1
     assert report["counts"]["skipped"] == {"empty_caption": 1}
+
+
+# ----------------------------------------------------------------------------------
+# 3. Unwritable, read-only and full outputs: one line naming the folder, exit 2, nothing half-written
+# ----------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def mount_tmpfs(tmp_path):
+    """mount_tmpfs(size, read_only=False, fill=None) -> a fresh tmpfs folder: a real file system
+    that is full or read-only (root ignores permission bits, so chmod cannot stand in). `fill`
+    (folder -> None) populates it before it is remounted read-only. Needs CAP_SYS_ADMIN."""
+    import subprocess
+
+    mounted = []
+
+    def make(size: str = "4m", read_only: bool = False, fill=None) -> Path:
+        d = tmp_path / f"fs{len(mounted)}"
+        d.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN)")
+        mounted.append(d)
+        if fill:
+            fill(d)
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(d)], check=True)
+        return d
+
+    yield make
+    for d in reversed(mounted):
+        subprocess.run(["umount", "-l", str(d)])
+
+
+@pytest.fixture()
+def immutable_dir(tmp_path):
+    """A folder nobody may write in, root included: chattr +i (EPERM) as root, chmod 555 (EACCES) otherwise."""
+    import subprocess
+
+    d = tmp_path / "locked"
+    d.mkdir()
+    (d / "inside").mkdir()
+    if os.geteuid() == 0:
+        for p in (d / "inside", d):
+            if subprocess.run(["chattr", "+i", str(p)], capture_output=True).returncode != 0:
+                pytest.skip("chattr +i is not available here")
+    else:
+        os.chmod(d / "inside", 0o555)
+        os.chmod(d, 0o555)
+    yield d
+    if os.geteuid() == 0:
+        for p in (d, d / "inside"):
+            subprocess.run(["chattr", "-i", str(p)], capture_output=True)
+    else:
+        os.chmod(d, 0o755)
+        os.chmod(d / "inside", 0o755)
+
+
+@pytest.fixture(scope="module")
+def short_run(world, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("short-run") / "run"
+    _distill(world.cache, run, steps=2)
+    return run
+
+
+@pytest.fixture(scope="module")
+def class_tree(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("classes")
+    for c, ids in (("cat", (0, 1)), ("dog", (2, 3))):
+        (root / c).mkdir()
+        for i in ids:
+            (root / c / f"{i}.jpg").write_bytes(image_bytes(i))
+    return root
+
+
+def _writers(world, run: Path, tree: Path, where: Path) -> dict:
+    """stage -> (arguments writing under `where`, the folder the one line must name)."""
+    return {
+        "cache-teacher": (["cache-teacher", world.source, "--teacher", world.teacher, *CACHE_OPTS, "--quiet", "--out",
+                           where / "cache"], where / "cache"),
+        "cache-teacher --log-skipped": (["cache-teacher", world.source, "--teacher", world.teacher, *CACHE_OPTS,
+                                         "--out", run.parent / "ct-ok", "--log-skipped", where / "skips.jsonl"],
+                                        where),
+        "distill": (["distill", world.cache, *DISTILL_OPTS, "--steps", "2", "--quiet", "--out", where / "run"],
+                    where / "run"),
+        "export": (["export", run, "--out", where / "e"], where),
+        "eval-retrieval --out": (["eval-retrieval", world.source, "--model", world.teacher, "--workers", "0", "--k", "1",
+                                  "--out", where / "r.json"], where),
+        "eval-retrieval --save-index": (["eval-retrieval", world.source, "--model", world.teacher, "--workers", "0",
+                                         "--k", "1", "--save-index", where / "idx"], where),
+        "eval-zeroshot --out": (["eval-zeroshot", tree, "--model", world.teacher, "--classnames", "folders",
+                                 "--templates", "simple", "--workers", "0", "--out", where / "z.json"], where),
+        "scenes": (["scenes", "--out", where / "s", "--n-train", "2", "--n-test", "2", "--shard-size", "2"],
+                   where / "s"),
+    }
+
+
+WRITERS = ["cache-teacher", "cache-teacher --log-skipped", "distill", "export", "eval-retrieval --out",
+           "eval-retrieval --save-index", "eval-zeroshot --out", "scenes"]
+
+
+@pytest.mark.parametrize("stage", WRITERS)
+def test_a_read_only_file_system_is_one_line_naming_the_folder(world, short_run, class_tree, mount_tmpfs, stage):
+    ro = mount_tmpfs(read_only=True)
+    args, folder = _writers(world, short_run, class_tree, ro)[stage]
+    shutil.rmtree(short_run.parent / "ct-ok", ignore_errors=True)
+    _one_line_error(_cli(*args), str(folder), "read-only")
+
+
+@pytest.mark.parametrize("stage", WRITERS)
+def test_an_unwritable_folder_is_one_line_naming_it(world, short_run, class_tree, immutable_dir, stage):
+    where = immutable_dir / "inside"
+    args, folder = _writers(world, short_run, class_tree, where)[stage]
+    shutil.rmtree(short_run.parent / "ct-ok", ignore_errors=True)
+    line = _one_line_error(_cli(*args), str(folder))
+    assert "not permitted" in line or "permission denied" in line, line
+
+
+@pytest.mark.parametrize("stage", ["cache-teacher", "distill", "export", "eval-retrieval --out",
+                                   "eval-retrieval --save-index", "eval-zeroshot --out", "scenes"])
+def test_a_full_file_system_is_one_line_and_leaves_nothing_half_written(world, short_run, class_tree, mount_tmpfs,
+                                                                        stage):
+    # Room for a few small files, not for a shard of images, a checkpoint or the student's weights.
+    full = mount_tmpfs(size={"cache-teacher": "24k", "distill": "1m", "export": "1m"}.get(stage, "48k"))
+    if stage.startswith("eval"):  # the file system is full before the report is written
+        def fill():
+            (full / "filler").write_bytes(b"\0" * 49152)
+    args, folder = _writers(world, short_run, class_tree, full)[stage]
+    if stage.startswith("eval"):
+        import hierdctl.reports as reports
+        from hierdctl.stages import eval_retrieval
+
+        real_finish, real_save = reports.finish_report, eval_retrieval._save_index
+
+        def then(f):
+            def g(*a, **k):
+                fill()
+                return f(*a, **k)
+            return g
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(reports, "finish_report", then(real_finish))
+            mp.setattr(eval_retrieval, "finish_report", then(real_finish))
+            mp.setattr(eval_retrieval, "_save_index", then(real_save))
+            from hierdctl.stages import eval_zeroshot
+
+            mp.setattr(eval_zeroshot, "finish_report", then(real_finish))
+            r = _cli(*args)
+        (full / "filler").unlink()
+    else:
+        r = _cli(*args)
+    line = _one_line_error(r, str(folder))
+    assert "no space left" in line, line
+    left = sorted(str(p.relative_to(full)) for p in full.rglob("*") if p.is_file())
+    assert not [p for p in left if atomic.is_leftover(Path(p).name) or ".tmp-" in p or ".old-" in p], left
+    if stage == "export":
+        assert left == []  # nothing of the export, not even its temporary folder
