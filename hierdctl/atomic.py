@@ -53,11 +53,11 @@ def leftover_base(name: str) -> str | None:
 
 
 def leftovers(folder: Path, name: str) -> list[Path]:
-    """The leftovers of atomic writes of `folder/name` (files only)."""
+    """The leftovers of atomic writes of `folder/name` (files, and links: removed as links)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return [p for p in folder.iterdir() if leftover_base(p.name) == name and p.is_file()]
+    return [p for p in folder.iterdir() if leftover_base(p.name) == name and (p.is_file() or p.is_symlink())]
 
 
 class NotWritable(UserError):
@@ -181,11 +181,24 @@ def _size(n: int | None) -> str:
     return str(n)
 
 
+def _open_tmp(tmp: Path):
+    """The temporary file of an atomic write, opened without following a link: a link at its
+    name (never one of ours) is removed as a link and a fresh file made."""
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        tmp.unlink()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    return os.fdopen(fd, "wb")
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     path = Path(path)
     tmp = _tmp_name(path)
     with _no_space_guard(path, tmp, len(data)):
-        with open(tmp, "wb") as f:
+        with _open_tmp(tmp) as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -232,7 +245,7 @@ def write_tar_atomic(path: Path, members: list[tuple[str, bytes]]) -> Written:
     path = Path(path)
     tmp = _tmp_name(path)
     with _no_space_guard(path, tmp, sum(512 + len(d) for _, d in members)):
-        with open(tmp, "wb") as f:
+        with _open_tmp(tmp) as f:
             w = _HashingWriter(f)
             with tarfile.open(fileobj=w, mode="w", format=tarfile.USTAR_FORMAT) as tf:
                 for name, data in members:
@@ -300,7 +313,13 @@ class FolderLock:
 
     def _take(self, path: Path, exclusive: bool) -> None:
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:  # never through a link: a link at the lock's name is not ours, and is removed as a link
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                if e.errno != errno.ELOOP or not path.is_symlink():
+                    raise
+                path.unlink()
+                continue
             try:
                 fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
             except BlockingIOError:

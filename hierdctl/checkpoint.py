@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import re
 from dataclasses import dataclass
@@ -99,6 +100,12 @@ def check_run_target(run: Path, resume: bool, overwrite: bool, where: str = "--o
     has_ckpt = (checkpoint_dir(run) / LATEST).is_file()
     if has_ckpt and not (resume or overwrite):
         raise UserError(f"{run} already holds a run: add --resume to continue it or --overwrite to restart", where)
+    if resume and has_ckpt:  # a resume writes into these: never through a link out of the run folder
+        for sub in (CHECKPOINTS, TENSORBOARD):
+            if (run / sub).is_symlink():
+                raise UserError(f"{run / sub} is a symbolic link (to {os.readlink(run / sub)}): hierdctl writes only "
+                                "inside its output folder; move what it points to into the run folder, then resume",
+                                "--resume")
     return has_ckpt
 
 
@@ -111,6 +118,10 @@ def clear(run: Path) -> list[str]:
     removed = []
     removed += remove_leftovers(run)  # NAME.tmpPID of distill's own files only
     d = checkpoint_dir(run)
+    for sub in (d, run / TENSORBOARD):  # a link is removed as a link: what it points to is never touched
+        if sub.is_symlink():
+            sub.unlink()
+            removed.append(f"{sub.name} (a link)")
     if d.is_dir():
         for p in d.iterdir():
             if _STEP_FILE.match(p.name) or p.name == LATEST:
@@ -119,7 +130,7 @@ def clear(run: Path) -> list[str]:
         if not any(d.iterdir()):
             d.rmdir()
     tb = run / TENSORBOARD
-    if tb.is_dir() and all(p.name.startswith("events.out.tfevents.") for p in tb.iterdir()):
+    if tb.is_dir() and all(p.name.startswith("events.out.tfevents.") and not p.is_dir() for p in tb.iterdir()):
         shutil.rmtree(tb)
         removed.append(TENSORBOARD)
     for name in (METRICS, CURVES, CONFIG):

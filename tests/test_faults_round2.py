@@ -368,3 +368,90 @@ def test_a_full_file_system_is_one_line_and_leaves_nothing_half_written(world, s
     assert not [p for p in left if atomic.is_leftover(Path(p).name) or ".tmp-" in p or ".old-" in p], left
     if stage == "export":
         assert left == []  # nothing of the export, not even its temporary folder
+
+
+# ----------------------------------------------------------------------------------
+# 4. Links inside an output folder are removed as links, never followed
+# ----------------------------------------------------------------------------------
+
+
+def _outside(tmp_path: Path) -> Path:
+    """A folder of the user's, outside every output folder, holding files named like hierdctl's."""
+    d = tmp_path / "elsewhere"
+    d.mkdir()
+    for name in ("step-0000002.safetensors", "step-0000002.json", "latest.json", "events.out.tfevents.1.host",
+                 "00000.tar", "notes.txt"):
+        (d / name).write_bytes(b"the user's own " + name.encode())
+    return d
+
+
+@pytest.mark.parametrize("link", [checkpoint.CHECKPOINTS, checkpoint.TENSORBOARD])
+def test_overwrite_removes_a_linked_subfolder_as_a_link_and_never_what_it_points_to(world, tmp_path, link):
+    outside = _outside(tmp_path)
+    before = _snapshot(outside)
+    run = tmp_path / "run"
+    _distill(world.cache, run, steps=2)
+    target = run / link
+    if target.exists():
+        shutil.rmtree(target)
+    target.symlink_to(outside, target_is_directory=True)
+    r = _cli("distill", world.cache, "--out", run, *DISTILL_OPTS, "--steps", "2", "--overwrite", "--quiet")
+    assert r.exit_code == 0, (r.output[-2000:], r.exception)
+    assert _snapshot(outside) == before  # nothing outside the run folder was removed or written
+    assert not (run / link).is_symlink()
+    assert checkpoint.latest(run) == (2, "step-0000002")
+
+
+def test_a_resume_through_a_linked_checkpoints_folder_is_refused_in_one_line(world, tmp_path):
+    run = tmp_path / "run"
+    _distill(world.cache, run, steps=4)
+    real = tmp_path / "ckpts-elsewhere"
+    shutil.move(run / checkpoint.CHECKPOINTS, real)
+    (run / checkpoint.CHECKPOINTS).symlink_to(real, target_is_directory=True)
+    before = _snapshot(real)
+    r = _cli("distill", world.cache, "--out", run, *DISTILL_OPTS, "--steps", "4", "--resume", "--quiet")
+    _one_line_error(r, str(run / checkpoint.CHECKPOINTS), "link")
+    assert _snapshot(real) == before
+
+
+@pytest.mark.parametrize("stage", ["cache-teacher", "distill"])
+def test_a_linked_lock_file_is_never_written_through(world, tmp_path, stage):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's file")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / atomic.LOCK_NAME).symlink_to(victim)
+    if stage == "cache-teacher":
+        r = _cli("cache-teacher", world.source, "--out", out, "--teacher", world.teacher, *CACHE_OPTS, "--quiet")
+    else:
+        r = _cli("distill", world.cache, "--out", out, *DISTILL_OPTS, "--steps", "2", "--quiet")
+    assert r.exit_code == 0, (r.output[-2000:], r.exception)
+    assert victim.read_text() == "the user's file"
+    assert not (out / atomic.LOCK_NAME).exists() and not os.path.lexists(out / atomic.LOCK_NAME)
+
+
+def test_scenes_never_writes_or_deletes_through_a_linked_split_folder(tmp_path):
+    outside = _outside(tmp_path)
+    before = _snapshot(outside)
+    out = tmp_path / "s"
+    args = ["scenes", "--out", out, "--n-train", "2", "--n-test", "2", "--shard-size", "1"]
+    assert _cli(*args).exit_code == 0
+    shutil.rmtree(out / "train")
+    (out / "train").symlink_to(outside, target_is_directory=True)
+    r = _cli(*args)
+    assert r.exit_code == 0, (r.output[-2000:], r.exception)
+    assert _snapshot(outside) == before
+    assert not (out / "train").is_symlink() and sorted(p.name for p in (out / "train").glob("*.tar")) == \
+        ["00000.tar", "00001.tar"]
+
+
+def test_a_leftover_named_like_ours_that_is_a_link_is_removed_as_a_link(world, tmp_path):
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"mine")
+    run = tmp_path / "run"
+    _distill(world.cache, run, steps=4)
+    (run / f"{checkpoint.METRICS}.tmp99999").symlink_to(victim)
+    (run / checkpoint.CHECKPOINTS / "step-0000002.safetensors.tmp99999").symlink_to(victim)
+    assert _distill(world.cache, run, steps=4, resume=True)["resumed_from"] == 4
+    assert victim.read_bytes() == b"mine"
+    assert not os.path.lexists(run / f"{checkpoint.METRICS}.tmp99999")
