@@ -111,15 +111,57 @@ def is_own_start(name: str) -> bool:
     return name.startswith(".hierdctl.") or leftover_base(name) == CONFIG_NAME
 
 
+def _json(p: Path):
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def _written_by_cache_teacher(root: Path, name: str, recorded: set[str]) -> bool:
+    """True if `root/name`, named like one of cache-teacher's files, is one: the config and the
+    manifest carry the format's name, a done-marker names its own shard, a shard is recorded by a
+    done-marker or the manifest, or (renamed into place by a run killed before its done-marker)
+    carries the writer's headers: USTAR, owner 'hierdctl', mtime 0 (atomic.write_tar_atomic)."""
+    p = root / name
+    if name in (CONFIG_NAME, MANIFEST_NAME):
+        obj = _json(p)
+        return isinstance(obj, dict) and obj.get("format") == FORMAT_NAME
+    if name.endswith(".done.json"):
+        obj = _json(p)
+        return isinstance(obj, dict) and obj.get("name") == name.replace(".done.json", ".tar") and "sha256" in obj
+    if name in recorded:
+        return True
+    try:
+        with open(p, "rb") as f:
+            head = f.read(512)
+        info = tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")
+    except (OSError, tarfile.HeaderError):
+        return False
+    return info.uname == "hierdctl" and info.mtime == 0 and head[257:262] == b"ustar"
+
+
 def clear(root: Path) -> list[str]:
     """Remove what cache-teacher wrote into `root` (shards, done-markers, their leftovers,
-    cache-config.json, manifest.json), nothing else. Returns the names removed."""
+    cache-config.json, manifest.json), nothing else: not a file that merely has such a name
+    (`_written_by_cache_teacher`). Returns the names removed."""
     from hierdctl.atomic import leftover_base
 
+    root = Path(root)
+    recorded = set()
+    for p in root.glob("shard-*.done.json"):
+        obj = _json(p)
+        if isinstance(obj, dict) and isinstance(obj.get("name"), str):
+            recorded.add(obj["name"])
+    m = _json(root / MANIFEST_NAME)
+    if isinstance(m, dict) and m.get("format") == FORMAT_NAME:
+        recorded |= {e.get("name") for e in m.get("shards") or [] if isinstance(e, dict)}
     removed = []
-    for p in sorted(Path(root).iterdir()):
-        base = leftover_base(p.name) or p.name
-        if p.is_file() and _is_own_name(base):
+    for p in sorted(root.iterdir()):
+        base = leftover_base(p.name)
+        ours = _is_own_name(base) if base is not None else (
+            _is_own_name(p.name) and _written_by_cache_teacher(root, p.name, recorded))
+        if (p.is_file() or p.is_symlink()) and ours:
             p.unlink()
             removed.append(p.name)
     return removed

@@ -42,7 +42,8 @@ TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
 STUDENT_PREFIX = "student."  # the student's own keys in the wrapper state; export keeps these only
-_STEP_FILE = re.compile(r"^step-\d{7}\.(safetensors|state\.pt|json)$")
+_STEP_FILE = re.compile(r"^step-\d{7,}\.(safetensors|state\.pt|json)$")  # the names of a checkpoint's files
+STEP_SUFFIXES = (".safetensors", ".state.pt", ".json")
 
 
 def checkpoint_dir(run: Path) -> Path:
@@ -122,11 +123,15 @@ def clear(run: Path) -> list[str]:
         if sub.is_symlink():
             sub.unlink()
             removed.append(f"{sub.name} (a link)")
-    if d.is_dir():
-        for p in d.iterdir():
-            if _STEP_FILE.match(p.name) or p.name == LATEST:
-                p.unlink()
-                removed.append(f"{CHECKPOINTS}/{p.name}")
+    if d.is_dir():  # only the checkpoints latest.json records, never a file that merely has their names
+        for s in recorded(d):
+            for p in (d / f"{s}{ext}" for ext in STEP_SUFFIXES):
+                if p.is_file():
+                    p.unlink()
+                    removed.append(f"{CHECKPOINTS}/{p.name}")
+        if (d / LATEST).is_file():
+            (d / LATEST).unlink()
+            removed.append(f"{CHECKPOINTS}/{LATEST}")
         if not any(d.iterdir()):
             d.rmdir()
     tb = run / TENSORBOARD
@@ -182,17 +187,52 @@ def save(run: Path, step: int, wrapper, optimizer, scaler, meta: dict, keep: int
     torch.save(state, buf)
     atomic.write_bytes_atomic(d / f"{name}.state.pt", buf.getvalue())
     atomic.write_json_atomic(d / f"{name}.json", meta | {"step": step})
-    atomic.write_json_atomic(d / LATEST, {"step": step, "name": name})  # the done-marker
-    prune(d, keep)
+    # The done-marker: the newest step, and every checkpoint of this run that may still be on disk
+    # (a kill right after it leaves the older ones unpruned: the next save prunes them). Pruning and
+    # --overwrite remove only what this list names, never a file that merely has such a name.
+    mine = sorted({s for s in recorded(d) if any((d / f"{s}{e}").exists() for e in STEP_SUFFIXES)} | {name},
+                  key=_step_of)
+    atomic.write_json_atomic(d / LATEST, {"step": step, "name": name, "checkpoints": mine})
+    prune(d, mine, keep)
     return d / f"{name}.safetensors"
 
 
-def prune(d: Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints (never the one latest.json names)."""
-    steps = sorted(int(p.stem.split("-")[1]) for p in d.glob("step-*.json"))
-    for old in steps[:-keep]:
-        for p in d.glob(f"{stem(old)}.*"):
-            p.unlink()
+def _step_of(name: str) -> int:
+    return int(name.split("-", 1)[1])
+
+
+def recorded(d: Path) -> list[str]:
+    """The stems of the checkpoints this run wrote, as its latest.json records them. A latest.json
+    of an older hierdctl (no list): the one it names, and the step files whose .json is a checkpoint
+    meta of that very step (its model_cfg and the hierdctl version that wrote it)."""
+    try:
+        obj = json.loads((Path(d) / LATEST).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return []
+    if not isinstance(obj, dict):
+        return []
+    listed = obj.get("checkpoints")
+    if isinstance(listed, list):
+        return [s for s in listed if isinstance(s, str) and _STEP_FILE.match(f"{s}.json")]
+    out = {obj["name"]} if isinstance(obj.get("name"), str) and _STEP_FILE.match(f"{obj['name']}.json") else set()
+    for p in Path(d).glob("step-*.json"):
+        if _STEP_FILE.match(p.name):
+            try:
+                meta = json.loads(p.read_text())
+            except (OSError, ValueError, UnicodeDecodeError):
+                continue
+            if isinstance(meta, dict) and "model_cfg" in meta and "hierdctl" in meta and \
+                    meta.get("step") == _step_of(p.name[: -len(".json")]):
+                out.add(p.name[: -len(".json")])
+    return sorted(out, key=_step_of)
+
+
+def prune(d: Path, mine: list[str], keep: int) -> None:
+    """Remove the files of all but the newest `keep` of this run's checkpoints `mine` (oldest
+    first; the newest is the one latest.json names)."""
+    for old in mine[:-keep]:
+        for p in (d / f"{old}{e}" for e in STEP_SUFFIXES):
+            p.unlink(missing_ok=True)
 
 
 def latest(run: Path, where: str = "--out") -> tuple[int, str] | None:

@@ -89,13 +89,20 @@ def _check_specs(models: list[str], where: str = "--model") -> None:
         parse_spec(m, where)  # a malformed or unknown spec fails before any model loads
 
 
-def check_report_path(out: Path | None, where: str = "--out") -> None:
-    """A report path must name a file in an existing folder (checked before any model loads)."""
+def check_report_path(out: Path | None, where: str = "--out", overwrite: bool = False) -> None:
+    """A report path must name a file in an existing folder (checked before any model loads); an
+    existing file is replaced only if hierdctl wrote it (hierdctl.reports.written_by_hierdctl) or
+    `overwrite` is set."""
     if out is None:
         return
     out = Path(out)
     require(not out.is_dir(), f"{out} is a directory; give a file name such as {out / 'report.json'}", where)
     require(out.parent.is_dir(), f"the folder {out.parent} does not exist", where)
+    from hierdctl.reports import written_by_hierdctl
+
+    if (out.exists() or out.is_symlink()) and not overwrite and not written_by_hierdctl(out):
+        raise UserError(f"{out} exists and was not written by hierdctl: add --overwrite to replace it, or give "
+                        "another file", where)
     from hierdctl.atomic import check_writable
 
     check_writable(out, where)  # a read-only or unwritable folder: now, not after the evaluation
@@ -228,7 +235,8 @@ class CacheTeacherConfig:
     workers: int = setting(-1, help="DataLoader decoding workers (-1: min(8, cpus-1)).", role=RUNTIME)
     log_skipped: Optional[Path] = setting(None, help="Write every skipped sample (JSONL) here.", role=RUNTIME)
     overwrite: bool = setting(False, help="Remove what cache-teacher wrote in OUT and start over (never anything "
-                                          "else).", role=RUNTIME)
+                                          "else); also replace a --log-skipped file hierdctl did not write.",
+                              role=RUNTIME)
     rank: Optional[int] = setting(None, help="Job arrays without torchrun: this job's rank.", role=RUNTIME)
     world_size: Optional[int] = setting(None, help="Job arrays without torchrun: number of jobs.", role=RUNTIME)
     quiet: bool = _quiet()
@@ -266,7 +274,7 @@ class CacheTeacherConfig:
         require(self.source_options.rows_per_shard >= 1, "must be at least 1", "--rows-per-shard")
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"{self.out} exists and is not a directory", "--out")
-        check_report_path(self.log_skipped, "--log-skipped")
+        check_report_path(self.log_skipped, "--log-skipped", self.overwrite)
         return self
 
 
@@ -503,7 +511,8 @@ class EvalRetrievalConfig:
     out: Optional[Path] = setting(None, help="Write the JSON report here.", role=RUNTIME, flags=("--out", "-o"))
     save_index: Optional[Path] = setting(None, help="Keep each model's embeddings and FAISS indexes in this folder.",
                                          role=RUNTIME)
-    overwrite: bool = setting(False, help="Replace an earlier --save-index folder.", role=RUNTIME)
+    overwrite: bool = setting(False, help="Replace an earlier --save-index folder, and an --out file hierdctl did "
+                                          "not write (its own reports are replaced anyway).", role=RUNTIME)
     source_options: SourceOptions = _source_options()
     max_pixels: int = _max_pixels(IDENTITY)
     workers: int = setting(4, help="Image-decoding threads (0: decode in the main thread).", role=RUNTIME)
@@ -519,7 +528,7 @@ class EvalRetrievalConfig:
         require(self.nprobe is None or self.nprobe >= 1, "must be at least 1", "--nprobe")
         require(self.nprobe is None or self.index == "ivf", f"only applies to --index ivf (not {self.index})", "--nprobe")
         require(self.max_pixels > 0, f"must be positive, got {self.max_pixels}", "--max-pixels")
-        check_report_path(self.out)
+        check_report_path(self.out, overwrite=self.overwrite)
         from hierdctl.reports import check_save_index
 
         check_save_index(self.save_index, self.overwrite)
@@ -540,6 +549,8 @@ class EvalZeroshotConfig:
     batch_size: int = setting(64, help="Images / prompts per forward.", role=RUNTIME)
     device: str = _device()
     out: Optional[Path] = setting(None, help="Write the JSON report here.", role=RUNTIME, flags=("--out", "-o"))
+    overwrite: bool = setting(False, help="Replace an --out file hierdctl did not write (its own reports are "
+                                          "replaced anyway).", role=RUNTIME)
     max_pixels: int = _max_pixels(IDENTITY)
     workers: int = setting(4, help="Image-decoding threads (0: decode in the main thread).", role=RUNTIME)
     quiet: bool = _quiet()
@@ -549,7 +560,7 @@ class EvalZeroshotConfig:
         require(self.batch_size >= 1, "must be at least 1", "--batch-size")
         require(self.workers >= 0, "must be 0 or more", "--workers")
         require(self.max_pixels > 0, f"must be positive, got {self.max_pixels}", "--max-pixels")
-        check_report_path(self.out)
+        check_report_path(self.out, overwrite=self.overwrite)
         return self
 
 

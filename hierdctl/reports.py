@@ -37,6 +37,31 @@ def versions() -> dict:
     return v
 
 
+def written_by_hierdctl(path: Path) -> bool:
+    """True if the file at `path` is one hierdctl writes at a path the user names: an evaluation
+    report (a JSON object whose "schema" is hierdctl.eval-*), or cache-teacher's --log-skipped
+    (JSON lines, each with a shard, a key and a reason). An empty file holds nothing to lose."""
+    import json
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    if not text.strip():
+        return True
+    try:
+        obj = json.loads(text)
+        if isinstance(obj, dict) and str(obj.get("schema", "")).startswith("hierdctl.eval-"):
+            return True
+    except json.JSONDecodeError:
+        pass
+    try:
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError:
+        return False
+    return all(isinstance(r, dict) and {"shard", "key", "reason"} <= set(r) for r in rows)
+
+
 def check_save_index(folder: Path | None, overwrite: bool, where: str = "--save-index") -> None:
     """A --save-index folder hierdctl did not write is never replaced (checked before any model loads)."""
     if folder is None:

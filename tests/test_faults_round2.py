@@ -455,3 +455,81 @@ def test_a_leftover_named_like_ours_that_is_a_link_is_removed_as_a_link(world, t
     assert _distill(world.cache, run, steps=4, resume=True)["resumed_from"] == 4
     assert victim.read_bytes() == b"mine"
     assert not os.path.lexists(run / f"{checkpoint.METRICS}.tmp99999")
+
+
+# ----------------------------------------------------------------------------------
+# 5. Files that merely look like hierdctl's are never removed or replaced
+# ----------------------------------------------------------------------------------
+
+LOOKALIKES = {"checkpoints/step-0000100.json": b'{"mine": true}', "checkpoints/step-0000100.safetensors": b"mine",
+              "checkpoints/step-0000001.json": b"mine too", "checkpoints/step-0000001.state.pt": b"mine three"}
+
+
+def _stop_at(step: int):
+    """Stop an in-process distill run right after optimizer step `step` (as a kill would, but the
+    process lives on: the lock is released by the exception)."""
+    from hierdctl.stages import distill as S
+
+    real = S.faults.point
+
+    def point(name):
+        if name == f"distill:step:{step}":
+            raise KeyboardInterrupt
+        real(name)
+
+    return pytest.MonkeyPatch.context(), point
+
+
+def test_overwrite_and_pruning_remove_only_the_checkpoints_the_run_recorded(world, tmp_path):
+    from hierdctl.stages import distill as S
+
+    run = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(S.faults, "point", _stop_at(5)[1])
+        with pytest.raises(KeyboardInterrupt):
+            _distill(world.cache, run, steps=10)
+    for name, data in LOOKALIKES.items():
+        (run / name).write_bytes(data)
+    _distill(world.cache, run, steps=10, resume=True)  # checkpoints 6, 8, 10: 2 and 4 pruned
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*") if p.name not in
+                  {Path(k).name for k in LOOKALIKES}) == [f"step-{s:07d}.{e}" for s in (6, 8, 10)
+                                                          for e in ("json", "safetensors", "state.pt")]
+    assert {k: (run / k).read_bytes() for k in LOOKALIKES} == LOOKALIKES  # pruning kept the user's files
+    _distill(world.cache, run, steps=2, overwrite=True)
+    assert {k: (run / k).read_bytes() for k in LOOKALIKES} == LOOKALIKES  # so did --overwrite
+    assert checkpoint.latest(run) == (2, "step-0000002")
+
+
+def test_cache_overwrite_removes_only_the_shards_the_cache_recorded(world, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(world.cache, cache)
+    mine = {"shard-00099.tar": b"my own tar", "shard-00099.done.json": b'{"mine": 1}'}
+    for name, data in mine.items():
+        (cache / name).write_bytes(data)
+    _cache(world.source, cache, world.teacher, overwrite=True)
+    assert {k: (cache / k).read_bytes() for k in mine} == mine
+    assert _tars(cache) == world.shards | mine  # the cache is whole again, the user's files untouched
+
+
+@pytest.mark.parametrize("stage", ["eval-retrieval", "eval-zeroshot", "cache-teacher --log-skipped"])
+def test_a_report_file_of_the_users_is_replaced_only_with_overwrite(world, class_tree, tmp_path, stage):
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"my": "notes"}')
+    if stage == "eval-retrieval":
+        args = ["eval-retrieval", world.source, "--model", world.teacher, "--workers", "0", "--k", "1", "--quiet",
+                "--out", notes]
+    elif stage == "eval-zeroshot":
+        args = ["eval-zeroshot", class_tree, "--model", world.teacher, "--classnames", "folders", "--templates",
+                "simple", "--workers", "0", "--quiet", "--out", notes]
+    else:
+        args = ["cache-teacher", world.source, "--teacher", world.teacher, *CACHE_OPTS, "--quiet",
+                "--out", tmp_path / "c", "--log-skipped", notes]
+    flag = "--log-skipped" if "log" in stage else "--out"
+    _one_line_error(_cli(*args), flag, str(notes), "--overwrite")
+    assert notes.read_text() == '{"my": "notes"}'
+    assert not (tmp_path / "c").exists()  # refused before any work
+    r = _cli(*args, "--overwrite")
+    assert r.exit_code == 0, (r.output[-2000:], r.exception)
+    assert notes.read_text() != '{"my": "notes"}'
+    r = _cli(*args)  # a file hierdctl wrote is replaced without --overwrite
+    assert r.exit_code == 0, (r.output[-2000:], r.exception)
