@@ -581,9 +581,10 @@ def cache_file(root, name: str) -> str:
     return f"{root.rstrip('/')}/{name}" if is_remote(root) else str(Path(root) / name)
 
 
-def open_cache(root: str | Path, where: str = "CACHE") -> Cache:
+def open_cache(root: str | Path, where: str = "CACHE", check: bool = True) -> Cache:
     """Open a finished cache (a local folder, or a URL: its manifest is fetched), checking its
-    format and schema version."""
+    format and schema version and, with `check`, the manifest against the cache's own records
+    (`manifest_problems`): a manifest changed after cache-teacher wrote it is refused."""
     if is_remote(str(root)):
         from hierdctl.sources import open_shard
 
@@ -614,13 +615,82 @@ def open_cache(root: str | Path, where: str = "CACHE") -> Cache:
         raise UserError(f"{mpath} is not a hierdctl teacher-cache manifest", where)
     if manifest.get("schema_version") not in READABLE_SCHEMAS:
         raise UserError(
-            f"cache schema version {manifest.get('schema_version')} but this hierdctl reads versions "
+            f"{mpath} has cache schema version {manifest.get('schema_version')} but this hierdctl reads versions "
             f"{', '.join(map(str, READABLE_SCHEMAS))}: rebuild the cache with this version's cache-teacher",
             where,
         )
     if not manifest.get("complete"):
         raise UserError(f"{root} is incomplete ({manifest.get('shards_done')}/{manifest.get('shards_total')} shards)", where)
-    return Cache(root, manifest)
+    cache = Cache(root, manifest)
+    if check:
+        problems = manifest_problems(cache)
+        if problems:
+            raise UserError(f"{mpath} does not match the cache's own records ({problems[0]}): it was changed after "
+                            f"cache-teacher wrote it; rerun cache-teacher on {root} with the same options: it "
+                            "rewrites the manifest from the shards' records", where)
+    return cache
+
+
+def _read_text(root, name: str) -> str | None:
+    """A small file of a local or remote cache, or None when it cannot be read."""
+    if is_remote(root):
+        from hierdctl.sources import open_shard
+
+        try:
+            stream, closer = open_shard(cache_file(root, name))
+            try:
+                return stream.read().decode("utf-8")
+            finally:
+                closer.close()
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
+    try:
+        return (Path(root) / name).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def manifest_problems(cache: Cache) -> list[str]:
+    """How the manifest disagrees with the cache's own records, written before it: cache-config.json
+    (the configuration and the teachers' fingerprints the cache was made with) and, for a local
+    cache, every shard's done-marker (samples, bytes, sha256). Empty when they agree."""
+    problems = []
+    try:
+        own = json.loads(_read_text(cache.root, CONFIG_NAME) or "null")
+    except json.JSONDecodeError:
+        own = None
+    if not isinstance(own, dict) or own.get("format") != FORMAT_NAME:
+        return [f"{CONFIG_NAME} is missing or unreadable"]
+    m, conf = cache.manifest, own.get("config") or {}
+    if m.get("schema_version") != own.get("schema_version"):
+        problems.append(f"schema version {m.get('schema_version')} against {own.get('schema_version')} in {CONFIG_NAME}")
+    diff = sorted(k for k in set(m.get("config") or {}) | set(conf) if (m.get("config") or {}).get(k) != conf.get(k))
+    if diff:
+        problems.append(f"its config differs from {CONFIG_NAME}'s in {', '.join(diff[:4])}")
+    teachers = m.get("teachers") or [m.get("teacher") or {}]
+    want = [conf.get("teacher_fingerprint"), *(conf.get("ensemble_fingerprints") or [])]
+    got = [t.get("fingerprint") if isinstance(t, dict) else None for t in teachers]
+    if got != want or (isinstance(m.get("teacher"), dict) and m["teacher"].get("fingerprint") != want[0]):
+        problems.append(f"its teacher fingerprints differ from {CONFIG_NAME}'s")
+    if not is_remote(cache.root):
+        for e in cache.manifest.get("shards") or []:
+            done = _json(Path(cache.root) / e["name"].replace(".tar", ".done.json"))
+            if isinstance(done, dict):
+                bad = [k for k in ("samples", "bytes", "sha256") if e.get(k) != done.get(k)]
+                if bad:
+                    problems.append(f"its {'/'.join(bad)} of {e['name']} differ from the shard's done-marker")
+    return problems
+
+
+def identity_digest(manifest: dict) -> str:
+    """The cache's identity: sha256 over what defines its content (configuration, teachers, source,
+    and every shard's name, samples and sha256), not the wall time or the version that wrote it; so
+    a cache repaired in place keeps it, and one rebuilt from another source does not. A distill run
+    records it and --resume checks it."""
+    keep = {k: manifest.get(k) for k in ("format", "schema_version", "config", "teachers", "captioner", "source",
+                                         "samples")}
+    keep["shards"] = [{k: e.get(k) for k in ("name", "samples", "bytes", "sha256")} for e in manifest.get("shards") or []]
+    return sha256(json.dumps(keep, sort_keys=True, default=str).encode())
 
 
 def check_shards(cache: Cache, where: str = "CACHE") -> list[list[tuple[int, int]]]:
@@ -679,12 +749,18 @@ def read_manifest(root: Path, where: str = "CACHE") -> dict:
 
 
 def verify_cache(root: Path, where: str = "CACHE") -> list[str]:
-    """Every problem of a finished cache's shards against its manifest, re-reading every byte
-    (size, sha256, sample count; schema 1 recorded no sha256: sizes and counts only)."""
-    c = open_cache(root, where)
-    problems = []
+    """Every problem of a finished cache: its manifest against the cache's own records
+    (`manifest_problems`), and every shard re-read in full against its done-marker, or the
+    manifest where it has none (size, sha256, sample count; schema 1 recorded no sha256: sizes
+    and counts only). A shard is said to have changed only when it differs from its own record."""
+    c = open_cache(root, where, check=False)
+    problems = [f"{MANIFEST_NAME}: {p}; the manifest was changed after cache-teacher wrote it" for p in
+                manifest_problems(c)]
     for entry in c.shard_entries:
-        why = shard_problem(c.root / entry["name"], entry, "the manifest")
+        done = _json(Path(c.root) / entry["name"].replace(".tar", ".done.json"))
+        record, what = (done, "its done-marker") if isinstance(done, dict) and "samples" in done else (entry,
+                                                                                                       "the manifest")
+        why = shard_problem(c.root / entry["name"], record, what)
         if why:
             problems.append(f"{entry['name']}: {why}")
     return problems

@@ -235,6 +235,23 @@ def prune(d: Path, mine: list[str], keep: int) -> None:
             p.unlink(missing_ok=True)
 
 
+def latest_meta(run: Path) -> tuple[Path, dict] | None:
+    """(path, content) of the .json of the newest complete checkpoint of `run`: the settings
+    that checkpoint was trained with, as it recorded them itself. None when unreadable."""
+    try:
+        got = latest(run)
+    except UserError:
+        return None
+    if got is None:
+        return None
+    p = checkpoint_dir(run) / f"{got[1]}.json"
+    try:
+        meta = json.loads(p.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return (p, meta) if isinstance(meta, dict) else None
+
+
 def latest(run: Path, where: str = "--out") -> tuple[int, str] | None:
     """(step, stem) of the newest complete checkpoint of `run`, or None."""
     d = checkpoint_dir(run)

@@ -519,12 +519,15 @@ def run(cfg: DistillConfig) -> dict:
         runtime = settings.keys(DistillConfig, settings.RUNTIME)  # never recorded; free to change at a resume
         resolved = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in runtime}
         has_ckpt = checkpoint.check_run_target(out, cfg.resume, cfg.overwrite)
+        cache_digest = cache_format.identity_digest(cache.manifest)
+        terms = [{"name": t.name, "weight": t.weight, "args": dict(t.args)} for t in recipe.terms]
         if cfg.resume and has_ckpt:
             old = checkpoint.read_config(out) or {}
             diff = [k for k in settings.keys(DistillConfig, settings.IDENTITY) if old.get(k) != resolved.get(k)]
             if diff:
                 raise UserError("cannot resume with changed settings: " + ", ".join(
                     f"{k} {old.get(k)!r} → {resolved.get(k)!r}" for k in diff), "--resume")
+            _check_checkpoint_record(out, resolved, terms, cache_digest, old, cfg.cache)
         lock = atomic.FolderLock(out, "--out") if env.is_main else contextlib.nullcontext()
         with lock:
             notes = [f"took over the lock of a run that is gone ({o})" for o in getattr(lock, "took_over", [])]
@@ -546,10 +549,11 @@ def run(cfg: DistillConfig) -> dict:
             if env.is_main:
                 checkpoint.write_config(out, resolved | {
                     "warmup_steps": tr.warmup, "total_steps": tr.total, "stream_readers": readers,
-                    "hierdctl": __version__,
-                    "recipe_terms": [{"name": t.name, "weight": t.weight, "args": dict(t.args)} for t in recipe.terms]})
+                    "hierdctl": __version__, "recipe_terms": terms, "cache_digest": cache_digest})
             distributed.barrier(env)
-            return _train(cfg, out, cache, recipe, tr, env, resume, notes, started)
+            identity = {k: resolved[k] for k in settings.keys(DistillConfig, settings.IDENTITY)}
+            return _train(cfg, out, cache, recipe, tr, env, resume, notes, started,
+                          {"identity": identity, "recipe_terms_full": terms, "cache_digest": cache_digest})
     except cache_format.CorruptShard as e:  # re-raised from a loader worker
         raise UserError(f"{e}; rerun cache-teacher on {cfg.cache} with the same options to redo damaged shards",
                         "CACHE") from None
@@ -557,8 +561,41 @@ def run(cfg: DistillConfig) -> dict:
         distributed.destroy(env)
 
 
+def _check_checkpoint_record(out: Path, resolved: dict, terms: list[dict], cache_digest: str, config: dict,
+                             cache_spec: str) -> None:
+    """--resume: the newest checkpoint's own record (its .json) must match this run, whatever
+    config.resolved.yaml says (an edited record must not resume a run as another recipe), and the
+    cache must be the one it trained on (its manifest digest: a cache rebuilt in place from
+    another source is not)."""
+    got = checkpoint.latest_meta(out)
+    if got is None:
+        return  # load_training_state names what is wrong with the checkpoint
+    path, meta = got
+    edited = f"; {checkpoint.CONFIG} was edited to match: resume with the checkpoint's settings, or start a new run"
+    recorded = meta.get("identity") if isinstance(meta.get("identity"), dict) else {}
+    if not recorded:  # a checkpoint of an older hierdctl: its recipe is what it recorded
+        recorded = {k: meta[k] for k in ("recipe",) if k in meta} | (
+            {"student": meta["student_spec"]} if "student_spec" in meta else {})
+    diff = [k for k, v in recorded.items() if k in resolved and resolved[k] != v]
+    if diff:
+        raise UserError(f"cannot resume: {path} was trained with " + ", ".join(
+            f"{k} {recorded[k]!r}" for k in diff) + ", this run has " + ", ".join(
+            f"{k} {resolved[k]!r}" for k in diff) + edited, "--resume")
+    mine = meta.get("recipe_terms_full")
+    if mine is None and isinstance(meta.get("recipe_terms"), list):  # older: name and weight only
+        mine, terms = meta["recipe_terms"], [{"name": t["name"], "weight": t["weight"]} for t in terms]
+    if mine is not None and mine != terms:
+        raise UserError(f"cannot resume: {path} was trained with the recipe terms {mine}, this run's recipe has "
+                        f"{terms}" + edited, "--resume")
+    want = meta.get("cache_digest") or config.get("cache_digest")
+    if want and want != cache_digest:
+        raise UserError(f"cannot resume: the cache {cache_spec} is not the one this run trained on (its manifest "
+                        f"digest is {cache_digest[:12]}…, {path.name} recorded {want[:12]}…): it was rebuilt or "
+                        "changed since; give the run its own cache, or start over with --overwrite", "--resume")
+
+
 def _train(cfg: DistillConfig, out: Path, cache, recipe, tr: "Trainer", env, resume: bool, notes: list,
-           started: float) -> dict:
+           started: float, record: dict) -> dict:
     wrapper, total = tr.wrapper, tr.total
     start = 0
     if resume:
@@ -570,7 +607,7 @@ def _train(cfg: DistillConfig, out: Path, cache, recipe, tr: "Trainer", env, res
             notes.append(f"{checkpoint.METRICS}: dropped {torn} unreadable line(s) (torn by a crash mid-write)")
     ckpt_meta = {"model_cfg": tr.student.model_cfg, "preprocess_cfg": tr.student.pp_cfg, "teacher": tr.teacher,
                  "recipe": recipe.name, "recipe_terms": [{"name": t.name, "weight": t.weight} for t in recipe.terms],
-                 "data": str(cfg.cache), "student_spec": cfg.student, "hierdctl": __version__}
+                 "data": str(cfg.cache), "student_spec": cfg.student, "hierdctl": __version__} | record
     if env.is_main and not cfg.quiet:
         for n in notes:
             console.print(f"[dim]distill:[/] {n}")

@@ -533,3 +533,80 @@ def test_a_report_file_of_the_users_is_replaced_only_with_overwrite(world, class
     assert notes.read_text() != '{"my": "notes"}'
     r = _cli(*args)  # a file hierdctl wrote is replaced without --overwrite
     assert r.exit_code == 0, (r.output[-2000:], r.exception)
+
+
+# ----------------------------------------------------------------------------------
+# 6. Tampering and identity: manifests, run records, caches rebuilt in place
+# ----------------------------------------------------------------------------------
+
+
+def _edit_json(p: Path, edit) -> None:
+    obj = json.loads(p.read_text())
+    edit(obj)
+    p.write_text(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _set_fingerprint(m: dict) -> None:
+    m["teacher"]["fingerprint"] = m["teachers"][0]["fingerprint"] = "0" * 64
+
+
+@pytest.mark.parametrize("edit", ["teacher fingerprint", "config", "shard sha256"])
+def test_a_tampered_manifest_is_refused_by_distill_and_by_verify(world, tmp_path, edit):
+    cache = shutil.copytree(world.cache, tmp_path / "cache")
+    mpath = cache / cache_format.MANIFEST_NAME
+    if edit == "teacher fingerprint":
+        _edit_json(mpath, _set_fingerprint)
+    elif edit == "config":
+        _edit_json(mpath, lambda m: m["config"].update(seed=7))
+    else:
+        _edit_json(mpath, lambda m: m["shards"][1].update(sha256="f" * 64))
+    line = _one_line_error(_cli("distill", cache, "--out", tmp_path / "run", *DISTILL_OPTS, "--steps", "2",
+                                "--quiet"), str(mpath), "rerun cache-teacher")
+    assert "changed" in line
+    assert not (tmp_path / "run").exists()
+    r = _cli("cache-info", cache, "--verify")
+    assert r.exit_code == 1 and "verified" not in r.output and "manifest.json" in r.output, r.output
+    if edit == "shard sha256":  # the shard is intact: the manifest changed, not the bytes
+        assert "the bytes changed" not in r.output and "shard-00001.tar" in r.output
+    _cache(world.source, cache, world.teacher)  # a rerun rewrites the manifest from the shards' own records
+    assert _cli("cache-info", cache, "--verify").exit_code == 0
+
+
+def test_a_manifest_of_an_unknown_schema_is_refused_naming_its_path(world, tmp_path):
+    cache = shutil.copytree(world.cache, tmp_path / "cache")
+    _edit_json(cache / cache_format.MANIFEST_NAME, lambda m: m.update(schema_version=99))
+    _one_line_error(_cli("distill", cache, "--out", tmp_path / "run", *DISTILL_OPTS, "--steps", "2"),
+                    str(cache / cache_format.MANIFEST_NAME), "99")
+    r = _cli("cache-info", cache, "--verify")
+    assert r.exit_code == 2 and str(cache / cache_format.MANIFEST_NAME) in r.output
+
+
+def _edit_config(run: Path, **values) -> None:
+    import yaml
+
+    p = run / checkpoint.CONFIG
+    obj = yaml.safe_load(p.read_text())
+    obj.update(values)
+    p.write_text(yaml.safe_dump(obj, sort_keys=False))
+
+
+@pytest.mark.parametrize("edit", [{"recipe": "clip"}, {"lr": 0.01}])
+def test_a_run_record_edited_to_match_another_command_is_not_resumed(world, tmp_path, edit):
+    run = tmp_path / "run"
+    _distill(world.cache, run, steps=4)
+    _edit_config(run, **edit)
+    flag = {"recipe": ["--recipe", "clip"], "lr": ["--lr", "0.01"]}[next(iter(edit))]
+    r = _cli("distill", world.cache, "--out", run, *DISTILL_OPTS, "--steps", "4", *flag, "--resume", "--quiet")
+    _one_line_error(r, "--resume", "step-0000004.json", next(iter(edit)))
+
+
+def test_a_cache_rebuilt_in_place_from_another_source_is_not_resumed_on(world, tmp_path):
+    cache = shutil.copytree(world.cache, tmp_path / "cache")
+    run = tmp_path / "run"
+    _distill(cache, run, steps=4)
+    other = make_shards(tmp_path / "other", n_shards=4, per_shard=2, start=50)
+    _cache(other, cache, world.teacher, overwrite=True)
+    r = _cli("distill", cache, "--out", run, *DISTILL_OPTS, "--steps", "4", "--resume", "--quiet")
+    _one_line_error(r, "--resume", str(cache), "manifest")
+    _cache(world.source, cache, world.teacher, overwrite=True)  # the very cache again: the run resumes
+    assert _distill(cache, run, steps=4, resume=True)["resumed_from"] == 4
