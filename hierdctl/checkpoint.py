@@ -358,9 +358,10 @@ class StudentCheckpoint:
     student: dict  # student state dict, prefix removed
     dropped: list[str]  # wrapper keys that are not the student
     run_dir: Path | None
+    sha256: str = ""  # of the .safetensors bytes that were read (the file may be pruned since)
 
 
-def resolve(source: Path, where: str = "RUN_DIR") -> tuple[Path, Path | None]:
+def resolve(source: Path, where: str = "RUN_DIR", must_exist: bool = True) -> tuple[Path, Path | None]:
     """(checkpoint .safetensors, run dir or None) for a run dir, a checkpoints/ dir or a file."""
     p = Path(source)
     if p.is_file():
@@ -373,32 +374,56 @@ def resolve(source: Path, where: str = "RUN_DIR") -> tuple[Path, Path | None]:
         if (d / LATEST).is_file():
             _, name = _read_latest(d, where)
             ck = d / f"{name}.safetensors"
-            require(ck.is_file(), f"{d / LATEST} names {ck.name}, which does not exist", where)
+            require(ck.is_file() or not must_exist, f"{d / LATEST} names {ck.name}, which does not exist", where)
             return ck, run
     raise UserError(f"{p} holds no {CHECKPOINTS}/{LATEST}: not a hierdctl distill run dir", where)
 
 
-def load_student(source: Path, where: str = "RUN_DIR") -> StudentCheckpoint:
-    """The student's weights and meta of a checkpoint (a run dir means its newest one)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+READ_ATTEMPTS = 5  # a run being written: latest.json read again this often before export gives up
 
-    path, run_dir = resolve(source, where)
+
+def load_student(source: Path, where: str = "RUN_DIR") -> StudentCheckpoint:
+    """The student's weights and meta of a checkpoint (a run dir means its newest one).
+
+    A run dir may be written while it is read (distill saves a checkpoint and prunes an old one):
+    a checkpoint that latest.json named but that vanished is read again from the new latest.json,
+    and every byte is read once, into memory, so what is exported is one consistent checkpoint."""
+    import time
+
+    for attempt in range(READ_ATTEMPTS):
+        path, run_dir = resolve(source, where, must_exist=False)
+        try:
+            return _read_student(path, run_dir, where)
+        except FileNotFoundError:
+            if Path(source).is_file():  # a checkpoint file given by name: nothing to retry
+                raise UserError(f"{path}'s sibling {path.with_suffix('.json').name} (model config) does not exist: "
+                                "it is not a hierdctl distill checkpoint", where) from None
+            time.sleep(0.2 * attempt)  # pruned while read: latest.json names a newer one by now
+    raise UserError(f"{source} is being written, or damaged: the checkpoint its latest.json names was missing "
+                    f"{READ_ATTEMPTS} times in a row; export again once distill has saved its checkpoint", where)
+
+
+def _read_student(path: Path, run_dir: Path | None, where: str) -> StudentCheckpoint:
+    """One checkpoint, read into memory. FileNotFoundError when one of its files is gone."""
+    import hashlib
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_bytes
+
     meta_path = path.with_suffix(".json")
-    require(meta_path.is_file(), f"{path.name} has no sibling {meta_path.name} (model config); "
-            "it is not a hierdctl distill checkpoint", where)
+    raw_meta, data = meta_path.read_bytes(), path.read_bytes()
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(raw_meta)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{meta_path} is not valid JSON ({e})", where) from None
     require(isinstance(meta, dict) and isinstance(meta.get("model_cfg"), dict), f"{meta_path} carries no model_cfg",
             where)
     try:
-        state = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError) as e:
+        state = load_bytes(data)
+    except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"cannot read {path}: {e} (a hierdctl checkpoint is a safetensors file; pickled "
                         "checkpoints are never loaded)", where) from None
     student = {k[len(STUDENT_PREFIX):]: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
     require(bool(student), f"{path} holds no '{STUDENT_PREFIX}*' tensors: not a StudentWrapper checkpoint", where)
     dropped = sorted(k for k in state if not k.startswith(STUDENT_PREFIX))
-    return StudentCheckpoint(path, meta, student, dropped, run_dir)
+    return StudentCheckpoint(path, meta, student, dropped, run_dir, hashlib.sha256(data).hexdigest())

@@ -386,7 +386,7 @@ def run(cfg: ExportConfig) -> dict:
         manifest = {
             "schema": SCHEMA,
             "formats": list(cfg.formats),
-            "checkpoint": {"path": str(ck.path.resolve()), "sha256": sha256_file(ck.path), "step": ck.meta.get("step")},
+            "checkpoint": {"path": str(ck.path.resolve()), "sha256": ck.sha256, "step": ck.meta.get("step")},
             "model_cfg": ck.meta["model_cfg"],
             "preprocess_cfg": dict(model.visual.preprocess_cfg),
             "embed_dim": int(ri.shape[1]),
@@ -405,6 +405,9 @@ def run(cfg: ExportConfig) -> dict:
             "open_clip": open_clip.__version__,
         }
         manifest["files"] = sorted([p.name for p in tmp.iterdir()] + ["README.md", MARKER])
+        # The digest of every file written so far (not README.md and export.json, written next): a
+        # loader of this folder checks those it reads (hierdctl.specs), so a zeroed or cut file is found.
+        manifest["sha256"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / "README.md").write_text(model_card(ck, manifest, report, out))
         (tmp / MARKER).write_text(json.dumps(manifest, indent=2, default=str) + "\n")  # last: the done-marker
         summary.update(manifest)

@@ -610,3 +610,103 @@ def test_a_cache_rebuilt_in_place_from_another_source_is_not_resumed_on(world, t
     _one_line_error(r, "--resume", str(cache), "manifest")
     _cache(world.source, cache, world.teacher, overwrite=True)  # the very cache again: the run resumes
     assert _distill(cache, run, steps=4, resume=True)["resumed_from"] == 4
+
+
+# ----------------------------------------------------------------------------------
+# 7. Races and partial inputs: export while distill prunes, truncated or zeroed weights
+# ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run4(world, tmp_path_factory) -> Path:
+    """A finished run of 4 steps: checkpoints 2 and 4."""
+    run = tmp_path_factory.mktemp("run4") / "run"
+    _distill(world.cache, run, steps=4)
+    return run
+
+
+def _prune_step_2(run: Path) -> None:
+    for p in (run / "checkpoints").glob("step-0000002.*"):
+        p.unlink()
+
+
+@pytest.mark.parametrize("when", ["after reading latest.json", "after reading the checkpoint"])
+def test_export_while_distill_prunes_the_checkpoint_it_read(world, run4, tmp_path, when, monkeypatch):
+    """latest.json named step 2; distill then saved step 4 and pruned step 2 (simulated between
+    export's reads): export exports a consistent checkpoint, or says in one line the run is being
+    written; never a traceback."""
+    run = shutil.copytree(run4, tmp_path / "run")
+    (run / "checkpoints" / "latest.json").write_text(json.dumps({"step": 2, "name": "step-0000002",
+                                                                 "checkpoints": ["step-0000002"]}))
+    if when == "after reading latest.json":
+        real = checkpoint._read_latest
+
+        def read_latest(d, where):
+            got = real(d, where)
+            _prune_step_2(run)
+            (run / "checkpoints" / "latest.json").write_text(json.dumps({"step": 4, "name": "step-0000004"}))
+            monkeypatch.setattr(checkpoint, "_read_latest", real)
+            return got
+
+        monkeypatch.setattr(checkpoint, "_read_latest", read_latest)
+    else:
+        real = checkpoint.load_student
+
+        def load_student(*a, **k):
+            ck = real(*a, **k)
+            _prune_step_2(run)
+            return ck
+
+        from hierdctl.stages import export
+
+        monkeypatch.setattr(export.checkpoint, "load_student", load_student)
+    r = _cli("export", run, "--out", tmp_path / "e", "--quiet")
+    if r.exit_code == 0:
+        m = json.loads((tmp_path / "e" / "export.json").read_text())
+        assert m["checkpoint"]["step"] in (2, 4)
+        want = {2: None, 4: atomic.sha256_file(run / "checkpoints" / "step-0000004.safetensors")}[m["checkpoint"]["step"]]
+        assert want is None or m["checkpoint"]["sha256"] == want
+    else:
+        _one_line_error(r, "being written")
+
+
+@pytest.fixture(scope="module")
+def exported(run4, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exported") / "e"
+    assert _cli("export", run4, "--out", out, "--quiet").exit_code == 0
+    return out
+
+
+@pytest.mark.parametrize("damage", ["truncated", "emptied", "zeroed tail"])
+@pytest.mark.parametrize("flag", ["--model", "--teacher"])
+def test_damaged_weights_of_a_local_dir_are_one_line_naming_the_file(world, exported, tmp_path, damage, flag):
+    d = shutil.copytree(exported, tmp_path / "model")
+    w = d / "open_clip_model.safetensors"
+    data = w.read_bytes()
+    w.write_bytes({"truncated": data[: len(data) // 2], "emptied": b"",
+                   "zeroed tail": data[:-4096] + b"\0" * 4096}[damage])
+    if flag == "--model":
+        r = _cli("eval-retrieval", world.source, "--model", f"local-dir:{d}", "--workers", "0", "--quiet")
+    else:
+        r = _cli("cache-teacher", world.source, "--teacher", f"local-dir:{d}", *CACHE_OPTS, "--quiet",
+                 "--out", tmp_path / "c")
+    _one_line_error(r, flag, str(w))
+
+
+def test_export_records_the_digest_of_every_file_it_wrote(exported):
+    m = json.loads((exported / "export.json").read_text())
+    assert m["sha256"] == {p.name: atomic.sha256_file(p) for p in sorted(exported.iterdir())
+                           if p.is_file() and p.name not in ("export.json", "README.md")}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "emptied"])
+def test_damaged_weights_without_an_export_record_are_one_line_naming_the_file(world, tmp_path, damage):
+    d = shutil.copytree(world.teacher.split(":", 1)[1], tmp_path / "teacher")
+    w = d / "open_clip_model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2] if damage == "truncated" else b"")
+    r = _cli("eval-retrieval", world.source, "--model", f"local-dir:{d}", "--workers", "0", "--quiet")
+    _one_line_error(r, "--model", str(w))
+    ckpt = tmp_path / "w.safetensors"
+    shutil.copy(w, ckpt)
+    r = _cli("eval-retrieval", world.source, "--model", f"open_clip:tiny-test/{ckpt}", "--workers", "0", "--quiet")
+    _one_line_error(r, "--model", str(ckpt))
