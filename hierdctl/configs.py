@@ -24,6 +24,9 @@ from hierdctl.errors import UserError, require
 from hierdctl.settings import IDENTITY, RECORDED, RUNTIME, default, setting  # noqa: F401 (default: re-exported)
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (~ 0.25 GB RGB)
+MAX_SEED = 2**32 - 1  # seeds reach numpy's and torch's generators (numpy refuses negative seeds)
+MAX_WORKERS = 256  # DataLoader workers: each a forked process (-1: auto, distributed.auto_workers)
+MAX_OPSET = 20  # the TorchScript ONNX exporter's newest opset (torch.onnx._constants), when torch does not say
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STORE_DTYPES = ("fp16", "fp32", "int8")  # cache float arrays (docs/cache-format.md)
 INDEX_KINDS = ("flat", "ivf", "hnsw")  # eval-retrieval's FAISS indexes
@@ -79,6 +82,17 @@ def parse_warmup(text, where: str = "--warmup") -> int | str | None:
 
 def pair_text(pair) -> str:
     return ",".join(f"{x:g}" for x in pair)
+
+
+def check_seed(seed, where: str = "--seed") -> None:
+    require(isinstance(seed, int) and 0 <= seed <= MAX_SEED, f"must be an integer from 0 to {MAX_SEED}, got {seed!r}",
+            where)
+
+
+def check_workers(workers: int, where: str = "--workers") -> None:
+    """DataLoader workers: -1 (auto), 0 (the main process) or up to MAX_WORKERS processes."""
+    require(-1 <= workers <= MAX_WORKERS, f"must be -1 (auto), 0 (no worker process) or up to {MAX_WORKERS}, "
+            f"got {workers}", where)
 
 
 def _check_specs(models: list[str], where: str = "--model") -> None:
@@ -253,7 +267,8 @@ class CacheTeacherConfig:
         require(self.views >= 1, "must be at least 1", "--views")
         require(0 <= self.clusters <= 255, "must be within 0..255 (assignments are uint8)", "--clusters")
         require(self.cluster_iters >= 1, "must be at least 1", "--cluster-iters")
-        require(self.cluster_pos_weight >= 0, "must be ≥ 0", "--cluster-pos-weight")
+        require(math.isfinite(self.cluster_pos_weight) and self.cluster_pos_weight >= 0, "must be a finite number ≥ 0",
+                "--cluster-pos-weight")
         require(0 <= self.max_phrases <= 64, "must be within 0..64", "--max-phrases")
         require(self.chunker in ("auto", "spacy", "textblob"), "must be auto, spacy or textblob", "--chunker")
         require(0 <= self.perturbations <= 16, "must be within 0..16", "--perturbations")
@@ -271,6 +286,8 @@ class CacheTeacherConfig:
         require(self.batch_size >= 1, "must be at least 1", "--batch-size")
         require(self.precision in PRECISIONS, "must be auto, fp32, bf16 or fp16", "--precision")
         require(self.max_pixels > 0, "must be positive", "--max-pixels")
+        check_seed(self.seed)
+        check_workers(self.workers)
         require(self.source_options.rows_per_shard >= 1, "must be at least 1", "--rows-per-shard")
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"{self.out} exists and is not a directory", "--out")
@@ -343,7 +360,15 @@ class DistillConfig:
         require(math.isfinite(self.lr) and self.lr > 0, "must be a positive number", "--lr")
         require(self.warmup == "auto" or (isinstance(self.warmup, int) and self.warmup >= 0),
                 f"must be auto or a number of steps ≥ 0, got {self.warmup!r}", "--warmup")
-        require(self.weight_decay >= 0, "must be ≥ 0", "--weight-decay")
+        require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "must be a finite number ≥ 0",
+                "--weight-decay")
+        # AdamW's own arguments: checked here, not as torch's ValueError deep in the run
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            require(isinstance(v, (int, float)) and 0 <= v < 1, f"must be within [0, 1), got {v}", f"--set {name}")
+        require(math.isfinite(self.eps) and self.eps > 0, f"must be a positive number, got {self.eps}", "--set eps")
+        check_seed(self.seed)
+        check_workers(self.workers)
         require(self.grad_clip is None or self.grad_clip > 0, "must be positive", "--grad-clip")
         require(self.precision in PRECISIONS, "must be auto, fp32, bf16 or fp16", "--precision")
         require(self.view_policy in ("random", "sequential"), "must be random or sequential", "--set view_policy")
@@ -477,7 +502,16 @@ class ExportConfig:
         if "hf" in self.formats and importlib.util.find_spec("transformers") is None:
             raise UserError(f"--format {self.format} needs transformers, which is not installed "
                             "(pip install 'hierdctl[hf]')", "--format")
-        require(self.opset >= 14, "ONNX opset must be at least 14", "--opset")
+        newest = MAX_OPSET
+        if "onnx" in self.formats:
+            try:  # the exporter export uses (TorchScript) says how far it goes
+                from torch.onnx import _constants
+
+                newest = int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", MAX_OPSET))
+            except (ImportError, AttributeError, ValueError):
+                pass
+        require(14 <= self.opset <= newest, f"ONNX opset must be from 14 to {newest} (the newest torch's TorchScript "
+                f"exporter writes), got {self.opset}", "--opset")
         require(math.isfinite(self.atol) and self.atol > 0, f"must be a positive number, got {self.atol:g}", "--atol")
         if self.report is not None:
             require(Path(self.report).is_file(), f"{self.report} does not exist", "--report")
@@ -524,7 +558,7 @@ class EvalRetrievalConfig:
         self.ks = sorted(set(self.ks))
         require(self.index in INDEX_KINDS, f"unknown index {self.index!r} ({', '.join(INDEX_KINDS)})", "--index")
         require(self.batch_size >= 1, "must be at least 1", "--batch-size")
-        require(self.workers >= 0, "must be 0 or more", "--workers")
+        require(0 <= self.workers <= MAX_WORKERS, f"must be 0 (no worker process) or up to {MAX_WORKERS}", "--workers")
         require(self.nprobe is None or self.nprobe >= 1, "must be at least 1", "--nprobe")
         require(self.nprobe is None or self.index == "ivf", f"only applies to --index ivf (not {self.index})", "--nprobe")
         require(self.max_pixels > 0, f"must be positive, got {self.max_pixels}", "--max-pixels")
@@ -558,7 +592,7 @@ class EvalZeroshotConfig:
     def validate(self) -> "EvalZeroshotConfig":
         _check_specs(self.models)
         require(self.batch_size >= 1, "must be at least 1", "--batch-size")
-        require(self.workers >= 0, "must be 0 or more", "--workers")
+        require(0 <= self.workers <= MAX_WORKERS, f"must be 0 (no worker process) or up to {MAX_WORKERS}", "--workers")
         require(self.max_pixels > 0, f"must be positive, got {self.max_pixels}", "--max-pixels")
         check_report_path(self.out, overwrite=self.overwrite)
         return self

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from hierdctl import cache_format, checkpoint, hf_export
-from hierdctl.atomic import check_dir_target, check_writable, publish_dir, sha256_file
+from hierdctl.atomic import check_dir_target, check_writable, publish_dir, sha256_file, write_errno
 from hierdctl.checkpoint import StudentCheckpoint
 from hierdctl.configs import ExportConfig
 from hierdctl.console import console
@@ -157,9 +157,16 @@ def write_onnx(model, d: Path, opset: int, atol: float, tokenizer) -> dict:
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
                 # The TorchScript exporter: the dynamo one needs onnxscript, which the onnx extra does not pull.
-                torch.onnx.export(module, (trace,), str(path), input_names=[inp], output_names=[outp],
-                                  dynamic_axes={inp: {0: "batch"}, outp: {0: "batch"}}, opset_version=opset,
-                                  dynamo=False)
+                try:
+                    torch.onnx.export(module, (trace,), str(path), input_names=[inp], output_names=[outp],
+                                      dynamic_axes={inp: {0: "batch"}, outp: {0: "batch"}}, opset_version=opset,
+                                      dynamo=False)
+                except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
+                    if isinstance(e, OSError) or write_errno(e) is not None:
+                        raise  # a full or read-only file system: publish_dir says so
+                    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                    raise UserError(f"torch.onnx.export cannot write the {name} encoder at opset {opset}: {first}",
+                                    "--opset") from None
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
         onnx.checker.check_model(str(path))

@@ -710,3 +710,100 @@ def test_damaged_weights_without_an_export_record_are_one_line_naming_the_file(w
     shutil.copy(w, ckpt)
     r = _cli("eval-retrieval", world.source, "--model", f"open_clip:tiny-test/{ckpt}", "--workers", "0", "--quiet")
     _one_line_error(r, "--model", str(ckpt))
+
+
+# ----------------------------------------------------------------------------------
+# 8. Options passed straight to a library are checked first: one line, exit 2
+# ----------------------------------------------------------------------------------
+
+
+def _library_options(w, run: Path, tmp: Path) -> dict:
+    """kind -> (arguments, what the line must name). Each value used to reach torch, numpy,
+    onnx or the DataLoader unchecked and end in a traceback there."""
+    ct = ["cache-teacher", w.source, "--teacher", w.teacher, *CACHE_OPTS, "--out", tmp / "c"]
+    dt = ["distill", w.cache, *DISTILL_OPTS, "--out", tmp / "run"]
+    return {
+        "export: --opset 99": (["export", run, "--out", tmp / "e", "--format", "onnx", "--opset", "99"], "--opset"),
+        "cache-teacher: --seed -1": ([*ct, "--seed", "-1"], "--seed"),
+        "cache-teacher: --seed 2^70": ([*ct, "--seed", str(2 ** 70)], "--seed"),
+        "cache-teacher: --cluster-pos-weight inf": ([*ct, "--cluster-pos-weight", "inf"], "--cluster-pos-weight"),
+        "cache-teacher: --device cuda:x": ([*ct, "--device", "cuda:x"], "--device"),
+        "distill: --seed -1": ([*dt, "--seed", "-1"], "--seed"),
+        "distill: --seed 2^70": ([*dt, "--seed", str(2 ** 70)], "--seed"),
+        "distill: --set beta1=2": ([*dt, "--set", "beta1=2"], "beta1"),
+        "distill: --set beta2=nan": ([*dt, "--set", "beta2=nan"], "beta2"),
+        "distill: --set eps=-1": ([*dt, "--set", "eps=-1"], "eps"),
+        "distill: --weight-decay inf": ([*dt, "--weight-decay", "inf"], "--weight-decay"),
+        "distill: --device cuda:x": ([*dt, "--device", "cuda:x"], "--device"),
+    }
+
+
+LIBRARY_OPTIONS = ["export: --opset 99", "cache-teacher: --seed -1", "cache-teacher: --seed 2^70",
+                   "cache-teacher: --cluster-pos-weight inf", "cache-teacher: --device cuda:x", "distill: --seed -1", "distill: --seed 2^70",
+                   "distill: --set beta1=2", "distill: --set beta2=nan", "distill: --set eps=-1",
+                   "distill: --weight-decay inf", "distill: --device cuda:x"]
+
+
+@pytest.mark.parametrize("kind", LIBRARY_OPTIONS)
+def test_an_option_a_library_would_choke_on_is_one_line_naming_it(world, run4, tmp_path, kind):
+    args, names = _library_options(world, run4, tmp_path)[kind]
+    _one_line_error(_cli(*args), names)
+
+
+def test_library_option_kinds_are_all_tried(world, run4, tmp_path):
+    assert sorted(_library_options(world, run4, tmp_path)) == sorted(LIBRARY_OPTIONS)
+
+
+def test_a_worker_count_no_machine_has_is_refused_before_any_fork(tmp_path):
+    """--workers 100000 went straight to torch's DataLoader (which forks that many processes):
+    checked by the config, not tried (a run would fork-bomb the test machine before the fix)."""
+    from hierdctl.configs import CacheTeacherConfig, DistillConfig
+    from hierdctl.errors import UserError
+
+    with pytest.raises(UserError, match="--workers"):
+        CacheTeacherConfig(source="x", out=tmp_path / "c", teacher="open_clip:x", workers=100_000).validate()
+    with pytest.raises(UserError, match="--workers"):
+        DistillConfig(cache="c", student="s", recipe="r", out=str(tmp_path / "r"), steps=1, workers=100_000).validate()
+
+
+@pytest.mark.parametrize("stage", ["cache-teacher", "distill"])
+def test_a_negative_worker_count_other_than_auto_is_one_line(world, tmp_path, stage):
+    if stage == "cache-teacher":
+        r = _cli("cache-teacher", world.source, "--out", tmp_path / "c", "--teacher", world.teacher, *CACHE_OPTS,
+                 "--workers", "-2")
+    else:
+        r = _cli("distill", world.cache, "--out", tmp_path / "r", *DISTILL_OPTS, "--workers", "-2")
+    _one_line_error(r, "--workers")
+
+
+@pytest.mark.parametrize("device", ["cuda:x", "cuda:", "cuda:5"])
+def test_a_cuda_device_this_machine_lacks_is_one_line_even_with_cuda(monkeypatch, device):
+    """On a CUDA machine `--device cuda:x` or a missing ordinal reached torch.cuda.set_device
+    (a RuntimeError traceback); simulated here with one CUDA device. cuda:0 still resolves."""
+    import torch
+
+    from hierdctl import distributed
+    from hierdctl.errors import UserError
+
+    def set_device(d):
+        index = torch.device(d).index  # torch's own parse: RuntimeError for cuda:x
+        if index is not None and index >= 1:
+            raise RuntimeError("CUDA error: invalid device ordinal")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    env = distributed.resolve()
+    with pytest.raises(UserError, match="cuda") as e:
+        distributed.resolve_device(device, env)
+    assert e.value.where == "--device"
+    assert distributed.resolve_device("cuda:0", env) == "cuda:0"
+
+
+def test_eval_worker_counts_are_bounded_like_distill():
+    """--workers 100000 reached the decoding thread pool unchecked."""
+    from hierdctl.configs import EvalRetrievalConfig
+    from hierdctl.errors import UserError
+
+    with pytest.raises(UserError, match="--workers"):
+        EvalRetrievalConfig(source="x", models=["open_clip:x"], workers=100_000).validate()
