@@ -396,7 +396,7 @@ def load_student(source: Path, where: str = "RUN_DIR") -> StudentCheckpoint:
             return _read_student(path, run_dir, where)
         except FileNotFoundError:
             if Path(source).is_file():  # a checkpoint file given by name: nothing to retry
-                raise UserError(f"{path}'s sibling {path.with_suffix('.json').name} (model config) does not exist: "
+                raise UserError(f"{path.name} has no sibling {path.with_suffix('.json').name} (model config); "
                                 "it is not a hierdctl distill checkpoint", where) from None
             time.sleep(0.2 * attempt)  # pruned while read: latest.json names a newer one by now
     raise UserError(f"{source} is being written, or damaged: the checkpoint its latest.json names was missing "
