@@ -74,10 +74,11 @@ def check_save_index(folder: Path | None, overwrite: bool, where: str = "--save-
 
 def finish_report(report: dict, out, quiet: bool, stage: str) -> dict:
     """Write the report (atomically) where --out says, and say what was skipped."""
-    from hierdctl.atomic import write_json_atomic
+    from hierdctl.atomic import remove_dead_leftovers, write_json_atomic
     from hierdctl.console import console
 
     if out:
+        remove_dead_leftovers(Path(out))  # what a killed evaluation's write of this report left
         write_json_atomic(Path(out), report)
     if not quiet and report["counts"]["skipped_total"]:
         console.print(f"[dim]{stage}:[/] skipped {report['counts']['skipped_total']} samples: "

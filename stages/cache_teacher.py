@@ -156,6 +156,10 @@ class _Teacher:
                 f"teacher {cfg.teacher} exposes no patch tokens (not a plain ViT): use --clusters 0 and --store clusters",
                 "--clusters",
             )
+        if parts and enc.patch_grid is not None and cfg.clusters > enc.patch_grid[0] * enc.patch_grid[1]:
+            gh, gw = enc.patch_grid
+            raise UserError(f"{cfg.clusters} clusters but teacher {cfg.teacher} sees {gh * gw} patches per view "
+                            f"({gh}x{gw}): use at most {gh * gw}", "--clusters")
         prec = distributed.resolve_precision(cfg.precision, device)
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
         self.precision = prec

@@ -21,6 +21,7 @@ import dataclasses
 import io
 import json
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ import torch
 from hierdctl import __version__, atomic, cache_format, checkpoint, distributed, faults, settings
 from hierdctl.configs import DistillConfig, SourceOptions
 from hierdctl.console import console, progress
-from hierdctl.errors import UserError, require
+from hierdctl.errors import Interrupted, UserError, require
 from hierdctl.losses.features import STUDENT_BATCH_FIELDS, TEACHER_BATCH_FIELDS
 
 if TYPE_CHECKING:
@@ -275,6 +276,7 @@ class Trainer:
     total: int  # optimizer steps of the run
     warmup: int  # resolved: cfg.warmup, or auto = min(10,000, 10% of total)
     notes: list = field(default_factory=list)
+    position: tuple = (0, None)  # (steps taken, step of the last checkpoint or None), for an interrupt's message
 
     @property
     def teacher(self) -> dict:
@@ -552,8 +554,15 @@ def run(cfg: DistillConfig) -> dict:
                     "hierdctl": __version__, "recipe_terms": terms, "cache_digest": cache_digest})
             distributed.barrier(env)
             identity = {k: resolved[k] for k in settings.keys(DistillConfig, settings.IDENTITY)}
-            return _train(cfg, out, cache, recipe, tr, env, resume, notes, started,
-                          {"identity": identity, "recipe_terms_full": terms, "cache_digest": cache_digest})
+            try:
+                return _train(cfg, out, cache, recipe, tr, env, resume, notes, started,
+                              {"identity": identity, "recipe_terms_full": terms, "cache_digest": cache_digest})
+            except KeyboardInterrupt as e:  # SIGINT, or SIGTERM (the CLI raises Interrupted for it)
+                step, saved = tr.position
+                since = (f"from step {saved}, its last checkpoint" if saved is not None else
+                         "from the start: no checkpoint was written yet")
+                raise Interrupted(getattr(e, "signum", signal.SIGINT), f"interrupted at step {step}; rerun with "
+                                  f"--resume to continue ({since})") from None
     except cache_format.CorruptShard as e:  # re-raised from a loader worker
         raise UserError(f"{e}; rerun cache-teacher on {cfg.cache} with the same options to redo damaged shards",
                         "CACHE") from None
@@ -619,6 +628,7 @@ def _train(cfg: DistillConfig, out: Path, cache, recipe, tr: "Trainer", env, res
 
     # --- the loop -----------------------------------------------------------------
     step, last_saved, last = start, (start if resume else None), {}
+    tr.position = (step, last_saved)
     skipped, skipped_examples = 0, []
     t_log, n_log = time.time(), 0
     wrapper.train()
@@ -640,10 +650,11 @@ def _train(cfg: DistillConfig, out: Path, cache, recipe, tr: "Trainer", env, res
                         if last_saved is not None else "no checkpoint was written yet")
                 raise TrainingDiverged(f"{e}; {kept}") from None
             step += 1
+            tr.position = (step, last_saved)  # where an interrupt finds the run
             faults.point(f"distill:step:{step}")
             n_log += cfg.batch_size
             last = {k: float(v.detach()) for k, v in terms.items()} | {"loss": float(total_loss.detach())}
-            if step % cfg.log_every == 0 or step == total or step == start + 1:
+            if step % cfg.log_every == 0 or step == total or step == 1:  # a resumed run logs the same rows
                 n_skipped = _sum_over_ranks(skipped, env)
                 if env.is_main:
                     now = time.time()
@@ -664,6 +675,7 @@ def _train(cfg: DistillConfig, out: Path, cache, recipe, tr: "Trainer", env, res
                 if env.is_main:
                     checkpoint.save(out, step, wrapper, tr.optimizer, tr.scaler, ckpt_meta, cfg.keep_checkpoints)
                 last_saved = step
+                tr.position = (step, last_saved)
                 distributed.barrier(env)
     if tb is not None:
         tb.close()

@@ -110,14 +110,26 @@ def _max_diff(a, b) -> float:
 # ----------------------------------------------------------------------------------
 
 
-def write_open_clip(ck: StudentCheckpoint, d: Path) -> None:
-    from safetensors.torch import save_file
+def canonical_safetensors(tensors: dict, metadata: dict) -> bytes:
+    """safetensors bytes whose header is the same for the same tensors and metadata: safetensors
+    writes its metadata map in hash order (a sha256 that changed from one export to the next);
+    the header is re-serialised with sorted keys and padded to 8 bytes as the format asks (the
+    data offsets are relative to the data: unchanged)."""
+    from safetensors.torch import save
 
+    raw = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + raw[8 + n :]
+
+
+def write_open_clip(ck: StudentCheckpoint, d: Path) -> None:
     pp = dict(ck.meta.get("preprocess_cfg") or {})
     (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": ck.meta["model_cfg"], "preprocess_cfg": pp},
                                                         indent=2) + "\n")
-    save_file({k: v.contiguous() for k, v in ck.student.items()}, str(d / "open_clip_model.safetensors"),
-              metadata={"format": "pt", "source": ck.path.name})
+    (d / "open_clip_model.safetensors").write_bytes(
+        canonical_safetensors(ck.student, {"format": "pt", "source": ck.path.name}))
 
 
 def write_onnx(model, d: Path, opset: int, atol: float, tokenizer) -> dict:

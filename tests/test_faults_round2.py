@@ -807,3 +807,108 @@ def test_eval_worker_counts_are_bounded_like_distill():
 
     with pytest.raises(UserError, match="--workers"):
         EvalRetrievalConfig(source="x", models=["open_clip:x"], workers=100_000).validate()
+
+
+# ----------------------------------------------------------------------------------
+# 9. Tidiness: byte-identical exports, leftovers, renames, signals, workers, metrics rows
+# ----------------------------------------------------------------------------------
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): atomic.sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_two_exports_of_one_checkpoint_are_byte_identical(run4, tmp_path):
+    for where in ("a", "b"):
+        r = _cli("export", run4, "--out", tmp_path / where / "model", "--format", "all", "--quiet")
+        assert r.exit_code == 0, (r.output[-2000:], r.exception)
+    a, b = _digests(tmp_path / "a" / "model"), _digests(tmp_path / "b" / "model")
+    assert a == b and "open_clip_model.safetensors" in a and "image_encoder.onnx" in a
+    r = _cli("export", run4, "--out", tmp_path / "a" / "model", "--format", "all", "--quiet", "--overwrite")
+    assert r.exit_code == 0 and _digests(tmp_path / "a" / "model") == a
+
+
+def test_the_exported_weights_are_the_same_bytes_every_time(run4, tmp_path):
+    """safetensors writes its metadata map in hash order, which changes from one call to the next
+    even in one process (2 orders in 30 calls): 20 writes of one checkpoint must be one file."""
+    from hierdctl.stages import export
+
+    ck = checkpoint.load_student(run4)
+    digests = set()
+    for i in range(20):
+        d = tmp_path / str(i)
+        d.mkdir()
+        export.write_open_clip(ck, d)
+        digests.add(atomic.sha256_file(d / "open_clip_model.safetensors"))
+    assert len(digests) == 1
+
+
+@pytest.mark.slow
+def test_a_killed_export_keeps_a_whole_export_in_place_and_its_leftovers_go_next_time(world, run4, zygote, tmp_path):
+    out = tmp_path / "e"
+    args = ["export", run4, "--out", out, "--quiet"]
+    assert zygote.run(*args).returncode == 0
+    first = _digests(out)
+    for point in ("publish:e:before-exchange", "publish:e:after-exchange"):
+        r = zygote.run(*args, "--overwrite", fault=point)
+        assert r.returncode == -9, (point, r.output[-2000:])
+        assert _digests(out) == first  # the export the user looks for is whole, the old or the new (identical)
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".e.")], point  # what the kill left
+    r = zygote.run(*args, "--overwrite")
+    assert r.returncode == 0, r.output[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]  # the hidden leftovers are gone
+    assert _digests(out) == first
+
+
+@pytest.mark.slow
+def test_a_killed_eval_leaves_no_temporary_report_after_the_next_run(world, zygote, tmp_path):
+    args = ["eval-retrieval", world.source, "--model", world.teacher, "--workers", "0", "--k", "1", "--quiet",
+            "--out", tmp_path / "r.json"]
+    (tmp_path / "notes.json.tmp999999").write_text("the leftover of another file: not this run's business")
+    assert zygote.run(*args, fault="write:r.json:before-rename").returncode == -9
+    assert len([p for p in tmp_path.iterdir() if atomic.is_leftover(p.name)]) == 2
+    assert zygote.run(*args).returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.json.tmp999999", "r.json"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code", [("TERM", 143), ("INT", 130)])
+def test_sigterm_and_sigint_stop_distill_in_one_line_and_resume_continues(world, zygote, tmp_path, sig, code):
+    base = ["distill", world.cache, *DISTILL_OPTS, "--workers", "1", "--quiet"]
+    out = tmp_path / "run"
+    r = zygote.run(*base, "--out", out, fault=f"distill:step:5={sig}")
+    assert r.returncode == code, (r.returncode, r.output[-2000:])
+    line = _one_line_error(r.output, "interrupted at step 5", "rerun with --resume to continue", code=code)
+    assert "Traceback" not in r.output, line
+    r = zygote.run(*base, "--out", out, "--resume")
+    assert r.returncode == 0, r.output[-2000:]
+    assert [row["step"] for row in _metrics(out)] == list(range(1, 11))
+
+
+@pytest.mark.slow
+def test_a_dataloader_worker_never_holds_the_lock_of_a_killed_run(world, zygote, tmp_path):
+    base = ["distill", world.cache, *DISTILL_OPTS, "--workers", "2", "--quiet", "--out", tmp_path / "run"]
+    assert zygote.run(*base, fault="distill:step:3").returncode == -9
+    r = zygote.run(*base, "--resume")  # at once: the killed run's workers must not hold its folder lock
+    assert r.returncode == 0, r.output[-2000:]
+    assert "being written by another hierdctl process" not in r.output
+
+
+def test_more_clusters_than_the_teacher_has_patches_is_one_line(world, tmp_path):
+    r = _cli("cache-teacher", world.source, "--out", tmp_path / "c", "--teacher", world.teacher, *CACHE_OPTS,
+             "--clusters", "17")  # the tiny teacher sees 4x4 = 16 patches
+    _one_line_error(r, "--clusters", "16")
+
+
+def test_a_resumed_run_logs_exactly_the_rows_of_an_uninterrupted_one(world, tmp_path):
+    from hierdctl.stages import distill as S
+
+    kw = dict(steps=7, log_every=3, save_every=2)
+    _distill(world.cache, tmp_path / "ref", **kw)
+    run = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(S.faults, "point", _stop_at(5)[1])
+        with pytest.raises(KeyboardInterrupt):
+            _distill(world.cache, run, **kw)
+    _distill(world.cache, run, resume=True, **kw)
+    assert [r["step"] for r in _metrics(run)] == [r["step"] for r in _metrics(tmp_path / "ref")] == [1, 3, 6, 7]
