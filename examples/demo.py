@@ -12,9 +12,10 @@ on the same data, steps and learning rate, then exported and evaluated together 
     hierdctl distill  x4     -> WORK/runs/RECIPE             students, offline
     hierdctl export   x4     -> WORK/models/RECIPE           open_clip local dirs
     hierdctl eval-retrieval  -> WORK/report.json             recall@K + hard negatives
+    hierdctl eval-grounding  -> WORK/grounding.json          where the objects are (phrase boxes)
 
-and prints one table (and writes WORK/demo.png) of retrieval recall@1/@5 both ways and
-hard-negative accuracy. `--quick` shrinks everything to seconds (the test suite runs it).
+and prints one table (and writes WORK/demo.png) of retrieval recall@1/@5 both ways,
+hard-negative accuracy and phrase grounding (pointing game, box mass; chance beside them). `--quick` shrinks everything to seconds (the test suite runs it).
 """
 
 from __future__ import annotations
@@ -89,15 +90,22 @@ def main(argv: list[str] | None = None) -> int:
     for _, spec in models:
         evals += ["--model", spec]
     hierdctl(*evals, times=times, log_dir=logs)
+    # 6. Does each model know where the objects are? Scenes' phrase boxes vs its patch tokens.
+    grounding_path = w / "grounding.json"
+    grounds = ["eval-grounding", str(w / "scenes" / "test"), "--device", args.device, "--out", str(grounding_path),
+               "--overwrite", "--quiet"]
+    for _, spec in models:
+        grounds += ["--model", spec]
+    hierdctl(*grounds, times=times, log_dir=logs)
 
     report = json.loads(report_path.read_text())
-    rows = summarise(report, [name for name, _ in models])
+    rows = summarise(report, [name for name, _ in models], json.loads(grounding_path.read_text()))
     print_table(rows, times, time.time() - started)
     chart(rows, w / "demo.png")
     return 0
 
 
-COLUMNS = [  # (label, metric name in the eval-retrieval report)
+COLUMNS = [  # (label, metric name in the eval-retrieval report, or grounding/… in eval-grounding's)
     ("I→T@1", "text_retrieval_recall@1"),
     ("T→I@1", "image_retrieval_recall@1"),
     ("I→T@5", "text_retrieval_recall@5"),
@@ -106,13 +114,18 @@ COLUMNS = [  # (label, metric name in the eval-retrieval report)
     ("HN attr", "hardneg_acc/swap_attribute"),
     ("HN rel", "hardneg_acc/swap_relation"),
     ("HN obj", "hardneg_acc/replace_object"),
+    ("point", "grounding/pointing_acc/all"),
+    ("mass", "grounding/box_mass/all"),
 ]
 
 
-def summarise(report: dict, names: list[str]) -> list[tuple[str, dict]]:
-    models = report["models"]
-    assert len(models) == len(names), (len(models), names)
-    return [(name, m["metrics"]) for name, m in zip(names, models)]
+def summarise(report: dict, names: list[str], grounding: dict) -> list[tuple[str, dict]]:
+    """Per model: eval-retrieval's metrics, and eval-grounding's under grounding/…"""
+    models, g = report["models"], grounding["models"]
+    assert len(models) == len(names) == len(g), (len(models), len(g), names)
+    assert [m["spec"] for m in models] == [m["spec"] for m in g], "the same models in both reports"
+    return [(name, m["metrics"] | {f"grounding/{k}": v for k, v in gm.get("metrics", {}).items()})
+            for name, m, gm in zip(names, models, g)]
 
 
 def print_table(rows, times, wall: float) -> None:
@@ -120,9 +133,14 @@ def print_table(rows, times, wall: float) -> None:
 
     from hierdctl.console import console
 
-    t = Table(title="Scenes demo: retrieval recall@K (I→T, T→I) and hard-negative accuracy (HN), in %",
+    chance = rows[0][1]
+    t = Table(title="Scenes demo: retrieval recall@K (I→T, T→I), hard-negative accuracy (HN) and phrase "
+              "grounding, in %",
               caption="HN: how often the true caption beats a negative that swaps an attribute (attr), "
-              "flips a relation (rel) or replaces an object (obj); bold: best student")
+              "flips a relation (rel) or replaces an object (obj). point: the patch most like an object's phrase "
+              "lies in its box; mass: the share of positive similarity inside the box (chance "
+              f"{100 * chance.get('grounding/pointing_acc_chance/all', float('nan')):.1f} / "
+              f"{100 * chance.get('grounding/box_mass_chance/all', float('nan')):.1f}). Bold: best student")
     t.add_column("model", no_wrap=True)
     for label, _ in COLUMNS:
         t.add_column(label, justify="right")

@@ -47,6 +47,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import tarfile
@@ -179,7 +180,25 @@ def npy_bytes(a: np.ndarray) -> bytes:
 
 
 def npy_load(b: bytes) -> np.ndarray:
+    """The array of .npy bytes, never unpickled. What np.save writes for a plain little-endian
+    number array (format 1.0, C order) is read directly: numpy's own header parser
+    (ast.literal_eval) is most of the cost of reading a cached sample's small arrays; anything
+    else goes to np.load, with its errors."""
+    if b[:8] == b"\x93NUMPY\x01\x00" and len(b) >= 10:
+        n = int.from_bytes(b[8:10], "little")
+        m = _NPY_V1.fullmatch(b[10 : 10 + n])
+        if m:
+            dtype = np.dtype(m[1].decode())
+            shape = tuple(int(d) for d in m[2].split(b",") if d.strip())
+            count = math.prod(shape)
+            if len(b) - 10 - n == count * dtype.itemsize:
+                return np.frombuffer(b, dtype, count, 10 + n).reshape(shape).copy()  # writable, as np.load's
     return np.load(io.BytesIO(b), allow_pickle=False)
+
+
+# np.save's format-1.0 header of a C-order number array: {'descr': '<f2', 'fortran_order': False, 'shape': (2, 32), }
+_NPY_V1 = re.compile(rb"\{'descr': '([<|][fiu][1248]|\|b1)', 'fortran_order': False, "
+                     rb"'shape': \(((?:\d+, )*(?:\d+,?)?)\), \} *\n")
 
 
 def encode_float(name: str, a: np.ndarray, dtype: str) -> list[tuple[str, bytes]]:
@@ -326,16 +345,38 @@ def read_span(buf: bytes) -> tuple[str, dict[str, bytes]]:
     USTAR. Raises CorruptSample on a header that does not parse or data that runs past the span."""
     key, out, pos = "?", {}, 0
     while pos + 512 <= len(buf):
-        try:
-            info = tarfile.TarInfo.frombuf(buf[pos : pos + 512], "utf-8", "surrogateescape")
-        except tarfile.HeaderError as e:
-            raise CorruptSample("bad_tar_header", str(e)) from None
-        if pos + 512 + info.size > len(buf) or "." not in info.name:
-            raise CorruptSample("bad_tar_header", f"member {info.name!r} of {info.size} bytes does not fit its span")
-        key, ext = info.name.split(".", 1)
-        out[ext] = buf[pos + 512 : pos + 512 + info.size]
-        pos += 512 + ((info.size + 511) // 512) * 512
+        header = buf[pos : pos + 512]
+        fast = _plain_header(header)
+        if fast is not None:
+            name, size = fast
+        else:  # anything but the plain header our writer makes: tarfile's parser, with its errors
+            try:
+                info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+            except tarfile.HeaderError as e:
+                raise CorruptSample("bad_tar_header", str(e)) from None
+            name, size = info.name, info.size
+        if pos + 512 + size > len(buf) or "." not in name:
+            raise CorruptSample("bad_tar_header", f"member {name!r} of {size} bytes does not fit its span")
+        key, ext = name.split(".", 1)
+        out[ext] = buf[pos + 512 : pos + 512 + size]
+        pos += 512 + ((size + 511) // 512) * 512
     return key, out
+
+
+def _plain_header(h: bytes) -> tuple[str, int] | None:
+    """(name, size) of a USTAR regular-file header without a name prefix whose (unsigned)
+    checksum holds, read as tarfile.TarInfo.frombuf reads those two fields; None for any other
+    header (tarfile then decides). tarfile's parser is most of the cost of splitting a span."""
+    if h[156] not in (0x30, 0) or h[345] != 0 or h[124] & 0x80 or h.count(0) == 512:
+        return None
+    try:
+        size = int(h[124:136].split(b"\0", 1)[0].decode("ascii").strip() or "0", 8)
+        chksum = int(h[148:156].split(b"\0", 1)[0].decode("ascii").strip() or "0", 8)
+    except ValueError:  # UnicodeDecodeError included
+        return None
+    if chksum != 256 + sum(h) - sum(h[148:156]):  # the checksum field counts as 8 spaces
+        return None
+    return h[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape"), size
 
 
 def read_shard(path: str | Path) -> Iterator[CachedSample]:
@@ -877,6 +918,10 @@ class CacheDataset:
         self.index = [(s, off, n, pos) for s, shard in enumerate(spans) for pos, (off, n) in enumerate(shard)]
         self.seed, self.view_policy, self.caption_policy = seed, view_policy, caption_policy
         self.io, self.needs = student_io, needs
+        from hierdctl.images import eval_plan
+
+        self.decode = student_io.get("decode", "cpu")  # "gpu": items carry the JPEG bytes (hierdctl.gpu_decode)
+        self.plan = eval_plan(student_io["eval_transform"])  # the eval view's fast path, or None
         self.P = cache.config["phrases"]["max_phrases"]
         self.Q = cache.config.get("perturbations", {}).get("per_caption", 0)
         self._files: dict[int, object] = {}
@@ -933,11 +978,24 @@ class CacheDataset:
     def _item(self, i: int, epoch: int) -> dict:
         return self.build(self._read(i), i, epoch)
 
+    def pixels(self, data: bytes, view) -> dict:
+        """The item's image: {"image": (3,S,S) float32}, the view cut by `images.decode_view`; with
+        decode "gpu", the JPEG's bytes and view for the device (`gpu_decode.encode_item`). Raises BadImage."""
+        io_ = self.io
+        if self.decode == "gpu":
+            from hierdctl.gpu_decode import encode_item
+
+            return encode_item(data, view, io_["image_size"], io_["mean"], io_["std"], io_["eval_transform"], self.plan)
+        from hierdctl.images import decode_view
+
+        return {"image": decode_view(data, view, io_["image_size"], io_["mean"], io_["std"], io_["eval_transform"],
+                                     self.plan)}
+
     def build(self, sample: CachedSample, i: int, epoch: int) -> dict:
         """The training item of cached sample `i` (its global index) at `epoch`. Raises CorruptSample."""
         import torch
 
-        from hierdctl.images import BadImage, View, apply_view, decode_rgb
+        from hierdctl.images import BadImage, View
 
         io_ = self.io
         meta, a = sample.meta, sample.arrays
@@ -955,13 +1013,9 @@ class CacheDataset:
             n_views, n_caps = len(meta["views"]), len(meta["captions"])
             v = int(rng.integers(n_views)) if self.view_policy == "random" else epoch % n_views
             c, c2 = self._captions(rng, n_caps, int(meta.get("real_captions", n_caps)))
-            img, _ = decode_rgb(sample.image)
-            out = {
-                "image": apply_view(img, View.from_json(meta["views"][v]), io_["image_size"], io_["mean"], io_["std"],
-                                    io_["eval_transform"]),
-                "text": io_["tokenize"]([meta["captions"][c]])[0],
-                "index": torch.tensor(i),
-            }
+            out = self.pixels(sample.image, View.from_json(meta["views"][v]))
+            out["text"] = io_["tokenize"]([meta["captions"][c]])[0]
+            out["index"] = torch.tensor(i)
             if self.needs["global"]:
                 out["img_t"] = torch.from_numpy(a["img_emb"][v])
                 out["txt_t"] = torch.from_numpy(a["txt_emb"][c])
@@ -990,13 +1044,16 @@ class CacheDataset:
                 out["neg_tok"] = io_["tokenize"](negs)
             if self.needs.get("cluster_crops"):
                 out["clu_crop_t"] = torch.from_numpy(a["clu_crop_emb"][v])
+            if self.needs.get("tokens"):  # --store tokens: the teacher's patch tokens (G_t, D), unnormalised
+                out["tok_t"] = torch.from_numpy(a["img_tok"][v])
             if self.needs["mask_noise"]:
                 out["mask_noise"] = torch.from_numpy(rng.random(io_["grid_size"]).astype(np.float32))
         except BadImage as e:
             raise CorruptSample("bad_image", f"{sample.key}: {e}") from None
         except (KeyError, IndexError, TypeError, ValueError) as e:
             raise CorruptSample("inconsistent_sample", f"{sample.key}: {type(e).__name__} {str(e)[:120]}") from None
-        for name in [n for n in out if n.startswith(("img_t", "txt_t", "clu_t", "phr_t", "neg_t", "clu_crop_t"))]:
+        teacher_arrays = ("img_t", "txt_t", "clu_t", "phr_t", "neg_t", "clu_crop_t", "tok_t")
+        for name in [n for n in out if n.startswith(teacher_arrays)]:
             if not torch.isfinite(out[name]).all():
                 raise CorruptSample("non_finite_teacher_features", f"{sample.key}: {name}")
         return out

@@ -24,8 +24,8 @@ from typing import Callable, List, Optional
 import typer
 
 from . import settings
-from .configs import (CacheTeacherConfig, DistillConfig, EvalRetrievalConfig, EvalZeroshotConfig, ExportConfig,
-                      ScenesConfig)
+from .configs import (CacheTeacherConfig, DistillConfig, EvalGroundingConfig, EvalRetrievalConfig, EvalZeroshotConfig,
+                      ExportConfig, ScenesConfig)
 from .errors import Interrupted, UserError
 
 app = typer.Typer(
@@ -50,6 +50,7 @@ ADAPTER_OPTIONS: dict[str, list[tuple[str, Callable, type]]] = {
     ],
     "eval-retrieval": [JSON_OPTION],
     "eval-zeroshot": [JSON_OPTION],
+    "eval-grounding": [JSON_OPTION],
 }
 
 
@@ -319,8 +320,60 @@ def _zeroshot_done(report, cfg, adapter) -> None:
     _emit_report(report, cfg, adapter)
 
 
+def _grounding_done(report, cfg, adapter) -> None:
+    """Phrase grounding from patch tokens: pointing-game accuracy and box mass, with chance levels and a control."""
+    _emit_report(report, cfg, adapter)
+    if not adapter["json_out"]:
+        from .console import console
+
+        for note in report["notes"]:
+            console.print(f"[dim]eval-grounding:[/] {_escape(note)}", soft_wrap=True)
+
+
 command("eval-retrieval", EvalRetrievalConfig, "hierdctl.stages.eval_retrieval", _retrieval_done)
 command("eval-zeroshot", EvalZeroshotConfig, "hierdctl.stages.eval_zeroshot", _zeroshot_done)
+command("eval-grounding", EvalGroundingConfig, "hierdctl.stages.eval_grounding", _grounding_done)
+
+
+# ----------------------------------------------------------------------------------
+# embed, index, search (issue 20): a collection embedded, indexed and searched
+# ----------------------------------------------------------------------------------
+
+from .configs import EmbedConfig, IndexConfig, SearchConfig  # noqa: E402
+
+ADAPTER_OPTIONS.update({"embed": [JSON_OPTION], "index": [JSON_OPTION], "search": [JSON_OPTION]})
+
+
+def _json_or(render_name: str):
+    def done(result: dict, cfg, adapter) -> None:
+        if adapter["json_out"]:
+            sys.stdout.write(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+        else:
+            from . import render
+
+            getattr(render, render_name)(result)
+
+    return done
+
+
+def _embed_done(manifest: dict, cfg, adapter) -> None:
+    """Embed a collection's images and/or texts (captions optional) into resumable shards with their keys."""
+    _json_or("embed_summary")(manifest, cfg, adapter)
+
+
+def _index_done(manifest: dict, cfg, adapter) -> None:
+    """Build a FAISS index over an embeddings folder: flat (exact), ivf, hnsw or pq with its recall@10 measured."""
+    _json_or("index_summary")(manifest, cfg, adapter)
+
+
+def _search_done(result: dict, cfg, adapter) -> None:
+    """Search an index with text or image queries: top-k keys, paths, captions and scores."""
+    _json_or("search_table")(result, cfg, adapter)
+
+
+command("embed", EmbedConfig, "hierdctl.stages.embed", _embed_done)
+command("index", IndexConfig, "hierdctl.stages.index", _index_done)
+command("search", SearchConfig, "hierdctl.stages.search", _search_done)
 
 
 # ----------------------------------------------------------------------------------

@@ -32,8 +32,10 @@ STORE_DTYPES = ("fp16", "fp32", "int8")  # cache float arrays (docs/cache-format
 INDEX_KINDS = ("flat", "ivf", "hnsw")  # eval-retrieval's FAISS indexes
 # "all" is open_clip + onnx: hf is asked for by name (it needs transformers, and not every student maps).
 EXPORT_FORMATS = ("open_clip", "onnx", "hf", "all")
-ONNX_MODULES = ("onnx", "onnxruntime")  # the `onnx` extra: exporting and checking the graphs
-REPORT_TO = ("none", "tensorboard")
+# The `onnx` extra: exporting and checking the graphs, and writing the tokenizer files beside them.
+ONNX_MODULES = ("onnx", "onnxruntime", "transformers")
+REPORTERS = ("tensorboard", "wandb")  # distill --report-to: any of them (a comma list), or none
+REPORTER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 AUGMENTS = ("rrc+flip", "rrc+flip+randaugment")
 # distill's caption per sample: a real one at random (the default), the first real one, a synthetic one
 # (--captioner caches), any of them, or DataCompDR's real and synthetic in every step (both, averaged)
@@ -78,6 +80,34 @@ def parse_warmup(text, where: str = "--warmup") -> int | str | None:
         return int(text)
     except ValueError:
         raise UserError(f"expected auto or a number of steps, got {text!r}", where) from None
+
+
+def parse_names(values, where: str, choices: tuple[str, ...], what: str) -> str:
+    """A repeatable option of names, each value a name or a comma list ("a,b" or "--x a --x b"):
+    the names given, in order, once each, as one comma list. An unknown or empty name is an
+    error naming the flag; nothing given is dropped."""
+    values = [values] if isinstance(values, str) else list(values or [])
+    names: list[str] = []
+    for v in values:
+        for name in str(v).split(","):
+            name = name.strip()
+            require(bool(name), f"an empty {what} in {v!r} (give {', '.join(choices)}, comma-separated)", where)
+            require(name in choices, f"unknown {what} {name!r} (choose from {', '.join(choices)})", where)
+            if name not in names:
+                names.append(name)
+    require(bool(names), f"give a {what} ({', '.join(choices)})", where)
+    return ",".join(names)
+
+
+def parse_formats(values, where: str = "--format") -> str:
+    return parse_names(values, where, EXPORT_FORMATS, "format")
+
+
+def parse_reporters(values, where: str = "--report-to") -> str:
+    text = parse_names(values, where, ("none",) + REPORTERS, "reporter")
+    require(text == "none" or "none" not in text.split(","), f"none cannot be combined with a reporter ({text})",
+            where)
+    return text
 
 
 def pair_text(pair) -> str:
@@ -246,7 +276,7 @@ class CacheTeacherConfig:
     device: str = _device()
     # The precision the teacher ran at is part of the identity, resolved (cache-teacher adds it).
     precision: str = setting("auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16.", role=RUNTIME)
-    workers: int = setting(-1, help="DataLoader decoding workers (-1: min(8, cpus-1)).", role=RUNTIME)
+    workers: int = setting(-1, help="DataLoader decoding workers (-1: the usable cores per process − 1).", role=RUNTIME)
     log_skipped: Optional[Path] = setting(None, help="Write every skipped sample (JSONL) here.", role=RUNTIME)
     overwrite: bool = setting(False, help="Remove what cache-teacher wrote in OUT and start over (never anything "
                                           "else); also replace a --log-skipped file hierdctl did not write.",
@@ -330,12 +360,21 @@ class DistillConfig:
     exp_scales: bool = setting(False, help="κ scales are exponentiated (log κ is the parameter).", role=IDENTITY,
                                kind="none")
     mask_ratio: float = setting(0.75, help="MFD's share of masked student patches.", role=IDENTITY, kind="none")
-    workers: int = setting(-1, help="DataLoader workers (-1: min(8, cpus-1) per process).", role=RUNTIME)
+    workers: int = setting(-1, help="DataLoader workers (-1: the usable cores per process − 1).", role=RUNTIME)
+    # Runtime like --device: views, captions and data order are the same either way; only the
+    # interpolation's rounding differs (within the tolerance docs/distill.md states).
+    decode: str = setting("cpu", help="Where JPEGs are decoded and the views cut: cpu (loader workers) or gpu (the "
+                                      "batch's JPEG bytes decoded on the training device with torchvision's nvJPEG "
+                                      "decode_jpeg, crops, flips and eval views replayed there; PNG, CMYK and "
+                                      "RandAugment views stay on the CPU).", role=RUNTIME)
     save_every: int = setting(1000, help="Checkpoint every N steps.", role=RECORDED)
     keep_checkpoints: int = setting(3, help="Checkpoints kept (the oldest are pruned).", role=RECORDED, kind="none")
     log_every: int = setting(10, help="Write metrics every N steps.", role=RECORDED)
-    report_to: str = setting("none", help="none, or tensorboard (every loss term, lr, logit scale and samples/s under "
-                                          "RUN_DIR/tensorboard).", role=RUNTIME)
+    report_to: str = setting("none", help="none, or reporters (repeatable or a comma list): tensorboard (RUN_DIR/"
+                                          "tensorboard) and/or wandb (W&B; WANDB_MODE=offline works without network): "
+                                          "open_clip's scalar names (train/loss, train/<term>_loss, train/lr, "
+                                          "train/scale, train/samples_per_second) and the run's hyperparameters.",
+                             role=RUNTIME, type=list[str], parse=parse_reporters, show=lambda d: [d])
     images: Optional[str] = setting(None, help="For a cache made with --no-store-images: its source (the same shards or "
                                                "table, any location); images are joined by key and checked by sha256.",
                                     role=RECORDED)
@@ -378,15 +417,21 @@ class DistillConfig:
         require(self.save_every >= 1, "must be at least 1", "--save-every")
         require(self.log_every >= 1, "must be at least 1", "--log-every")
         require(self.keep_checkpoints >= 1, "must be at least 1", "--set keep_checkpoints")
-        require(self.report_to in REPORT_TO, f"must be one of {', '.join(REPORT_TO)}", "--report-to")
+        self.report_to = parse_reporters(self.report_to)  # also what --config / --set gave
         require(self.cache_reader in ("auto", "random", "stream"), "must be auto, random or stream", "--cache-reader")
+        require(self.decode in ("cpu", "gpu"), f"must be cpu or gpu, got {self.decode!r}", "--decode")
         require(self.shuffle_buffer >= 1, "must be at least 1", "--set shuffle_buffer")
-        if self.report_to == "tensorboard":
-            import importlib.util
+        import importlib.util
 
-            require(importlib.util.find_spec("tensorboard") is not None,
-                    "tensorboard is not installed (pip install 'hierdctl[tensorboard]')", "--report-to")
+        for r in self.reporters:
+            require(importlib.util.find_spec(REPORTER_MODULES[r]) is not None,
+                    f"{r} is not installed (pip install 'hierdctl[{r}]')", "--report-to")
         return self
+
+    @property
+    def reporters(self) -> tuple[str, ...]:
+        """The reporters asked for (none: empty), in the order given."""
+        return tuple(r for r in parse_reporters(self.report_to).split(",") if r != "none")
 
     def resolve_warmup(self, total_steps: int) -> int:
         """The warm-up in steps: auto = min(10,000, 10 % of the run); an explicit value must
@@ -444,6 +489,9 @@ def _coerce(name: str, value, where: str):
         close = [f for f in fields if f.startswith(name[:3])]
         raise UserError(f"unknown setting {name!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""), where)
     t = str(fields[name].type)
+    parse = fields[name].metadata["cli"].parse
+    if isinstance(value, (list, tuple)) and parse is not None:  # a YAML list of a repeatable option (report_to)
+        return parse(value, where)
     if value is None:
         if "None" in t or "Optional" in t:
             return None
@@ -479,11 +527,17 @@ class ExportConfig:
                                 "step-NNNNNNN.safetensors.", role=IDENTITY, kind="argument")
     out: Path = setting(help="Output folder (written under a temporary name, then renamed into place).", role=RUNTIME,
                         flags=("--out", "-o"), required=True)
-    format: str = setting("open_clip", help="open_clip (local dir), onnx (image and text graphs), hf (local dir + a "
-                                            "transformers CLIPModel in DIR/hf), or all (open_clip + onnx).",
-                          role=IDENTITY, flags=("--format", "-f"))
+    format: str = setting("open_clip", help="What DIR holds, repeatable or a comma list: open_clip (open_clip's "
+                                            "local dir), onnx (image and text graphs + tokenizer files), hf (the "
+                                            "local dir + a transformers CLIPModel beside it, as LAION's open_clip "
+                                            "repos are laid out), all (open_clip + onnx).",
+                          role=IDENTITY, flags=("--format", "-f"), type=list[str], parse=parse_formats,
+                          show=lambda d: [d])
     report: Optional[Path] = setting(None, help="An eval-retrieval / eval-zeroshot report.json whose metrics go into "
                                                 "the model card.", role=IDENTITY)
+    license: str = setting("other", help="The model card's license, a Hugging Face license id (mit, apache-2.0, "
+                                         "cc-by-4.0, …; other: see the teacher's and the data's terms).",
+                           role=IDENTITY)
     opset: int = setting(17, help="ONNX opset.", role=IDENTITY)
     atol: float = setting(1e-4, help="Largest ONNX-vs-PyTorch difference accepted (normalised embeddings).",
                           role=RUNTIME)
@@ -492,9 +546,9 @@ class ExportConfig:
 
     def validate(self) -> "ExportConfig":
         import importlib.util
+        import re
 
-        require(self.format in EXPORT_FORMATS, f"unknown format {self.format!r} ({', '.join(EXPORT_FORMATS)})",
-                "--format")
+        self.format = parse_formats(self.format)  # also a list or a comma list given in Python
         if "onnx" in self.formats:  # before any work, not after the open_clip export
             missing = [m for m in ONNX_MODULES if importlib.util.find_spec(m) is None]
             require(not missing, f"--format {self.format} needs {' and '.join(missing)}, which "
@@ -502,6 +556,9 @@ class ExportConfig:
         if "hf" in self.formats and importlib.util.find_spec("transformers") is None:
             raise UserError(f"--format {self.format} needs transformers, which is not installed "
                             "(pip install 'hierdctl[hf]')", "--format")
+        require(isinstance(self.license, str) and re.fullmatch(r"[a-z0-9][a-z0-9.+-]{0,63}", self.license) is not None,
+                f"expected a Hugging Face license id such as mit, apache-2.0 or other, got {self.license!r}",
+                "--license")
         newest = MAX_OPSET
         if "onnx" in self.formats:
             try:  # the exporter export uses (TorchScript) says how far it goes
@@ -519,8 +576,13 @@ class ExportConfig:
 
     @property
     def formats(self) -> tuple[str, ...]:
-        # hf keeps the open_clip local dir beside DIR/hf: one folder for both libraries.
-        return {"all": ("open_clip", "onnx"), "hf": ("open_clip", "hf")}.get(self.format, (self.format,))
+        """What is written, in a fixed order: all = open_clip + onnx; hf keeps the open_clip local dir
+        beside the transformers files (one folder for both libraries)."""
+        given = set(parse_formats(self.format).split(","))
+        want = set()
+        for f in given:
+            want |= {"all": {"open_clip", "onnx"}, "hf": {"open_clip", "hf"}}.get(f, {f})
+        return tuple(f for f in ("open_clip", "onnx", "hf") if f in want)
 
 
 # ----------------------------------------------------------------------------------
@@ -551,6 +613,12 @@ class EvalRetrievalConfig:
     max_pixels: int = _max_pixels(IDENTITY)
     workers: int = setting(4, help="Image-decoding threads (0: decode in the main thread).", role=RUNTIME)
     quiet: bool = _quiet()
+    # issue 20: the visual report (hierdctl/html_report.py)
+    html: Optional[Path] = setting(None, help="Also write a self-contained HTML report here: each model's top-k images "
+                                              "for a sample of caption queries, hits marked, the metrics, the loss "
+                                              "curves of exported students.", role=RUNTIME)
+    html_queries: int = setting(20, help="With --html: caption queries shown (drawn with a fixed seed).",
+                                role=RUNTIME)
 
     def validate(self) -> "EvalRetrievalConfig":
         _check_specs(self.models)
@@ -563,6 +631,8 @@ class EvalRetrievalConfig:
         require(self.nprobe is None or self.index == "ivf", f"only applies to --index ivf (not {self.index})", "--nprobe")
         require(self.max_pixels > 0, f"must be positive, got {self.max_pixels}", "--max-pixels")
         check_report_path(self.out, overwrite=self.overwrite)
+        check_report_path(self.html, "--html", overwrite=self.overwrite)  # issue 20
+        require(self.html_queries >= 1, f"must be at least 1, got {self.html_queries}", "--html-queries")
         from hierdctl.reports import check_save_index
 
         check_save_index(self.save_index, self.overwrite)
@@ -595,6 +665,36 @@ class EvalZeroshotConfig:
         require(0 <= self.workers <= MAX_WORKERS, f"must be 0 (no worker process) or up to {MAX_WORKERS}", "--workers")
         require(self.max_pixels > 0, f"must be positive, got {self.max_pixels}", "--max-pixels")
         check_report_path(self.out, overwrite=self.overwrite)
+        return self
+
+
+@dataclass
+class EvalGroundingConfig:
+    source: str = setting(help="Shards, a dir of shards or a .csv/.tsv/.jsonl whose sample JSON carries regions: "
+                               "[{phrase, bbox}] in original pixels (hierdctl scenes writes them; docs/eval.md).",
+                          role=IDENTITY, kind="argument")
+    models: list[str] = _models()
+    teacher: Optional[str] = setting(None, help="A teacher spec, evaluated first and the reference for retention %.",
+                                     role=IDENTITY)
+    batch_size: int = setting(64, help="Images / phrases per forward.", role=RUNTIME)
+    device: str = _device()
+    out: Optional[Path] = setting(None, help="Write the JSON report here.", role=RUNTIME, flags=("--out", "-o"))
+    overwrite: bool = setting(False, help="Replace an existing --out file.", role=RUNTIME)
+    source_options: SourceOptions = _source_options()
+    max_pixels: int = _max_pixels(IDENTITY)
+    workers: int = setting(4, help="Image-decoding threads (0: decode in the main thread).", role=RUNTIME)
+    quiet: bool = _quiet()
+
+    def validate(self) -> "EvalGroundingConfig":
+        self.models = list(self.models)
+        _check_specs(self.models)
+        if self.teacher is not None:
+            _check_specs([self.teacher], "--teacher")
+        require(self.batch_size >= 1, "must be at least 1", "--batch-size")
+        require(self.workers >= 0, "must be 0 or more", "--workers")
+        require(self.max_pixels > 0, f"must be positive, got {self.max_pixels}", "--max-pixels")
+        self.out = Path(self.out) if self.out is not None else None
+        check_report_path(self.out)
         return self
 
 
@@ -713,4 +813,124 @@ class ScenesConfig:
             raise UserError("only the fashion and cluttered flavours read Fashion-MNIST", where="--fashion-path")
         if self.flavour == "cluttered":
             scenes_assets.skimage_data()  # raises when scikit-image is missing
+        return self
+
+
+# ----------------------------------------------------------------------------------
+# embed / index / search (issue 20: a collection embedded, indexed and searched)
+# ----------------------------------------------------------------------------------
+
+EMBED_MODALITIES = ("both", "image", "text")  # hierdctl/embeddings_format.py's MODALITIES
+EMBED_DTYPES = ("fp16", "fp32")
+INDEX_TYPES = ("flat", "ivf", "hnsw", "pq")  # hierdctl/index_format.py builds them
+INDEX_OVER = ("auto", "image", "text")
+
+
+def _check_out_dir(out, where: str = "--out") -> None:
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"{out} exists and is not a directory", where)
+
+
+@dataclass
+class EmbedConfig:
+    source: str = setting(help="Shards (paths or URLs), a dir of shards, a .csv/.tsv/.jsonl, or a Karpathy .json; "
+                               "captions are optional (an image collection), or images are (--modality text).",
+                          role=IDENTITY, kind="argument")
+    model: str = setting(help="Model spec: open_clip:ARCH/TAG, local-dir:PATH (an export), hf:REPO_OR_PATH, ….",
+                         role=IDENTITY, flags=("--model", "-m"), required=True)
+    out: Path = setting(help="Output embeddings folder (resumed if it exists).", role=RUNTIME, flags=("--out", "-o"),
+                        required=True)
+    modality: str = setting("both", help="both (every image, and the captions a sample has), image, or text (the "
+                                         "captions; images are not read).", role=IDENTITY)
+    dtype: str = setting("fp16", help="Storage of the embeddings: fp16 or fp32.", role=IDENTITY)
+    source_options: SourceOptions = _source_options()
+    max_pixels: int = _max_pixels(IDENTITY)
+    # The precision the model ran at is part of the identity, resolved (embed records it).
+    precision: str = setting("auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16.", role=RUNTIME)
+    batch_size: int = setting(64, help="Images / captions per forward.", role=RUNTIME)
+    device: str = _device()
+    workers: int = setting(4, help="Image-decoding threads (0: decode in the main thread).", role=RUNTIME)
+    overwrite: bool = setting(False, help="Remove what embed wrote in OUT and start over (never anything else).",
+                              role=RUNTIME)
+    quiet: bool = _quiet()
+
+    def validate(self) -> "EmbedConfig":
+        _check_specs([self.model])
+        self.out = Path(self.out)
+        require(self.modality in EMBED_MODALITIES, f"must be one of {', '.join(EMBED_MODALITIES)}, got "
+                f"{self.modality!r}", "--modality")
+        require(self.dtype in EMBED_DTYPES, f"must be one of {', '.join(EMBED_DTYPES)}, got {self.dtype!r}", "--dtype")
+        require(self.precision in PRECISIONS, "must be auto, fp32, bf16 or fp16", "--precision")
+        require(self.batch_size >= 1, "must be at least 1", "--batch-size")
+        require(self.workers >= 0, "must be 0 or more", "--workers")
+        require(self.max_pixels > 0, f"must be positive, got {self.max_pixels}", "--max-pixels")
+        require(self.source_options.rows_per_shard >= 1, "must be at least 1", "--rows-per-shard")
+        _check_out_dir(self.out)
+        return self
+
+
+@dataclass
+class IndexConfig:
+    embeddings: Path = setting(help="An embeddings folder written by hierdctl embed.", role=IDENTITY, kind="argument")
+    out: Optional[Path] = setting(None, help="The index folder (default: DIR/index).", role=RUNTIME,
+                                  flags=("--out", "-o"))
+    index_type: str = setting("flat", help="flat (exact), ivf (IVF-Flat, nlist ≈ 4·√N), hnsw (HNSW-Flat, M 32) or "
+                                           "pq "
+                                           "(product quantisation, m sized to the dimension); approximate ones get "
+                                           "their recall@10 against exact measured.", role=IDENTITY)
+    over: str = setting("auto", help="Index the image rows or the caption rows (auto: images when there are any).",
+                        role=IDENTITY)
+    nprobe: Optional[int] = setting(None, help="With --index-type ivf: lists probed per query (default nlist/8).",
+                                    role=IDENTITY)
+    recall_queries: int = setting(1000, help="Held-out rows of the collection searched to measure recall@10 against "
+                                             "exact (0: not measured).", role=RECORDED)
+    seed: int = setting(0, help="Seed of the training sample and the recall queries.", role=IDENTITY)
+    overwrite: bool = setting(False, help="Replace an earlier index in --out.", role=RUNTIME)
+    quiet: bool = _quiet()
+
+    def validate(self) -> "IndexConfig":
+        self.embeddings = Path(self.embeddings)
+        require(self.embeddings.is_dir(), f"{self.embeddings} is not a directory", "DIR")
+        require(self.index_type in INDEX_TYPES, f"unknown index type {self.index_type!r} ({', '.join(INDEX_TYPES)})",
+                "--index-type")
+        require(self.over in INDEX_OVER, f"must be one of {', '.join(INDEX_OVER)}, got {self.over!r}", "--over")
+        require(self.nprobe is None or self.nprobe >= 1, "must be at least 1", "--nprobe")
+        require(self.nprobe is None or self.index_type == "ivf", f"only applies to --index-type ivf (not "
+                f"{self.index_type})", "--nprobe")
+        require(self.recall_queries >= 0, "must be 0 or more", "--recall-queries")
+        require(self.seed >= 0, "must be 0 or more", "--seed")
+        if self.out is None:
+            self.out = self.embeddings / "index"
+        self.out = Path(self.out)
+        _check_out_dir(self.out)
+        return self
+
+
+@dataclass
+class SearchConfig:
+    index: Path = setting(help="An index folder written by hierdctl index.", role=IDENTITY, kind="argument")
+    model: Optional[str] = setting(None, help="Model spec of the queries (default: the model the collection was "
+                                              "embedded with); its weights must be the same.", role=IDENTITY,
+                                   flags=("--model", "-m"))
+    texts: list[str] = setting(help="A text query (repeatable).", role=IDENTITY, factory=list, flags=("--text", "-t"))
+    images: list[Path] = setting(help="An image file as the query (repeatable).", role=IDENTITY, factory=list,
+                                 flags=("--image", "-i"))
+    k: int = setting(10, help="Results per query.", role=IDENTITY, flags=("--k",))
+    max_pixels: int = _max_pixels(IDENTITY)
+    device: str = _device()
+    quiet: bool = _quiet()
+
+    def validate(self) -> "SearchConfig":
+        self.index = Path(self.index)
+        require(self.index.is_dir(), f"{self.index} is not a directory", "INDEX")
+        if self.model is not None:
+            _check_specs([self.model])
+        self.texts, self.images = list(self.texts), [Path(p) for p in self.images]
+        require(bool(self.texts or self.images), "give a query: --text TEXT or --image PATH", "--text")
+        for t in self.texts:
+            require(isinstance(t, str) and bool(t.strip()), f"a query must be non-empty text, got {t!r}", "--text")
+        for p in self.images:
+            require(p.is_file(), f"{p} does not exist or is not a file", "--image")
+        require(1 <= self.k <= 10_000, f"must be within 1..10000, got {self.k}", "--k")
+        require(self.max_pixels > 0, f"must be positive, got {self.max_pixels}", "--max-pixels")
         return self

@@ -62,20 +62,6 @@ def resolve_precision(precision: str, device: str) -> str:
     return "bf16" if device.startswith("cuda") else "fp32"
 
 
-def auto_workers(requested: int) -> int:
-    """The `--workers -1` rule of every stage: min(8, this process's share of the usable CPUs − 1).
-    The share divides the CPUs this process may run on (its affinity) by the processes torchrun
-    started on this machine (LOCAL_WORLD_SIZE; 1 outside torchrun and in job arrays)."""
-    if requested >= 0:
-        return requested
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    per_process = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    return min(8, max(0, per_process - 1))
-
-
 def init_process_group(env: DistEnv, device: str) -> None:
     import torch.distributed as dist
 

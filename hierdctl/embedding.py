@@ -34,16 +34,19 @@ def iter_samples(source, skipped: Counter) -> Iterator:
             yield item
 
 
-def image_batches(samples, encoder, batch_size: int, workers: int, max_pixels: int, skipped: Counter):
-    """Decode + eval-transform in a thread pool; yield (samples, images (B,3,S,S)) batches.
-    Undecodable images are skipped and counted, never fatal."""
+def image_batches(samples, encoder, batch_size: int, workers: int, max_pixels: int, skipped: Counter,
+                  with_sizes: bool = False, on_skip: Callable | None = None):
+    """Decode + eval-transform in a thread pool; yield (samples, images (B,3,S,S)) batches, or with
+    `with_sizes` (samples, images, each image's original (w, h)). Undecodable images are skipped
+    and counted, never fatal; on_skip(sample, BadImage), when given, hears of each one (hierdctl
+    embed lists them by key)."""
 
     def prep(s):
         try:
             img, _ = decode_rgb(s.image, max_pixels)
         except BadImage as e:
-            return s, e.reason
-        return s, encoder.eval_transform(img)
+            return s, e, None
+        return s, encoder.eval_transform(img), img.size
 
     pool = ThreadPoolExecutor(workers) if workers > 0 else None
     try:
@@ -53,11 +56,14 @@ def image_batches(samples, encoder, batch_size: int, workers: int, max_pixels: i
             if not chunk:
                 return
             done = list(pool.map(prep, chunk)) if pool else [prep(s) for s in chunk]
-            good = [(s, x) for s, x in done if not isinstance(x, str)]
-            for _, why in (d for d in done if isinstance(d[1], str)):
-                skipped[why] += 1
+            good = [d for d in done if not isinstance(d[1], BadImage)]
+            for s, bad, _ in (d for d in done if isinstance(d[1], BadImage)):
+                skipped[bad.reason] += 1
+                if on_skip is not None:
+                    on_skip(s, bad)
             if good:
-                yield [s for s, _ in good], torch.stack([x for _, x in good])
+                batch = [s for s, _, _ in good], torch.stack([x for _, x, _ in good])
+                yield (*batch, [wh for _, _, wh in good]) if with_sizes else batch
     finally:
         if pool:
             pool.shutdown()

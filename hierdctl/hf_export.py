@@ -1,6 +1,8 @@
 """An open_clip CLIP student -> a Hugging Face transformers `CLIPModel` folder, and its parity check.
 
-The folder (`export --format hf` writes it as DIR/hf):
+The files (`export --format hf` writes them at DIR's root, beside open_clip's
+open_clip_config.json + open_clip_model.safetensors, as LAION's open_clip repositories are laid
+out; exports of layout 1 had them in DIR/hf):
 
     config.json, model.safetensors      transformers.CLIPModel (CLIPModel.save_pretrained), float32
     vocab.json, merges.txt              OpenAI's CLIP BPE, built from open_clip's bpe_simple_vocab_16e6.txt.gz
@@ -406,13 +408,16 @@ def _quiet_transformers():
 
 
 def write_hf(model, model_cfg: dict, preprocess_cfg: dict, folder: Path) -> list[str]:
-    """Write `folder` (created) as a transformers CLIPModel folder for the open_clip `model`
-    (its weights, `model_cfg` its architecture, `preprocess_cfg` its eval preprocessing, as
-    open_clip resolved it). Returns the file names written."""
+    """Write the transformers CLIPModel files for the open_clip `model` (its weights,
+    `model_cfg` its architecture, `preprocess_cfg` its eval preprocessing, as open_clip resolved
+    it) into `folder` (created if needed; the files must not be there yet). Returns the names
+    of the files written."""
     import transformers
 
     folder = Path(folder)
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    before = {p.name for p in folder.iterdir()}
+    assert not (before & set(HF_FILES)), sorted(before & set(HF_FILES))  # never over files already there
     config, processor_kwargs = to_hf_config(model_cfg, preprocess_cfg)
     state = convert_state_dict(model.state_dict())
     with _quiet_transformers():
@@ -423,7 +428,45 @@ def write_hf(model, model_cfg: dict, preprocess_cfg: dict, folder: Path) -> list
         images = transformers.CLIPImageProcessor(**processor_kwargs)
         images.save_pretrained(str(folder))  # preprocessor_config.json: transformers 4.x, sentence-transformers
         transformers.CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(str(folder))
-    return sorted(p.name for p in folder.iterdir())
+    return sorted(p.name for p in folder.iterdir() if p.name not in before)
+
+
+# What write_hf writes (transformers 5; 4.x also writes special_tokens_map.json).
+HF_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+            "processor_config.json", "preprocessor_config.json")
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json")
+
+
+def write_tokenizer_files(folder: Path, context_length: int) -> list[str]:
+    """The CLIPTokenizer files alone (what the ONNX text graph needs beside it): vocab.json,
+    merges.txt, tokenizer.json, tokenizer_config.json (+ special_tokens_map.json with
+    transformers 4). Returns the names written."""
+    folder = Path(folder)
+    before = {p.name for p in folder.iterdir()}
+    assert not (before & set(TOKENIZER_FILES)), sorted(before & set(TOKENIZER_FILES))
+    with _quiet_transformers():
+        write_tokenizer(folder, context_length).save_pretrained(str(folder))
+    return sorted(p.name for p in folder.iterdir() if p.name not in before)
+
+
+def check_tokenizer(folder: Path, tokenizer, captions: list[str] | None = None) -> dict:
+    """Load the tokenizer files in `folder` with transformers' AutoTokenizer, as a user does,
+    and compare its ids (padded to the context, truncated) with open_clip's `tokenizer` on the
+    probe captions. Raises ParityError when they differ."""
+    import torch
+    import transformers
+
+    captions = list(captions or PROBE_CAPTIONS)
+    with _quiet_transformers():
+        tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    ids = tok(captions, padding="max_length", truncation=True, return_tensors="pt")["input_ids"]
+    want = tokenizer(captions)
+    match = tuple(ids.shape) == tuple(want.shape) and torch.equal(ids, want)
+    check = {"class": type(tok).__name__, "context_length": int(tok.model_max_length), "captions": len(captions),
+             "ids_match": bool(match)}
+    if not match:
+        raise ParityError(f"the tokenizer files give ids other than open_clip's on the probe captions ({check})")
+    return check
 
 
 # ----------------------------------------------------------------------------------

@@ -40,6 +40,12 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image
 
     `max_pixels` alone decides what is a decompression bomb: the size is read from the
     header and checked before any pixel is decoded, whatever PIL's global limit says."""
+    return load_rgb(open_checked(data, max_pixels))
+
+
+def open_checked(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The image with its header read and its size checked (empty, bomb, zero size), no pixel
+    decoded: `load_rgb` decodes it, after an optional `Image.draft` (see `decode_view`)."""
     if not data:
         raise BadImage("empty_image")
     img = _open(data)
@@ -48,6 +54,11 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image
         raise BadImage("decompression_bomb", f"{w}x{h} > {max_pixels} pixels")
     if w < 1 or h < 1:
         raise BadImage("corrupt_image", f"size {w}x{h}")
+    return img
+
+
+def load_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
+    """Decode an `open_checked` image to 8-bit RGB: (image, original mode if converted, else None)."""
     try:
         img.load()
     except Image.DecompressionBombError as e:  # a later frame (GIF) larger than PIL's limit
@@ -252,3 +263,163 @@ def apply_view(img: Image.Image, view: View, size: int, mean, std, eval_transfor
     if view.kind == "eval":
         return eval_transform(img)
     return apply_crop(img, view, size, mean, std)
+
+
+# --- distill's loader: the view cut straight from the encoded bytes, cheaply ------------
+# `decode_view` gives what `apply_view(decode_rgb(data)[0], view, ...)` gives, within
+# interpolation tolerance (tests/test_stream.py states it), at a fraction of the cost:
+#  - no full-size intermediate: the region is cut and resized in one pass, by PyTorch's
+#    antialiased bicubic on uint8 (PIL's filter and rounding: mean difference 0.02-0.07 grey
+#    levels; 4-6x faster than PIL's resize on one core);
+#  - a JPEG whose region is scaled down DRAFT_FROM (4) times or more is decoded by libjpeg at
+#    1/4 or 1/8 scale (`Image.draft`), the region kept at least as large as the output, the
+#    crop box mapped into the reduced image exactly (PIL's own box: x -> x / s) and cut by
+#    PIL's resize(box=), which takes the fractional box as it is. At 2x a draft saves less
+#    decoding than PIL's resize costs over PyTorch's (bench/bench_stream.py: no gain from
+#    512-px JPEGs at 224 px) and moves the pixels more (DCT scaling: mean 1.3-1.6 grey levels
+#    from the full decode), so `draft_from=2` is there to measure, not the default;
+#  - the eval view through the student's eval transform, or, when that transform is
+#    recognised as resize-shorter-side + centre crop + normalise (open_clip's), the same
+#    arithmetic with PyTorch's resize.
+# cache-teacher keeps decode_rgb + apply_view: the teacher's pixels are the reference.
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """An eval transform recognised as: resize the shorter side to `short` (bicubic,
+    antialiased), centre-crop `crop`×`crop`, ToTensor, Normalize(mean, std)."""
+
+    short: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def geometry(self, w: int, h: int) -> tuple[int, int, int, int]:
+        """(resized w, resized h, crop left, crop top): torchvision's Resize(int) + CenterCrop arithmetic."""
+        if w <= h:
+            rw, rh = self.short, int(self.short * h / w)
+        else:
+            rw, rh = int(self.short * w / h), self.short
+        return rw, rh, int(round((rw - self.crop) / 2.0)), int(round((rh - self.crop) / 2.0))
+
+
+def eval_plan(transform) -> EvalPlan | None:
+    """The EvalPlan of a torchvision Compose [Resize(int, bicubic), CenterCrop(square), RGB
+    conversion, ToTensor, Normalize] (open_clip's eval preprocessing), else None: an unknown
+    transform is called as it is."""
+    try:
+        from torchvision import transforms as T
+    except ImportError:
+        return None
+    steps = list(getattr(transform, "transforms", None) or ())
+    if len(steps) < 4 or not isinstance(steps[0], T.Resize) or not isinstance(steps[1], T.CenterCrop):
+        return None
+    resize, crop, norm, middle = steps[0], steps[1], steps[-1], steps[2:-1]
+    size = resize.size if isinstance(resize.size, int) else (resize.size[0] if len(resize.size) == 1 else None)
+    if (size is None or resize.max_size is not None or resize.interpolation != T.InterpolationMode.BICUBIC
+            or resize.antialias is False):
+        return None
+    ch, cw = (crop.size, crop.size) if isinstance(crop.size, int) else tuple(crop.size)
+    if ch != cw or ch > size or not isinstance(norm, T.Normalize):
+        return None
+    names = [getattr(t, "__name__", type(t).__name__) for t in middle]
+    if names[-1] not in ("ToTensor", "MaybeToTensor") or any(
+            n not in ("MaybeConvertMode", "_convert_to_rgb", "convert_to_rgb") for n in names[:-1]):
+        return None
+    if any(getattr(t, "mode", "RGB") != "RGB" for t in middle):
+        return None
+    mean, std = tuple(float(v) for v in norm.mean), tuple(float(v) for v in norm.std)
+    if len(mean) != 3 or len(std) != 3:
+        return None
+    return EvalPlan(int(size), int(ch), mean, std)
+
+
+DRAFT_FROM = 4  # the smallest JPEG draft scale decode_view uses (see above)
+
+
+def draft_scale(region_w: float, region_h: float, out: int, lowest: int = 2) -> int:
+    """The largest JPEG decode scale s of 8, 4, 2 (and ≥ `lowest`) that keeps the region at
+    least `out` pixels on its shorter side (s·out ≤ min side); 1 when there is none."""
+    for s in (8, 4, 2):
+        if s >= lowest and s * out <= min(region_w, region_h):
+            return s
+    return 1
+
+
+def resize_u8(pixels, box: tuple[int, int, int, int], size: tuple[int, int]):
+    """(3,h,w) uint8 tensor of the region box = (x0, y0, x1, y1) (whole pixels) of `pixels`
+    ((H,W,3) uint8 numpy or (3,H,W) uint8 tensor), resized to size = (h, w): PyTorch's
+    antialiased bicubic, which on uint8 follows PIL's kernel and rounding."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(pixels).permute(2, 0, 1) if isinstance(pixels, np.ndarray) else pixels
+    x0, y0, x1, y1 = box
+    region = t[None, :, y0:y1, x0:x1]  # (1,3,h,w) a view: nothing copied
+    return F.interpolate(region, size=size, mode="bicubic", antialias=True, align_corners=False)[0]
+
+
+def normalise_u8(t, mean, std):
+    """(3,H,W) uint8 tensor -> float32, normalised: the arithmetic of `to_tensor` (bit for bit)."""
+    import torch
+
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (t.float().div_(255.0) - m) / s
+
+
+def eval_pixels(img: Image.Image, plan: EvalPlan):
+    """(3,crop,crop) float32: `plan`'s resize + centre crop + normalise on an RGB image."""
+    w, h = img.size
+    rw, rh, left, top = plan.geometry(w, h)
+    resized = resize_u8(np.array(img), (0, 0, w, h), (rh, rw))  # (3,rh,rw): the whole image, as the transform does
+    return normalise_u8(resized[:, top : top + plan.crop, left : left + plan.crop], plan.mean, plan.std)
+
+
+def decode_view(data: bytes, view: View, size: int, mean, std, eval_transform, plan: EvalPlan | None = None,
+                max_pixels: int = DEFAULT_MAX_PIXELS, draft_from: int = DRAFT_FROM):
+    """`apply_view(decode_rgb(data)[0], view, size, mean, std, eval_transform)` within
+    interpolation tolerance, without its costs (see above); a JPEG is draft-decoded at a scale
+    ≥ `draft_from` where one fits (0: never). The decompression-bomb check and the colour
+    conversions are decode_rgb's own (open_checked, load_rgb). Raises BadImage."""
+    import torch
+
+    img = open_checked(data, max_pixels)
+    w0, h0 = img.size
+    lowest = max(2, draft_from)
+    if view.kind == "eval":
+        s = draft_scale(w0, h0, plan.short, lowest) if plan is not None else 1  # an unknown transform: full size
+    else:
+        s = draft_scale(view.box[2], view.box[3], size, lowest)
+    rx = ry = 1.0
+    if draft_from and s > 1 and img.format == "JPEG":
+        got = img.draft("RGB", (w0 // s, h0 // s))  # libjpeg's DCT scaling: 1/s of the pixels decoded
+        if got is not None:
+            rx, ry = got[1][2] / w0, got[1][3] / h0  # the original image spans (0, 0, w0/s, h0/s) of the draft
+    img, _ = load_rgb(img)
+    drafted = rx != 1.0 or ry != 1.0
+    if view.kind == "eval":
+        if plan is None:
+            return eval_transform(img)
+        if not drafted:
+            return eval_pixels(img, plan)
+        # The region the transform keeps, in original pixels (its geometry on the original size:
+        # a draft's rounded size would move the centre crop), cut from the draft by PIL's resize.
+        rw, rh, left, top = plan.geometry(w0, h0)
+        fx, fy = w0 / rw * rx, h0 / rh * ry  # resized pixels -> draft pixels
+        cut = img.resize((plan.crop, plan.crop), Image.BICUBIC,
+                         box=(left * fx, top * fy, (left + plan.crop) * fx, (top + plan.crop) * fy))
+        return normalise_u8(torch.from_numpy(np.array(cut)).permute(2, 0, 1), plan.mean, plan.std)
+    assert view.kind == "crop", view
+    x, y, w, h = view.box
+    if not drafted:
+        out = resize_u8(np.array(img), (x, y, x + w, y + h), (size, size))  # (3,S,S) uint8
+    else:  # the box is fractional in the draft's pixels: PIL's resize takes it as it is
+        cut = img.resize((size, size), Image.BICUBIC, box=(x * rx, y * ry, (x + w) * rx, (y + h) * ry))
+        out = torch.from_numpy(np.array(cut)).permute(2, 0, 1)
+    if view.flip:
+        out = out.flip(-1)
+    if view.ops:
+        out = torch.from_numpy(np.array(apply_randaugment(Image.fromarray(out.permute(1, 2, 0).numpy()), view.ops)))
+        out = out.permute(2, 0, 1)
+    return normalise_u8(out, mean, std)

@@ -66,6 +66,10 @@ def export_summary(summary: dict) -> None:
         t.add_row("hf vs open_clip", f"max |Δ| image {hf['image']['max_abs_diff']:.2e}, text {hf['text']['max_abs_diff']:.2e}"
                   f" (token ids equal on {hf['text']['captions']} captions); pixels ≤ "
                   f"{hf['image_processor']['max_levels']:.1f}/255 ({hf['image_processor']['class']})")
+    tok = summary["checks"].get("tokenizer")
+    if tok:
+        t.add_row("tokenizer files", f"{tok['class']}: open_clip's ids on {tok['captions']} captions "
+                  f"(context {tok['context_length']})")
     console.print(t)
 
 
@@ -103,3 +107,55 @@ def scenes_summary(summary: dict, flavour: str, out) -> None:
         console.print(f"cluttered objects: {escape(str(summary['cluttered']['objects']))}", soft_wrap=True)
     if summary.get("clip_benchmark", {}).get("command"):
         console.print(f"CLIP_benchmark: {escape(summary['clip_benchmark']['command'])}", soft_wrap=True)
+
+
+# ----------------------------------------------------------------------------------
+# embed / index / search (issue 20)
+# ----------------------------------------------------------------------------------
+
+
+def embed_summary(m: dict) -> None:
+    c, r = m["counts"], m.get("this_run", {})
+    t = Table(title=escape(f"embeddings {r.get('out', '')}"), show_header=False)
+    t.add_row("model", escape(f"{m['model']['spec']}  ({m['model']['embed_dim']}-d, {m['model']['precision']})"))
+    t.add_row("complete", f"{m['complete']}  ({m['shards_done']}/{m['shards_total']} shards)")
+    t.add_row("rows", f"{c['rows']:,} samples, {c['texts']:,} captions  ({m['modality']}, {m['dtype']})")
+    t.add_row("caption-less", f"{c['captionless_total']:,}  "
+              + ", ".join(f"{k}: {v}" for k, v in c["captionless"].items()))
+    t.add_row("skipped", f"{c['skipped_total']:,}  " + ", ".join(f"{k}: {v}" for k, v in c["skipped"].items()))
+    t.add_row("duplicates", f"keys {c['duplicate_keys']:,}, images {c['duplicate_images']:,} (kept, counted)")
+    if r:
+        t.add_row("this run", f"{r['rows']:,} samples in {r['embed_seconds']:.1f} s ({r['rows_per_s']:,.1f}/s), "
+                  f"{r['shards']} shards written, {r['shards_resumed']} kept from before")
+    console.print(t)
+
+
+def index_summary(m: dict) -> None:
+    t = Table(title=escape(f"index {m.get('out', '')}"), show_header=False)
+    p = ", ".join(f"{k}={v}" for k, v in m["params"].items())
+    t.add_row("index", escape(f"{m['kind']} ({'exact' if m['exact'] else 'approximate'}{'; ' + p if p else ''})"))
+    t.add_row("rows", f"{m['rows']:,} {m['over']} vectors of {m['dim']} dims  ({escape(m['model']['spec'])})")
+    rc = m["recall"]
+    if rc["measured"]:
+        t.add_row(f"recall@{rc['k']} vs exact", f"{rc['value']:.4f}  ({rc['queries']:,} held-out queries)")
+    else:
+        t.add_row(f"recall@{rc['k']} vs exact", f"{rc['value'] if rc['value'] is not None else '–'}  ({rc['why']})")
+    tm = m["timing"]
+    t.add_row("build", f"{tm['build_s']:.2f} s (train {tm['train_s']:.2f} s, add {tm['add_s']:.2f} s)")
+    console.print(t)
+
+
+def search_table(result: dict) -> None:
+    idx = result["index"]
+    for q in result["queries"]:
+        what = f"text {q['text']!r}" if "text" in q else f"image {q['image']}"
+        t = Table(title=escape(f"{what}  (top {result['k']} of {idx['rows']:,} {idx['over']} rows, {idx['kind']})"))
+        t.add_column("#", justify="right")
+        t.add_column("score", justify="right")
+        t.add_column("key", overflow="fold")
+        t.add_column("path", overflow="fold")
+        t.add_column("caption" if idx["over"] == "text" else "captions", overflow="fold")
+        for r in q["results"]:
+            caps = r["caption"] if "caption" in r else " | ".join(r["captions"])
+            t.add_row(str(r["rank"]), f"{r['score']:.4f}", escape(str(r["key"])), escape(str(r["path"])), escape(caps))
+        console.print(t)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 RETRIEVAL_SCHEMA = "hierdctl.eval-retrieval/1"  # eval-retrieval's report and --save-index's index.json
 ZEROSHOT_SCHEMA = "hierdctl.eval-zeroshot/1"
+GROUNDING_SCHEMA = "hierdctl.eval-grounding/1"
 INDEX_MARKER = "index.json"  # the file that marks a --save-index folder as hierdctl's (written last)
 
 

@@ -22,6 +22,12 @@ A source is cut into *units* (one input shard, or a chunk of table rows) that st
 process independently: units are what ranks split between them and what resumes.
 Iterating a unit yields `Sample`s and `Skip`s; a skip is never fatal and carries a reason
 that is counted. Nothing here decodes images: that happens in `images.decode_rgb`.
+
+What a sample must carry is the reader's `Needs`: an image and a caption by default (the
+pipeline's stages and eval-retrieval need both). `hierdctl embed` reads an image collection
+with `Needs(caption=False)`: a sample without a usable caption is then a Sample with no
+captions whose `caption_issue` names the reason it would have been skipped for (counted by
+the stage, never silent); `Needs(image=False)` reads texts, with or without images.
 """
 
 from __future__ import annotations
@@ -46,11 +52,23 @@ FOLDER_IMAGE_EXTS = IMAGE_EXTS + ("bmp", "gif", "tif", "tiff", "jpe")  # class-p
 @dataclass
 class Sample:
     key: str
-    image: bytes
+    image: bytes  # b"" when the reader does not need images and the sample has none
     image_ext: str
     captions: list[str]
     meta: dict = field(default_factory=dict)  # the sample's .json, if any
     captions_cut: int = 0  # captions cut to MAX_CAPTION_CHARS (counted as caption_truncated)
+    caption_issue: str | None = None  # Needs(caption=False): why captions is empty (a skip reason)
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a sample must carry to be yielded; one without it is a Skip naming what is missing."""
+
+    image: bool = True
+    caption: bool = True
+
+
+BOTH = Needs()
 
 
 @dataclass
@@ -294,8 +312,8 @@ class TarSource:
 
     kind = "webdataset"
 
-    def __init__(self, spec: str, paths: list[str]):
-        self.spec, self.paths = spec, paths
+    def __init__(self, spec: str, paths: list[str], needs: Needs = BOTH):
+        self.spec, self.paths, self.needs = spec, paths, needs
         self.units = [Unit(i, p) for i, p in enumerate(paths)]
 
     def describe(self) -> dict:
@@ -422,10 +440,9 @@ class TarSource:
             reason, what = broke
             yield Skip(key or label, reason, f"{label}: {what}; " + _lost(n, key))
 
-    @staticmethod
-    def _make(key: str, members: dict) -> Sample | Skip:
+    def _make(self, key: str, members: dict) -> Sample | Skip:
         ext = next((e for e in IMAGE_EXTS if e in members), None)
-        if ext is None:
+        if ext is None and self.needs.image:
             return Skip(key, "missing_image")
         meta = {}
         if "json" in members:
@@ -440,9 +457,12 @@ class TarSource:
         elif "captions" in meta or "caption" in meta:
             captions, why, cut = _clean_captions(meta.get("captions", meta.get("caption")))
         else:
-            return Skip(key, "missing_caption")
-        if why:
+            captions, why, cut = [], "missing_caption", 0
+        if why and self.needs.caption:
             return Skip(key, why)
+        image = members[ext] if ext is not None else b""
+        if why:  # Needs(caption=False): the image alone, and why it has no caption
+            return Sample(key, image, ext or "", [], meta, caption_issue=why)
         # A .json may carry extra captions (COCO-style shards): keep every distinct one, in order,
         # cleaned like the rest (non-strings such as null or numbers dropped, whitespace folded).
         extra, _, extra_cut = _clean_captions(meta["captions"]) if isinstance(meta.get("captions"), list) and \
@@ -451,7 +471,8 @@ class TarSource:
         for c in captions + extra:
             if c not in distinct:
                 distinct.append(c)
-        return Sample(key, members[ext], ext, distinct, meta, cut + extra_cut)
+        return Sample(key, image, ext or "", distinct, meta, cut + extra_cut)
+
 
 def iter_source(source) -> Iterator[Sample | Skip]:
     """Every record of every unit in order, for a reader that reads the whole source in one
@@ -476,19 +497,22 @@ def _lost(n: int, key: str | None) -> str:
 # ----------------------------------------------------------------------------------
 
 
+NO_CAPTION = object()  # a table without the caption column (read with Needs(caption=False))
+
+
 @dataclass
 class _Row:
     key: str
     path: str
-    captions: object  # str or list, cleaned later
+    captions: object  # str or list, cleaned later; NO_CAPTION when the table has no caption column
 
 
 class RowSource:
     """Table rows or Karpathy images, `rows_per_unit` to a unit. A key twice (a Karpathy image
     id; table keys are row numbers) keeps its first row; every later one is a `duplicate_key` skip."""
 
-    def __init__(self, kind: str, spec: str, rows: list[_Row], rows_per_unit: int):
-        self.kind, self.spec, self.rows = kind, spec, rows
+    def __init__(self, kind: str, spec: str, rows: list[_Row], rows_per_unit: int, needs: Needs = BOTH):
+        self.kind, self.spec, self.rows, self.needs = kind, spec, rows, needs
         first: dict[str, int] = {}
         self._dup = {i: first[r.key] for i, r in enumerate(rows) if first.setdefault(r.key, i) != i}
         n = max(1, rows_per_unit)
@@ -510,9 +534,15 @@ class RowSource:
             if i in self._dup:
                 yield Skip(row.key, "duplicate_key", f"row {i} has the key of row {self._dup[i]}; the first is kept")
                 continue
-            captions, why, cut = _clean_captions(row.captions)
-            if why:
+            captions, why, cut = ([], "missing_caption", 0) if row.captions is NO_CAPTION else \
+                _clean_captions(row.captions)
+            if why and self.needs.caption:
                 yield Skip(row.key, why)
+                continue
+            ext = Path(row.path).suffix.lstrip(".").lower() or "jpg"
+            if not self.needs.image:  # texts: the image file is not read
+                yield Sample(row.key, b"", ext if row.path else "", captions, {"path": row.path}, cut,
+                             caption_issue=why)
                 continue
             try:
                 with open(row.path, "rb") as f:
@@ -523,8 +553,7 @@ class RowSource:
             except ValueError as e:  # a NUL byte or a lone surrogate (JSON escape) in the path
                 yield Skip(row.key, "missing_file", f"{_shown(row.path)}: {e}")
                 continue
-            ext = Path(row.path).suffix.lstrip(".").lower() or "jpg"
-            yield Sample(row.key, data, ext, captions, {"path": row.path}, cut)
+            yield Sample(row.key, data, ext, captions, {"path": row.path}, cut, caption_issue=why)
 
 
 def _undecodable(text: str) -> bool:
@@ -545,7 +574,7 @@ def _shown(text: str) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _table_rows(path: Path, opts: SourceOptions) -> list[_Row]:
+def _table_rows(path: Path, opts: SourceOptions, needs: Needs = BOTH) -> list[_Row]:
     # Read as UTF-8 (a BOM dropped) with errors='surrogateescape': a row whose caption holds bytes
     # that are not UTF-8 is skipped later (undecodable_caption), not fatal; image paths keep their
     # bytes (the OS opens them as written); a header that is not UTF-8 text is a user error.
@@ -575,8 +604,9 @@ def _table_rows(path: Path, opts: SourceOptions) -> list[_Row]:
             raise UserError(f"is not UTF-8 text (header: {_shown(delim.join(header))[:120]!r})", str(path))
     if not records:
         raise UserError("has no rows", str(path))
-    for flag, col in (("--image-col", opts.image_col), ("--caption-col", opts.caption_col)):
-        if not isinstance(records[0], dict) or col not in records[0]:
+    for flag, col, needed in (("--image-col", opts.image_col, needs.image),
+                              ("--caption-col", opts.caption_col, needs.caption)):
+        if not isinstance(records[0], dict) or (needed and col not in records[0]):
             cols = ", ".join(map(str, records[0])) if isinstance(records[0], dict) else "none: not a JSON object"
             raise UserError(f"column {col!r} not found in {path} (columns: {_shown(cols)})", flag)
     width = len(str(len(records)))
@@ -584,7 +614,8 @@ def _table_rows(path: Path, opts: SourceOptions) -> list[_Row]:
         if not isinstance(r, dict):
             raise UserError(f"row {i + 1} is not a JSON object", str(path))
         p = str(r.get(opts.image_col) or "")
-        rows.append(_Row(str(i).zfill(max(9, width)), str(base / p) if p else "", r.get(opts.caption_col)))
+        caption = r.get(opts.caption_col) if opts.caption_col in r else NO_CAPTION
+        rows.append(_Row(str(i).zfill(max(9, width)), str(base / p) if p else "", caption))
     return rows
 
 
@@ -612,8 +643,9 @@ def _karpathy_rows(path: Path, opts: SourceOptions) -> list[_Row]:
     return rows
 
 
-def open_source(spec: str, opts: SourceOptions | None = None, where: str = "SOURCE"):
-    """Resolve a source spec to a TarSource or RowSource. Errors name `where`."""
+def open_source(spec: str, opts: SourceOptions | None = None, where: str = "SOURCE", needs: Needs = BOTH):
+    """Resolve a source spec to a TarSource or RowSource. Errors name `where`; `needs` says what
+    a sample must carry (an image and a caption unless told otherwise)."""
     opts = opts or SourceOptions()
     p = Path(spec)
     if url_scheme(spec) is not None:  # pipe:CMD, file:PATH, http(s)://, s3://, ...: WebDataset shards
@@ -623,7 +655,7 @@ def open_source(spec: str, opts: SourceOptions | None = None, where: str = "SOUR
                 raise UserError(f"URLs name WebDataset shards; a table or Karpathy JSON must be a local file ({u})",
                                 where)
         _check_urls(spec, urls, where)
-        return TarSource(spec, urls)
+        return TarSource(spec, urls, needs)
     if "{" in spec and "}" in spec:
         paths = _expand(spec, where)
         missing = [q for q in paths if not Path(q).is_file()]
@@ -631,21 +663,21 @@ def open_source(spec: str, opts: SourceOptions | None = None, where: str = "SOUR
             raise UserError(f"no file of {spec} exists", where)
         if missing:
             raise UserError(f"{len(missing)} of {len(paths)} shards do not exist (first: {missing[0]})", where)
-        return TarSource(spec, paths)
+        return TarSource(spec, paths, needs)
     if p.is_dir():
         paths = sorted(glob.glob(str(p / "*.tar")))
         if not paths:
             raise UserError(f"directory {spec} holds no .tar shards", where)
-        return TarSource(spec, paths)
+        return TarSource(spec, paths, needs)
     if not p.exists():
         raise UserError(f"{spec} does not exist", where)
     suffix = p.suffix.lower()
     if suffix == ".tar":
-        return TarSource(spec, [str(p)])
+        return TarSource(spec, [str(p)], needs)
     if suffix in (".csv", ".tsv", ".jsonl"):
-        return RowSource("table", spec, _table_rows(p, opts), opts.rows_per_shard)
+        return RowSource("table", spec, _table_rows(p, opts, needs), opts.rows_per_shard, needs)
     if suffix == ".json":
-        return RowSource("karpathy", spec, _karpathy_rows(p, opts), opts.rows_per_shard)
+        return RowSource("karpathy", spec, _karpathy_rows(p, opts), opts.rows_per_shard, needs)
     raise UserError(f"cannot read {spec}: expected .tar shards, a directory, .csv/.tsv/.jsonl or a Karpathy .json", where)
 
 

@@ -61,7 +61,7 @@ def parse_spec(text: str, where: str = "--model") -> ModelSpec:
             raise UserError(f"{rest} is not an open_clip local dir (no open_clip_config.json)", where)
         return ModelSpec(text, "local-dir", path=str(p))
     if scheme == "hf":
-        return ModelSpec(text, "hf", path=rest)
+        return ModelSpec(text, "hf", path=hf_folder(rest))
     if scheme == "open_clip":
         if rest.startswith("hf-hub:"):
             return ModelSpec(text, "open_clip", arch=rest)
@@ -78,6 +78,21 @@ def parse_spec(text: str, where: str = "--model") -> ModelSpec:
             raise UserError(f"checkpoint {weights} does not exist", where)
         return ModelSpec(text, "open_clip", arch=arch, weights=weights)
     raise UserError(f"unknown model-spec scheme {scheme!r} in {text!r} (open_clip, local-dir, hf)", where)
+
+
+def hf_folder(path: str) -> str:
+    """Where a transformers CLIPModel lies for `hf:PATH`: PATH itself, except for an export of
+    hierdctl's first layout (export.json without "layout"), whose transformers files are in PATH/hf
+    (exports of layout 2 have them at their root, beside open_clip's). A hub repo id is as given."""
+    p = Path(path)
+    if (p / "config.json").is_file() or not (p / "hf" / "config.json").is_file():
+        return path
+    try:
+        marker = json.loads((p / "export.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return path
+    ours = isinstance(marker, dict) and str(marker.get("schema", "")).startswith("hierdctl.export/")
+    return str(p / "hf") if ours and marker.get("layout", 1) == 1 else path
 
 
 def fingerprint_state_dict(state_dict) -> str:
@@ -510,6 +525,7 @@ def _pil_eval_transform(short: int, crop: int, mean, std):
         t = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
         return (t - m) / s
 
+    tf.resize_crop = (short, crop)  # what hierdctl/grounding.py maps boxes through (its rounding: above)
     return tf
 
 

@@ -15,15 +15,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cluster import pool_clusters, resample_assign
+from .cluster import area_overlap, area_weights, cell_weights, pool_area
 from .losses.features import Features
 
 KAPPA_INIT = math.log(1 / 0.07)  # ≈ 2.659, the public code's initial value
+GRID_CELLS = (2, 3)  # the fixed-grid controls of clusters: 2×2 and 3×3 cells (fields grid2_*, grid3_*)
+PATCH_FIELDS = frozenset({"clu_s", "clu_st", "tok_st", *(f"grid{r}_st" for r in GRID_CELLS)})  # need patch tokens
+
+
+def _pair(x) -> tuple[int, int]:
+    return (int(x[0]), int(x[1])) if isinstance(x, (tuple, list)) else (int(x), int(x))
 
 
 def vit_tokens(visual, x: torch.Tensor, keep: torch.Tensor | None = None):
@@ -106,7 +113,8 @@ class StudentWrapper(nn.Module):
         self.fields = frozenset(fields)
         self.exp_scales = exp_scales
         self.mask_ratio = mask_ratio
-        projected = self.fields & {"img_st", "txt_st", "img_st_masked", "clu_st", "phr_st", "neg_st"}
+        projected = self.fields & {"img_st", "txt_st", "img_st_masked", "clu_st", "phr_st", "neg_st", "tok_st",
+                                   *(f"grid{r}_st" for r in GRID_CELLS)}
         self.project = bool(projected) and teacher_dim is not None and teacher_dim != student_dim
         if self.project:
             self.img_proj = nn.Linear(student_dim, teacher_dim)
@@ -128,6 +136,10 @@ class StudentWrapper(nn.Module):
         v = student.visual
         self.is_vit = all(hasattr(v, a) for a in ("conv1", "transformer", "_pool", "grid_size"))
         self.grid = tuple(v.grid_size) if self.is_vit else None
+        # The share of the view's height and width that the patch grid covers: 1 unless the
+        # image size is not a multiple of the patch size (the conv drops the remainder).
+        self.extent = (tuple(Fraction(g * p, s) for g, p, s in zip(self.grid, _pair(v.patch_size), _pair(v.image_size)))
+                       if self.is_vit else None)
 
     def _proj_img(self, x):
         return self.img_proj(x) if self.project else x
@@ -149,10 +161,47 @@ class StudentWrapper(nn.Module):
 
         return scatter(emb), (scatter(self._proj_txt(emb)) if project else None)
 
+    def _patch_features(self, f: Features, batch: dict, tokens: torch.Tensor) -> None:
+        """The patch-level fields from the student's patch tokens (N,G_s,D_s), in place.
+
+        The teacher's cluster map and tokens live on the teacher's patch grid (batch
+        "teacher_grid"); both are carried onto the student's by area (hierdctl/cluster.py):
+        the student's view is the teacher's crop box, so the two grids cover the same image.
+        The teacher's grid is taken to cover its whole input (its image size a multiple of its
+        patch size, as for every released ViT at its native size)."""
+        want, t_grid = self.fields, tuple(batch.get("teacher_grid") or self.grid)
+        projected = self._proj_img(tokens) if want & (PATCH_FIELDS - {"clu_s"}) else None  # (N,G_s,D_t)
+        if want & {"clu_s", "clu_st"}:
+            # Student cluster k = normalise(Σ_g W[g,k]·token_g), W = O·A: each student patch's
+            # area share per teacher cluster. A cluster that covers no student area (coverage 0)
+            # has no student vector: it leaves the mask, so it drops out of every term's mean.
+            K = batch["clu_t"].shape[1]
+            weights = area_weights(batch["clu_assign"].flatten(1), K, t_grid, self.grid, self.extent)  # (N,G_s,K)
+            if "clu_s" in want:
+                f.clu_s, cover = pool_area(tokens, weights)  # (N,K,D_s), (N,K)
+            if "clu_st" in want and "clu_s" in want and not self.project:
+                f.clu_st = f.clu_s  # no projector: the very same tensor (as img_st is img_s)
+            elif "clu_st" in want:
+                f.clu_st, cover = pool_area(projected, weights)  # (N,K,D_t)
+            f.clu_t, f.clu_mask = batch["clu_t"], batch["clu_mask"] & (cover > 0)
+        if "tok_st" in want:  # dense FD: the teacher's tokens, area-resampled onto the student's grid
+            f.tok_st, tok_t = projected, batch["tok_t"].float()  # (N,G_s,D_t), (N,G_t,D_t)
+            if t_grid != self.grid or self.extent != (1, 1):
+                o = area_overlap(self.grid, t_grid, self.extent).to(tokens.device, torch.float32)  # (G_s,G_t)
+                tok_t = torch.einsum("st,ntd->nsd", o, tok_t)
+            f.tok_t = F.normalize(tok_t, dim=-1)  # (N,G_s,D_t)
+        for r in GRID_CELLS:  # fixed cells over the view, pooled on each model's own grid
+            if f"grid{r}_st" in want:
+                w_s = cell_weights(r, self.grid, self.extent).to(tokens.device, torch.float32)  # (G_s,r²)
+                w_t = cell_weights(r, t_grid).to(tokens.device, torch.float32)  # (G_t,r²)
+                n = tokens.shape[0]
+                setattr(f, f"grid{r}_st", pool_area(projected, w_s.expand(n, -1, -1))[0])  # (N,r²,D_t)
+                setattr(f, f"grid{r}_t", pool_area(batch["tok_t"].float(), w_t.expand(n, -1, -1))[0])
+
     def forward(self, batch: dict) -> Features:
         m, want = self.student, self.fields
         images, text = batch["image"], batch["text"]  # (N,3,S,S), (N,L)
-        need_tokens = bool(want & {"clu_s", "clu_st"})
+        need_tokens = bool(want & PATCH_FIELDS)
         if need_tokens:
             pooled, tokens = vit_tokens(m.visual, images)  # (N,D_s), (N,G,D_s)
         else:
@@ -169,15 +218,7 @@ class StudentWrapper(nn.Module):
         for k, p in self.kappa.items():
             setattr(f, f"kappa_{k}", p.exp() if self.exp_scales else p)
         if need_tokens:
-            # Pool the student's patch tokens with the teacher's cluster map, resampled
-            # (nearest) from the teacher's patch grid to the student's.
-            K = batch["clu_t"].shape[1]
-            assign = resample_assign(batch["clu_assign"].flatten(1), tuple(batch["teacher_grid"]), self.grid)
-            if "clu_s" in want:
-                f.clu_s = pool_clusters(tokens, assign, K)  # (N,K,D_s)
-            if "clu_st" in want:
-                f.clu_st = pool_clusters(self._proj_img(tokens), assign, K)  # (N,K,D_t)
-            f.clu_t, f.clu_mask = batch["clu_t"], batch["clu_mask"]
+            self._patch_features(f, batch, tokens)
         for part in ("phr", "neg"):  # phrases, caption perturbations: the text tower on each
             if want & {f"{part}_s", f"{part}_st"}:
                 own, projected = self._encode_parts(batch[f"{part}_tok"], batch[f"{part}_mask"], txt,
@@ -200,6 +241,9 @@ class StudentWrapper(nn.Module):
             keep = noise.argsort(dim=1)[:, :n_keep].sort(dim=1).values  # (N,G_keep) kept patch indices
             masked = vit_tokens(m.visual, images, keep)[0]  # (N,D_s)
             f.img_st_masked = self._proj_img(masked)
+        if want & {"img_fused", "txt_fused"}:  # before `second`, which fuses its own caption beside these
+            f.img_fused = self.img_fusion(torch.cat([F.normalize(pooled, dim=-1), batch["img_t"]], dim=-1))
+            f.txt_fused = self.txt_fusion(torch.cat([F.normalize(txt, dim=-1), batch["txt_t"]], dim=-1))
         if batch.get("second"):  # real+synthetic: the same images with each sample's synthetic caption
             sec = batch["second"]
             txt2 = encode_text_trimmed(m, sec["text"])  # (N,D_s)
@@ -222,7 +266,4 @@ class StudentWrapper(nn.Module):
                                           "txt_st": (f.second.txt_st if k == 0 else self.ens_txt_proj[k - 1](f.second.txt_s))
                                           if e["txt_st"] is not None else None}
                                      for k, e in enumerate(f.ensemble)]
-        if want & {"img_fused", "txt_fused"}:
-            f.img_fused = self.img_fusion(torch.cat([F.normalize(pooled, dim=-1), batch["img_t"]], dim=-1))
-            f.txt_fused = self.txt_fusion(torch.cat([F.normalize(txt, dim=-1), batch["txt_t"]], dim=-1))
         return f

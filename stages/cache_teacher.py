@@ -456,7 +456,9 @@ def _stream(cfg: CacheTeacherConfig, env, source, todo: list, preps: list[dict],
     """Decode in DataLoader workers, run the teachers in this process, write each unit's shard."""
     from torch.utils.data import DataLoader
 
-    workers = min(distributed.auto_workers(cfg.workers), len(todo))
+    from hierdctl.loader import workers_for
+
+    workers = min(workers_for(cfg.workers), len(todo))
     # Duplicate keys: the first copy in unit order is kept, whichever worker, rank or run reads it.
     duplicates = source.later_duplicates() if hasattr(source, "later_duplicates") and todo else {}
     loader = DataLoader(

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hierdctl import __version__, atomic, cache_format, checkpoint, distributed, faults, settings
+from hierdctl import __version__, atomic, cache_format, checkpoint, distributed, faults, reporting, settings
+from hierdctl.loader import batch_bytes, prefetch_for, workers_for
 from hierdctl.configs import DistillConfig, SourceOptions
 from hierdctl.console import console, progress
 from hierdctl.errors import Interrupted, UserError, require
@@ -87,7 +88,8 @@ class GlobalBatchSampler:
 
 
 def _check_cache(cache, recipe, images: str | None, cfg_policy: str = "random") -> None:
-    have = {p: cache.has(p) for p in ("global", "clusters", "phrases", "perturbations", "cluster_crops", "images")}
+    have = {p: cache.has(p) for p in ("global", "clusters", "phrases", "perturbations", "cluster_crops", "tokens",
+                                      "images")}
     if not have["images"] and images is None:
         raise UserError(f"the cache holds no images (made with --no-store-images): give its source with --images SOURCE "
                         f"(it was made from {cache.config['source']}); images are joined by key and checked by sha256",
@@ -106,7 +108,8 @@ def _check_cache(cache, recipe, images: str | None, cfg_policy: str = "random") 
         how = {"clusters": "rerun cache-teacher with --clusters K (K > 0)",
                "phrases": "rerun cache-teacher with --max-phrases P (P > 0)",
                "perturbations": "rerun cache-teacher with --perturbations Q (Q > 0)",
-               "cluster_crops": "rerun cache-teacher with --cluster-crops"}
+               "cluster_crops": "rerun cache-teacher with --cluster-crops",
+               "tokens": "rerun cache-teacher with --store tokens"}
         raise UserError(
             f"recipe {recipe.name!r} needs {', '.join(missing)} that cache {cache.root} lacks: "
             + "; ".join(how.get(p, p) for p in missing),
@@ -276,6 +279,7 @@ class Trainer:
     total: int  # optimizer steps of the run
     warmup: int  # resolved: cfg.warmup, or auto = min(10,000, 10% of total)
     notes: list = field(default_factory=list)
+    decoder: object = None  # gpu_decode.BatchDecoder with --decode gpu: the batch's JPEGs are decoded in to_device
     position: tuple = (0, None)  # (steps taken, step of the last checkpoint or None), for an interrupt's message
 
     @property
@@ -294,7 +298,7 @@ class Trainer:
                                      self.total)
         return DataLoader(self.data.dataset, batch_sampler=sampler, num_workers=workers,
                           pin_memory=self.device.startswith("cuda"), persistent_workers=False,
-                          prefetch_factor=4 if workers else None)
+                          prefetch_factor=self._prefetch(), collate_fn=self._collate())
 
     def _streamed(self, start: int):
         """Streamed batches from global step `start` on: epoch by epoch, each a fresh pass whose
@@ -317,7 +321,7 @@ class Trainer:
             st.epoch, st.skip_batches = epoch, step - done
             loader = DataLoader(Streamed(st), batch_size=st.B, drop_last=True, num_workers=self.data.workers,
                                 pin_memory=self.device.startswith("cuda"), persistent_workers=False,
-                                prefetch_factor=4 if self.data.workers else None)
+                                prefetch_factor=self._prefetch(), collate_fn=self._collate())
             for batch in loader:
                 if step >= self.total or step - done >= st.steps_per_epoch(epoch):
                     break
@@ -326,9 +330,25 @@ class Trainer:
             done += st.steps_per_epoch(epoch)
             epoch += 1
 
+    def _prefetch(self) -> int | None:
+        """Batches in flight per worker, within a share of /dev/shm (hierdctl/loader.py)."""
+        io = self.data.dataset.io
+        local = self.cfg.batch_size // self.env.world_size
+        return prefetch_for(self.data.workers, batch_bytes(local, io["image_size"], self.cfg.decode))
+
+    def _collate(self):
+        from hierdctl import gpu_decode
+
+        return gpu_decode.collate if self.decoder is not None else None  # None: DataLoader's default_collate
+
     def to_device(self, batch: dict) -> dict:
-        """Tensors to the device (the loader's `bad` notes stay behind), plus the teachers' constants."""
+        """Tensors to the device (the loader's `bad` notes stay behind), plus the teachers' constants.
+        With --decode gpu the images are decoded here; a row no decoder reads is replaced in `batch`
+        and noted in its `bad` field."""
+        image = self.decoder(batch) if self.decoder is not None and "jpeg" in batch else None
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        if image is not None:
+            batch["image"] = image
         if self.data.needs["global"]:
             batch["logit_scale_t"] = float(self.teacher["logit_scale"])
             teachers = self.data.needs.get("teachers", 1)
@@ -341,7 +361,7 @@ class Trainer:
             for k in [k for k in batch if k.startswith("txt_t") and k.endswith("_2")]:
                 second[k[: -len("_2")]] = batch.pop(k)
             batch["second"] = second
-        if self.data.needs["clusters"]:
+        if self.data.needs["clusters"] or self.data.needs.get("tokens"):
             batch["teacher_grid"] = tuple(self.teacher["patch_grid"])
         return batch
 
@@ -395,6 +415,16 @@ def build_trainer(cfg: DistillConfig, cache, recipe, env: distributed.DistEnv, d
     student = build_student(cfg, device)
     wrapper, notes = _wrap(cfg, recipe, cache.teachers, student, device)
     data = _data(cfg, cache, recipe, env, wrapper, student, notes)
+    decoder = None
+    if cfg.decode == "gpu":
+        from hierdctl.gpu_decode import BatchDecoder
+
+        io = data.dataset.io
+        decoder = BatchDecoder(io["image_size"], io["mean"], io["std"], data.dataset.plan, device,
+                               student.eval_transform, (data.stream or data.dataset).where)
+        notes.append(f"--decode gpu: JPEGs decoded on {device} (torchvision decode_jpeg), crops replayed there"
+                     + ("" if data.dataset.plan else "; eval views on the CPU (the student's eval transform is not "
+                        "resize + centre crop)"))
     if data.stream is not None:
         total = cfg.steps if cfg.steps is not None else _stream_total(data.stream, cfg.epochs)
     else:
@@ -416,7 +446,7 @@ def build_trainer(cfg: DistillConfig, cache, recipe, env: distributed.DistEnv, d
         net = DDP(wrapper, device_ids=[device] if device.startswith("cuda") else None)
     return Trainer(cfg=cfg, env=env, device=device, recipe=recipe, teachers=cache.teachers, student=student,
                    wrapper=wrapper, net=net, optimizer=optimizer, scaler=scaler, amp_dtype=amp_dtype, data=data,
-                   total=total, warmup=warmup, notes=notes)
+                   total=total, warmup=warmup, notes=notes, decoder=decoder)
 
 
 def _wrap(cfg: DistillConfig, recipe, teachers: list[dict], student: Student, device: str):
@@ -459,7 +489,7 @@ def _data(cfg: DistillConfig, cache, recipe, env, wrapper, student: Student, not
     n_samples = sum(len(s) for s in spans)
     require(n_samples >= cfg.batch_size,
             f"the cache holds {n_samples} samples, fewer than one global batch ({cfg.batch_size})", "--batch-size")
-    workers = distributed.auto_workers(cfg.workers)
+    workers = workers_for(cfg.workers)
     vs = student.model.visual.image_size
     student_io = {
         "image_size": vs[0] if isinstance(vs, (tuple, list)) else int(vs),
@@ -468,11 +498,12 @@ def _data(cfg: DistillConfig, cache, recipe, env, wrapper, student: Student, not
         "eval_transform": student.eval_transform,
         "tokenize": student.tokenizer,
         "grid_size": (wrapper.grid[0] * wrapper.grid[1]) if wrapper.grid else 0,
+        "decode": cfg.decode,
     }
     parts = set(recipe.cache_parts)
     needs = {"global": recipe.needs_teacher, "clusters": "clusters" in parts, "phrases": "phrases" in parts,
              "perturbations": "perturbations" in parts, "cluster_crops": "cluster_crops" in parts,
-             "mask_noise": "masked_forward" in recipe.extras,
+             "tokens": "tokens" in parts, "mask_noise": "masked_forward" in recipe.extras,
              "teachers": len(cache.teachers) if recipe.needs_teacher else 1}
     join = None
     if cfg.images is not None:
@@ -523,8 +554,10 @@ def run(cfg: DistillConfig) -> dict:
         has_ckpt = checkpoint.check_run_target(out, cfg.resume, cfg.overwrite)
         cache_digest = cache_format.identity_digest(cache.manifest)
         terms = [{"name": t.name, "weight": t.weight, "args": dict(t.args)} for t in recipe.terms]
+        old = (checkpoint.read_config(out) or {}) if cfg.resume and has_ckpt else {}
+        # One W&B run across resumes: its id is kept with the run (a run started without W&B gets one now).
+        wandb_id = old.get("wandb_run_id") or (reporting.new_run_id() if "wandb" in cfg.reporters else None)
         if cfg.resume and has_ckpt:
-            old = checkpoint.read_config(out) or {}
             diff = [k for k in settings.keys(DistillConfig, settings.IDENTITY) if old.get(k) != resolved.get(k)]
             if diff:
                 raise UserError("cannot resume with changed settings: " + ", ".join(
@@ -551,7 +584,8 @@ def run(cfg: DistillConfig) -> dict:
             if env.is_main:
                 checkpoint.write_config(out, resolved | {
                     "warmup_steps": tr.warmup, "total_steps": tr.total, "stream_readers": readers,
-                    "hierdctl": __version__, "recipe_terms": terms, "cache_digest": cache_digest})
+                    "hierdctl": __version__, "recipe_terms": terms, "cache_digest": cache_digest}
+                    | ({"wandb_run_id": wandb_id} if wandb_id else {}))
             distributed.barrier(env)
             identity = {k: resolved[k] for k in settings.keys(DistillConfig, settings.IDENTITY)}
             try:
@@ -620,11 +654,10 @@ def _train(cfg: DistillConfig, out: Path, cache, recipe, tr: "Trainer", env, res
     if env.is_main and not cfg.quiet:
         for n in notes:
             console.print(f"[dim]distill:[/] {n}")
-    tb = None
-    if cfg.report_to == "tensorboard" and env.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        tb = SummaryWriter(str(out / checkpoint.TENSORBOARD), purge_step=start + 1)  # resume drops later events
+    reporters = None
+    if cfg.reporters and env.is_main:  # open_clip's scalar names and the run's hyperparameters (hierdctl/reporting.py)
+        recorded = checkpoint.read_config(out) or {}
+        reporters = reporting.Reporters(cfg.reporters, out, recorded, start, recorded.get("wandb_run_id"), cfg.quiet)
 
     # --- the loop -----------------------------------------------------------------
     step, last_saved, last = start, (start if resume else None), {}
@@ -633,52 +666,52 @@ def _train(cfg: DistillConfig, out: Path, cache, recipe, tr: "Trainer", env, res
     t_log, n_log = time.time(), 0
     wrapper.train()
     mf_ctx = open(out / checkpoint.METRICS, "a") if env.is_main else contextlib.nullcontext()
-    with progress(cfg.quiet or not env.is_main) as bar, mf_ctx as mf:
-        task = bar.add_task("distill", total=total, completed=start, unit="steps", info="")
-        for batch in tr.loader(start):
-            bad = [b for b in batch.get("bad", []) if b]
-            if bad:
-                skipped += sum(b.count("; ") + 1 for b in bad)
-                if not skipped_examples and env.is_main and not cfg.quiet:
-                    console.print(f"[yellow]distill:[/] skipped a damaged cached sample: {bad[0]} "
-                                  "(replaced by the next good one; counted in metrics.jsonl)", soft_wrap=True)
-                skipped_examples += bad[: max(0, 5 - len(skipped_examples))]
-            try:
-                terms, total_loss, lr = tr.step(tr.to_device(batch), step)
-            except TrainingDiverged as e:
-                kept = (f"the last good checkpoint (step {last_saved}) is kept in {checkpoint.checkpoint_dir(out)}"
-                        if last_saved is not None else "no checkpoint was written yet")
-                raise TrainingDiverged(f"{e}; {kept}") from None
-            step += 1
-            tr.position = (step, last_saved)  # where an interrupt finds the run
-            faults.point(f"distill:step:{step}")
-            n_log += cfg.batch_size
-            last = {k: float(v.detach()) for k, v in terms.items()} | {"loss": float(total_loss.detach())}
-            if step % cfg.log_every == 0 or step == total or step == 1:  # a resumed run logs the same rows
-                n_skipped = _sum_over_ranks(skipped, env)
-                if env.is_main:
-                    now = time.time()
-                    rec = {"step": step, "epoch": round(step / tr.data.steps_per_epoch, 4), "lr": lr, **last,
-                           "logit_scale": float(wrapper.student.logit_scale.detach().exp()),
-                           "samples_per_s": round(n_log / max(now - t_log, 1e-9), 2), "skipped_samples": n_skipped}
-                    _log_line(out, mf, rec)
-                    if tb is not None:
-                        for k, v in rec.items():
-                            if k not in ("step", "epoch"):
-                                tb.add_scalar(k if k.endswith("_loss") or k == "loss" else f"train/{k}", v, step)
-                        tb.flush()
-                    t_log, n_log = now, 0
-                    bar.update(task, info=f"{rec['samples_per_s']:,.0f} samples/s  " + " ".join(
-                        f"{k.removesuffix('_loss')} {v:.3g}" for k, v in last.items()))
-            bar.advance(task)
-            if step % cfg.save_every == 0 or step == total:
-                if env.is_main:
-                    checkpoint.save(out, step, wrapper, tr.optimizer, tr.scaler, ckpt_meta, cfg.keep_checkpoints)
-                last_saved = step
-                tr.position = (step, last_saved)
-                distributed.barrier(env)
-    if tb is not None:
-        tb.close()
+    try:
+        with progress(cfg.quiet or not env.is_main) as bar, mf_ctx as mf:
+            task = bar.add_task("distill", total=total, completed=start, unit="steps", info="")
+            for batch in tr.loader(start):
+                device_batch = tr.to_device(batch)  # first: --decode gpu notes an image no decoder reads in batch["bad"]
+                bad = [b for b in batch.get("bad", []) if b]
+                if bad:
+                    skipped += sum(b.count("; ") + 1 for b in bad)
+                    if not skipped_examples and env.is_main and not cfg.quiet:
+                        console.print(f"[yellow]distill:[/] skipped a damaged cached sample: {bad[0]} "
+                                      "(replaced by the next good one; counted in metrics.jsonl)", soft_wrap=True)
+                    skipped_examples += bad[: max(0, 5 - len(skipped_examples))]
+                try:
+                    terms, total_loss, lr = tr.step(device_batch, step)
+                except TrainingDiverged as e:
+                    kept = (f"the last good checkpoint (step {last_saved}) is kept in {checkpoint.checkpoint_dir(out)}"
+                            if last_saved is not None else "no checkpoint was written yet")
+                    raise TrainingDiverged(f"{e}; {kept}") from None
+                step += 1
+                tr.position = (step, last_saved)  # where an interrupt finds the run
+                faults.point(f"distill:step:{step}")
+                n_log += cfg.batch_size
+                last = {k: float(v.detach()) for k, v in terms.items()} | {"loss": float(total_loss.detach())}
+                if step % cfg.log_every == 0 or step == total or step == 1:  # a resumed run logs the same rows
+                    n_skipped = _sum_over_ranks(skipped, env)
+                    if env.is_main:
+                        now = time.time()
+                        rec = {"step": step, "epoch": round(step / tr.data.steps_per_epoch, 4), "lr": lr, **last,
+                               "logit_scale": float(wrapper.student.logit_scale.detach().exp()),
+                               "samples_per_s": round(n_log / max(now - t_log, 1e-9), 2), "skipped_samples": n_skipped}
+                        _log_line(out, mf, rec)
+                        if reporters is not None:
+                            reporters.log(step, rec)
+                        t_log, n_log = now, 0
+                        bar.update(task, info=f"{rec['samples_per_s']:,.0f} samples/s  " + " ".join(
+                            f"{k.removesuffix('_loss')} {v:.3g}" for k, v in last.items()))
+                bar.advance(task)
+                if step % cfg.save_every == 0 or step == total:
+                    if env.is_main:
+                        checkpoint.save(out, step, wrapper, tr.optimizer, tr.scaler, ckpt_meta, cfg.keep_checkpoints)
+                    last_saved = step
+                    tr.position = (step, last_saved)
+                    distributed.barrier(env)
+    finally:  # a run stopped by an error still closes its reporters (W&B's run, TensorBoard's file)
+        if reporters is not None:
+            reporters.close()
     if env.is_main:
         _plot(out, out / checkpoint.CURVES)
     seconds = time.time() - started

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,7 @@ class Embedded:
     neg_kind: list[str]
     skipped: Counter
     timing: dict
+    captions: list[str] = field(default_factory=list)  # (Nt,) the caption texts (the --html report shows some)
     captions_cut: int = 0  # captions and hard negatives cut to sources.MAX_CAPTION_CHARS
 
 
@@ -87,7 +88,7 @@ def embed_source(encoder, source, cfg: EvalRetrievalConfig, label: str) -> Embed
     timing = {"encode_images_s": round(t_img, 3), "encode_texts_s": round(t_txt, 3),
               "images_per_s": round(len(keys) / max(t_img, 1e-9), 1), "texts_per_s": round(n_txt / max(t_txt, 1e-9), 1)}
     return Embedded(keys, img, txt, np.asarray(owner, np.int64), neg, np.asarray([i for i, _, _ in negs], np.int64),
-                    [k for _, k, _ in negs], skipped, timing, sum(cut for _, _, _, cut in kept))
+                    [k for _, k, _ in negs], skipped, timing, captions, sum(cut for _, _, _, cut in kept))
 
 
 # ----------------------------------------------------------------------------------
@@ -161,6 +162,7 @@ def run(cfg: EvalRetrievalConfig) -> dict:
     source = open_source(cfg.source, cfg.source_options)
     device = distributed.resolve_device(cfg.device, distributed.resolve())
     runs, ref = [], None  # ref: the first model's keys, text_to_image and counts (not its embeddings)
+    html_queries, html_ranked = None, []  # --html: the sampled caption ids, each model's ranked images for them
     for i, spec in enumerate(cfg.models):
         encoder = load_encoder(spec, device, "--model")
         e = embed_source(encoder, source, cfg, f"[{i}] {spec}")
@@ -169,6 +171,10 @@ def run(cfg: EvalRetrievalConfig) -> dict:
             ref = {"keys": e.keys, "text_to_image": e.text_to_image, "counts": _counts(e)}
         assert e.keys == ref["keys"] and np.array_equal(e.text_to_image, ref["text_to_image"]), "same data for every model"
         metrics, index, t_search, indexes = evaluate(e, cfg)
+        if cfg.html:  # issue 20: what this model retrieves for the sampled queries
+            if html_queries is None:
+                html_queries = _html_queries(e, cfg.html_queries)
+            html_ranked.append(_html_ranked(e, indexes[0], html_queries, index["exact"], min(max(cfg.ks), 10)))
         r = {"spec": spec, "model": encoder.describe(), "embed_dim": int(e.img.shape[1]),
              "metrics": metrics, "timing": e.timing | t_search, "index": index}
         if cfg.save_index:  # only then are embeddings and indexes (maybe on the GPU) kept past this model
@@ -198,4 +204,55 @@ def run(cfg: EvalRetrievalConfig) -> dict:
         "seconds": round(time.time() - started, 3),
         "versions": versions(),
     }
+    if cfg.html:
+        report["html"] = {"path": str(cfg.html), "queries": len(html_queries["ids"])}
+        _write_html(cfg, source, report, ref["keys"], html_queries, html_ranked)
     return finish_report(report, cfg.out, cfg.quiet, "eval-retrieval")
+
+
+# ----------------------------------------------------------------------------------
+# --html (issue 20): hierdctl/html_report.py renders the page
+# ----------------------------------------------------------------------------------
+
+
+def _html_queries(e: Embedded, n: int) -> dict:
+    """A seeded sample of caption ids (sorted), their texts and their own images."""
+    from hierdctl.html_report import QUERY_SEED
+
+    nt = len(e.text_to_image)
+    ids = np.sort(np.random.default_rng(QUERY_SEED).choice(nt, size=min(n, nt), replace=False))
+    return {"ids": ids, "captions": [e.captions[i] for i in ids], "images": e.text_to_image[ids]}
+
+
+def _html_ranked(e: Embedded, img_index, q: dict, exact: bool, k: int) -> list[list[tuple[int, float]]]:
+    """Per sampled caption: the model's top-k (image id, cosine score), as its image index ranks them."""
+    ranked = search(img_index, e.txt[q["ids"]], k, gallery=e.img if exact else None)  # (Q,k)
+    out = []
+    for row, t in zip(ranked, q["ids"]):
+        ids = [int(i) for i in row if i >= 0]
+        out.append([(i, float(e.img[i] @ e.txt[t])) for i in ids])
+    return out
+
+
+def _write_html(cfg: EvalRetrievalConfig, source, report: dict, keys: list[str], q: dict, ranked: list) -> None:
+    """Thumbnails of every image the page shows (a second pass over the source, decoding only
+    those), every export's loss curves, then the page, written atomically."""
+    from hierdctl import html_report
+    from hierdctl.atomic import write_text_atomic
+    from hierdctl.embedding import iter_samples
+
+    shown = {int(i) for i in q["images"]} | {i for per_model in ranked for row in per_model for i, _ in row}
+    want = {keys[i] for i in shown}
+    by_key: dict[str, str] = {}  # a key's first decodable image (a key given twice shows that one)
+    for s in iter_samples(source, Counter()):
+        if s.key in want and s.key not in by_key:
+            uri = html_report.thumbnail(s.image, cfg.max_pixels)
+            if uri is not None:
+                by_key[s.key] = uri
+                if len(by_key) == len(want):
+                    break
+    thumbs = {i: by_key.get(keys[i]) for i in shown}
+    curves = {spec: c for spec in dict.fromkeys(cfg.models) if (c := html_report.loss_curves(spec))}
+    queries = [{"caption": cap, "image": int(img), "results": [per_model[j] for per_model in ranked]}
+               for j, (cap, img) in enumerate(zip(q["captions"], q["images"]))]
+    write_text_atomic(Path(cfg.html), html_report.render(report, queries, thumbs, curves, keys))

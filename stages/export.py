@@ -1,4 +1,4 @@
-"""`hierdctl export`: a distill checkpoint -> an open_clip local dir and/or ONNX graphs.
+"""`hierdctl export`: a distill checkpoint -> one folder for open_clip, transformers and ONNX.
 
 Input: a run dir (its latest checkpoint, named by checkpoints/latest.json), a run's
 checkpoints/ folder, or one checkpoints/step-NNNNNNN.safetensors with its sibling .json
@@ -6,16 +6,26 @@ checkpoints/ folder, or one checkpoints/step-NNNNNNN.safetensors with its siblin
 hierdctl/checkpoint.py.
 
 Output DIR (written under a temporary name and renamed into place, so DIR is either the
-previous export or the complete new one):
+previous export or the complete new one), laid out as LAION's open_clip repositories on the
+Hugging Face hub are: open_clip's two files beside transformers' (`--format` takes several
+formats, repeated or as a comma list):
 
-    open_clip_config.json          {"model_cfg": ..., "preprocess_cfg": ...} (open_clip's local-dir layout)
-    open_clip_model.safetensors    the student's state dict alone: `student.` prefix removed;
-                                   projectors, κ scales and fusion layers dropped
-    image_encoder.onnx             image (B,3,S,S) float32, normalised as preprocess_cfg says
-                                   -> image_embeds (B,D) L2-normalised; dynamic B
-    text_encoder.onnx              text (B,L) int64 open_clip tokens -> text_embeds (B,D) L2-normalised
-    README.md                      model card
-    export.json                    what was exported from where, and every parity check
+    open_clip_config.json          open_clip  {"model_cfg": ..., "preprocess_cfg": ...} (open_clip's local-dir layout)
+    open_clip_model.safetensors    open_clip  the student's state dict alone: `student.` prefix removed;
+                                              projectors, κ scales and fusion layers dropped
+    config.json, model.safetensors hf         transformers.CLIPModel (hierdctl/hf_export.py)
+    processor_config.json,         hf         CLIPProcessor / CLIPImageProcessor
+      preprocessor_config.json
+    vocab.json, merges.txt,        hf, onnx   CLIPTokenizer: open_clip's ids, padded to the context
+      tokenizer.json, tokenizer_config.json
+    image_encoder.onnx             onnx       image (B,3,S,S) float32, normalised as preprocess_cfg says
+                                              -> image_embeds (B,D) L2-normalised; dynamic B
+    text_encoder.onnx              onnx       text (B,L) int64 open_clip tokens -> text_embeds (B,D) L2-normalised
+    README.md                      always     model card, with Hugging Face front matter
+    export.json                    always     what was exported from where, and every parity check
+
+export.json's "layout" is 2: the transformers files at DIR's root. Exports of layout 1 (no
+"layout" key) had them in DIR/hf; hierdctl's `hf:DIR` spec still reads those (specs.py).
 
 The exported embedding is the student's own (width D_s = model_cfg.embed_dim): when the
 student was narrower or wider than the teacher, the projector that mapped it into the
@@ -26,13 +36,16 @@ Checks before DIR is published: the local dir is loaded back with
 `open_clip.create_model_and_transforms('local-dir:…')` and its image and text embeddings
 must equal the checkpoint's (max abs difference recorded, must be ≤ 1e-6); each ONNX
 graph is run with onnxruntime at a batch size other than the traced one and compared with
-PyTorch (max abs difference recorded, must be ≤ `atol`).
+PyTorch (max abs difference recorded, must be ≤ `atol`); the transformers files are loaded
+back with transformers and compared with the student (hf_export.check_parity); the tokenizer
+files give open_clip's ids (hf_export.check_tokenizer).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -47,6 +60,8 @@ from hierdctl.errors import UserError, require
 
 MARKER = "export.json"
 SCHEMA = "hierdctl.export/1"  # export.json's "schema": what marks DIR as an export hierdctl may replace
+# export.json's "layout": where the files are. 1 (no key): transformers' files in DIR/hf; 2: at DIR's root.
+LAYOUT = 2
 
 
 class ExportMismatch(RuntimeError):
@@ -207,6 +222,50 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+_ABSOLUTE = re.compile(r"(?<![\w.-])/(?:[^/\s`'\"|]+/)*([^/\s`'\"|]+)")
+
+
+def public(text) -> str:
+    """A spec or path as the model card shows it: absolute paths cut to their last component
+    (the card is published; where the files lay on this machine is nobody's business), URLs
+    and relative paths as they are. `local-dir:/data/x/model` -> `local-dir:model`."""
+    text = str(text)
+    if "://" in text:
+        return text
+    scheme, sep, rest = text.partition(":")
+    if sep and scheme in ("local-dir", "hf", "open_clip", "file"):
+        return scheme + ":" + _ABSOLUTE.sub(r"\1", rest)
+    return _ABSOLUTE.sub(r"\1", text)
+
+
+def hub_id(spec: str | None) -> str | None:
+    """The Hugging Face hub repository of a teacher spec (the card's base_model), or None when
+    the teacher is local: hf:ORG/REPO, open_clip:hf-hub:ORG/REPO[@rev], or an open_clip
+    pretrained tag whose weights open_clip takes from the hub."""
+    if not isinstance(spec, str) or ":" not in spec:
+        return None
+    repo = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+    scheme, rest = spec.split(":", 1)
+    if scheme == "hf" and repo.fullmatch(rest) and not Path(rest).exists():
+        return rest
+    if scheme != "open_clip":
+        return None
+    if rest.startswith("hf-hub:"):
+        rid = rest[len("hf-hub:"):].split("@", 1)[0]
+        return rid if repo.fullmatch(rid) else None
+    arch, _, tag = rest.partition("/")
+    if not tag or Path(tag).suffix or "/" in tag:
+        return None  # a checkpoint file or a config JSON: local
+    try:
+        import open_clip
+
+        hub = (open_clip.get_pretrained_cfg(arch, tag) or {}).get("hf_hub") or ""
+    except Exception:  # an unknown tag: nothing to link to
+        return None
+    rid = "/".join(hub.strip("/").split("/")[:2])
+    return rid if repo.fullmatch(rid) else None
+
+
 def _metrics_section(report: dict, out: Path) -> list[str]:
     models = report.get("models") or []
     if not models:
@@ -218,7 +277,7 @@ def _metrics_section(report: dict, out: Path) -> list[str]:
                 names.append(k)
     src = report.get("source", {})
     lines = ["## Evaluation", "",
-             f"From `{report.get('schema', '?')}` on `{src.get('spec', '?')}` "
+             f"From `{report.get('schema', '?')}` on `{public(src.get('spec', '?'))}` "
              f"({', '.join(f'{k} {v}' for k, v in report.get('counts', {}).items() if isinstance(v, int))}); "
              f"index: {report.get('index', {}).get('kind', 'n/a')}"
              + (" (exact)" if report.get("exact") else (" (approximate)" if "exact" in report else "")) + ".", "",
@@ -226,18 +285,35 @@ def _metrics_section(report: dict, out: Path) -> list[str]:
     me = str(out.resolve())
     for m in models:
         spec = m.get("spec", "?")
-        this = spec.startswith("local-dir:") and str(Path(spec.split(":", 1)[1]).resolve()) == me
+        scheme, _, path = spec.partition(":")
+        this = scheme in ("local-dir", "hf") and bool(path) and str(Path(path).resolve()) == me
         cells = []
         for k in names:
             v = m.get("metrics", {}).get(k)
             r = m.get("retention", {}).get(k)
             cells.append("" if v is None else _fmt(v) + (f" ({r:.1f}%)" if r is not None else ""))
-        lines.append(f"| `{spec}`{' **(this model)**' if this else ''} | " + " | ".join(cells) + " |")
+        lines.append(f"| `{public(spec)}`{' **(this model)**' if this else ''} | " + " | ".join(cells) + " |")
     lines += ["", "Percentages: retention of the first (reference) model's score."]
     return lines
 
 
-def model_card(ck: StudentCheckpoint, manifest: dict, report: dict | None, out: Path) -> str:
+def front_matter(manifest: dict, license: str) -> str:
+    """The Hugging Face model card's YAML metadata (what the hub indexes)."""
+    import yaml
+
+    formats = manifest["formats"]
+    tags = ["clip", "hierdctl", "knowledge-distillation", "image-text-retrieval", "zero-shot-image-classification"]
+    tags += [t for f, t in (("open_clip", "open_clip"), ("hf", "transformers"), ("hf", "sentence-transformers"),
+                            ("onnx", "onnx")) if f in formats]
+    meta = {"library_name": "open_clip" if "open_clip" in formats else "onnx",
+            "pipeline_tag": "zero-shot-image-classification", "license": license, "tags": tags}
+    base = hub_id((manifest.get("teacher") or {}).get("spec"))
+    if base:
+        meta["base_model"] = base
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+
+
+def model_card(ck: StudentCheckpoint, manifest: dict, report: dict | None, out: Path, license: str = "other") -> str:
     meta, cfg = ck.meta, ck.meta["model_cfg"]
     teacher = meta.get("teacher") or {}
     vc, tc = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
@@ -246,27 +322,37 @@ def model_card(ck: StudentCheckpoint, manifest: dict, report: dict | None, out: 
     terms = ", ".join(f"{t['name']} × {t['weight']:g}" for t in meta.get("recipe_terms", []))
     train = manifest.get("training", {})
     data = manifest.get("data", {})
+    formats = manifest["formats"]
     name = out.name
+    ckpt = (f"{ck.run_dir.name}/{ck.path.relative_to(ck.run_dir)}" if ck.run_dir is not None
+            and ck.path.is_relative_to(ck.run_dir) else ck.path.name)
     rows = [
-        ("student", f"`{meta.get('student_spec', '?')}`: ViT width {vc.get('width')}, {vc.get('layers')} layers, "
-                    f"patch {vc.get('patch_size')}, image {vc.get('image_size')}; text width {tc.get('width')}, "
+        ("student", f"`{public(meta.get('student_spec', '?'))}`: ViT width {vc.get('width')}, {vc.get('layers')} "
+                    f"layers, patch {vc.get('patch_size')}, image {vc.get('image_size')}; text width {tc.get('width')}, "
                     f"{tc.get('layers')} layers, context {tc.get('context_length', 77)}; "
                     f"{manifest['parameters']:,} parameters"),
         ("embedding", f"{d_s}-d, L2-normalised (the student's own joint space)"),
-        ("teacher", f"`{teacher.get('spec', '?')}` ({teacher.get('embed_dim', '?')}-d"
+        ("teacher", f"`{public(teacher.get('spec', '?'))}` ({teacher.get('embed_dim', '?')}-d"
                     + (f", weights sha256 {teacher['fingerprint'][:12]}…" if teacher.get("fingerprint") else "") + ")"),
         ("recipe", f"`{meta.get('recipe', '?')}`" + (f": {terms}" if terms else "")),
-        ("data", f"teacher cache `{meta.get('data', '?')}`"
-                 + (f": {data['samples']:,} samples from `{data.get('source', '?')}`" if data.get("samples") else "")),
+        ("data", f"teacher cache `{public(meta.get('data', '?'))}`"
+                 + (f": {data['samples']:,} samples from `{public(data.get('source', '?'))}`"
+                    if data.get("samples") else "")),
         ("steps", f"{meta.get('step', '?'):,}" if isinstance(meta.get("step"), int) else str(meta.get("step", "?"))),
     ]
     if train:
         rows.append(("training", ", ".join(f"{k} {v}" for k, v in train.items())))
-    rows.append(("checkpoint", f"`{ck.path}` (sha256 {manifest['checkpoint']['sha256'][:12]}…)"))
+    rows.append(("checkpoint", f"`{ckpt}` (sha256 {manifest['checkpoint']['sha256'][:12]}…)"))
     rows.append(("hierdctl", str(meta.get("hierdctl", "?"))))
-    lines = [f"# {name}", "",
+    lines = [front_matter(manifest, license), f"# {name}", "",
              "A CLIP-style image–text model distilled with hierdctl: a small open_clip student trained "
-             "offline from a cached teacher.", "", "| | |", "|---|---|"]
+             "offline from a cached teacher. Files: "
+             + "; ".join(w for f, w in (("open_clip", "open_clip (`open_clip_config.json`, "
+                                                     "`open_clip_model.safetensors`)"),
+                                        ("hf", "transformers `CLIPModel` (`config.json`, `model.safetensors`, "
+                                               "tokenizer and processor files)"),
+                                        ("onnx", "ONNX (`image_encoder.onnx`, `text_encoder.onnx`, tokenizer files)"))
+                         if f in formats) + ".", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
     lines += [""]
     if projected:
@@ -276,26 +362,46 @@ def model_card(ck: StudentCheckpoint, manifest: dict, report: dict | None, out: 
                   "comparable with each other (image↔text retrieval, zero-shot), not with the teacher's.", ""]
     lines += ["Dropped from the training checkpoint: " + (", ".join(f"`{k}`" for k in ck.dropped) or "nothing")
               + " (projectors, relational scales κ, fusion layers: training-only).", ""]
-    lines += ["## Use", "", "```python", "import open_clip",
-              f"model, _, preprocess = open_clip.create_model_and_transforms('local-dir:{name}')",
-              f"tokenizer = open_clip.get_tokenizer('local-dir:{name}')", "```", "",
-              "CLIP_benchmark loads it through open_clip: `--model local-dir:PATH --pretrained none`, and `--no_amp` "
-              "to reproduce hierdctl's numbers exactly (its default bf16 autocast moves recall@1). "
-              f"hierdctl: `hierdctl eval-retrieval DATA --model local-dir:{name}`.", ""]
-    if "onnx" in manifest["formats"]:
+    if report:
+        lines += _metrics_section(report, out) + [""]
+    lines += ["## Use", "", f"From this folder (`{name}`; on the Hugging Face hub, its repository id).", ""]
+    if "open_clip" in formats:
+        lines += ["open_clip:", "", "```python", "import open_clip",
+                  f"model, _, preprocess = open_clip.create_model_and_transforms('local-dir:{name}')",
+                  f"tokenizer = open_clip.get_tokenizer('local-dir:{name}')", "```", "",
+                  "CLIP_benchmark loads it through open_clip: `--model local-dir:PATH --pretrained none`, and "
+                  "`--no_amp` to reproduce hierdctl's numbers exactly (its default bf16 autocast moves recall@1). "
+                  f"hierdctl: `hierdctl eval-retrieval DATA --model local-dir:{name}`.", ""]
+    if "hf" in formats:
+        lines += ["transformers (the zero-shot pipeline, or the model itself):", "", "```python",
+                  "from transformers import CLIPModel, CLIPProcessor, pipeline",
+                  f"classifier = pipeline('zero-shot-image-classification', model='{name}')",
+                  f"model, processor = CLIPModel.from_pretrained('{name}'), CLIPProcessor.from_pretrained('{name}')",
+                  "out = model(**processor(text=captions, images=images, padding=True, truncation=True, "
+                  "return_tensors='pt'))",
+                  "out.image_embeds, out.text_embeds   # L2-normalised, equal to open_clip's", "```", "",
+                  "sentence-transformers (6.x):", "", "```python", "from sentence_transformers import SentenceTransformer",
+                  f"st = SentenceTransformer('{name}')",
+                  "st.encode(images_or_captions, normalize_embeddings=True)  # it returns unnormalised embeddings "
+                  "otherwise", "```", "",
+                  "transformers 5 resizes with torchvision by default, which rounds pixels differently from open_clip's "
+                  "PIL resize (≤ 2 of 255 grey levels); pass `backend='pil'` to `CLIPProcessor.from_pretrained` (or "
+                  "`processor_kwargs={'backend': 'pil'}` to SentenceTransformer) for open_clip's pixels exactly.", ""]
+    if "onnx" in formats:
         o = manifest["checks"]["onnx"]
         pp = manifest.get("preprocess_cfg", {})
+        L = o["text"]["input_shape"][1]
         lines += ["ONNX (onnxruntime): `image_encoder.onnx` takes `image` (B,3,S,S) float32 — resized, centre-cropped "
                   f"to {vc.get('image_size')} and normalised with mean {pp.get('mean')} / std {pp.get('std')} — and "
-                  f"returns `image_embeds` (B,D); `text_encoder.onnx` takes `text` (B,{o['text']['input_shape'][1]}) int64 "
-                  f"open_clip tokens — exactly {o['text']['input_shape'][1]} tokens, the exported context length "
-                  "(`open_clip.get_tokenizer('local-dir:…')` pads and cuts to it; another length fails) — and "
-                  f"returns `text_embeds` (B,D). Both L2-normalised, dynamic batch, opset {o['image']['opset']}.", ""]
-    if "hf" in manifest["formats"]:
-        lines += ["transformers (and sentence-transformers' `models.CLIPModel`): `CLIPModel.from_pretrained('"
-                  f"{name}/hf')` with `CLIPProcessor.from_pretrained('{name}/hf')`; `model(**processor(text=…, "
-                  "images=…, padding=True, truncation=True, return_tensors='pt'))` gives `image_embeds` / `text_embeds`, "
-                  "L2-normalised, equal to open_clip's.", ""]
+                  f"returns `image_embeds` (B,D); `text_encoder.onnx` takes `text` (B,{L}) int64 "
+                  f"open_clip tokens — exactly {L} tokens, the exported context length — and returns `text_embeds` "
+                  f"(B,D). Both L2-normalised, dynamic batch, opset {o['image']['opset']}. The tokenizer files beside "
+                  "them give those tokens:", "", "```python", "import onnxruntime as ort",
+                  "from transformers import AutoTokenizer",
+                  f"tok = AutoTokenizer.from_pretrained('{name}')",
+                  "ids = tok(captions, padding='max_length', truncation=True, return_tensors='np')['input_ids']",
+                  f"text_embeds = ort.InferenceSession('{name}/text_encoder.onnx').run(None, {{'text': ids}})[0]",
+                  "```", ""]
     lines += ["## Checks at export", ""]
     oc = manifest["checks"]["open_clip"]
     lines += [f"- open_clip `local-dir:` reload vs the checkpoint: max abs difference {oc['image_max_abs_diff']:.2e} "
@@ -311,9 +417,11 @@ def model_card(ck: StudentCheckpoint, manifest: dict, report: dict | None, out: 
                      f"equal on {h['text']['captions']} captions); "
                      f"{h['image_processor']['class']} vs open_clip preprocessing: at most "
                      f"{h['image_processor']['max_levels']:.1f} of 255 grey levels")
+    if "tokenizer" in manifest["checks"]:
+        t = manifest["checks"]["tokenizer"]
+        lines.append(f"- tokenizer files ({t['class']}, context {t['context_length']}) vs open_clip's tokenizer: "
+                     f"ids equal on {t['captions']} captions")
     lines.append("")
-    if report:
-        lines += _metrics_section(report, out) + [""]
     return "\n".join(lines)
 
 
@@ -393,17 +501,26 @@ def run(cfg: ExportConfig) -> dict:
             raise ExportMismatch(f"the open_clip local dir does not reproduce the checkpoint: {checks['open_clip']}")
         if "onnx" in cfg.formats:
             checks["onnx"] = write_onnx(model, tmp, cfg.opset, cfg.atol, tokenizer)
-        if "hf" in cfg.formats:  # DIR/hf, loaded back with transformers and compared with the student
-            files = hf_export.write_hf(model, ck.meta["model_cfg"], dict(model.visual.preprocess_cfg), tmp / "hf")
+        if "hf" in cfg.formats:  # transformers' files beside open_clip's, loaded back and compared with the student
+            files = hf_export.write_hf(model, ck.meta["model_cfg"], dict(model.visual.preprocess_cfg), tmp)
             try:
-                checks["hf"] = hf_export.check_parity(model, tmp / "hf", tokenizer, preprocess) | {"files": files}
+                checks["hf"] = hf_export.check_parity(model, tmp, tokenizer, preprocess) | {"folder": ".",
+                                                                                            "files": files}
             except hf_export.ParityError as e:
-                raise ExportMismatch(f"the transformers CLIPModel in hf/ does not reproduce the student: {e}") from None
+                raise ExportMismatch(f"the transformers CLIPModel files do not reproduce the student: {e}") from None
+        elif "onnx" in cfg.formats:  # the tokenizer files the text graph needs (hf wrote them already)
+            hf_export.write_tokenizer_files(tmp, int(model.context_length))
+        if "onnx" in cfg.formats or "hf" in cfg.formats:
+            try:
+                checks["tokenizer"] = hf_export.check_tokenizer(tmp, tokenizer)
+            except hf_export.ParityError as e:
+                raise ExportMismatch(str(e)) from None
         if "open_clip" not in cfg.formats:  # onnx only: the open_clip files were scaffolding
             for n in ("open_clip_config.json", "open_clip_model.safetensors"):
                 (tmp / n).unlink()
         manifest = {
             "schema": SCHEMA,
+            "layout": LAYOUT,
             "formats": list(cfg.formats),
             "checkpoint": {"path": str(ck.path.resolve()), "sha256": ck.sha256, "step": ck.meta.get("step")},
             "model_cfg": ck.meta["model_cfg"],
@@ -419,6 +536,7 @@ def run(cfg: ExportConfig) -> dict:
             "training": train,
             "checks": checks,
             "report": str(cfg.report) if cfg.report else None,
+            "license": cfg.license,
             "hierdctl": __version__,
             "torch": torch.__version__,
             "open_clip": open_clip.__version__,
@@ -427,7 +545,7 @@ def run(cfg: ExportConfig) -> dict:
         # The digest of every file written so far (not README.md and export.json, written next): a
         # loader of this folder checks those it reads (hierdctl.specs), so a zeroed or cut file is found.
         manifest["sha256"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / "README.md").write_text(model_card(ck, manifest, report, out))
+        (tmp / "README.md").write_text(model_card(ck, manifest, report, out, cfg.license))
         (tmp / MARKER).write_text(json.dumps(manifest, indent=2, default=str) + "\n")  # last: the done-marker
         summary.update(manifest)
 

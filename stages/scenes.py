@@ -23,6 +23,7 @@ Flavours:
 Output is img2dataset's WebDataset layout:
     OUT/scenes.json               manifest: generator version, config, counts
     OUT/{split}/00000.tar ...     KEY.png (or .jpg), KEY.txt (first caption), KEY.json
+                                  (objects, relations, captions, phrase boxes `regions`)
     OUT/{split}/stats.json        per-split summary (object, attribute, relation counts)
     OUT/clip_benchmark/...        optional: the test split in CLIP_benchmark's `wds/` layout
                                   (every caption in KEY.txt, one a line)
@@ -60,7 +61,9 @@ from hierdctl.errors import UserError
 # Bump when a change alters the bytes generated for a given config and seed.
 # 1.1: shards and JSON files written through hierdctl.atomic (tar members now carry the
 # user and group name "hierdctl"; JSON keys sorted); member bytes are unchanged from 1.0.
-GENERATOR_VERSION = "1.1"
+# 1.2: every sample's JSON ends with `regions` (phrase boxes for eval-grounding) and stats.json
+# counts them; images, captions and every other JSON field are unchanged from 1.0.
+GENERATOR_VERSION = "1.2"
 
 SHAPES = ("circle", "square", "triangle", "cross", "star", "ring", "diamond", "hexagon")
 # In label order: FASHION_ITEMS[label] names a Fashion-MNIST class.
@@ -773,6 +776,31 @@ def hard_negatives(scene: Scene, rng: np.random.Generator, per_kind: int = 2) ->
     return out
 
 
+# --------------------------------------------------------------------------- regions
+
+REGION_KINDS = ("attribute", "object")
+
+
+def regions(scene: Scene) -> list[dict]:
+    """Phrase boxes for phrase grounding (hierdctl eval-grounding), in the layout of docs/eval.md.
+
+    Per object, in object order: its noun phrase as the first caption phrases it, with size
+    and colour ("a small blue diamond", kind "attribute"; colour and noun pick exactly one
+    object, make_scene's rule), then the bare noun ("a diamond", kind "object") when no other
+    object of the scene has that noun (else the bare phrase would name several boxes).
+    Captions always give an object's colour, so the bare kind exists only here. Distractors
+    get regions too: a phrase names them as well as any object. `bbox` is the object's box,
+    `size` its size, `object` its index in `objects`. Uses no RNG."""
+    nouns = Counter(o.shape for o in scene.objects)
+    out = []
+    for k, o in enumerate(scene.objects):
+        base = {"bbox": list(o.bbox), "size": o.size, "object": k}
+        out.append({"phrase": _np(o.size, o.colour, o.shape), "kind": "attribute"} | base)
+        if nouns[o.shape] == 1:
+            out.append({"phrase": _np(None, None, o.shape), "kind": "object"} | base)
+    return out
+
+
 # --------------------------------------------------------------------------- checker
 
 _COUNT_RE = re.compile(r"^(?P<number>[a-z]+) objects?: (?P<items>.+)$")
@@ -874,6 +902,7 @@ def make_sample(cfg: ScenesConfig, split: str, index: int, assets: Assets) -> tu
         meta["outline_px"] = scene.outline_px
     if split == "test":
         meta["hard_negatives"] = hard_negatives(scene, rng, cfg.negatives_per_kind)
+    meta["regions"] = regions(scene)  # last, and drawn from no RNG: every other byte is as before
 
     image = render(scene, cfg, assets)
     buf = io.BytesIO()
@@ -923,7 +952,7 @@ def _write_split(cfg: ScenesConfig, split: str, n: int, folder: Path, cb_folder:
             if _CB_SHARD_RE.match(p.name) and p.name not in {f"{k}.tar" for k in range(n_shards)}:
                 p.unlink()
 
-    names = ["objects_per_image", "shapes", "colours", "sizes", "relations", "hard_negatives"]
+    names = ["objects_per_image", "shapes", "colours", "sizes", "relations", "regions", "hard_negatives"]
     if cfg.flavour == "cluttered":
         names += ["distractors_per_image", "backgrounds", "outlines"]
     counts = {name: Counter() for name in names}
@@ -953,6 +982,8 @@ def _write_split(cfg: ScenesConfig, split: str, n: int, folder: Path, cb_folder:
                 counts["sizes"][o["size"]] += 1
             for _i, r, _j in meta["relations"]:
                 counts["relations"][r] += 1
+            for region in meta["regions"]:
+                counts["regions"][region["kind"]] += 1
             for kind, negs in meta.get("hard_negatives", {}).items():
                 counts["hard_negatives"][kind] += len(negs)
             n_captions += len(meta["captions"])
@@ -983,13 +1014,20 @@ def _write_split(cfg: ScenesConfig, split: str, n: int, folder: Path, cb_folder:
     return stats
 
 
-def clip_benchmark_command(root: str | Path = f"OUT/{CLIP_BENCHMARK_DIR}") -> str:
+def clip_benchmark_command(root: str | Path = f"OUT/{CLIP_BENCHMARK_DIR}", shards: int = 1) -> str:
     """How to run CLIP_benchmark on the copy at `root` (the files say OUT/clip_benchmark, so
-    they do not depend on where the output was written). --output is needed: the default
-    file name holds the model name, and "local-dir:PATH" has slashes. --no_amp: fp32, as
-    hierdctl's eval-retrieval computes (amp's bf16 on CPU can reorder near ties)."""
-    return (f"clip_benchmark eval --dataset wds/scenes --dataset_root {root} --task zeroshot_retrieval "
-            "--model local-dir:MODEL_DIR --pretrained none --recall_k 1 5 10 --no_amp --output scenes_clip_benchmark.json")
+    they do not depend on where the output was written), with MODEL_DIR the one thing to fill
+    in. --output is needed: the default file name holds the model name, and "local-dir:PATH"
+    has slashes. --no_amp: fp32, as hierdctl's eval-retrieval computes (amp's bf16 on CPU can
+    reorder near ties). --num_workers at most the number of shards: CLIP_benchmark's default
+    of 4 DataLoader workers over fewer shards leaves a worker without data, and webdataset
+    then stops the run ("No samples found in dataset; perhaps you have fewer shards than
+    workers")."""
+    import shlex
+
+    return (f"clip_benchmark eval --dataset wds/scenes --dataset_root {shlex.quote(str(root))} "
+            "--task zeroshot_retrieval --model local-dir:MODEL_DIR --pretrained none --recall_k 1 5 10 --no_amp "
+            f"--num_workers {max(1, min(4, shards))} --output scenes_clip_benchmark.json")
 
 
 def run(cfg: ScenesConfig) -> dict:
@@ -1040,6 +1078,7 @@ def run(cfg: ScenesConfig) -> dict:
         },
         "relation_margin_px": RELATION_MARGIN * cfg.image_size,
         "negative_kinds": list(NEGATIVE_KINDS),
+        "region_kinds": list(REGION_KINDS),
     }
     if cfg.flavour == "cluttered":
         import skimage
@@ -1064,13 +1103,15 @@ def run(cfg: ScenesConfig) -> dict:
     if cfg.clip_benchmark:
         # CLIP_benchmark's wds/ layout: dataset_type.txt beside test/{nshards.txt, 0.tar, ...}.
         write_bytes_atomic(cb / "dataset_type.txt", b"retrieval\n")
-        manifest["clip_benchmark"] = {"dir": CLIP_BENCHMARK_DIR, "split": "test", "shards": len(stats["test"]["shards"]),
-                                      "command": clip_benchmark_command()}
+        n_shards = len(stats["test"]["shards"])
+        manifest["clip_benchmark"] = {"dir": CLIP_BENCHMARK_DIR, "split": "test", "shards": n_shards,
+                                      "command": clip_benchmark_command(shards=n_shards)}
         write_json_atomic(cb / "scenes.json", {"generator": "hierdctl.scenes", "version": GENERATOR_VERSION,
                                               "layout": "CLIP_benchmark wds (retrieval)", "of": "../test",
                                               "count": cfg.n_test, **manifest["clip_benchmark"]})
     write_json_atomic(out / "scenes.json", manifest)
     summary = {"out": str(out), **manifest, "stats": stats}
     if cfg.clip_benchmark:
-        summary["clip_benchmark"] = {**manifest["clip_benchmark"], "command": clip_benchmark_command(cb)}
+        summary["clip_benchmark"] = {**manifest["clip_benchmark"],
+                                     "command": clip_benchmark_command(cb, manifest["clip_benchmark"]["shards"])}
     return summary

@@ -66,6 +66,12 @@ CLU_CROP_T = [
     [[0.7, 0.3, 0.1, -0.2], [-0.1, 0.2, 1.0, 0.4], [6.0, -6.0, 6.0, 6.0]],
     [[0.2, -0.2, 0.9, 0.3], [4.0, 4.0, 4.0, -4.0], [0.0, 1.0, 0.0, 1.0]],
 ]
+# Patch-level inputs of the part-FD controls (G = 4 patch tokens, 2×2 and 3×3 fixed cells),
+# drawn once from a fixed generator: every entry is valid, nothing is masked.
+_RNG = np.random.default_rng(24)
+TOK_S, TOK_T = _RNG.normal(size=(3, 4, 4)), _RNG.normal(size=(3, 4, 4))
+GRID2_S, GRID2_T = _RNG.normal(size=(3, 4, 4)), _RNG.normal(size=(3, 4, 4))
+GRID3_S, GRID3_T = _RNG.normal(size=(3, 9, 4)), _RNG.normal(size=(3, 9, 4))
 S, S_T = 10.0, 20.0  # student and teacher CLIP scales (small so distributions are not one-hot)
 KAPPA = {"x": 2.659, "v": 3.0, "t": 2.0}
 
@@ -75,8 +81,9 @@ def np_inputs():
     a = {k: np.array(v, dtype=np.float64) for k, v in dict(
         img_s=IMG_S, txt_s=TXT_S, img_t=IMG_T, txt_t=TXT_T, img_s_masked=IMG_S_MASKED,
         img_fused=IMG_FUSED, txt_fused=TXT_FUSED, clu_s=CLU_S, clu_t=CLU_T, phr_s=PHR_S,
-        phr_t=PHR_T, neg_s=NEG_S, neg_t=NEG_T, clu_crop_t=CLU_CROP_T).items()}  # fmt: skip
-    for k in ("img_t", "txt_t", "clu_t", "phr_t", "neg_t", "clu_crop_t"):
+        phr_t=PHR_T, neg_s=NEG_S, neg_t=NEG_T, clu_crop_t=CLU_CROP_T, tok_s=TOK_S, tok_t=TOK_T, grid2_s=GRID2_S,
+        grid2_t=GRID2_T, grid3_s=GRID3_S, grid3_t=GRID3_T).items()}  # fmt: skip
+    for k in ("img_t", "txt_t", "clu_t", "phr_t", "neg_t", "clu_crop_t", "tok_t", "grid2_t", "grid3_t"):
         a[k] = np_unit(a[k])
     a["clu_mask"], a["phr_mask"], a["neg_mask"] = np.array(CLU_MASK), np.array(PHR_MASK), np.array(NEG_MASK)
     return a
@@ -84,7 +91,8 @@ def np_inputs():
 
 def make_features(grad: bool = True, teacher_grad: bool = False, **override) -> Features:
     """Features from the explicit inputs (float32). Student tensors are leaves with grad;
-    `img_st`/`txt_st`/`clu_st`/`phr_st`/`neg_st` are the same tensors as their `*_s` unless overridden."""
+    `img_st`/`txt_st`/`clu_st`/`phr_st`/`neg_st` are the same tensors as their `*_s` unless overridden;
+    `tok_st`, `grid2_st`, `grid3_st` (no `*_s` twin) are leaves of their own."""
     a = np_inputs()
 
     def t(name, requires_grad):
@@ -113,6 +121,12 @@ def make_features(grad: bool = True, teacher_grad: bool = False, **override) -> 
         neg_t=t("neg_t", teacher_grad),
         neg_mask=torch.tensor(a["neg_mask"]),
         clu_crop_t=t("clu_crop_t", teacher_grad),
+        tok_st=t("tok_s", grad),  # the controls' student tensors exist in the teacher's space only
+        tok_t=t("tok_t", teacher_grad),
+        grid2_st=t("grid2_s", grad),
+        grid2_t=t("grid2_t", teacher_grad),
+        grid3_st=t("grid3_s", grad),
+        grid3_t=t("grid3_t", teacher_grad),
     )
     for k, v in override.items():
         setattr(f, k, v)

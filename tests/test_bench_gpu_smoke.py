@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "bench" / "gpu" / "run_gpu.py"
-PARTS = ["env", "search", "tests", "cache", "distill", "distill-extra", "cache-profile"]
+PARTS = ["env", "search", "tests", "cache", "distill", "distill-extra", "stream", "cache-profile"]
 
 
 def _run(out: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -69,6 +69,10 @@ def test_smoke_run_exercises_every_part(tmp_path):
     assert all(ex["stream"][n]["samples_per_s"] > 0 for n in ("clip", "hierd"))
     assert ex["peak_tflops"] is None and "mfu" not in ex["recipes"]["clip"]
 
+    st = parts["stream"]["data"]["json"]
+    assert st["per_core"]["64/before"] > 0 and st["per_core"]["64/gpu: worker part"] > 0
+    assert st["device_decode"]["64"]["samples_per_s"] > 0 and st["device_decode"]["64"]["device"] == "cpu"
+
     prof = parts["cache-profile"]["data"]["profile"]
     assert prof["total_s"] > 0 and any("cache_teacher.py" in name for name, _ in prof["cumulative"])
     steps = dict(prof["breakdown"])
@@ -78,7 +82,8 @@ def test_smoke_run_exercises_every_part(tmp_path):
     md = (tmp_path / "summary.md").read_text()
     for piece in ("## On a GPU: CPU only", "smoke run", "`python bench/gpu/run_gpu.py --out ", " --smoke`",
                   "### GPU tests", "### 1. cache-teacher", "### 2. distill", "### 3. eval-retrieval search",
-                  "| `hierd` from cache |", "skipped: torch search on the GPU (no CUDA)", "Where the time goes"):
+                  "| `hierd` from cache |", "skipped: torch search on the GPU (no CUDA)", "Where the time goes",
+                  "### 4. The data stream at real resolution", "| gpu: worker part |"):
         assert piece in md, piece
     assert "Not measured" not in md
     assert (tmp_path / "pytest.txt").read_text().count("SKIPPED") >= 7
@@ -91,7 +96,7 @@ def test_an_exhausted_budget_skips_every_part_and_says_so(tmp_path):
     assert list(parts) == PARTS and all(q["status"] == "skipped" and q["reason"] for q in parts.values())
     assert "budget: 0 s left" in parts["env"]["reason"]
     md = (tmp_path / "summary.md").read_text()
-    assert md.split("### Not measured in this run")[1].count("— budget: 0 s left") == 5  # and 2 that need others
+    assert md.split("### Not measured in this run")[1].count("— budget: 0 s left") == 6  # and 2 that need others
     assert "env" in p.stdout and "skipped: budget" in p.stdout
 
 

@@ -4,6 +4,7 @@ torchrun with 2 processes equals 1 process, and every pre-flight check fails cle
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -296,6 +297,29 @@ def test_mfd_masks_patches_for_real():
     assert not torch.allclose(f.img_st_masked, f.img_s)
 
 
+def test_afd_fuses_the_second_caption_of_real_plus_synthetic():
+    """caption_policy real+synthetic: the second pass (the synthetic caption) has its own fused text
+    feature and shares the image's, so AFD computes on it (it read the fusion before it was set)."""
+    from conftest import make_tiny_model
+
+    from hierdctl.losses.registry import Recipe, Term, compute_terms
+    from hierdctl.student import StudentWrapper
+
+    recipe = Recipe("afd", (Term("clip", 1.0), Term("afd", 1.0)))
+    w = StudentWrapper(make_tiny_model(), 32, 32, fields=recipe.fields)
+    unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
+    second = {"text": torch.randint(1, 100, (2, 77)), "txt_t": unit(torch.randn(2, 32))}
+    batch = {"image": torch.randn(2, 3, 32, 32), "text": torch.randint(1, 100, (2, 77)), "img_t": unit(torch.randn(2, 32)),
+             "txt_t": unit(torch.randn(2, 32)), "logit_scale_t": 17.5, "second": second}
+    f = w(batch)
+    assert f.second is not None and f.second.img_fused is f.img_fused
+    txt2 = w.student.encode_text(second["text"])
+    torch.testing.assert_close(f.second.txt_fused, w.txt_fusion(torch.cat([unit(txt2), second["txt_t"]], dim=-1)),
+                               rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(f.second.txt_fused, f.txt_fused)
+    assert torch.isfinite(compute_terms(recipe, f.second)["afd_loss"])
+
+
 @pytest.mark.slow
 def test_a_narrow_student_exports_an_embedding_that_was_trained(tmp_path):
     """A student narrower than its teacher (64 vs the shipped Scenes teacher's 128) gets a
@@ -420,20 +444,145 @@ def test_warmup_auto_fits_the_run_and_an_impossible_one_is_refused(cache, tmp_pa
     assert r.exit_code == 2 and "--epochs" in r.output and "Traceback" not in r.output, r.output
 
 
-def test_report_to_tensorboard_writes_every_scalar(cache, tmp_path):
+OPEN_CLIP_SCALARS = {"train/loss", "train/lr", "train/scale", "train/samples_per_second"}  # open_clip's train.py
+
+
+def test_report_to_tensorboard_writes_open_clips_names_and_the_hyperparameters(cache, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
 
     out = tmp_path / "tb"
     S.run(_cfg(cache, out, recipe="clip-kd", steps=4, report_to="tensorboard"))
     acc = EventAccumulator(str(out / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"clip_loss", "crd_loss", "icl_loss", "fd_loss", "loss", "train/lr", "train/logit_scale",
-            "train/samples_per_s"} <= tags, tags
-    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4]
-    rows = _metrics(out)  # metrics.jsonl stays, with the same numbers
-    assert [round(e.value, 4) for e in acc.Scalars("fd_loss")] == [round(r["fd_loss"], 4) for r in rows]
+    terms = {"train/clip_loss", "train/crd_loss", "train/icl_loss", "train/fd_loss"}
+    assert tags == OPEN_CLIP_SCALARS | terms | {"train/epoch", "train/skipped_samples"}, tags
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
+    rows = _metrics(out)  # metrics.jsonl stays, with the same numbers under its own names
+    for tag, key in (("train/fd_loss", "fd_loss"), ("train/scale", "logit_scale"), ("train/lr", "lr"),
+                     ("train/samples_per_second", "samples_per_s")):
+        assert [e.value for e in acc.Scalars(tag)] == pytest.approx([r[key] for r in rows], rel=1e-6), tag
+    # The hyperparameters, in the run's own event file (TensorBoard's HPARAMS tab), with its metrics.
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        acc.SummaryMetadata("_hparams_/session_start_info").plugin_data.content).session_start_info
+    hp = {k: v.string_value or v.number_value or v.bool_value for k, v in start.hparams.items()}
+    assert hp["recipe"] == "clip-kd" and hp["lr"] == pytest.approx(1e-3) and hp["batch_size"] == 8
+    assert hp["total_steps"] == 4 and hp["warmup_steps"] == 1 and hp["cache"] == str(cache)
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(
+        acc.SummaryMetadata("_hparams_/experiment").plugin_data.content).experiment
+    assert {m.name.tag for m in experiment.metric_infos} == {"train/loss", "train/lr"}
+    assert sorted(p.name for p in (out / "tensorboard").iterdir())[0].startswith("events.out.tfevents.")
     assert (out / "loss_curves.png").exists()
+
+
+def test_report_to_takes_a_list_and_bad_reporters_exit_2_naming_the_flag(cache, tmp_path, monkeypatch):
+    import importlib.util
+
+    assert _cfg(cache, tmp_path / "a", report_to="wandb,tensorboard").reporters == ("wandb", "tensorboard")
+    assert _cfg(cache, tmp_path / "a", report_to=["tensorboard", "wandb,tensorboard"]).reporters == (
+        "tensorboard", "wandb")
+    assert _cfg(cache, tmp_path / "a").reporters == ()
+    given = {"cache": str(cache), "student": "tiny-test", "recipe": "clip", "out": str(tmp_path / "a"), "steps": 2}
+    yaml_list = S.resolve_config(given, None, ["report_to=[tensorboard, wandb]"])  # --set / --config: a YAML list
+    assert yaml_list.report_to == "tensorboard,wandb" and yaml_list.validate().reporters == ("tensorboard", "wandb")
+    with pytest.raises(UserError, match="unknown reporter 'mlflow'"):
+        S.resolve_config(given, None, ["report_to=tensorboard,mlflow"]).validate()
+    base = ["distill", str(cache), "--student", "tiny-test", "--recipe", "clip", "--out", str(tmp_path / "r"),
+            "--steps", "2", "--batch-size", "8", "--workers", "0", "--quiet"]
+    for bad in (["mlflow"], ["tensorboard,"], ["none,wandb"], ["tensorboard", "--report-to", "neptune"]):
+        r = _cli(*base, "--report-to", *bad)
+        assert r.exit_code == 2 and "--report-to" in r.output and r.output.count("\n") <= 2, (bad, r.output)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    r = _cli(*base, "--report-to", "tensorboard,wandb")
+    assert r.exit_code == 2 and "--report-to" in r.output and "hierdctl[wandb]" in r.output, r.output
+    assert not (tmp_path / "r").exists()
+
+
+def _wandb_records(path: Path) -> list:
+    """The records of a W&B offline run file (run-ID.wandb): LevelDB's log format (32 KiB blocks;
+    each record a 7-byte header crc32c(4) length(2, little-endian) type(1: full, 2-4: first, middle,
+    last) and its bytes) after W&B's 7-byte header, each record a wandb_internal_pb2.Record."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    pos, block, buf, out = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if left < 7 or (kind == 0 and length == 0):  # a block's zero-filled tail
+            pos += left
+            continue
+        buf += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            r = pb.Record()
+            r.ParseFromString(buf)
+            out.append(r)
+            buf = b""
+    return out
+
+
+def _wandb_run(folder: Path) -> dict:
+    import json as _json
+
+    (f,) = folder.glob("run-*.wandb")
+    run, history = None, {}
+    for r in _wandb_records(f):
+        kind = r.WhichOneof("record_type")
+        if kind == "run":
+            run = r.run
+        elif kind == "history":
+            history[r.history.step.num] = {(i.key or "/".join(i.nested_key)): _json.loads(i.value_json)
+                                           for i in r.history.item}
+    config = {(i.key or "/".join(i.nested_key)): _json.loads(i.value_json) for i in run.config.update}
+    return {"id": run.run_id, "name": run.display_name, "project": run.project, "config": config, "history": history}
+
+
+@pytest.mark.slow
+def test_report_to_wandb_offline_and_a_resumed_run_continues_its_wandb_run(cache, tmp_path, monkeypatch):
+    """--report-to tensorboard,wandb with WANDB_MODE=offline: no network (a base URL that cannot
+    answer), the same scalars under the same names, the hyperparameters as the W&B config; a run
+    stopped by an error closes its W&B run, and its resume logs into the same W&B run id."""
+    import yaml
+
+    wandb_dir = tmp_path / "wandb-files"
+    wandb_dir.mkdir()
+    for k, v in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(wandb_dir),
+                 "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_PROJECT": "hierdctl-test",
+                 "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache")
+                 }.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "run"
+    real_point = S.faults.point
+
+    def stop_at_3(name):
+        if name == "distill:step:3":
+            raise RuntimeError("stopped at step 3")
+        real_point(name)
+
+    monkeypatch.setattr(S.faults, "point", stop_at_3)
+    with pytest.raises(RuntimeError, match="stopped at step 3"):
+        S.run(_cfg(cache, out, recipe="clip-kd", steps=4, save_every=2, report_to="tensorboard,wandb"))
+    monkeypatch.setattr(S.faults, "point", real_point)
+    S.run(_cfg(cache, out, recipe="clip-kd", steps=4, save_every=2, report_to=["tensorboard", "wandb"], resume=True))
+
+    run_id = yaml.safe_load((out / "config.resolved.yaml").read_text())["wandb_run_id"]
+    folders = sorted((wandb_dir / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2 and all(f.name.endswith(run_id) for f in folders)
+    first, second = (_wandb_run(f) for f in folders)
+    assert first["id"] == second["id"] == run_id and first["name"] == "run" and first["project"] == "hierdctl-test"
+    assert sorted(first["history"]) == [1, 2] and sorted(second["history"]) == [3, 4]
+    rows = {r["step"]: r for r in _metrics(out)}
+    history = first["history"] | second["history"]
+    for step, logged in history.items():
+        assert OPEN_CLIP_SCALARS | {"train/fd_loss"} <= set(logged), logged
+        assert logged["train/loss"] == pytest.approx(rows[step]["loss"], rel=1e-6)
+        assert logged["train/scale"] == pytest.approx(rows[step]["logit_scale"], rel=1e-6)
+    assert second["config"]["lr"] == 1e-3 and second["config"]["recipe"] == "clip-kd"
+    assert second["config"]["total_steps"] == 4
 
 
 def test_a_cache_without_images_joins_its_source_by_key(tmp_path, tiny_teacher):
@@ -567,6 +716,11 @@ def test_synthetic_captions_from_a_coca_captioner(tmp_path, tiny_teacher):
         summary = S.run(_cfg(tmp_path / "cache", tmp_path / policy, recipe="clip-kd", steps=2, batch_size=4,
                              caption_policy=policy))
         assert summary["steps"] == 2
+    afd = tmp_path / "afd.yaml"  # AFD fuses each of the two captions with its teacher embedding
+    afd.write_text("terms:\n  - {name: clip, weight: 1.0}\n  - {name: afd, weight: 1.0}\n")
+    summary = S.run(_cfg(tmp_path / "cache", tmp_path / "afd", recipe=str(afd), steps=2, batch_size=4,
+                         caption_policy="real+synthetic"))
+    assert summary["steps"] == 2 and math.isfinite(summary["final"]["afd_loss"])
     with pytest.raises(UserError, match="caption_policy"):  # real+synthetic averages global terms only
         S.run(_cfg(tmp_path / "cache", tmp_path / "h", recipe="hierd", steps=1, caption_policy="real+synthetic"))
 

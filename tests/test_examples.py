@@ -1,5 +1,6 @@
 """The demo end to end at tiny sizes (the public commands, chained), and the experiment's
-pieces that decide what is compared: its ablation recipes and its summary table."""
+pieces that decide what is compared: its search configurations, its selection rule (fixed
+before any test number), its statistics and its tables."""
 
 from __future__ import annotations
 
@@ -24,13 +25,17 @@ def test_quick_demo_runs_the_pipeline_and_prints_one_table(tmp_path, tiny_teache
     report = json.loads((work / "report.json").read_text())
     assert [m["spec"] for m in report["models"]] == [
         tiny_teacher, f"local-dir:{work / 'models' / 'clip'}", f"local-dir:{work / 'models' / 'hierd'}"]
-    for m in report["models"]:
+    grounding = json.loads((work / "grounding.json").read_text())
+    assert [m["spec"] for m in grounding["models"]] == [m["spec"] for m in report["models"]]
+    rows = demo.summarise(report, ["teacher", "clip", "hierd"], grounding)
+    for name, m in rows:
         for _, key in demo.COLUMNS:
-            assert 0.0 <= m["metrics"][key] <= 1.0, key
+            assert 0.0 <= m[key] <= 1.0, (name, key)
     out = capsys.readouterr()
     printed = out.out + out.err
-    assert printed.count("$ hierdctl ") == 7  # scenes, cache-teacher, 2 × (distill, export), eval-retrieval
-    assert "Scenes demo" in printed and "hierd" in printed
+    # scenes, cache-teacher, 2 × (distill, export), eval-retrieval, eval-grounding
+    assert printed.count("$ hierdctl ") == 8
+    assert "Scenes demo" in printed and "hierd" in printed and "point" in printed and "chance" in printed
     assert (work / "demo.png").stat().st_size > 5000
     assert (work / "models" / "hierd" / "open_clip_model.safetensors").is_file()
 
@@ -46,63 +51,74 @@ def test_a_failing_command_stops_the_script_and_shows_its_log(tmp_path, capsys):
     assert (tmp_path / "logs" / "01-scenes.log").is_file() and set(times) == {"version"}
 
 
-def test_ablation_recipes_drop_exactly_one_level(tmp_path):
+def test_every_searched_configuration_is_a_valid_recipe_and_the_budgets_are_equal(tmp_path):
     from hierdctl.losses.registry import load_recipe
 
-    full = {t.name for t in load_recipe(experiment.ABLATION_BASE).terms}
-    paths = experiment.ablation_recipes(tmp_path)
-    levels = {level for level, names in experiment.LEVELS.items() if set(names) & full}
-    assert {"global", "part-fd", "neg"} <= levels  # the ablations' base has these levels
-    # removing the negatives from the base gives exactly the shipped hierd
-    no_neg = {t.name: t.weight for t in load_recipe(paths["hierd-no-neg"]).terms}
-    assert no_neg == {t.name: t.weight for t in load_recipe("hierd").terms}
-    assert set(paths) == {f"hierd-no-{level}" for level in levels} | {"hierd-global-only"}
-    for level in levels:
-        kept = {t.name for t in load_recipe(paths[f"hierd-no-{level}"]).terms}
-        assert kept == full - set(experiment.LEVELS[level]), level
-        assert "clip" in kept
-    # every hierarchical level removed at once: CLIP + the global (CLIP-KD) terms alone
-    only = {t.name: t.weight for t in load_recipe(paths["hierd-global-only"]).terms}
-    assert only == {"clip": 1.0, "crd": 1.0, "icl": 1.0, "fd": 2000.0}
+    for r, changes in experiment.FIRST.items():
+        base = experiment.weights_of(experiment.shipped_recipe(r))
+        for c, ch in changes.items():
+            load_recipe(experiment.write_recipe(tmp_path, f"{r}-{c}", experiment.apply(base, ch), c))
+    # the three recipes compared get the same number of extra configurations (5 single changes + 2 follow-ups)
+    for r in ("clip-kd", "clip-rd", "hierd"):
+        assert len(experiment.FIRST[r]) + 2 == experiment.EXTRA
+    for c in experiment.CONTROLS:
+        load_recipe(c)
+    # hierd's single changes are its structure families, each on top of the shipped hierd
+    hierd = experiment.weights_of(experiment.shipped_recipe("hierd"))
+    for name, terms in experiment.FAMILIES.items():
+        assert set(experiment.FIRST["hierd"][f"+{name}"]) == set(terms)
+        assert not set(terms) & set(hierd)
+    assert set(experiment.STRUCTURE_TERMS) == {n for f in experiment.FAMILIES.values() for n in f}
 
 
-def test_search_gives_every_recipe_its_base_and_at_most_extra_configurations(tmp_path):
-    from hierdctl.losses.registry import load_recipe
-
-    configs = experiment.search_configs(tmp_path)
-    assert set(configs) == set(experiment.RECIPES)
-    for r, cs in configs.items():
-        assert 1 <= len(cs) <= 1 + experiment.EXTRA, r
-        for _, path in cs:
-            load_recipe(path)  # every configuration is a valid recipe
-    # the baselines hierd must beat get as many extra configurations as hierd
-    n = {r: len(cs) for r, cs in configs.items()}
-    assert n["clip-kd"] == n["clip-rd"] == n["hierd"] == 1 + experiment.EXTRA
-    # what the final phase trains is a configuration the search tried: the same terms and
-    # weights (a shipped recipe chosen by name, like hierd, must equal a searched one)
-    tried = {r: [experiment.weights_of(load_recipe_yaml(path)) for _, path in cs] for r, cs in configs.items()}
-    for r, (name, lr) in experiment.CHOSEN.items():
-        family = "hierd" if r.startswith("hierd") else r
-        path = dict(configs[family]).get(name)
-        weights = experiment.weights_of(load_recipe_yaml(path) if path else experiment.shipped_recipe(name))
-        assert weights in tried[family], r
-        assert lr in experiment.PRESETS["full"]["lrs"], r
-    # the shipped hierd is within the step-time budget; hierd+neg is not
-    assert not set(experiment.OVER_BUDGET_TERMS) & set(experiment.weights_of(experiment.shipped_recipe("hierd")))
-    assert set(experiment.OVER_BUDGET_TERMS) & set(experiment.weights_of(experiment.shipped_recipe("hierd+neg")))
+def test_follow_ups_combine_the_two_best_and_push_the_best_once_more():
+    scores = {"fd1000": 0.20, "fd4000": 0.25, "crd2": 0.24, "crd0.5": 0.1, "icl2": 0.2}
+    f = experiment.follow_ups("clip-kd", scores)
+    assert f == {"fd4000+crd2": {"fd": 4000.0, "crd": 2.0}, "fd4000x2": {"fd": 8000.0}}
+    f = experiment.follow_ups("hierd", {"+align": 0.3, "+xbatch": 0.1, "+relations": 0.2, "+coupling": 0.0,
+                                        "+structure": 0.0})
+    assert f["+align+relations"] == {"hierd_clu_phr": 1.0, "hierd_clu_clu": 1.0, "hierd_phr_phr": 1.0}
+    assert f["+alignx2"] == {"hierd_clu_phr": 4.0}  # an added term: weight ×4
 
 
-def load_recipe_yaml(path):
-    import yaml
-
-    return yaml.safe_load(open(path).read())
+def _row(config, lr, score, weights):
+    return {"config": config, "lr": lr, "score": score, "weights": weights}
 
 
-def test_paired_differences_count_seeds_favouring_each_side():
-    assert experiment.paired([0.3, 0.4, 0.5], [0.2, 0.5, 0.3]) == "+6.7 ± 15.3 (2–1)"
+def test_the_choice_is_the_best_on_validation_within_the_step_budget():
+    s = {"tried": {
+        "clip-kd": [_row("clip-kd", 0.004, 0.20, {"clip": 1}), _row("crd2", 0.004, 0.22, {"clip": 1, "crd": 2})],
+        "hierd": [_row("hierd", 0.004, 0.25, {"hierd_clu_fd": 1}),
+                  _row("+neg", 0.004, 0.30, {"hierd_clu_fd": 1, "hierd_neg": 1}),  # over the budget
+                  _row("+align", 0.002, 0.24, {"hierd_clu_fd": 1, "hierd_clu_phr": 1}),
+                  _row("+relations", 0.004, 0.23, {"hierd_clu_fd": 1, "hierd_clu_clu": 1})]}}
+    c = experiment.choose(s)
+    assert c["clip-kd"]["config"] == "crd2"
+    assert c["hierd"]["config"] == "hierd"  # +neg scored higher but misses the step-time budget
+    assert c["hierd-rel"]["config"] == "+align" and c["hierd-rel"]["lr"] == 0.002
 
 
-def test_results_table_gives_mean_and_std_over_seeds():
+def test_the_validation_score_averages_both_ways_over_flavours_and_draws():
+    m = lambda a, b: {"text_retrieval_recall@1": a, "image_retrieval_recall@1": b}  # noqa: E731
+    assert experiment.val_score({"shapes/val7": m(0.2, 0.4), "cluttered/val8": m(0.1, 0.1)}) == pytest.approx(0.2)
+
+
+def test_paired_differences_give_a_paired_t_interval_and_seed_counts():
+    assert experiment.paired([0.3, 0.4, 0.5], [0.2, 0.5, 0.3]) == "+6.7 [-31.3, +44.6] (2–1)"
+    lo, hi = experiment.t_interval([1.0, 2.0, 3.0])
+    assert (lo, hi) == pytest.approx((2 - 4.303 / 3**0.5, 2 + 4.303 / 3**0.5), abs=1e-3)
+    assert experiment.paired([None, 0.4], [0.2, 0.3]) == "+10.0 (1–0)"
+
+
+def test_epochs_to_reach_a_share_of_the_teacher():
+    m = lambda a, b: {"text_retrieval_recall@1": a, "image_retrieval_recall@1": b}  # noqa: E731
+    teacher = m(0.5, 0.4)
+    curve = {1: [m(0.3, 0.3)], 2: [m(0.46, 0.35)], 4: [m(0.46, 0.37)], 8: [m(0.5, 0.4)]}
+    assert experiment.epochs_to(curve, teacher, 0, 0.9) == 4  # both ways must reach 90 %
+    assert experiment.epochs_to(curve, teacher, 0, 1.01) is None
+
+
+def test_results_table_gives_mean_and_std_over_seeds_and_the_paired_rows():
     assert experiment.fmt([0.5, 0.7, 0.6]) == "60.0 ± 10.0"
     assert experiment.fmt([0.25]) == "25.0"
     assert experiment.fmt([None]) == "–"
@@ -111,36 +127,16 @@ def test_results_table_gives_mean_and_std_over_seeds():
                      "clip": {k: [0.1, 0.3] for k in experiment.METRICS},
                      "clip-kd": {k: [0.2, 0.3] for k in experiment.METRICS},
                      "hierd": {k: [0.25, 0.29] for k in experiment.METRICS}},
-           "wall_seconds": {"distill": 12.0}}
-    md = experiment.markdown([res], experiment.PRESETS["quick"])
+           "grounding": {"teacher": {"pointing_acc": [0.5], "box_mass": [0.4], "chance/pointing_acc": [0.1],
+                                     "chance/box_mass": [0.1]},
+                         "clip-kd": {"pointing_acc": [0.3, 0.3], "box_mass": [0.2, 0.2]},
+                         "hierd": {"pointing_acc": [0.4, 0.35], "box_mass": [0.3, 0.2]}},
+           "wall_seconds": {}}
+    md = experiment.markdown([res])
     assert "| clip | 20.0 ± 14.1 |" in md and "| teacher | 90.0 |" in md
     assert "lr: clip 0.002, hierd 0.004" in md
-    assert "| hierd − clip-kd | +2.0 ± 4.2 (1–1) |" in md
-
-
-def test_search_chooses_the_best_configuration_within_the_step_budget():
-    m = lambda v: {k: v for k in experiment.METRICS}  # noqa: E731
-    s = {"grid": {"hierd": {0.004: m(0.20)}},
-         "extras": {"hierd": [{"config": "v2-no-cross", "lr": 0.004, "metrics": m(0.24)},
-                              {"config": "v2-no-cross-no-neg", "lr": 0.004, "metrics": m(0.23)}]},
-         "over_budget": ["hierd-search", "v2-no-cross"], "configs_tried": {"hierd": 3}}
-    rows = {line.split(" | ")[1]: line for line in experiment.search_markdown(s, {}).splitlines()
-            if line.startswith("| hierd |")}
-    assert set(rows) == {"hierd-search (over the step-time budget)",
-                         "v2-no-cross (best on validation; over the step-time budget)",
-                         "v2-no-cross-no-neg **(chosen)**"}
-
-
-def test_paired_differences_pair_only_rows_with_the_same_seeds():
-    m = {k: [0.2, 0.3] for k in experiment.METRICS}
-    res = {"flavour": "shapes", "lr": {"clip-kd": 0.004, "hierd": 0.004}, "seeds": [0, 1],
-           "seeds_per_model": {"clip-kd": [0, 1], "hierd": [1, 2]},
-           "table": {"teacher": {k: [0.9] for k in experiment.METRICS}, "clip-kd": m, "hierd": m},
-           "wall_seconds": {}}
-    assert "hierd − clip-kd" not in experiment.markdown([res], experiment.PRESETS["quick"])
-    res["seeds_per_model"]["hierd"] = [0, 1]
-    assert "hierd − clip-kd" in experiment.markdown([res], experiment.PRESETS["quick"])
-    assert experiment.paired([None, 0.4], [0.2, 0.3]) == "+10.0 (1–0)"
+    assert "| hierd − clip-kd | +2.0 [-36.1, +40.1] (1–1) |" in md
+    assert "+7.5 [-24.3, +39.3] (2–0) |" in md  # pointing, paired
 
 
 def test_train_teacher_publishes_only_over_its_own_export(tmp_path):

@@ -133,8 +133,32 @@ def test_onnx_parity_with_pytorch_at_other_batch_sizes(runs, tmp_path):
     assert manifest["checks"]["onnx"]["text"]["input_dtype"] == "int64"
     assert f"exactly {L} tokens" in (out / "README.md").read_text()
     onnx_only = export_run(ExportConfig(source=runs["run"], out=tmp_path / "onnx", format="onnx", quiet=True))
-    assert sorted(onnx_only["files"]) == ["README.md", "export.json", "image_encoder.onnx", "text_encoder.onnx"]
+    assert sorted(onnx_only["files"]) == ["README.md", "export.json", "image_encoder.onnx", "merges.txt",
+                                          "text_encoder.onnx", "tokenizer.json", "tokenizer_config.json", "vocab.json"]
     assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == sorted(onnx_only["files"])
+    assert onnx_only["checks"]["tokenizer"]["ids_match"] and onnx_only["checks"]["tokenizer"]["context_length"] == L
+    _onnx_graphs_come_with_the_tokenizer_files_they_need(runs, tmp_path / "onnx")
+
+
+def _onnx_graphs_come_with_the_tokenizer_files_they_need(runs, out: Path):
+    """A user with onnxruntime and transformers only: the folder's tokenizer files give the text
+    graph its tokens, and the embeddings are open_clip's (the checkpoint's student)."""
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    captions = CAPTIONS + ["A LONG caption, with punctuation!! " * 20, "x"]
+    ids = AutoTokenizer.from_pretrained(out)(captions, padding="max_length", truncation=True,
+                                             return_tensors="np")["input_ids"]
+    got = ort.InferenceSession(str(out / "text_encoder.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"text": ids})[0]
+    ref = _checkpoint_student(runs["run"] / "checkpoints" / "step-0000003.safetensors", TINY_CFG)
+    with torch.no_grad():
+        want = ref.encode_text(open_clip.SimpleTokenizer()(captions), normalize=True).numpy()
+    assert ids.dtype == np.int64 and ids.shape == (len(captions), 77)
+    np.testing.assert_array_equal(ids, open_clip.SimpleTokenizer()(captions).numpy())
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    card = (out / "README.md").read_text()
+    assert "AutoTokenizer.from_pretrained('onnx')" in card and "library_name: onnx" in card
 
 
 def test_wider_student_drops_its_projector_and_says_so(runs, tmp_path):
@@ -159,15 +183,49 @@ def test_model_card_carries_teacher_recipe_data_steps_and_metrics(runs, tmp_path
     report = tmp_path / "report.json"
     eval_run(EvalRetrievalConfig(source=runs["data"], models=[runs["teacher"], f"local-dir:{first}"], ks=[1, 5],
                                  device="cpu", out=report, quiet=True))
-    r = _cli("export", runs["run"], "--out", first, "--report", report, "--overwrite", "--quiet")
+    r = _cli("export", runs["run"], "--out", first, "--report", report, "--overwrite", "--quiet", "--license", "mit")
     assert r.exit_code == 0, r.output
     card = (first / "README.md").read_text()
     teacher = runs["teacher"]
-    for needle in (teacher, "`clip-rd`", "vrd", "| steps | 3 |", str(Path(runs["run"]).parent / "cache"),
-                   "8 samples", "image_retrieval_recall@1", "**(this model)**", "local-dir:", "max abs difference"):
+    teacher_name = Path(teacher.split(":", 1)[1]).name
+    for needle in (f"| teacher | `local-dir:{teacher_name}`", "`clip-rd`", "vrd", "| steps | 3 |",
+                   "teacher cache `cache`", "8 samples", "image_retrieval_recall@1", "**(this model)**",
+                   "`local-dir:m` **(this model)**", "max abs difference", "run/checkpoints/step-0000003.safetensors"):
         assert needle in card, needle
+    # Hugging Face front matter, the model's name as the title, and no path of this machine.
+    import yaml
+
+    assert card.startswith("---\n")
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["library_name"] == "open_clip" and meta["pipeline_tag"] == "zero-shot-image-classification"
+    assert meta["license"] == "mit" and {"clip", "open_clip", "hierdctl"} <= set(meta["tags"])
+    assert "base_model" not in meta  # a local teacher has no hub repository to point at
+    assert card.split("---\n", 2)[2].lstrip().startswith("# m\n")
+    for local in (str(Path(runs["run"]).parent), str(tmp_path), str(Path.cwd())):
+        assert local not in card, local
+    assert card.index("## Evaluation") < card.index("## Use")
     manifest = json.loads((first / "export.json").read_text())
     assert manifest["teacher"]["spec"] == teacher and manifest["training"]["batch_size"] == 8
+    assert manifest["license"] == "mit" and manifest["layout"] == 2
+
+
+def test_model_card_paths_and_base_model():
+    from hierdctl.stages.export import hub_id, public
+
+    assert public("local-dir:/data/x/model") == "local-dir:model"
+    assert public("/data/caches/cc3m") == "cc3m" and public("runs/cache") == "runs/cache"
+    assert public("open_clip:ViT-B-16//ckpts/b16.pt") == "open_clip:ViT-B-16/b16.pt"
+    assert public("open_clip:/cfg/m.json//w/m.safetensors") == "open_clip:m.json/m.safetensors"
+    assert public("open_clip:ViT-B-16/laion400m_e32") == "open_clip:ViT-B-16/laion400m_e32"
+    assert public("https://host/data/{000..009}.tar") == "https://host/data/{000..009}.tar"
+    assert public("/d/shards/{00000..00009}.tar") == "{00000..00009}.tar"
+    assert hub_id("hf:openai/clip-vit-base-patch16") == "openai/clip-vit-base-patch16"
+    assert hub_id("open_clip:hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K") == "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
+    tag = open_clip.get_pretrained_cfg("ViT-B-16", "laion400m_e32")["hf_hub"]
+    assert hub_id("open_clip:ViT-B-16/laion400m_e32") == "/".join(tag.strip("/").split("/")[:2])
+    for local in ("local-dir:/x/teacher", "open_clip:ViT-B-16//x/b16.pt", "open_clip:ViT-B-16", "hf:/x/clip",
+                  "open_clip:ViT-B-16/no-such-tag", None, "teacher"):
+        assert hub_id(local) is None, local
 
 
 def test_output_is_atomic_and_never_clobbers(runs, tmp_path, monkeypatch):
@@ -318,8 +376,12 @@ def test_cli_export_errors_exit_2(runs, tmp_path):
     (tmp_path / "empty").mkdir()
     r = _cli("export", tmp_path / "empty", "--out", tmp_path / "o")
     assert r.exit_code == 2 and "not a hierdctl distill run dir" in r.output
-    r = _cli("export", runs["run"], "--out", tmp_path / "o", "--format", "tflite")
-    assert r.exit_code == 2 and "--format" in r.output
+    for bad in (["--format", "tflite"], ["--format", "open_clip,tflite"], ["--format", "onnx,"],
+                ["--format", "onnx", "--format", "tflite"], ["--license", "MIT License"], ["--license", ""]):
+        r = _cli("export", runs["run"], "--out", tmp_path / "o", *bad)
+        flag = bad[0]
+        assert r.exit_code == 2 and flag in r.output and r.output.count("\n") <= 2, (bad, r.output)
+        assert "Traceback" not in r.output
     r = _cli("export", runs["run"], "--out", tmp_path / "o", "--report", tmp_path / "missing.json")
     assert r.exit_code == 2 and "--report" in r.output
     lone = tmp_path / "lone.safetensors"
@@ -335,7 +397,7 @@ def test_cli_export_errors_exit_2(runs, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("missing", ["onnx", "onnxruntime"])
+@pytest.mark.parametrize("missing", ["onnx", "onnxruntime", "transformers"])
 def test_onnx_format_without_onnx_installed_is_a_user_error_before_any_work(runs, tmp_path, monkeypatch, missing):
     import importlib.util
 

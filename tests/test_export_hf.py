@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from conftest import CAPTIONS, TINY_CFG, image_bytes, make_shards, make_tiny_model
 from hierdctl import hf_export as H
 from hierdctl.cli import app
+from hierdctl.errors import UserError
 import open_clip
 transformers = pytest.importorskip("transformers")
 VIT_T16 = json.loads((Path(H.__file__).parent / "model_configs" / "ViT-T-16.json").read_text())
@@ -356,21 +357,30 @@ def exported(run_dir, tmp_path_factory):
 
 @pytest.mark.slow
 def test_export_format_hf_end_to_end(exported):
+    """One folder for both worlds, laid out as LAION's open_clip repos: open_clip's two files beside
+    transformers' at the root; open_clip and transformers both load DIR itself."""
     out, output = exported
-    assert "hf vs open_clip" in output
+    assert "hf vs open_clip" in output and "tokenizer files" in output
     manifest = json.loads((out / "export.json").read_text())
-    assert manifest["formats"] == ["open_clip", "hf"] and "hf" in manifest["files"]
+    assert manifest["formats"] == ["open_clip", "hf"] and manifest["layout"] == 2
+    assert sorted(p.name for p in out.iterdir()) == sorted(manifest["files"]) == [
+        "README.md", "config.json", "export.json", "merges.txt", "model.safetensors", "open_clip_config.json",
+        "open_clip_model.safetensors", "preprocessor_config.json", "processor_config.json", "tokenizer.json",
+        "tokenizer_config.json", "vocab.json"]
     hf_checks = manifest["checks"]["hf"]
     assert hf_checks["image"]["max_abs_diff"] <= hf_checks["image"]["atol"] == H.EMBED_ATOL
     assert hf_checks["text"]["ids_match"] and hf_checks["text"]["max_abs_diff"] <= H.EMBED_ATOL
     assert hf_checks["image_processor"]["max_levels"] <= H.PIXEL_ATOL_LEVELS
-    assert "model.safetensors" in hf_checks["files"]
-    assert "CLIPModel.from_pretrained('model/hf')" in (out / "README.md").read_text()
-    # transformers loads DIR/hf and gives the open_clip local dir's embeddings (the same DIR).
+    assert "model.safetensors" in hf_checks["files"] and hf_checks["folder"] == "."
+    assert manifest["checks"]["tokenizer"]["ids_match"]
+    card = (out / "README.md").read_text()
+    assert "CLIPModel.from_pretrained('model')" in card and "SentenceTransformer('model')" in card
+    assert "normalize_embeddings=True" in card and "tags:\n- clip" in card and "- transformers" in card
+    # transformers loads DIR and gives the open_clip local dir's embeddings (the same DIR).
     oc, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
     oc_tok = open_clip.get_tokenizer(f"local-dir:{out}")
-    hf = transformers.CLIPModel.from_pretrained(out / "hf").eval()
-    proc = transformers.CLIPProcessor.from_pretrained(out / "hf")
+    hf = transformers.CLIPModel.from_pretrained(out).eval()
+    proc = transformers.CLIPProcessor.from_pretrained(out)
     images = [_pil(i) for i in range(3)]
     pixels = torch.stack([preprocess(im) for im in images])
     inputs = proc(text=CAPTIONS[:3], padding=True, truncation=True, return_tensors="pt")
@@ -382,27 +392,54 @@ def test_export_format_hf_end_to_end(exported):
 
 
 @pytest.mark.slow
-def test_hierdctl_hf_spec_reads_the_export(exported):
-    """eval-retrieval --model hf:DIR/hf: hierdctl's own transformers loader, on the exported folder."""
-    from hierdctl.specs import load_encoder
+def test_hierdctl_hf_spec_reads_the_export_and_exports_of_the_first_layout(exported, tmp_path):
+    """eval-retrieval --model hf:DIR: hierdctl's own transformers loader, on the exported folder; an
+    export of layout 1 (the transformers files in DIR/hf, no "layout" in export.json) reads as before."""
+    from hierdctl.specs import load_encoder, parse_spec
 
     out, _ = exported
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    manifest = json.loads((old / "export.json").read_text())
+    (old / "hf").mkdir()
+    for name in manifest["checks"]["hf"]["files"]:
+        (old / name).rename(old / "hf" / name)
+    del manifest["layout"]
+    (old / "export.json").write_text(json.dumps(manifest))
+    assert parse_spec(f"hf:{old}").path == str(old / "hf") and parse_spec(f"hf:{old / 'hf'}").path == str(old / "hf")
+    assert parse_spec(f"hf:{out}").path == str(out)
     oc, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
-    enc = load_encoder(f"hf:{out / 'hf'}")
-    pixels = torch.stack([enc.eval_transform(_pil(i)) for i in range(3)])
-    torch.testing.assert_close(pixels, torch.stack([preprocess(_pil(i)) for i in range(3)]), atol=1e-6, rtol=0)
-    with torch.no_grad():
-        torch.testing.assert_close(enc.encode_image(pixels)[0], oc.eval().encode_image(pixels, normalize=True),
-                                   atol=H.EMBED_ATOL, rtol=0)
-        want_t = oc.encode_text(open_clip.get_tokenizer(f"local-dir:{out}")(CAPTIONS), normalize=True)
-        torch.testing.assert_close(enc.encode_text(enc.tokenize(CAPTIONS))[0], want_t, atol=H.EMBED_ATOL, rtol=0)
+    want_t = oc.eval().encode_text(open_clip.get_tokenizer(f"local-dir:{out}")(CAPTIONS), normalize=True)
+    for spec in (f"hf:{out}", f"hf:{old}", f"local-dir:{old}"):
+        enc = load_encoder(spec)
+        pixels = torch.stack([enc.eval_transform(_pil(i)) for i in range(3)])
+        torch.testing.assert_close(pixels, torch.stack([preprocess(_pil(i)) for i in range(3)]), atol=1e-6, rtol=0)
+        with torch.no_grad():
+            torch.testing.assert_close(enc.encode_image(pixels)[0], oc.encode_image(pixels, normalize=True),
+                                       atol=H.EMBED_ATOL, rtol=0)
+            torch.testing.assert_close(enc.encode_text(enc.tokenize(CAPTIONS))[0], want_t, atol=H.EMBED_ATOL, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [["--format", "open_clip,onnx,hf"], ["-f", "onnx", "--format", "hf"]],
+                         ids=["comma-list", "repeated"])
+def test_formats_combine_and_none_is_dropped(run_dir, tmp_path, args):
+    out = tmp_path / "model"
+    r = _cli("export", run_dir, "--out", out, *args, "--quiet")
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "export.json").read_text())
+    assert manifest["formats"] == ["open_clip", "onnx", "hf"]
+    names = {p.name for p in out.iterdir()}
+    assert {"open_clip_model.safetensors", "model.safetensors", "image_encoder.onnx", "text_encoder.onnx",
+            "tokenizer.json"} <= names and not (out / "hf").exists()
+    assert set(manifest["checks"]) == {"open_clip", "onnx", "hf", "tokenizer"}
 
 
 @pytest.mark.slow
 def test_a_failed_hf_parity_check_exits_1_and_publishes_nothing(run_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(H, "convert_state_dict", _swap_q_and_k)
     r = _cli("export", run_dir, "--out", tmp_path / "model", "--format", "hf")
-    assert r.exit_code == 1 and "export check failed" in r.output and "hf/" in r.output, r.output
+    assert r.exit_code == 1 and "export check failed" in r.output and "transformers CLIPModel" in r.output, r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -432,9 +469,14 @@ def test_format_hf_without_transformers_is_a_user_error_and_all_excludes_hf(tmp_
 
     assert ExportConfig(source=tmp_path, out=tmp_path / "o", format="all").formats == ("open_clip", "onnx")
     assert ExportConfig(source=tmp_path, out=tmp_path / "o", format="hf").formats == ("open_clip", "hf")
+    for given in ("hf,onnx", ["onnx", "hf"], "open_clip,onnx,hf", ["all,hf"], "onnx,hf,onnx"):
+        assert ExportConfig(source=tmp_path, out=tmp_path / "o", format=given).formats == ("open_clip", "onnx", "hf")
+    assert ExportConfig(source=tmp_path, out=tmp_path / "o", format="onnx").formats == ("onnx",)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
     r = _cli("export", tmp_path, "--out", tmp_path / "o", "--format", "hf")
     assert r.exit_code == 2 and "--format" in r.output and "hierdctl[hf]" in r.output, r.output
     assert r.output.count("\n") <= 2 and not (tmp_path / "o").exists()
-    ExportConfig(source=tmp_path, out=tmp_path / "o", format="all").validate()  # all needs no transformers
+    ExportConfig(source=tmp_path, out=tmp_path / "o", format="open_clip").validate()  # open_clip needs none
+    with pytest.raises(UserError, match="transformers"):  # onnx's tokenizer files are transformers'
+        ExportConfig(source=tmp_path, out=tmp_path / "o", format="all").validate()

@@ -985,7 +985,7 @@ def _bad_inputs(w, tmp: Path) -> dict[str, tuple[list, str]]:
         "distill: missing student checkpoint": ([*dt, "--student", f"open_clip:tiny-test/{tmp / 'no.safetensors'}"],
                                                 "--student"),
         "distill: bf16 on CPU": ([*dt, "--precision", "bf16", "--device", "cpu"], "--precision"),
-        "distill: --report-to wandb": ([*dt, "--report-to", "wandb"], "--report-to"),
+        "distill: --report-to mlflow": ([*dt, "--report-to", "mlflow"], "--report-to"),
         "export: missing run": (["export", tmp / "no-run", "--out", tmp / "e"], "RUN_DIR"),
         "export: --format xyz": (["export", tmp / "no-run", "--out", tmp / "e", "--format", "xyz"], "--format"),
         "eval-retrieval: missing local dir": (["eval-retrieval", w.source, "--model", f"local-dir:{tmp / 'nodir'}"],
@@ -1009,7 +1009,7 @@ BAD_INPUT_KINDS = ["cache-teacher: missing source", "cache-teacher: teacher spec
                    "distill: recipe file not YAML",
                    "distill: recipe with an unknown term",
                    "distill: missing cache", "distill: --out is a file", "distill: missing student checkpoint",
-                   "distill: bf16 on CPU", "distill: --report-to wandb", "export: missing run",
+                   "distill: bf16 on CPU", "distill: --report-to mlflow", "export: missing run",
                    "export: --format xyz", "eval-retrieval: missing local dir", "eval-retrieval: --k 1,a"]
 
 

@@ -22,7 +22,9 @@ from loss_inputs import KAPPA, S, S_T, make_features, np_inputs, np_unit
 # HieRD's relational terms (v1: the student compared with itself) and v2's part-level terms
 # across models (docs/hierd.md).
 HIERD_V2_TERMS = ("hierd_clu_fd", "hierd_phr_fd", "hierd_crop_fd", "hierd_phr_img_x", "hierd_clu_cap_x",
-                  "hierd_clu_phr_x", "hierd_neg")
+                  "hierd_clu_phr_x", "hierd_clu_phr_bx", "hierd_neg")
+# The controls of part FD: the same FD on every patch token, or on fixed cells (issue 24).
+CONTROL_TERMS = ("dense_fd", "grid2_fd", "grid3_fd")
 HIERD_TERMS = tuple(n for n in TERMS if n.startswith("hierd_") and n not in HIERD_V2_TERMS)
 SCALED_V2_TERMS = tuple(n for n in HIERD_V2_TERMS if TERMS[n].scale)
 KD_TERMS = ("fd", "mfd", "crd", "icl", "gd", "afd")
@@ -281,6 +283,14 @@ def np_hierd_v2_terms(a, s_student, s_teacher):
         rows = [(s_student * ot @ xs[i, k], s_teacher * ot @ xt[i, k]) for i in range(n) for k in np.flatnonzero(m[i])]
         return np_masked_mean_kl(rows)
 
+    # in batch: every valid part against every valid part of the other kind, in any pair
+    all_k = [(i, k) for i in range(n) for k in np.flatnonzero(cm[i])]
+    all_p = [(i, p) for i in range(n) for p in np.flatnonzero(pm[i])]
+    pt_all = np.array([pt[i, p] for i, p in all_p])  # (#valid phrases, D)
+    ct_all = np.array([ct[i, k] for i, k in all_k])  # (#valid clusters, D)
+    b_rows = [(s_student * pt_all @ cs[i, k], s_teacher * pt_all @ ct[i, k]) for i, k in all_k]
+    b_cols = [(s_student * ct_all @ ps[i, p], s_teacher * ct_all @ pt[i, p]) for i, p in all_p]
+
     rows, cols, negs = [], [], []
     for i in range(n):
         kv, pv = np.flatnonzero(cm[i]), np.flatnonzero(pm[i])
@@ -299,8 +309,41 @@ def np_hierd_v2_terms(a, s_student, s_teacher):
         "hierd_phr_img_x": to_teacher_batch(ps, pt, pm, vt),
         "hierd_clu_cap_x": to_teacher_batch(cs, ct, cm, tt),
         "hierd_clu_phr_x": 0.5 * (np_masked_mean_kl(rows) + np_masked_mean_kl(cols)),
+        "hierd_clu_phr_bx": 0.5 * (np_masked_mean_kl(b_rows) + np_masked_mean_kl(b_cols)),
         "hierd_neg": np_masked_mean_kl(negs),
     }
+
+
+@pytest.mark.parametrize("name", CONTROL_TERMS)
+def test_part_fd_control_matches_reference(name):
+    a = np_inputs()
+    key = {"dense_fd": "tok", "grid2_fd": "grid2", "grid3_fd": "grid3"}[name]
+    xs, xt = np_unit(a[f"{key}_s"]), a[f"{key}_t"]
+    expected = float(np.mean([np.mean((xs[i, g] - xt[i, g]) ** 2) for i in range(xs.shape[0])
+                              for g in range(xs.shape[1])]))
+    got = terms([name], make_features())[f"{name}_loss"]
+    assert got.dtype == torch.float32 and got.dim() == 0 and expected > 1e-3
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    # it is part FD with every part valid: FD's weight carries over
+    f = make_features()
+    same = L.part_fd(getattr(f, f"{key}_st"), getattr(f, f"{key}_t"), torch.ones(xs.shape[:2], dtype=torch.bool))
+    assert same.item() == pytest.approx(got.item(), rel=1e-6)
+
+
+def test_batch_cluster_phrase_term_is_the_pair_term_when_the_batch_is_one_pair():
+    """hierd_clu_phr_bx confines to hierd_clu_phr_x on a batch of one pair, and differs from it on
+    more (the other pairs' parts enter its distributions); a permutation of the batch leaves it as is."""
+    f = make_features()
+    one = {k: getattr(f, k)[:1] for k in ("clu_st", "clu_t", "clu_mask", "phr_st", "phr_t", "phr_mask")}
+    args = (one["clu_st"], one["clu_t"], one["clu_mask"], one["phr_st"], one["phr_t"], one["phr_mask"], S_T, S_T)
+    assert L.cluster_phrase_batch_cross(*args).item() == pytest.approx(L.cluster_phrase_cross(*args).item(), rel=1e-6)
+    full = terms(["hierd_clu_phr_x", "hierd_clu_phr_bx"], f)
+    assert abs(full["hierd_clu_phr_x_loss"].item() - full["hierd_clu_phr_bx_loss"].item()) > 1e-4
+    perm = [2, 0, 1]
+    g = make_features(**{k: getattr(f, k).detach()[perm] for k in
+                         ("clu_s", "clu_st", "clu_t", "clu_mask", "phr_s", "phr_st", "phr_t", "phr_mask")})
+    assert terms(["hierd_clu_phr_bx"], g)["hierd_clu_phr_bx_loss"].item() == pytest.approx(
+        full["hierd_clu_phr_bx_loss"].item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("scale", ["teacher", "student", 7.5])
@@ -405,6 +448,10 @@ def test_kl_terms_vanish_when_student_equals_teacher():
     v2 = tuple(n for n in HIERD_V2_TERMS if n != "hierd_crop_fd")
     for key, value in terms(v2, f).items():
         assert abs(value.item()) < 1e-5, key
+    same = make_features(tok_st=3 * f.tok_t, grid2_st=3 * f.grid2_t, grid3_st=3 * f.grid3_t)
+    for key, value in terms(CONTROL_TERMS, same).items():
+        assert abs(value.item()) < 1e-6, key
+    assert all(v.item() > 1e-3 for v in terms(CONTROL_TERMS, make_features()).values())
     crop = make_features(clu_s=3 * f.clu_crop_t)
     assert abs(terms(["hierd_crop_fd"], crop)["hierd_crop_fd_loss"].item()) < 1e-6
     assert terms(HIERD_V2_TERMS, make_features())["hierd_crop_fd_loss"].item() > 1e-3
@@ -441,10 +488,11 @@ def test_no_gradient_reaches_teacher_tensors():
     f = make_features(teacher_grad=True)
     total = sum(all_terms(f).values())
     total.backward()
-    for name in ("img_t", "txt_t", "clu_t", "phr_t", "neg_t", "clu_crop_t"):
+    for name in ("img_t", "txt_t", "clu_t", "phr_t", "neg_t", "clu_crop_t", "tok_t", "grid2_t", "grid3_t"):
         assert getattr(f, name).grad is None, name
     # the student does get gradients, so the check above is not vacuous
-    for name in ("img_s", "txt_s", "img_st_masked", "img_fused", "txt_fused", "clu_s", "phr_s", "neg_s"):
+    for name in ("img_s", "txt_s", "img_st_masked", "img_fused", "txt_fused", "clu_s", "phr_s", "neg_s", "tok_st",
+                 "grid2_st", "grid3_st"):
         grad = getattr(f, name).grad
         assert grad is not None and grad.abs().sum() > 0, name
 

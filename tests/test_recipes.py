@@ -13,7 +13,10 @@ from hierdctl.losses.registry import TERMS, Recipe, Term, compute_terms, list_re
 
 from loss_inputs import make_features
 
-SHIPPED = {"clip", "clip-kd", "tinyclip", "clip-rd", "hierd", "hierd+neg", "hierd-v1", "hierd+rd"}
+SHIPPED = {"clip", "clip-kd", "tinyclip", "clip-rd", "hierd", "hierd+neg", "hierd-v1", "hierd+rd",
+           # issue 24: controls of part FD, and hierd + each structure family
+           "ctl-dense-fd", "ctl-grid2-fd", "ctl-grid3-fd", "ctl-clu-fd", "ctl-phr-fd", "ctl-global-fd6000",
+           "hierd+align", "hierd+xbatch", "hierd+relations", "hierd+coupling", "hierd+structure"}
 # HieRD v1's seven relational levels (hierd-v1, hierd+rd); `hierd` is v2 (docs/hierd.md).
 HIERD_V1 = ("hierd_clu_clu", "hierd_clu_img", "hierd_phr_phr", "hierd_phr_cap", "hierd_clu_phr", "hierd_phr_img",
             "hierd_clu_cap")
@@ -59,6 +62,38 @@ def test_shipped_recipes_have_the_published_terms_and_weights():
     # (examples/experiment.py SEARCH/CHOSEN, docs/hierd.md)
     assert weights("hierd") == weights("clip-kd") | HIERD_V2_WEIGHTS
     assert weights("hierd+neg") == weights("hierd") | {"hierd_neg": 1.0}
+
+
+def test_control_recipes_change_one_thing_of_hierd():
+    def weights(name):
+        return {t.name: t.weight for t in load_recipe(name).terms}
+
+    hierd, kd = weights("hierd"), weights("clip-kd")
+    without_clusters = {k: v for k, v in hierd.items() if k != "hierd_clu_fd"}
+    assert weights("ctl-dense-fd") == without_clusters | {"dense_fd": 2000.0}
+    assert weights("ctl-grid2-fd") == without_clusters | {"grid2_fd": 2000.0}
+    assert weights("ctl-grid3-fd") == without_clusters | {"grid3_fd": 2000.0}
+    assert weights("ctl-clu-fd") == kd | {"hierd_clu_fd": 2000.0}
+    assert weights("ctl-phr-fd") == kd | {"hierd_phr_fd": 2000.0}
+    # the global-only control carries hierd's whole FD weight on the global FD
+    total_fd = sum(v for k, v in hierd.items() if k.endswith("fd"))
+    assert weights("ctl-global-fd6000") == kd | {"fd": total_fd} and total_fd == 6000.0
+    for name in ("ctl-dense-fd", "ctl-grid2-fd", "ctl-grid3-fd"):
+        assert "tokens" in load_recipe(name).cache_parts and "clusters" not in load_recipe(name).cache_parts
+    assert "clusters" not in load_recipe("ctl-phr-fd").cache_parts
+
+
+def test_structure_recipes_are_hierd_plus_one_family():
+    def weights(name):
+        return {t.name: t.weight for t in load_recipe(name).terms}
+
+    families = {"hierd+align": {"hierd_clu_phr"}, "hierd+xbatch": {"hierd_clu_phr_bx"},
+                "hierd+relations": {"hierd_clu_clu", "hierd_phr_phr"},
+                "hierd+coupling": {"hierd_clu_cap", "hierd_phr_img", "hierd_clu_img", "hierd_phr_cap"}}
+    for name, family in families.items():
+        assert weights(name) == weights("hierd") | {n: 1.0 for n in family}, name
+    every = set().union(*families.values())
+    assert weights("hierd+structure") == weights("hierd") | {n: 1.0 for n in every}
 
 
 def test_recipe_needs():

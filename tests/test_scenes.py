@@ -9,6 +9,7 @@ import io
 import json
 import re
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -415,7 +416,9 @@ def test_fashion_flavour_from_debian_package(tmp_path):
 
 def _fingerprint(root: Path) -> str:
     """sha256 over every shard member in order: decoded pixels for images (independent of
-    the PNG encoder's zlib), raw bytes for .txt and .json."""
+    the PNG encoder's zlib), raw bytes for .txt and .json, the .json without its last field
+    `regions` (generator 1.2 appended it; the bytes before it are 1.0's, which the
+    fingerprints pin)."""
     h = hashlib.sha256()
     for shard in sorted(root.rglob("*.tar")):
         with tarfile.open(shard) as tar:
@@ -423,6 +426,11 @@ def _fingerprint(root: Path) -> str:
                 data = tar.extractfile(m).read()
                 if m.name.endswith(".png"):
                     data = np.asarray(Image.open(io.BytesIO(data))).tobytes()
+                if m.name.endswith(".json"):
+                    meta = json.loads(data)
+                    assert list(meta)[-1] == "regions", m.name
+                    del meta["regions"]
+                    data = json.dumps(meta, ensure_ascii=False).encode("utf-8")  # as make_sample writes it
                 h.update(f"{shard.parent.name}/{m.name}:{len(data)}:".encode())
                 h.update(data)
     return h.hexdigest()
@@ -680,8 +688,13 @@ def test_clip_benchmark_copy_matches_our_reader(cluttered_cfg, tmp_path):
     manifest = json.loads((out / "scenes.json").read_text())
     assert manifest["clip_benchmark"]["shards"] == 4
     assert "--dataset_root OUT/clip_benchmark " in manifest["clip_benchmark"]["command"]  # files name no path
+    assert "--num_workers 4 " in manifest["clip_benchmark"]["command"]
     summary = S.run(S.ScenesConfig(out=out, n_train=3, n_test=5, clip_benchmark=True))
     assert f"--dataset_root {out / 'clip_benchmark'} " in summary["clip_benchmark"]["command"]
+    # One shard: CLIP_benchmark's default of 4 workers would leave 3 without data (webdataset then
+    # stops the run); the command asks for no more workers than there are shards.
+    assert summary["clip_benchmark"]["shards"] == 1 and "--num_workers 1 " in summary["clip_benchmark"]["command"]
+    assert S.clip_benchmark_command("OUT/clip benchmark", 2).count("'OUT/clip benchmark'") == 1  # quoted for the shell
     # Regenerating without the copy removes it: it would describe a test split that is gone.
     S.run(S.ScenesConfig(out=out, n_train=3, n_test=5))
     assert not (out / "clip_benchmark").exists()
@@ -699,3 +712,66 @@ def test_run_refuses_a_folder_whose_scenes_json_another_tool_wrote(tmp_path):
     mine = tmp_path / "mine"
     S.run(S.ScenesConfig(out=mine, n_train=4, n_test=4, shard_size=4))
     S.run(S.ScenesConfig(out=mine, n_train=4, n_test=4, shard_size=4))
+
+
+# --------------------------------------------------------------------------- regions (eval-grounding)
+
+
+@pytest.mark.parametrize("flavour", S.FLAVOURS)
+def test_every_sample_of_both_splits_carries_a_region_per_object(flavour, tmp_path):
+    fake = _fake_fashion(tmp_path / "fmnist")
+    out = tmp_path / "o"
+    summary = S.run(S.ScenesConfig(out=out, flavour=flavour, n_train=12, n_test=12, shard_size=6,
+                                   fashion_path=None if flavour == "shapes" else fake))
+    kinds = Counter()
+    for split in ("train", "test"):
+        assert summary["stats"][split]["regions"]["attribute"] == sum(
+            len(json.loads(d)["objects"]) for shard in sorted((out / split).glob("*.tar"))
+            for n, d in _tar_members(shard).items() if n.endswith(".json"))
+        for shard in sorted((out / split).glob("*.tar")):
+            for name, data in _tar_members(shard).items():
+                if not name.endswith(".json"):
+                    continue
+                meta = json.loads(data)
+                objs, regions = meta["objects"], meta["regions"]
+                nouns = Counter(o["shape"] for o in objs)
+                attribute = [r for r in regions if r["kind"] == "attribute"]
+                bare = [r for r in regions if r["kind"] == "object"]
+                assert len(attribute) == len(objs) and len(attribute) + len(bare) == len(regions)
+                assert [r["object"] for r in bare] == [k for k, o in enumerate(objs) if nouns[o["shape"]] == 1]
+                for r in regions:
+                    o = objs[r["object"]]
+                    assert set(r) == {"phrase", "bbox", "kind", "size", "object"}
+                    assert r["bbox"] == o["bbox"] and r["size"] == o["size"] in S.SIZES
+                    size, colour, noun = S._parse_np(r["phrase"])  # the captions' grammar
+                    assert noun == o["shape"]
+                    assert (size, colour) == ((o["size"], o["colour"]) if r["kind"] == "attribute" else (None, None))
+                    # The phrase names exactly its object, so one box is the right answer.
+                    named = [k for k, p in enumerate(objs) if p["shape"] == noun
+                             and colour in (None, p["colour"]) and size in (None, p["size"])]
+                    assert named == [r["object"]], (r, objs)
+                for r in attribute:  # the first caption names every named object with this phrase
+                    assert (r["phrase"] in meta["captions"][0]) != objs[r["object"]].get("distractor", False), r
+                kinds.update(r["kind"] for r in regions)
+    assert kinds["attribute"] > 0 and kinds["object"] > 0
+    assert json.loads((out / "scenes.json").read_text())["region_kinds"] == ["attribute", "object"]
+
+
+def test_a_folder_written_before_regions_is_regenerated_by_the_same_run(tmp_path):
+    """Generator 1.1 wrote no regions: the same run over such a folder rewrites it with them."""
+    out = tmp_path / "o"
+    cfg = S.ScenesConfig(out=out, n_train=4, n_test=4, shard_size=4)
+    S.run(cfg)
+    for shard in (out / "train" / "00000.tar", out / "test" / "00000.tar"):  # make it look like 1.1's output
+        members = [(n, json.dumps({k: v for k, v in json.loads(d).items() if k != "regions"}).encode()
+                    if n.endswith(".json") else d) for n, d in _tar_members(shard).items()]
+        S.write_tar_atomic(shard, members)
+    manifest = json.loads((out / "scenes.json").read_text())
+    (out / "scenes.json").write_text(json.dumps(manifest | {"version": "1.1"}))
+    assert all("regions" not in json.loads(d) for n, d in _tar_members(out / "test" / "00000.tar").items()
+               if n.endswith(".json"))
+    S.run(cfg)
+    assert json.loads((out / "scenes.json").read_text())["version"] == S.GENERATOR_VERSION == "1.2"
+    for split in ("train", "test"):
+        metas = [json.loads(d) for n, d in _tar_members(out / split / "00000.tar").items() if n.endswith(".json")]
+        assert len(metas) == 4 and all(m["regions"] for m in metas)

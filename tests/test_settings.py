@@ -20,6 +20,9 @@ CONFIGS = {
     "eval-retrieval": configs.EvalRetrievalConfig,
     "eval-zeroshot": configs.EvalZeroshotConfig,
     "scenes": configs.ScenesConfig,
+    "embed": configs.EmbedConfig,  # issue 20
+    "index": configs.IndexConfig,
+    "search": configs.SearchConfig,
 }
 COMMANDS = typer.main.get_command(app).commands
 
@@ -126,7 +129,7 @@ def test_distills_resume_keys_are_its_identity_settings():
     old_resume = {"cache", "student", "recipe", "steps", "epochs", "batch_size", "lr", "warmup", "weight_decay",
                   "beta1", "beta2", "eps", "grad_clip", "seed", "view_policy", "caption_policy", "exp_scales",
                   "mask_ratio", "precision", "cache_reader", "shuffle_buffer"}
-    old_runtime = {"resume", "overwrite", "quiet", "device", "workers", "report_to"}
+    old_runtime = {"resume", "overwrite", "quiet", "device", "workers", "report_to", "decode"}  # + decode (issue 23)
     assert set(settings.keys(configs.DistillConfig, settings.IDENTITY)) == old_resume
     assert set(settings.keys(configs.DistillConfig, settings.RUNTIME)) == old_runtime
 

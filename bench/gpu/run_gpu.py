@@ -22,6 +22,9 @@ and the summary says so; so is any GPU-only step on a machine without CUDA):
     distill-extra  on distill's cache: FLOPs of each recipe's step (FlopCounterMode, forward
                    + backward) -> model FLOP utilisation; the data stream's samples/s alone
                    against the step's
+    stream         bench/bench_stream.py: distill's per-sample loader work at 224 px from
+                   256- and 512-px JPEGs per core of this machine, the cores a ViT-T-16 step
+                   rate needs, and --decode gpu's device part (gpu_decode.BatchDecoder)
     cache-profile  only when cache's ratio < 0.9: cProfile of cache-teacher's main process
                    (where the time goes)
 
@@ -74,6 +77,7 @@ SIZES = {
                     "--e2e-steps", "6"],
         "extra": {"batch_size": 256, "precision": "bf16", "timed_steps": 5, "stream_batches": 16,
                   "stream_workers": -1, "stream_recipes": ["clip", "hierd"]},
+        "stream": ["--samples", "256", "--rounds", "3", "--sizes", "256,512", "--batch", "256"],
     },
     "smoke": {
         "device": "cpu",
@@ -87,6 +91,7 @@ SIZES = {
                     "--threads", "1", "--recipes", "hierd"],
         "extra": {"batch_size": 4, "precision": "fp32", "timed_steps": 1, "stream_batches": 1,
                   "stream_workers": 0, "stream_recipes": ["clip", "hierd"]},
+        "stream": ["--samples", "8", "--rounds", "1", "--sizes", "64", "--batch", "4", "--no-flops"],
     },
 }
 
@@ -106,6 +111,7 @@ PARTS = [
     Part("cache", "1. cache-teacher vs the teacher's forward", 150, 40),
     Part("distill", "2. distill step times", 180, 40),
     Part("distill-extra", "2. distill: FLOP utilisation and data stream", 90, 20),
+    Part("stream", "4. the data stream at real resolution, --decode gpu", 120, 30),
     Part("cache-profile", "1. cache-teacher: where the time goes", 90, 25),
 ]
 
@@ -387,6 +393,11 @@ def worker_distill_extra(cfg: dict) -> int:
             # per worker, made in parallel while the workers start) is not timed: after it,
             # batches come at the workers' steady rate.
             tr.cfg = dataclasses.replace(tr.cfg, workers=cfg["stream_workers"])
+            # Trainer.loader reads tr.data.workers (resolved by build_trainer from workers=0 above), not
+            # tr.cfg.workers: set it, with the --workers -1 rule, or the stream runs without workers.
+            from hierdctl.loader import workers_for
+
+            tr.data.workers = workers_for(cfg["stream_workers"])
             loader = tr.loader(0)
             warm = max(1, loader.num_workers)
             t0 = time.perf_counter()
@@ -590,6 +601,8 @@ def main(argv=None) -> int:
             cmd = py("distill-extra", sizes["extra"] | {"work": str(work / "distill"), "device": device,
                                                         "recipes": recipes or ["clip"],
                                                         "peak_tflops": peak if cuda else None})
+        elif name == "stream":
+            cmd = py("bench", {"script": "bench/bench_stream.py", "argv": sizes["stream"] + ["--device", device]})
         elif name == "cache-profile":
             ratio = ((results["parts"].get("cache", {}).get("data") or {}).get("json") or {}).get("ratio")
             if ratio is None:
@@ -805,6 +818,16 @@ def summary_md(r: dict) -> str:
         L += [s, ""]
     for why in ex.get("skipped", []):
         L += [f"- skipped: {why}"]
+
+    # --- 4. the data stream
+    L += ["### 4. The data stream at real resolution (bench/bench_stream.py)", ""]
+    st = parts.get("stream", {}).get("data") or {}
+    if st.get("stdout"):
+        L += [ln for ln in st["stdout"].strip().splitlines() if not ln.startswith("WARNING")]
+        L.append("")
+    s = status_line("stream")
+    if s:
+        L += [s, ""]
 
     # --- 3. search
     L += ["", "### 3. eval-retrieval search on the GPU against the CPU", ""]

@@ -419,7 +419,9 @@ def part_to_batch(
 #   hierd_clu_fd / hierd_phr_fd / hierd_crop_fd  part_fd              valid part -> its teacher part (MSE)
 #   hierd_phr_img_x / hierd_clu_cap_x           part_to_teacher_batch student part -> the N teacher images / captions
 #   hierd_clu_phr_x                              cluster_phrase_cross  student cluster -> teacher phrases, and back
+#   hierd_clu_phr_bx                             cluster_phrase_batch_cross  the same over every part of the batch
 #   hierd_neg                                    negative_kl           image -> {caption, its perturbations}
+#   dense_fd / grid2_fd / grid3_fd               dense_fd              controls of part FD: every patch token / fixed cell
 
 
 def part_fd(parts_s: Tensor, parts_t: Tensor, mask: Tensor) -> Tensor:
@@ -486,6 +488,48 @@ def cluster_phrase_cross(
     cols = masked_kl_rows(scale_s * ps @ ct.transpose(1, 2), scale_t * pt @ ct.transpose(1, 2),
                           pair_mask.transpose(1, 2))
     return 0.5 * (rows + cols)
+
+
+def cluster_phrase_batch_cross(
+    clu_s: Tensor,
+    clu_t: Tensor,
+    clu_mask: Tensor,
+    phr_s: Tensor,
+    phr_t: Tensor,
+    phr_mask: Tensor,
+    scale_s: Scale,
+    scale_t: Scale,
+) -> Tensor:
+    """In batch, across models: each valid student cluster's distribution over *every* valid
+    teacher phrase of the batch (all N captions), and each valid student phrase's over every
+    valid teacher cluster of the batch (all N images), matched to the teacher part's own.
+
+    `cluster_phrase_cross` is the same with the distributions confined to one pair; here the
+    other pairs' parts are the negatives, so the student learns which regions of *other*
+    images a phrase also names (and which phrases of other captions a region fits).
+    clu_*: (N, K, D), clu_mask: (N, K); phr_*: (N, P, D), phr_mask: (N, P).
+    Rows: student σ_s·ĉs·ptᵀ vs teacher σ_t·ct·ptᵀ, (N·K, N·P); columns: student σ_s·p̂s·ctᵀ vs
+    teacher σ_t·pt·ctᵀ, (N·P, N·K). Invalid parts are dropped rows and −inf entries.
+    Returns () = ½[KL_rows + KL_cols].
+    """
+    cs, ct = masked_parts(clu_s, clu_mask, True).flatten(0, 1), masked_parts(clu_t, clu_mask, False).flatten(0, 1)
+    ps, pt = masked_parts(phr_s, phr_mask, True).flatten(0, 1), masked_parts(phr_t, phr_mask, False).flatten(0, 1)
+    cm, pm = clu_mask.flatten(), phr_mask.flatten()  # (N·K,), (N·P,)
+    rows = masked_kl_rows(scale_s * cs @ pt.T, scale_t * ct @ pt.T, cm[:, None] & pm[None, :])  # (N·K, N·P)
+    cols = masked_kl_rows(scale_s * ps @ ct.T, scale_t * pt @ ct.T, pm[:, None] & cm[None, :])  # (N·P, N·K)
+    return 0.5 * (rows + cols)
+
+
+def dense_fd(parts_s: Tensor, parts_t: Tensor) -> Tensor:
+    """FD over every part, none masked: Σ_{n,g} ‖p̂s_ng − pt_ng‖² / D / (N·G).
+
+    The controls of part FD: every student patch token -> the teacher's patch token at the
+    same place (dense FD), or the student's patch tokens pooled over fixed cells -> the
+    teacher's pooled over the same cells (fixed-grid FD). parts_s: (N, G, D) raw student
+    (normalised here); parts_t: (N, G, D) teacher (normalised). Returns (). Equals `part_fd`
+    with every part valid, so FD's weight carries over.
+    """
+    return F.mse_loss(unit(parts_s), frozen(parts_t))
 
 
 def negative_kl(

@@ -21,7 +21,7 @@ Which space each term works in (features.py explains the two):
 
     clip, crd, affinity, afd, the relational hierd_* terms, hierd_neg
                                          the student's own embeddings (*_s)
-    fd, mfd, icl, gd, vrd, xrd, hierd_*_fd, hierd_*_x
+    fd, mfd, icl, gd, vrd, xrd, hierd_*_fd, hierd_*_x, hierd_clu_phr_bx, dense_fd, grid*_fd
                                          the student projected into the teacher's space (*_st)
 
 Scales. A term whose fields include `scale_s, scale_t` takes a `scale` arg:
@@ -156,6 +156,17 @@ TERMS: dict[str, TermSpec] = {
                                                          "phr_mask") + _SCALES,
                                 "per pair, across models: student cluster -> teacher phrases and back",
                                 scale="teacher"),
+    "hierd_clu_phr_bx": TermSpec(L.cluster_phrase_batch_cross, ("clu_st", "clu_t", "clu_mask", "phr_st", "phr_t",
+                                                                "phr_mask") + _SCALES,
+                                 "in batch, across models: student cluster -> every teacher phrase of the batch, "
+                                 "and back", scale="teacher"),
+    # --- controls of part FD (docs/hierd.md, "Controls"): the same FD on parts that are not
+    # k-means clusters. Need a cache made with --store tokens (the teacher's patch tokens).
+    "dense_fd": TermSpec(L.dense_fd, ("tok_st", "tok_t"), "dense FD: every student patch token -> the teacher's "
+                         "token at the same place (area-resampled onto the student's grid)"),
+    "grid2_fd": TermSpec(L.dense_fd, ("grid2_st", "grid2_t"), "fixed-grid FD: student tokens pooled over 2x2 cells "
+                         "-> the teacher's pooled over the same cells"),
+    "grid3_fd": TermSpec(L.dense_fd, ("grid3_st", "grid3_t"), "fixed-grid FD over 3x3 cells"),
     "hierd_neg": TermSpec(L.negative_kl, ("img_s", "txt_s", "neg_s", "img_t", "txt_t", "neg_t", "neg_mask") + _SCALES,
                           "compositional negatives: image -> {caption, its perturbations}", scale="teacher"),
 }  # fmt: skip
@@ -163,7 +174,8 @@ TERMS: dict[str, TermSpec] = {
 # What a field costs the rest of the pipeline: (cache part, student-wrapper work).
 #   masked_forward  an extra student image forward with 75% of patches masked
 #   fusion          Linear([vs‖vt]) / Linear([ts‖tt]) fusion layers
-#   patch_tokens    student patch tokens pooled by the teacher's cluster map
+#   patch_tokens    the student's patch tokens: pooled by the teacher's cluster map (by area), pooled
+#                   over fixed cells, or one by one (dense FD)
 #   phrase_forward  the student text tower run on every phrase
 #   negative_forward  the student text tower run on every perturbation of the caption
 # The `*_st` fields (PROJECTED) also need Linear(D_s, D_t) projectors when the widths differ.
@@ -181,8 +193,11 @@ FIELD_NEEDS: dict[str, tuple[str | None, str | None]] = {
     "phr_t": ("phrases", None), "phr_mask": ("phrases", None),
     "neg_t": ("perturbations", None), "neg_mask": ("perturbations", None),
     "clu_crop_t": ("cluster_crops", None),
+    "tok_st": ("tokens", "patch_tokens"), "tok_t": ("tokens", None),
+    "grid2_st": ("tokens", "patch_tokens"), "grid2_t": ("tokens", None),
+    "grid3_st": ("tokens", "patch_tokens"), "grid3_t": ("tokens", None),
 }  # fmt: skip
-PROJECTED = ("img_st", "txt_st", "img_st_masked", "clu_st", "phr_st", "neg_st")
+PROJECTED = ("img_st", "txt_st", "img_st_masked", "clu_st", "phr_st", "neg_st", "tok_st", "grid2_st", "grid3_st")
 KAPPA_FIELDS = {"kappa_x": "x", "kappa_v": "v", "kappa_t": "t"}
 
 
@@ -247,7 +262,7 @@ class Recipe:
     @property
     def cache_parts(self) -> tuple[str, ...]:
         """Cache parts needed: subset of ('global', 'clusters', 'phrases', 'perturbations',
-        'cluster_crops'); empty = no teacher."""
+        'cluster_crops', 'tokens'); empty = no teacher."""
         return self._needs(0)
 
     @property
