@@ -100,6 +100,7 @@ def _interrupted(e: BaseException, command: str) -> None:
     signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
     what = (e.what if isinstance(e, Interrupted) else "") or {
         "cache-teacher": "interrupted; rerun the same command to continue: finished shards are kept",
+        "embed": "interrupted; rerun the same command to continue: finished shards are kept",
         "distill": "interrupted; rerun with --resume to continue from the last checkpoint"}.get(
         command, "interrupted; nothing was replaced: rerun the command")
     console.print(f"[bold red]{_escape(what)}[/] ({signal.Signals(signum).name})", soft_wrap=True)

@@ -607,8 +607,8 @@ class EvalRetrievalConfig:
     out: Optional[Path] = setting(None, help="Write the JSON report here.", role=RUNTIME, flags=("--out", "-o"))
     save_index: Optional[Path] = setting(None, help="Keep each model's embeddings and FAISS indexes in this folder.",
                                          role=RUNTIME)
-    overwrite: bool = setting(False, help="Replace an earlier --save-index folder, and an --out file hierdctl did "
-                                          "not write (its own reports are replaced anyway).", role=RUNTIME)
+    overwrite: bool = setting(False, help="Replace an earlier --save-index folder, and an --out or --html file "
+                                          "hierdctl did not write (its own are replaced anyway).", role=RUNTIME)
     source_options: SourceOptions = _source_options()
     max_pixels: int = _max_pixels(IDENTITY)
     workers: int = setting(4, help="Image-decoding threads (0: decode in the main thread).", role=RUNTIME)
@@ -679,7 +679,8 @@ class EvalGroundingConfig:
     batch_size: int = setting(64, help="Images / phrases per forward.", role=RUNTIME)
     device: str = _device()
     out: Optional[Path] = setting(None, help="Write the JSON report here.", role=RUNTIME, flags=("--out", "-o"))
-    overwrite: bool = setting(False, help="Replace an existing --out file.", role=RUNTIME)
+    overwrite: bool = setting(False, help="Replace an --out file hierdctl did not write (its own reports are replaced "
+                                          "anyway).", role=RUNTIME)
     source_options: SourceOptions = _source_options()
     max_pixels: int = _max_pixels(IDENTITY)
     workers: int = setting(4, help="Image-decoding threads (0: decode in the main thread).", role=RUNTIME)
@@ -691,10 +692,10 @@ class EvalGroundingConfig:
         if self.teacher is not None:
             _check_specs([self.teacher], "--teacher")
         require(self.batch_size >= 1, "must be at least 1", "--batch-size")
-        require(self.workers >= 0, "must be 0 or more", "--workers")
+        require(0 <= self.workers <= MAX_WORKERS, f"must be 0 (no worker process) or up to {MAX_WORKERS}", "--workers")
         require(self.max_pixels > 0, f"must be positive, got {self.max_pixels}", "--max-pixels")
         self.out = Path(self.out) if self.out is not None else None
-        check_report_path(self.out)
+        check_report_path(self.out, overwrite=self.overwrite)
         return self
 
 
@@ -862,7 +863,7 @@ class EmbedConfig:
         require(self.dtype in EMBED_DTYPES, f"must be one of {', '.join(EMBED_DTYPES)}, got {self.dtype!r}", "--dtype")
         require(self.precision in PRECISIONS, "must be auto, fp32, bf16 or fp16", "--precision")
         require(self.batch_size >= 1, "must be at least 1", "--batch-size")
-        require(self.workers >= 0, "must be 0 or more", "--workers")
+        require(0 <= self.workers <= MAX_WORKERS, f"must be 0 (no worker process) or up to {MAX_WORKERS}", "--workers")
         require(self.max_pixels > 0, f"must be positive, got {self.max_pixels}", "--max-pixels")
         require(self.source_options.rows_per_shard >= 1, "must be at least 1", "--rows-per-shard")
         _check_out_dir(self.out)

@@ -40,7 +40,8 @@ def versions() -> dict:
 
 def written_by_hierdctl(path: Path) -> bool:
     """True if the file at `path` is one hierdctl writes at a path the user names: an evaluation
-    report (a JSON object whose "schema" is hierdctl.eval-*), or cache-teacher's --log-skipped
+    report (a JSON object whose "schema" is hierdctl.eval-*), an eval-retrieval --html page (its
+    generator meta tag), or cache-teacher's --log-skipped
     (JSON lines, each with a shard, a key and a reason). An empty file holds nothing to lose."""
     import json
 
@@ -50,6 +51,10 @@ def written_by_hierdctl(path: Path) -> bool:
         return False
     if not text.strip():
         return True
+    from hierdctl.html_report import GENERATOR
+
+    if text.lstrip().lower().startswith("<!doctype html>") and GENERATOR in text[:2000]:
+        return True  # an eval-retrieval --html page
     try:
         obj = json.loads(text)
         if isinstance(obj, dict) and str(obj.get("schema", "")).startswith("hierdctl.eval-"):

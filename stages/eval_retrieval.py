@@ -238,7 +238,7 @@ def _write_html(cfg: EvalRetrievalConfig, source, report: dict, keys: list[str],
     """Thumbnails of every image the page shows (a second pass over the source, decoding only
     those), every export's loss curves, then the page, written atomically."""
     from hierdctl import html_report
-    from hierdctl.atomic import write_text_atomic
+    from hierdctl.atomic import remove_dead_leftovers, write_text_atomic
     from hierdctl.embedding import iter_samples
 
     shown = {int(i) for i in q["images"]} | {i for per_model in ranked for row in per_model for i, _ in row}
@@ -255,4 +255,5 @@ def _write_html(cfg: EvalRetrievalConfig, source, report: dict, keys: list[str],
     curves = {spec: c for spec in dict.fromkeys(cfg.models) if (c := html_report.loss_curves(spec))}
     queries = [{"caption": cap, "image": int(img), "results": [per_model[j] for per_model in ranked]}
                for j, (cap, img) in enumerate(zip(q["captions"], q["images"]))]
+    remove_dead_leftovers(Path(cfg.html))  # what a killed evaluation's write of this page left
     write_text_atomic(Path(cfg.html), html_report.render(report, queries, thumbs, curves, keys))

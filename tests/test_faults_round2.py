@@ -305,15 +305,33 @@ def _writers(world, run: Path, tree: Path, where: Path) -> dict:
                                  "--templates", "simple", "--workers", "0", "--out", where / "z.json"], where),
         "scenes": (["scenes", "--out", where / "s", "--n-train", "2", "--n-test", "2", "--shard-size", "2"],
                    where / "s"),
+        "eval-retrieval --html": (["eval-retrieval", world.source, "--model", world.teacher, "--workers", "0",
+                                   "--k", "1", "--html", where / "p.html"], where),
+        "eval-grounding --out": (["eval-grounding", world.source, "--model", world.teacher, "--workers", "0",
+                                  "--out", where / "g.json"], where),
+        "embed": (["embed", world.source, "--model", world.teacher, "--workers", "0", "--quiet", "--out",
+                   where / "emb"], where / "emb"),
+        "index": (["index", run.parent / "emb", "--quiet", "--out", where / "idx"], where),
     }
 
 
 WRITERS = ["cache-teacher", "cache-teacher --log-skipped", "distill", "export", "eval-retrieval --out",
-           "eval-retrieval --save-index", "eval-zeroshot --out", "scenes"]
+           "eval-retrieval --save-index", "eval-zeroshot --out", "scenes", "eval-retrieval --html",
+           "eval-grounding --out", "embed", "index"]
+
+
+@pytest.fixture(scope="module")
+def embedded(world, short_run) -> Path:
+    """Embeddings of the world's source beside the short run (what `index` reads)."""
+    emb = short_run.parent / "emb"
+    r = _cli("embed", world.source, "--model", world.teacher, "--workers", "0", "--quiet", "--out", emb)
+    assert r.exit_code == 0, r.output[-2000:]
+    return emb
 
 
 @pytest.mark.parametrize("stage", WRITERS)
-def test_a_read_only_file_system_is_one_line_naming_the_folder(world, short_run, class_tree, mount_tmpfs, stage):
+def test_a_read_only_file_system_is_one_line_naming_the_folder(world, short_run, embedded, class_tree, mount_tmpfs,
+                                                               stage):
     ro = mount_tmpfs(read_only=True)
     args, folder = _writers(world, short_run, class_tree, ro)[stage]
     shutil.rmtree(short_run.parent / "ct-ok", ignore_errors=True)
@@ -321,7 +339,7 @@ def test_a_read_only_file_system_is_one_line_naming_the_folder(world, short_run,
 
 
 @pytest.mark.parametrize("stage", WRITERS)
-def test_an_unwritable_folder_is_one_line_naming_it(world, short_run, class_tree, immutable_dir, stage):
+def test_an_unwritable_folder_is_one_line_naming_it(world, short_run, embedded, class_tree, immutable_dir, stage):
     where = immutable_dir / "inside"
     args, folder = _writers(world, short_run, class_tree, where)[stage]
     shutil.rmtree(short_run.parent / "ct-ok", ignore_errors=True)
@@ -511,11 +529,28 @@ def test_cache_overwrite_removes_only_the_shards_the_cache_recorded(world, tmp_p
     assert _tars(cache) == world.shards | mine  # the cache is whole again, the user's files untouched
 
 
-@pytest.mark.parametrize("stage", ["eval-retrieval", "eval-zeroshot", "cache-teacher --log-skipped"])
-def test_a_report_file_of_the_users_is_replaced_only_with_overwrite(world, class_tree, tmp_path, stage):
-    notes = tmp_path / "notes.json"
+@pytest.fixture(scope="module")
+def regions_source(tmp_path_factory) -> Path:
+    """A tiny Scenes test split: samples whose JSON carries regions (what eval-grounding reads)."""
+    out = tmp_path_factory.mktemp("scenes") / "s"
+    r = _cli("scenes", "--out", out, "--n-train", "2", "--n-test", "4", "--shard-size", "4", "--seed", "1")
+    assert r.exit_code == 0, r.output[-2000:]
+    return out / "test"
+
+
+@pytest.mark.parametrize("stage", ["eval-retrieval", "eval-zeroshot", "cache-teacher --log-skipped",
+                                   "eval-grounding", "eval-retrieval --html"])
+def test_a_report_file_of_the_users_is_replaced_only_with_overwrite(world, class_tree, regions_source, tmp_path,
+                                                                     stage):
+    notes = tmp_path / ("notes.html" if "html" in stage else "notes.json")
     notes.write_text('{"my": "notes"}')
-    if stage == "eval-retrieval":
+    if stage == "eval-retrieval --html":
+        args = ["eval-retrieval", world.source, "--model", world.teacher, "--workers", "0", "--k", "1", "--quiet",
+                "--html", notes]
+    elif stage == "eval-grounding":
+        args = ["eval-grounding", regions_source, "--model", world.teacher, "--workers", "0", "--quiet",
+                "--out", notes]
+    elif stage == "eval-retrieval":
         args = ["eval-retrieval", world.source, "--model", world.teacher, "--workers", "0", "--k", "1", "--quiet",
                 "--out", notes]
     elif stage == "eval-zeroshot":
@@ -524,7 +559,7 @@ def test_a_report_file_of_the_users_is_replaced_only_with_overwrite(world, class
     else:
         args = ["cache-teacher", world.source, "--teacher", world.teacher, *CACHE_OPTS, "--quiet",
                 "--out", tmp_path / "c", "--log-skipped", notes]
-    flag = "--log-skipped" if "log" in stage else "--out"
+    flag = "--log-skipped" if "log" in stage else "--html" if "html" in stage else "--out"
     _one_line_error(_cli(*args), flag, str(notes), "--overwrite")
     assert notes.read_text() == '{"my": "notes"}'
     assert not (tmp_path / "c").exists()  # refused before any work
@@ -809,6 +844,18 @@ def test_eval_worker_counts_are_bounded_like_distill():
         EvalRetrievalConfig(source="x", models=["open_clip:x"], workers=100_000).validate()
 
 
+def test_new_stages_bound_their_worker_counts_too(tmp_path):
+    """eval-grounding's and embed's --workers 100000 reached the decoding thread pool unchecked."""
+    from hierdctl.configs import EmbedConfig, EvalGroundingConfig
+    from hierdctl.errors import UserError
+
+    with pytest.raises(UserError, match="--workers"):
+        EvalGroundingConfig(source="x", models=["open_clip:x"], workers=100_000).validate()
+    with pytest.raises(UserError, match="--workers"):
+        EmbedConfig(source="x", model="open_clip:x", out=tmp_path / "e", workers=100_000).validate()
+
+
+
 # ----------------------------------------------------------------------------------
 # 9. Tidiness: byte-identical exports, leftovers, renames, signals, workers, metrics rows
 # ----------------------------------------------------------------------------------
@@ -869,6 +916,58 @@ def test_a_killed_eval_leaves_no_temporary_report_after_the_next_run(world, zygo
     assert len([p for p in tmp_path.iterdir() if atomic.is_leftover(p.name)]) == 2
     assert zygote.run(*args).returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.json.tmp999999", "r.json"]
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_an_html_page_and_an_embeddings_folder_lose_the_leftovers_of_killed_writes(world, tmp_path):
+    """The same rule as reports and runs, for what main added: a rerun removes the NAME.tmpPID
+    files of its own names that killed writes left (simulated: placed by hand), never a user's."""
+    page, emb = tmp_path / "p.html", tmp_path / "emb"
+    args = ["eval-retrieval", world.source, "--model", world.teacher, "--workers", "0", "--k", "1", "--quiet",
+            "--html", page]
+    leftovers = [tmp_path / f"p.html.tmp{_dead_pid()}"]
+    r = _cli("embed", world.source, "--model", world.teacher, "--workers", "0", "--quiet", "--out", emb)
+    assert r.exit_code == 0, r.output[-2000:]
+    leftovers += [emb / f"manifest.json.tmp{_dead_pid()}", emb / f"shard-00000.done.json.tmp{_dead_pid()}"]
+    mine = [tmp_path / "notes.html.tmp1", emb / "notes.json.tmp1"]
+    for p in leftovers + mine:
+        p.write_text("half")
+    assert _cli(*args).exit_code == 0
+    r = _cli("embed", world.source, "--model", world.teacher, "--workers", "0", "--quiet", "--out", emb)
+    assert r.exit_code == 0, r.output[-2000:]
+    assert [p.name for p in leftovers if p.exists()] == [] and all(p.read_text() == "half" for p in mine)
+
+
+@pytest.mark.parametrize("stage", ["embed", "index", "search", "eval-grounding", "eval-retrieval", "export"])
+def test_every_command_turns_a_signal_into_one_line_and_128_plus_its_number(world, tmp_path, monkeypatch, stage):
+    """The adapter's rule for the commands main added too (the stage is replaced by one that is
+    interrupted at once): one line, exit 143, and embed says its finished shards are kept."""
+    import importlib
+    import signal
+
+    from hierdctl.errors import Interrupted
+
+    module = importlib.import_module(f"hierdctl.stages.{stage.replace('-', '_')}")
+
+    def run(cfg):
+        raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(module, "run", run)
+    args = {"embed": ["embed", world.source, "--model", world.teacher, "--out", tmp_path / "e"],
+            "index": ["index", tmp_path], "search": ["search", tmp_path, "--text", "a cat"],
+            "eval-grounding": ["eval-grounding", world.source, "--model", world.teacher],
+            "eval-retrieval": ["eval-retrieval", world.source, "--model", world.teacher],
+            "export": ["export", tmp_path, "--out", tmp_path / "x"]}[stage]
+    line = _one_line_error(_cli(*args), "interrupted", code=143)
+    if stage == "embed":
+        assert "finished shards are kept" in line, line
 
 
 @pytest.mark.slow
