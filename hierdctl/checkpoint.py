@@ -194,7 +194,32 @@ def save(run: Path, step: int, wrapper, optimizer, scaler, meta: dict, keep: int
                   key=_step_of)
     atomic.write_json_atomic(d / LATEST, {"step": step, "name": name, "checkpoints": mine})
     prune(d, mine, keep)
+    del weights, state, buf
+    release_freed_memory()
     return d / f"{name}.safetensors"
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's freed pages back to the system (glibc's malloc_trim; elsewhere nothing).
+
+    glibc keeps what a process frees for its next allocations, and the training step's and the
+    checkpoint's large temporary buffers leave the heap fragmented: in a 20-epoch soak
+    (bench/soak_distill.py, docs/reliability.md) the resident memory grew 8.4 % from epoch 2 to the
+    end while the memory in use (measured after a trim) grew under 1 %. Called after every
+    checkpoint, so a week-long run's resident memory stays where its first epochs put it."""
+    import ctypes
+
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC(0)
+
+
+_LIBC = None  # glibc's malloc_trim, False where there is none
 
 
 def _step_of(name: str) -> int:
