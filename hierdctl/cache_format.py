@@ -112,15 +112,57 @@ def is_own_start(name: str) -> bool:
     return name.startswith(".hierdctl.") or leftover_base(name) == CONFIG_NAME
 
 
+def _json(p: Path):
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def _written_by_cache_teacher(root: Path, name: str, recorded: set[str]) -> bool:
+    """True if `root/name`, named like one of cache-teacher's files, is one: the config and the
+    manifest carry the format's name, a done-marker names its own shard, a shard is recorded by a
+    done-marker or the manifest, or (renamed into place by a run killed before its done-marker)
+    carries the writer's headers: USTAR, owner 'hierdctl', mtime 0 (atomic.write_tar_atomic)."""
+    p = root / name
+    if name in (CONFIG_NAME, MANIFEST_NAME):
+        obj = _json(p)
+        return isinstance(obj, dict) and obj.get("format") == FORMAT_NAME
+    if name.endswith(".done.json"):
+        obj = _json(p)
+        return isinstance(obj, dict) and obj.get("name") == name.replace(".done.json", ".tar") and "sha256" in obj
+    if name in recorded:
+        return True
+    try:
+        with open(p, "rb") as f:
+            head = f.read(512)
+        info = tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")
+    except (OSError, tarfile.HeaderError):
+        return False
+    return info.uname == "hierdctl" and info.mtime == 0 and head[257:262] == b"ustar"
+
+
 def clear(root: Path) -> list[str]:
     """Remove what cache-teacher wrote into `root` (shards, done-markers, their leftovers,
-    cache-config.json, manifest.json), nothing else. Returns the names removed."""
+    cache-config.json, manifest.json), nothing else: not a file that merely has such a name
+    (`_written_by_cache_teacher`). Returns the names removed."""
     from hierdctl.atomic import leftover_base
 
+    root = Path(root)
+    recorded = set()
+    for p in root.glob("shard-*.done.json"):
+        obj = _json(p)
+        if isinstance(obj, dict) and isinstance(obj.get("name"), str):
+            recorded.add(obj["name"])
+    m = _json(root / MANIFEST_NAME)
+    if isinstance(m, dict) and m.get("format") == FORMAT_NAME:
+        recorded |= {e.get("name") for e in m.get("shards") or [] if isinstance(e, dict)}
     removed = []
-    for p in sorted(Path(root).iterdir()):
-        base = leftover_base(p.name) or p.name
-        if p.is_file() and _is_own_name(base):
+    for p in sorted(root.iterdir()):
+        base = leftover_base(p.name)
+        ours = _is_own_name(base) if base is not None else (
+            _is_own_name(p.name) and _written_by_cache_teacher(root, p.name, recorded))
+        if (p.is_file() or p.is_symlink()) and ours:
             p.unlink()
             removed.append(p.name)
     return removed
@@ -410,6 +452,8 @@ def write_shard(out: Path, index: int, label: str, records: list[dict], skips: l
         "skipped": dict(collections.Counter(s["reason"] for s in skips)),
         "skipped_samples": skips,
         "converted": dict(collections.Counter(r["meta"]["converted_from"] for r in records if r["meta"]["converted_from"])),
+        # captions cut to sources.MAX_CAPTION_CHARS (a sample's meta says how many of its own)
+        "caption_truncated": sum(r["meta"].get("captions_cut", 0) for r in records),
         "bytes": written.bytes,
         "sha256": written.sha256,
     }
@@ -497,22 +541,22 @@ def write_manifest(out: Path, identity: dict, teachers: list[dict], captioner: d
         "phrases": sum(s["phrases"] for s in done),
         "skipped": dict(sorted(skipped.items())),
         "skipped_total": sum(skipped.values()),
+        "caption_truncated": sum(s.get("caption_truncated", 0) for s in done),
         "converted": dict(sorted(converted.items())),
         "bytes": total_bytes,
         "bytes_per_sample": (total_bytes / samples) if samples else None,
         "shards_total": len(source.units),
         "shards_done": len(done),
         "complete": len(done) == len(source.units),
-        "shards": [{k: s.get(k) for k in ("name", "label", "samples", "captions", "bytes", "sha256", "skipped")}
+        "shards": [{k: s.get(k, 0 if k == "caption_truncated" else None) for k in
+                    ("name", "label", "samples", "captions", "bytes", "sha256", "skipped", "caption_truncated")}
                    for s in done],
         "wall_seconds_last_run": round(time.time() - started, 3),
     }
     atomic.write_json_atomic(out / MANIFEST_NAME, manifest)
     if log_skipped:
-        with open(log_skipped, "w") as f:
-            for s in done:
-                for sk in s["skipped_samples"]:
-                    f.write(json.dumps({"shard": s["name"], **sk}) + "\n")
+        atomic.write_text_atomic(Path(log_skipped), "".join(json.dumps({"shard": s["name"], **sk}) + "\n"
+                                                            for s in done for sk in s["skipped_samples"]))
     return manifest
 
 
@@ -578,9 +622,10 @@ def cache_file(root, name: str) -> str:
     return f"{root.rstrip('/')}/{name}" if is_remote(root) else str(Path(root) / name)
 
 
-def open_cache(root: str | Path, where: str = "CACHE") -> Cache:
+def open_cache(root: str | Path, where: str = "CACHE", check: bool = True) -> Cache:
     """Open a finished cache (a local folder, or a URL: its manifest is fetched), checking its
-    format and schema version."""
+    format and schema version and, with `check`, the manifest against the cache's own records
+    (`manifest_problems`): a manifest changed after cache-teacher wrote it is refused."""
     if is_remote(str(root)):
         from hierdctl.sources import open_shard
 
@@ -611,13 +656,82 @@ def open_cache(root: str | Path, where: str = "CACHE") -> Cache:
         raise UserError(f"{mpath} is not a hierdctl teacher-cache manifest", where)
     if manifest.get("schema_version") not in READABLE_SCHEMAS:
         raise UserError(
-            f"cache schema version {manifest.get('schema_version')} but this hierdctl reads versions "
+            f"{mpath} has cache schema version {manifest.get('schema_version')} but this hierdctl reads versions "
             f"{', '.join(map(str, READABLE_SCHEMAS))}: rebuild the cache with this version's cache-teacher",
             where,
         )
     if not manifest.get("complete"):
         raise UserError(f"{root} is incomplete ({manifest.get('shards_done')}/{manifest.get('shards_total')} shards)", where)
-    return Cache(root, manifest)
+    cache = Cache(root, manifest)
+    if check:
+        problems = manifest_problems(cache)
+        if problems:
+            raise UserError(f"{mpath} does not match the cache's own records ({problems[0]}): it was changed after "
+                            f"cache-teacher wrote it; rerun cache-teacher on {root} with the same options: it "
+                            "rewrites the manifest from the shards' records", where)
+    return cache
+
+
+def _read_text(root, name: str) -> str | None:
+    """A small file of a local or remote cache, or None when it cannot be read."""
+    if is_remote(root):
+        from hierdctl.sources import open_shard
+
+        try:
+            stream, closer = open_shard(cache_file(root, name))
+            try:
+                return stream.read().decode("utf-8")
+            finally:
+                closer.close()
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
+    try:
+        return (Path(root) / name).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def manifest_problems(cache: Cache) -> list[str]:
+    """How the manifest disagrees with the cache's own records, written before it: cache-config.json
+    (the configuration and the teachers' fingerprints the cache was made with) and, for a local
+    cache, every shard's done-marker (samples, bytes, sha256). Empty when they agree."""
+    problems = []
+    try:
+        own = json.loads(_read_text(cache.root, CONFIG_NAME) or "null")
+    except json.JSONDecodeError:
+        own = None
+    if not isinstance(own, dict) or own.get("format") != FORMAT_NAME:
+        return [f"{CONFIG_NAME} is missing or unreadable"]
+    m, conf = cache.manifest, own.get("config") or {}
+    if m.get("schema_version") != own.get("schema_version"):
+        problems.append(f"schema version {m.get('schema_version')} against {own.get('schema_version')} in {CONFIG_NAME}")
+    diff = sorted(k for k in set(m.get("config") or {}) | set(conf) if (m.get("config") or {}).get(k) != conf.get(k))
+    if diff:
+        problems.append(f"its config differs from {CONFIG_NAME}'s in {', '.join(diff[:4])}")
+    teachers = m.get("teachers") or [m.get("teacher") or {}]
+    want = [conf.get("teacher_fingerprint"), *(conf.get("ensemble_fingerprints") or [])]
+    got = [t.get("fingerprint") if isinstance(t, dict) else None for t in teachers]
+    if got != want or (isinstance(m.get("teacher"), dict) and m["teacher"].get("fingerprint") != want[0]):
+        problems.append(f"its teacher fingerprints differ from {CONFIG_NAME}'s")
+    if not is_remote(cache.root):
+        for e in cache.manifest.get("shards") or []:
+            done = _json(Path(cache.root) / e["name"].replace(".tar", ".done.json"))
+            if isinstance(done, dict):
+                bad = [k for k in ("samples", "bytes", "sha256") if e.get(k) != done.get(k)]
+                if bad:
+                    problems.append(f"its {'/'.join(bad)} of {e['name']} differ from the shard's done-marker")
+    return problems
+
+
+def identity_digest(manifest: dict) -> str:
+    """The cache's identity: sha256 over what defines its content (configuration, teachers, source,
+    and every shard's name, samples and sha256), not the wall time or the version that wrote it; so
+    a cache repaired in place keeps it, and one rebuilt from another source does not. A distill run
+    records it and --resume checks it."""
+    keep = {k: manifest.get(k) for k in ("format", "schema_version", "config", "teachers", "captioner", "source",
+                                         "samples")}
+    keep["shards"] = [{k: e.get(k) for k in ("name", "samples", "bytes", "sha256")} for e in manifest.get("shards") or []]
+    return sha256(json.dumps(keep, sort_keys=True, default=str).encode())
 
 
 def check_shards(cache: Cache, where: str = "CACHE") -> list[list[tuple[int, int]]]:
@@ -676,12 +790,18 @@ def read_manifest(root: Path, where: str = "CACHE") -> dict:
 
 
 def verify_cache(root: Path, where: str = "CACHE") -> list[str]:
-    """Every problem of a finished cache's shards against its manifest, re-reading every byte
-    (size, sha256, sample count; schema 1 recorded no sha256: sizes and counts only)."""
-    c = open_cache(root, where)
-    problems = []
+    """Every problem of a finished cache: its manifest against the cache's own records
+    (`manifest_problems`), and every shard re-read in full against its done-marker, or the
+    manifest where it has none (size, sha256, sample count; schema 1 recorded no sha256: sizes
+    and counts only). A shard is said to have changed only when it differs from its own record."""
+    c = open_cache(root, where, check=False)
+    problems = [f"{MANIFEST_NAME}: {p}; the manifest was changed after cache-teacher wrote it" for p in
+                manifest_problems(c)]
     for entry in c.shard_entries:
-        why = shard_problem(c.root / entry["name"], entry, "the manifest")
+        done = _json(Path(c.root) / entry["name"].replace(".tar", ".done.json"))
+        record, what = (done, "its done-marker") if isinstance(done, dict) and "samples" in done else (entry,
+                                                                                                       "the manifest")
+        why = shard_problem(c.root / entry["name"], record, what)
         if why:
             problems.append(f"{entry['name']}: {why}")
     return problems
@@ -724,18 +844,25 @@ class ImageJoin:
     def _tar_index(self, unit: int) -> dict[str, tuple[int, int]]:
         idx = self._index.get(unit)
         if idx is None:
-            from hierdctl.sources import IMAGE_EXTS
+            from hierdctl.sources import IMAGE_EXTS, member_key
 
             idx, path = {}, self.source.units[unit].label
             order = {e: r for r, e in enumerate(IMAGE_EXTS)}
+            key, exts, done = None, set(), set()  # the sample being read, its member names, keys read
             try:
                 with tarfile.open(path, "r:") as tf:
                     for m in tf:
-                        d, base = os.path.split(m.name)
-                        if not m.isfile() or "." not in base or base.startswith("."):
+                        km = member_key(m.name) if m.isfile() else None
+                        if km is None:
                             continue
-                        k, ext = base.split(".", 1)
-                        k, ext = (f"{d}/{k}" if d else k), ext.lower()
+                        k, ext = km
+                        if k != key or ext in exts:  # the next sample (the sources' grouping)
+                            if key is not None:
+                                done.add(key)
+                            key, exts = k, set()
+                        exts.add(ext)
+                        if k in done:  # a later copy of a key: the cache holds the first (duplicate_key)
+                            continue
                         best = idx.get(k)
                         # the sources' rule: the first of IMAGE_EXTS a sample has is its image
                         if ext in order and (best is None or order[ext] < best[2]):

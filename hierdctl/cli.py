@@ -11,6 +11,7 @@ message naming the flag or file, and exit code 2.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import inspect
@@ -25,7 +26,7 @@ import typer
 from . import settings
 from .configs import (CacheTeacherConfig, DistillConfig, EvalGroundingConfig, EvalRetrievalConfig, EvalZeroshotConfig,
                       ExportConfig, ScenesConfig)
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 app = typer.Typer(
     help="Distil CLIP-style teachers into small retrieval students: cache the teacher once, "
@@ -58,6 +59,52 @@ def _fail(e: UserError) -> None:
 
     console.print(f"[bold red]error:[/] {_escape(str(e))}", soft_wrap=True)  # one line, never wrapped
     raise typer.Exit(2)
+
+
+_AT_FORK: list = []  # registered once per process
+
+
+@contextlib.contextmanager
+def _interruptible():
+    """SIGTERM raises Interrupted in the main thread (SIGINT raises KeyboardInterrupt as always), so
+    a stage stops where it is, releases its lock and says in one line where it stopped. A process
+    forked meanwhile (a DataLoader worker) gets the default SIGTERM back: it dies silently with
+    the stage instead of printing its own traceback."""
+    import os
+    import signal
+
+    def on_term(signum, frame):
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    if not _AT_FORK:
+        os.register_at_fork(after_in_child=_default_sigterm)
+        _AT_FORK.append(True)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _default_sigterm() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _interrupted(e: BaseException, command: str) -> None:
+    import signal
+
+    from .console import console
+
+    signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+    what = (e.what if isinstance(e, Interrupted) else "") or {
+        "cache-teacher": "interrupted; rerun the same command to continue: finished shards are kept",
+        "embed": "interrupted; rerun the same command to continue: finished shards are kept",
+        "distill": "interrupted; rerun with --resume to continue from the last checkpoint"}.get(
+        command, "interrupted; nothing was replaced: rerun the command")
+    console.print(f"[bold red]{_escape(what)}[/] ({signal.Signals(signum).name})", soft_wrap=True)
+    raise typer.Exit(128 + signum)
 
 
 def _escape(s: str) -> str:
@@ -121,10 +168,20 @@ def command(name: str, cls, stage: str, render: Callable, *, errors: dict[str, s
         module = importlib.import_module(stage)
         failures = tuple(getattr(module, e) for e in (errors or {}))
         try:
-            cfg = build(kwargs, given, adapter) if build else settings.from_values(cls, kwargs)
-            result = module.run(cfg)
+            with _interruptible():
+                cfg = build(kwargs, given, adapter) if build else settings.from_values(cls, kwargs)
+                result = module.run(cfg)
+        except (Interrupted, KeyboardInterrupt) as e:
+            _interrupted(e, name)
         except UserError as e:
             _fail(e)
+        except OSError as e:  # a write the stage did not guard: a full, read-only or unwritable output
+            from .atomic import write_error
+
+            err = write_error(e, None)
+            if err is None:
+                raise
+            _fail(err)
         except failures as e:
             from .console import console
 

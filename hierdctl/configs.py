@@ -24,6 +24,9 @@ from hierdctl.errors import UserError, require
 from hierdctl.settings import IDENTITY, RECORDED, RUNTIME, default, setting  # noqa: F401 (default: re-exported)
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (~ 0.25 GB RGB)
+MAX_SEED = 2**32 - 1  # seeds reach numpy's and torch's generators (numpy refuses negative seeds)
+MAX_WORKERS = 256  # DataLoader workers: each a forked process (-1: auto, distributed.auto_workers)
+MAX_OPSET = 20  # the TorchScript ONNX exporter's newest opset (torch.onnx._constants), when torch does not say
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STORE_DTYPES = ("fp16", "fp32", "int8")  # cache float arrays (docs/cache-format.md)
 INDEX_KINDS = ("flat", "ivf", "hnsw")  # eval-retrieval's FAISS indexes
@@ -111,6 +114,17 @@ def pair_text(pair) -> str:
     return ",".join(f"{x:g}" for x in pair)
 
 
+def check_seed(seed, where: str = "--seed") -> None:
+    require(isinstance(seed, int) and 0 <= seed <= MAX_SEED, f"must be an integer from 0 to {MAX_SEED}, got {seed!r}",
+            where)
+
+
+def check_workers(workers: int, where: str = "--workers") -> None:
+    """DataLoader workers: -1 (auto), 0 (the main process) or up to MAX_WORKERS processes."""
+    require(-1 <= workers <= MAX_WORKERS, f"must be -1 (auto), 0 (no worker process) or up to {MAX_WORKERS}, "
+            f"got {workers}", where)
+
+
 def _check_specs(models: list[str], where: str = "--model") -> None:
     from hierdctl.specs import parse_spec
 
@@ -119,13 +133,23 @@ def _check_specs(models: list[str], where: str = "--model") -> None:
         parse_spec(m, where)  # a malformed or unknown spec fails before any model loads
 
 
-def check_report_path(out: Path | None, where: str = "--out") -> None:
-    """A report path must name a file in an existing folder (checked before any model loads)."""
+def check_report_path(out: Path | None, where: str = "--out", overwrite: bool = False) -> None:
+    """A report path must name a file in an existing folder (checked before any model loads); an
+    existing file is replaced only if hierdctl wrote it (hierdctl.reports.written_by_hierdctl) or
+    `overwrite` is set."""
     if out is None:
         return
     out = Path(out)
     require(not out.is_dir(), f"{out} is a directory; give a file name such as {out / 'report.json'}", where)
     require(out.parent.is_dir(), f"the folder {out.parent} does not exist", where)
+    from hierdctl.reports import written_by_hierdctl
+
+    if (out.exists() or out.is_symlink()) and not overwrite and not written_by_hierdctl(out):
+        raise UserError(f"{out} exists and was not written by hierdctl: add --overwrite to replace it, or give "
+                        "another file", where)
+    from hierdctl.atomic import check_writable
+
+    check_writable(out, where)  # a read-only or unwritable folder: now, not after the evaluation
 
 
 # Declarations several stages share (each stage's field still names its own default and help).
@@ -255,7 +279,8 @@ class CacheTeacherConfig:
     workers: int = setting(-1, help="DataLoader decoding workers (-1: the usable cores per process − 1).", role=RUNTIME)
     log_skipped: Optional[Path] = setting(None, help="Write every skipped sample (JSONL) here.", role=RUNTIME)
     overwrite: bool = setting(False, help="Remove what cache-teacher wrote in OUT and start over (never anything "
-                                          "else).", role=RUNTIME)
+                                          "else); also replace a --log-skipped file hierdctl did not write.",
+                              role=RUNTIME)
     rank: Optional[int] = setting(None, help="Job arrays without torchrun: this job's rank.", role=RUNTIME)
     world_size: Optional[int] = setting(None, help="Job arrays without torchrun: number of jobs.", role=RUNTIME)
     quiet: bool = _quiet()
@@ -272,7 +297,8 @@ class CacheTeacherConfig:
         require(self.views >= 1, "must be at least 1", "--views")
         require(0 <= self.clusters <= 255, "must be within 0..255 (assignments are uint8)", "--clusters")
         require(self.cluster_iters >= 1, "must be at least 1", "--cluster-iters")
-        require(self.cluster_pos_weight >= 0, "must be ≥ 0", "--cluster-pos-weight")
+        require(math.isfinite(self.cluster_pos_weight) and self.cluster_pos_weight >= 0, "must be a finite number ≥ 0",
+                "--cluster-pos-weight")
         require(0 <= self.max_phrases <= 64, "must be within 0..64", "--max-phrases")
         require(self.chunker in ("auto", "spacy", "textblob"), "must be auto, spacy or textblob", "--chunker")
         require(0 <= self.perturbations <= 16, "must be within 0..16", "--perturbations")
@@ -290,9 +316,12 @@ class CacheTeacherConfig:
         require(self.batch_size >= 1, "must be at least 1", "--batch-size")
         require(self.precision in PRECISIONS, "must be auto, fp32, bf16 or fp16", "--precision")
         require(self.max_pixels > 0, "must be positive", "--max-pixels")
+        check_seed(self.seed)
+        check_workers(self.workers)
         require(self.source_options.rows_per_shard >= 1, "must be at least 1", "--rows-per-shard")
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"{self.out} exists and is not a directory", "--out")
+        check_report_path(self.log_skipped, "--log-skipped", self.overwrite)
         return self
 
 
@@ -370,7 +399,15 @@ class DistillConfig:
         require(math.isfinite(self.lr) and self.lr > 0, "must be a positive number", "--lr")
         require(self.warmup == "auto" or (isinstance(self.warmup, int) and self.warmup >= 0),
                 f"must be auto or a number of steps ≥ 0, got {self.warmup!r}", "--warmup")
-        require(self.weight_decay >= 0, "must be ≥ 0", "--weight-decay")
+        require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "must be a finite number ≥ 0",
+                "--weight-decay")
+        # AdamW's own arguments: checked here, not as torch's ValueError deep in the run
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            require(isinstance(v, (int, float)) and 0 <= v < 1, f"must be within [0, 1), got {v}", f"--set {name}")
+        require(math.isfinite(self.eps) and self.eps > 0, f"must be a positive number, got {self.eps}", "--set eps")
+        check_seed(self.seed)
+        check_workers(self.workers)
         require(self.grad_clip is None or self.grad_clip > 0, "must be positive", "--grad-clip")
         require(self.precision in PRECISIONS, "must be auto, fp32, bf16 or fp16", "--precision")
         require(self.view_policy in ("random", "sequential"), "must be random or sequential", "--set view_policy")
@@ -522,7 +559,16 @@ class ExportConfig:
         require(isinstance(self.license, str) and re.fullmatch(r"[a-z0-9][a-z0-9.+-]{0,63}", self.license) is not None,
                 f"expected a Hugging Face license id such as mit, apache-2.0 or other, got {self.license!r}",
                 "--license")
-        require(self.opset >= 14, "ONNX opset must be at least 14", "--opset")
+        newest = MAX_OPSET
+        if "onnx" in self.formats:
+            try:  # the exporter export uses (TorchScript) says how far it goes
+                from torch.onnx import _constants
+
+                newest = int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", MAX_OPSET))
+            except (ImportError, AttributeError, ValueError):
+                pass
+        require(14 <= self.opset <= newest, f"ONNX opset must be from 14 to {newest} (the newest torch's TorchScript "
+                f"exporter writes), got {self.opset}", "--opset")
         require(math.isfinite(self.atol) and self.atol > 0, f"must be a positive number, got {self.atol:g}", "--atol")
         if self.report is not None:
             require(Path(self.report).is_file(), f"{self.report} does not exist", "--report")
@@ -561,7 +607,8 @@ class EvalRetrievalConfig:
     out: Optional[Path] = setting(None, help="Write the JSON report here.", role=RUNTIME, flags=("--out", "-o"))
     save_index: Optional[Path] = setting(None, help="Keep each model's embeddings and FAISS indexes in this folder.",
                                          role=RUNTIME)
-    overwrite: bool = setting(False, help="Replace an earlier --save-index folder.", role=RUNTIME)
+    overwrite: bool = setting(False, help="Replace an earlier --save-index folder, and an --out or --html file "
+                                          "hierdctl did not write (its own are replaced anyway).", role=RUNTIME)
     source_options: SourceOptions = _source_options()
     max_pixels: int = _max_pixels(IDENTITY)
     workers: int = setting(4, help="Image-decoding threads (0: decode in the main thread).", role=RUNTIME)
@@ -579,12 +626,12 @@ class EvalRetrievalConfig:
         self.ks = sorted(set(self.ks))
         require(self.index in INDEX_KINDS, f"unknown index {self.index!r} ({', '.join(INDEX_KINDS)})", "--index")
         require(self.batch_size >= 1, "must be at least 1", "--batch-size")
-        require(self.workers >= 0, "must be 0 or more", "--workers")
+        require(0 <= self.workers <= MAX_WORKERS, f"must be 0 (no worker process) or up to {MAX_WORKERS}", "--workers")
         require(self.nprobe is None or self.nprobe >= 1, "must be at least 1", "--nprobe")
         require(self.nprobe is None or self.index == "ivf", f"only applies to --index ivf (not {self.index})", "--nprobe")
         require(self.max_pixels > 0, f"must be positive, got {self.max_pixels}", "--max-pixels")
-        check_report_path(self.out)
-        check_report_path(self.html, "--html")  # issue 20
+        check_report_path(self.out, overwrite=self.overwrite)
+        check_report_path(self.html, "--html", overwrite=self.overwrite)  # issue 20
         require(self.html_queries >= 1, f"must be at least 1, got {self.html_queries}", "--html-queries")
         from hierdctl.reports import check_save_index
 
@@ -606,6 +653,8 @@ class EvalZeroshotConfig:
     batch_size: int = setting(64, help="Images / prompts per forward.", role=RUNTIME)
     device: str = _device()
     out: Optional[Path] = setting(None, help="Write the JSON report here.", role=RUNTIME, flags=("--out", "-o"))
+    overwrite: bool = setting(False, help="Replace an --out file hierdctl did not write (its own reports are "
+                                          "replaced anyway).", role=RUNTIME)
     max_pixels: int = _max_pixels(IDENTITY)
     workers: int = setting(4, help="Image-decoding threads (0: decode in the main thread).", role=RUNTIME)
     quiet: bool = _quiet()
@@ -613,9 +662,9 @@ class EvalZeroshotConfig:
     def validate(self) -> "EvalZeroshotConfig":
         _check_specs(self.models)
         require(self.batch_size >= 1, "must be at least 1", "--batch-size")
-        require(self.workers >= 0, "must be 0 or more", "--workers")
+        require(0 <= self.workers <= MAX_WORKERS, f"must be 0 (no worker process) or up to {MAX_WORKERS}", "--workers")
         require(self.max_pixels > 0, f"must be positive, got {self.max_pixels}", "--max-pixels")
-        check_report_path(self.out)
+        check_report_path(self.out, overwrite=self.overwrite)
         return self
 
 
@@ -630,7 +679,8 @@ class EvalGroundingConfig:
     batch_size: int = setting(64, help="Images / phrases per forward.", role=RUNTIME)
     device: str = _device()
     out: Optional[Path] = setting(None, help="Write the JSON report here.", role=RUNTIME, flags=("--out", "-o"))
-    overwrite: bool = setting(False, help="Replace an existing --out file.", role=RUNTIME)
+    overwrite: bool = setting(False, help="Replace an --out file hierdctl did not write (its own reports are replaced "
+                                          "anyway).", role=RUNTIME)
     source_options: SourceOptions = _source_options()
     max_pixels: int = _max_pixels(IDENTITY)
     workers: int = setting(4, help="Image-decoding threads (0: decode in the main thread).", role=RUNTIME)
@@ -642,10 +692,10 @@ class EvalGroundingConfig:
         if self.teacher is not None:
             _check_specs([self.teacher], "--teacher")
         require(self.batch_size >= 1, "must be at least 1", "--batch-size")
-        require(self.workers >= 0, "must be 0 or more", "--workers")
+        require(0 <= self.workers <= MAX_WORKERS, f"must be 0 (no worker process) or up to {MAX_WORKERS}", "--workers")
         require(self.max_pixels > 0, f"must be positive, got {self.max_pixels}", "--max-pixels")
         self.out = Path(self.out) if self.out is not None else None
-        check_report_path(self.out)
+        check_report_path(self.out, overwrite=self.overwrite)
         return self
 
 
@@ -813,7 +863,7 @@ class EmbedConfig:
         require(self.dtype in EMBED_DTYPES, f"must be one of {', '.join(EMBED_DTYPES)}, got {self.dtype!r}", "--dtype")
         require(self.precision in PRECISIONS, "must be auto, fp32, bf16 or fp16", "--precision")
         require(self.batch_size >= 1, "must be at least 1", "--batch-size")
-        require(self.workers >= 0, "must be 0 or more", "--workers")
+        require(0 <= self.workers <= MAX_WORKERS, f"must be 0 (no worker process) or up to {MAX_WORKERS}", "--workers")
         require(self.max_pixels > 0, f"must be positive, got {self.max_pixels}", "--max-pixels")
         require(self.source_options.rows_per_shard >= 1, "must be at least 1", "--rows-per-shard")
         _check_out_dir(self.out)

@@ -39,10 +39,16 @@ def resolve_device(device: str, env: DistEnv, where: str = "--device") -> str:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
+        index = device.removeprefix("cuda")
+        if index and not (index.startswith(":") and index[1:].isdecimal()):
+            raise UserError(f"unknown device {device!r} (auto, cpu, cuda, cuda:N)", where)
         if not torch.cuda.is_available():
             raise UserError("CUDA was asked for but no CUDA device is available", where)
         if device == "cuda":
             device = f"cuda:{env.local_rank % torch.cuda.device_count()}"
+        elif int(index[1:]) >= torch.cuda.device_count():  # torch.cuda.set_device would raise deep inside
+            raise UserError(f"{device} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                            f"cuda:0..cuda:{torch.cuda.device_count() - 1}", where)
         torch.cuda.set_device(device)
     elif device != "cpu":
         raise UserError(f"unknown device {device!r} (auto, cpu, cuda, cuda:N)", where)

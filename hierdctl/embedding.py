@@ -21,17 +21,17 @@ import torch
 from hierdctl.console import progress
 from hierdctl.errors import UserError
 from hierdctl.images import BadImage, decode_rgb
-from hierdctl.sources import Skip
+from hierdctl.sources import Skip, iter_source
 
 
 def iter_samples(source, skipped: Counter) -> Iterator:
-    """Every Sample of every unit, in order; Skips are counted by reason."""
-    for unit in source.units:
-        for item in source.iter_unit(unit):
-            if isinstance(item, Skip):
-                skipped[item.reason] += 1
-            else:
-                yield item
+    """Every Sample of every unit, in order; Skips are counted by reason (a key read before is
+    a `duplicate_key` skip: sources.iter_source keeps the first copy)."""
+    for item in iter_source(source):
+        if isinstance(item, Skip):
+            skipped[item.reason] += 1
+        else:
+            yield item
 
 
 def image_batches(samples, encoder, batch_size: int, workers: int, max_pixels: int, skipped: Counter,

@@ -121,6 +121,10 @@ def prepare_out(out: Path, identity: dict, overwrite: bool, where: str = "--out"
                                           for p in out.iterdir()):
         notes.append(f"--overwrite: removed the earlier embeddings' {len(clear(out))} files")
     out.mkdir(parents=True, exist_ok=True)
+    for p in out.iterdir():  # what killed writes of embed's own files left (NAME.tmpPID); the lock is ours
+        base = atomic.leftover_base(p.name)
+        if base is not None and _is_own_name(base) and (p.is_file() or p.is_symlink()):
+            p.unlink(missing_ok=True)
     if not cpath.exists():
         atomic.write_json_atomic(cpath, {"schema": SCHEMA, "identity": identity})
     have = json.loads(cpath.read_text(encoding="utf-8"))

@@ -12,3 +12,14 @@ class UserError(Exception):
 def require(cond: bool, message: str, where: str | None = None) -> None:
     if not cond:
         raise UserError(message, where)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT stopped a stage. A KeyboardInterrupt (a BaseException), so that no
+    `except Exception` on the way swallows it and what handles Ctrl-C handles SIGTERM alike. `what` says where the stage stopped and how to
+    continue ("interrupted at step 40; rerun with --resume to continue"); the CLI prints it in
+    one line and exits 128 + the signal's number (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int, what: str = ""):
+        self.signum, self.what = signum, what
+        super().__init__(what or f"interrupted by signal {signum}")

@@ -25,6 +25,10 @@ THUMB = 96  # px, the longer side of a thumbnail
 QUERY_SEED = 0  # the sample of queries is drawn with this seed: the same data gives the same page
 
 
+
+# What marks a page as hierdctl's (hierdctl.reports.written_by_hierdctl: --html replaces one without --overwrite).
+GENERATOR = '<meta name="generator" content="hierdctl eval-retrieval">'
+
 def thumbnail(data: bytes, max_pixels: int) -> str | None:
     """A data URI of a downscaled JPEG of image bytes; None when they do not decode."""
     from hierdctl.images import BadImage, decode_rgb
@@ -98,7 +102,7 @@ def render(report: dict, queries: list[dict], thumbs: dict[int, str | None], cur
     names = []
     for m in models:
         names += [k for k in m["metrics"] if k not in names]
-    out = ["<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
+    out = ["<!doctype html>", f'<html lang="en"><head><meta charset="utf-8">{GENERATOR}',
            f"<title>hierdctl eval-retrieval: {e(str(report['source'].get('spec')))}</title>",
            f"<style>{_CSS}</style></head><body>",
            f"<h1>eval-retrieval: {e(str(report['source'].get('spec')))}</h1>"]

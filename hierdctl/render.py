@@ -21,6 +21,11 @@ def cache_summary(m: dict, out: Path) -> None:
     t.add_row("complete", f"{m['complete']}  ({m['shards_done']}/{m['shards_total']} shards)")
     t.add_row("samples", f"{m['samples']:,}  captions {m['captions']:,}  phrases {m['phrases']:,}")
     t.add_row("skipped", f"{m['skipped_total']:,}  " + ", ".join(f"{k}: {v}" for k, v in m["skipped"].items()))
+    if m.get("caption_truncated"):
+        from .sources import MAX_CAPTION_CHARS
+
+        t.add_row("captions cut", f"{m['caption_truncated']:,} to at most {MAX_CAPTION_CHARS:,} characters "
+                  "(caption_truncated)")
     if m["converted"]:
         t.add_row("converted to RGB", ", ".join(f"{k}: {v}" for k, v in m["converted"].items()))
     bps = m["bytes_per_sample"]

@@ -38,21 +38,53 @@ def versions() -> dict:
     return v
 
 
+def written_by_hierdctl(path: Path) -> bool:
+    """True if the file at `path` is one hierdctl writes at a path the user names: an evaluation
+    report (a JSON object whose "schema" is hierdctl.eval-*), an eval-retrieval --html page (its
+    generator meta tag), or cache-teacher's --log-skipped
+    (JSON lines, each with a shard, a key and a reason). An empty file holds nothing to lose."""
+    import json
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    if not text.strip():
+        return True
+    from hierdctl.html_report import GENERATOR
+
+    if text.lstrip().lower().startswith("<!doctype html>") and GENERATOR in text[:2000]:
+        return True  # an eval-retrieval --html page
+    try:
+        obj = json.loads(text)
+        if isinstance(obj, dict) and str(obj.get("schema", "")).startswith("hierdctl.eval-"):
+            return True
+    except json.JSONDecodeError:
+        pass
+    try:
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError:
+        return False
+    return all(isinstance(r, dict) and {"shard", "key", "reason"} <= set(r) for r in rows)
+
+
 def check_save_index(folder: Path | None, overwrite: bool, where: str = "--save-index") -> None:
     """A --save-index folder hierdctl did not write is never replaced (checked before any model loads)."""
     if folder is None:
         return
-    from hierdctl.atomic import check_dir_target
+    from hierdctl.atomic import check_dir_target, check_writable
 
     check_dir_target(Path(folder), INDEX_MARKER, RETRIEVAL_SCHEMA, where, overwrite, "a saved index")
+    check_writable(Path(folder), where)  # filled beside itself, then renamed into place
 
 
 def finish_report(report: dict, out, quiet: bool, stage: str) -> dict:
     """Write the report (atomically) where --out says, and say what was skipped."""
-    from hierdctl.atomic import write_json_atomic
+    from hierdctl.atomic import remove_dead_leftovers, write_json_atomic
     from hierdctl.console import console
 
     if out:
+        remove_dead_leftovers(Path(out))  # what a killed evaluation's write of this report left
         write_json_atomic(Path(out), report)
     if not quiet and report["counts"]["skipped_total"]:
         console.print(f"[dim]{stage}:[/] skipped {report['counts']['skipped_total']} samples: "

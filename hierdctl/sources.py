@@ -56,6 +56,7 @@ class Sample:
     image_ext: str
     captions: list[str]
     meta: dict = field(default_factory=dict)  # the sample's .json, if any
+    captions_cut: int = 0  # captions cut to MAX_CAPTION_CHARS (counted as caption_truncated)
     caption_issue: str | None = None  # Needs(caption=False): why captions is empty (a skip reason)
 
 
@@ -85,24 +86,52 @@ class Unit:
 
 
 
-def _clean_captions(raw) -> tuple[list[str], str | None]:
-    """Captions as stripped non-empty strings, or a skip reason."""
+# Captions are bounded before anything parses them (chunking grows about quadratically with
+# length: a 4 MB caption stalled cache-teacher for minutes). CLIP reads 77 tokens, about 300
+# characters of English: 2,000 characters cost nothing a model could use.
+MAX_CAPTION_CHARS = 2000
+# Whitespace, and characters that print nothing: format characters (zero-width space and
+# joiners, word joiner, BOM, soft hyphen, direction marks) and C0/C1 controls. A caption made
+# of these alone is empty.
+_INVISIBLE = "".join(map(chr, [*range(0x00, 0x21), *range(0x7F, 0xA1), 0xAD, 0x61C, 0x1680, 0x180E,
+                               *range(0x2000, 0x2010), 0x2028, 0x2029, *range(0x202A, 0x2030), 0x205F,
+                               *range(0x2060, 0x2065), *range(0x2066, 0x2070), 0x3000, 0xFEFF]))
+
+
+def bound_caption(c: str) -> tuple[str, bool]:
+    """(caption, was it cut): invisible characters at the ends stripped, whitespace folded, at
+    most MAX_CAPTION_CHARS, cut at the last space before the cap when there is one in its second
+    half. "" when nothing visible is left. Linear in the caption (str.strip, str.split), and
+    only its first 4 x MAX_CAPTION_CHARS characters are folded."""
+    c = c.strip(_INVISIBLE)
+    head = c[: 4 * MAX_CAPTION_CHARS]
+    folded = " ".join(head.split())
+    if len(folded) <= MAX_CAPTION_CHARS and len(head) == len(c):
+        return folded, False
+    cut = folded.rfind(" ", MAX_CAPTION_CHARS // 2, MAX_CAPTION_CHARS + 1)
+    return folded[: cut if cut > 0 else MAX_CAPTION_CHARS].strip(_INVISIBLE), True
+
+
+def _clean_captions(raw) -> tuple[list[str], str | None, int]:
+    """Captions as stripped non-empty strings, bounded (`bound_caption`), or a skip reason;
+    and how many of them were cut."""
     items = raw if isinstance(raw, list) else [raw]
-    out = []
+    out, cut = [], 0
     for c in items:
         if isinstance(c, bytes):
             try:
                 c = c.decode("utf-8")
             except UnicodeDecodeError:
-                return [], "undecodable_caption"
+                return [], "undecodable_caption", 0
         if not isinstance(c, str):
             continue
         if _undecodable(c):  # a table read with surrogateescape, or a "\udcXX" JSON escape
-            return [], "undecodable_caption"
-        c = " ".join(c.split())
+            return [], "undecodable_caption", 0
+        c, was_cut = bound_caption(c)
         if c:
             out.append(c)
-    return (out, None) if out else ([], "empty_caption")
+            cut += was_cut
+    return (out, None, cut) if out else ([], "empty_caption", 0)
 
 
 # ----------------------------------------------------------------------------------
@@ -226,8 +255,60 @@ def _how_it_ended(block: bytes | None) -> tuple[str, str] | None:
     return "corrupt_tar", "a member header is invalid (bad checksum or not a tar header)"
 
 
+def member_key(name: str) -> tuple[str, str] | None:
+    """(key, extension) of a tar member by webdataset's rule: the basename up to its first dot,
+    with the member's folder in front; None for a name that is no sample member (no dot, or a
+    hidden file). The extension is lower-cased. The one parser of member names of a source."""
+    d, base = os.path.split(name)
+    if "." not in base or base.startswith("."):
+        return None
+    k, ext = base.split(".", 1)
+    return (f"{d}/{k}" if d else k), ext.lower()
+
+
+def _member_names(path: str) -> list[str] | None:
+    """The names of a plain (USTAR / v7) tar's regular files, read from its 512-byte headers
+    with one pread each and nothing else (tarfile's own parsing costs 5-10x more; a listing
+    runs over every shard before cache-teacher starts). Stops at the end, a cut or a header
+    whose size is no octal number (a listing needs no integrity check: iter_unit reports any
+    break); None when a header needs tarfile (pax, GNU long names, base-256 sizes)."""
+    out = []
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return []
+    try:
+        size, pos = os.fstat(fd).st_size, 0
+        while pos + 512 <= size:
+            buf = os.pread(fd, 512, pos)
+            if len(buf) < 512 or buf[0] == 0:
+                break
+            kind, raw = buf[156:157], buf[124:136]
+            if kind not in (b"0", b"\0", b"1", b"2", b"5") or raw[0] & 0x80:
+                return None
+            n = int(raw.split(b"\0", 1)[0].strip() or b"0", 8)
+            name = buf[0:100].split(b"\0", 1)[0]
+            if buf[257:262] == b"ustar":
+                prefix = buf[345:500].split(b"\0", 1)[0]
+                if prefix:
+                    name = prefix + b"/" + name
+            if kind in (b"0", b"\0"):
+                out.append(name.decode("utf-8", "surrogateescape"))
+            pos += 512 + (n + 511) // 512 * 512
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(fd)
+    return out
+
+
 class TarSource:
-    """WebDataset shards; each shard (a path or a URL) is a unit and its label."""
+    """WebDataset shards; each shard (a path or a URL) is a unit and its label.
+
+    Duplicate keys: the first sample of a key is kept, every later one is a `duplicate_key`
+    skip. Within a shard `iter_unit` sees them itself (the same key again after another key,
+    or again right after itself: one of its member names repeats); across shards the reader
+    passes the keys of earlier shards (`exclude`), or `later_duplicates` lists them up front."""
 
     kind = "webdataset"
 
@@ -238,13 +319,54 @@ class TarSource:
     def describe(self) -> dict:
         return {"kind": self.kind, "spec": self.spec, "units": len(self.units)}
 
-    def iter_unit(self, unit: Unit) -> Iterator[Sample | Skip]:
+    def unit_keys(self, unit: Unit) -> list[str] | None:
+        """Every sample key of a local shard in order, each once, from its tar headers alone (no
+        payload is read); None for a URL shard (listing it would mean reading it). A shard that
+        breaks is listed up to the break."""
+        if url_scheme(unit.label) is not None:
+            return None
+        names = _member_names(unit.label)
+        if names is None:  # pax or GNU headers, base-256 sizes: tarfile reads those
+            names = []
+            try:
+                with tarfile.open(unit.label, "r:") as tf:
+                    names = [m.name for m in tf if m.isfile()]
+            except (tarfile.TarError, OSError, EOFError):
+                pass  # iter_unit reports the break
+        keys, seen = [], set()
+        for name in names:
+            km = member_key(name)
+            if km is not None and km[0] not in seen:
+                seen.add(km[0])
+                keys.append(km[0])
+        return keys
+
+    def later_duplicates(self) -> dict[int, dict[str, str]]:
+        """unit index -> {key: label of the earlier unit that has it} for every key a unit shares
+        with an earlier one (the first copy, in unit order, is the one kept). Lists every local
+        shard's tar headers once; URL shards cannot be listed without reading them, so between
+        URL shards duplicates are not found (within a shard they always are)."""
+        first: dict[str, int] = {}
+        later: dict[int, dict[str, str]] = {}
+        for u in self.units:
+            keys = self.unit_keys(u)
+            for k in keys or ():
+                if k in first:
+                    later.setdefault(u.index, {})[k] = self.units[first[k]].label
+                else:
+                    first[k] = u.index
+        return later
+
+    def iter_unit(self, unit: Unit, exclude=frozenset()) -> Iterator[Sample | Skip]:
         """Group consecutive members by key (webdataset's rule: the basename up to its first dot).
 
-        A sample is yielded once a member of the next key arrives, or at the archive's end. If the
-        shard breaks first (cut, corrupt header, failing stream), the sample being read is not
-        yielded (its members may be incomplete): one skip reports the break, its key is that
-        sample's, and its detail says how many samples were read before."""
+        A sample is yielded once a member of the next key arrives, or at the archive's end. A key
+        seen before in this shard, or in `exclude` (keys of earlier units: a set, or a dict key ->
+        where it was first), is a `duplicate_key` skip; so is a second sample of the same key right
+        after the first (a member name repeats: webdataset would merge the two). If the shard
+        breaks first (cut, corrupt header, failing stream), the sample being read is not yielded
+        (its members may be incomplete): one skip reports the break, its key is that sample's, and
+        its detail says how many samples were read before."""
         label = unit.label
         try:
             stream, closer = open_shard(label)
@@ -253,6 +375,8 @@ class TarSource:
             return
         probe = type("_Probe", (_HeaderProbe,), {})
         key, members, n = None, {}, 0  # the sample being read, its members, samples yielded so far
+        seen: set[str] = set()  # keys of this shard so far
+        dup: str | None = None  # why the sample being read is a duplicate, or None
         broke: tuple[str, str] | None = None  # (reason, what) when the archive did not end cleanly
         failure: str | None = None  # the stream itself failed (pipe or curl exit status, I/O error)
         clean = False
@@ -268,22 +392,23 @@ class TarSource:
                 with tf:
                     for m in tf:
                         tf.members = []  # stream mode would keep every header of the shard
-                        if not m.isfile():
+                        km = member_key(m.name) if m.isfile() else None
+                        if km is None:
                             continue
-                        d, base = os.path.split(m.name)
-                        if "." not in base or base.startswith("."):
-                            continue
-                        k, ext = base.split(".", 1)
-                        k = f"{d}/{k}" if d else k
-                        if k != key:  # the previous sample is complete: yield it before reading on
+                        k, ext = km
+                        if k != key or ext in members:  # the previous sample is complete: yield it first
                             if key is not None:
-                                yield self._make(key, members)
+                                yield self._make(key, members) if dup is None else Skip(key, "duplicate_key", dup)
                                 n += 1
+                            dup = (f"{k} is also earlier in {label}; the first is kept" if k in seen else
+                                   f"{k} is also in {exclude[k] if isinstance(exclude, dict) else 'an earlier shard'}"
+                                   "; the first is kept" if k in exclude else None)
                             key, members = k, {}
+                            seen.add(k)
                         data = tf.extractfile(m).read()
                         if len(data) != m.size:
                             raise tarfile.ReadError("unexpected end of data")
-                        members[ext.lower()] = data
+                        members[ext] = data if dup is None else b""
                 broke = _how_it_ended(probe.failed)
                 clean = broke is None
                 if clean and url_scheme(label) is not None:
@@ -301,7 +426,7 @@ class TarSource:
                 failure = failure or _stream_failure(closer, e)
 
         if clean and key is not None:
-            yield self._make(key, members)
+            yield self._make(key, members) if dup is None else Skip(key, "duplicate_key", dup)
             n, key = n + 1, None
         if failure is not None:
             if clean:
@@ -328,11 +453,11 @@ class TarSource:
             if not isinstance(meta, dict):  # a JSON list or number carries no fields
                 meta = {}
         if "txt" in members:
-            captions, why = _clean_captions(members["txt"])
+            captions, why, cut = _clean_captions(members["txt"])
         elif "captions" in meta or "caption" in meta:
-            captions, why = _clean_captions(meta.get("captions", meta.get("caption")))
+            captions, why, cut = _clean_captions(meta.get("captions", meta.get("caption")))
         else:
-            captions, why = [], "missing_caption"
+            captions, why, cut = [], "missing_caption", 0
         if why and self.needs.caption:
             return Skip(key, why)
         image = members[ext] if ext is not None else b""
@@ -340,12 +465,24 @@ class TarSource:
             return Sample(key, image, ext or "", [], meta, caption_issue=why)
         # A .json may carry extra captions (COCO-style shards): keep every distinct one, in order,
         # cleaned like the rest (non-strings such as null or numbers dropped, whitespace folded).
-        extra = _clean_captions(meta["captions"])[0] if isinstance(meta.get("captions"), list) else []
+        extra, _, extra_cut = _clean_captions(meta["captions"]) if isinstance(meta.get("captions"), list) and \
+            "txt" in members else ([], None, 0)
         distinct: list[str] = []
         for c in captions + extra:
             if c not in distinct:
                 distinct.append(c)
-        return Sample(key, image, ext or "", distinct, meta)
+        return Sample(key, image, ext or "", distinct, meta, cut + extra_cut)
+
+
+def iter_source(source) -> Iterator[Sample | Skip]:
+    """Every record of every unit in order, for a reader that reads the whole source in one
+    process (eval-retrieval, eval-zeroshot): a key already read in an earlier unit is a
+    `duplicate_key` skip (the first copy is kept; within a unit `iter_unit` sees it itself)."""
+    seen: dict[str, str] = {}  # key -> the label of the unit it was first read in
+    for unit in source.units:
+        for rec in source.iter_unit(unit, seen):
+            seen.setdefault(rec.key, getattr(unit, "label", source.describe()["spec"]))
+            yield rec
 
 
 def _lost(n: int, key: str | None) -> str:
@@ -371,8 +508,13 @@ class _Row:
 
 
 class RowSource:
+    """Table rows or Karpathy images, `rows_per_unit` to a unit. A key twice (a Karpathy image
+    id; table keys are row numbers) keeps its first row; every later one is a `duplicate_key` skip."""
+
     def __init__(self, kind: str, spec: str, rows: list[_Row], rows_per_unit: int, needs: Needs = BOTH):
         self.kind, self.spec, self.rows, self.needs = kind, spec, rows, needs
+        first: dict[str, int] = {}
+        self._dup = {i: first[r.key] for i, r in enumerate(rows) if first.setdefault(r.key, i) != i}
         n = max(1, rows_per_unit)
         self.units = [
             Unit(i, f"rows {a}..{min(a + n, len(rows)) - 1} of {spec}") for i, a in enumerate(range(0, len(rows), n))
@@ -385,15 +527,22 @@ class RowSource:
     def unit_rows(self, unit: Unit) -> int:
         return len(self.rows[unit.index * self._n : (unit.index + 1) * self._n])
 
-    def iter_unit(self, unit: Unit) -> Iterator[Sample | Skip]:
-        for row in self.rows[unit.index * self._n : (unit.index + 1) * self._n]:
-            captions, why = ([], "missing_caption") if row.captions is NO_CAPTION else _clean_captions(row.captions)
+    def iter_unit(self, unit: Unit, exclude=frozenset()) -> Iterator[Sample | Skip]:
+        """`exclude` is accepted for the readers' sake: duplicate keys were found over all rows."""
+        a = unit.index * self._n
+        for i, row in enumerate(self.rows[a : (unit.index + 1) * self._n], a):
+            if i in self._dup:
+                yield Skip(row.key, "duplicate_key", f"row {i} has the key of row {self._dup[i]}; the first is kept")
+                continue
+            captions, why, cut = ([], "missing_caption", 0) if row.captions is NO_CAPTION else \
+                _clean_captions(row.captions)
             if why and self.needs.caption:
                 yield Skip(row.key, why)
                 continue
             ext = Path(row.path).suffix.lstrip(".").lower() or "jpg"
             if not self.needs.image:  # texts: the image file is not read
-                yield Sample(row.key, b"", ext if row.path else "", captions, {"path": row.path}, caption_issue=why)
+                yield Sample(row.key, b"", ext if row.path else "", captions, {"path": row.path}, cut,
+                             caption_issue=why)
                 continue
             try:
                 with open(row.path, "rb") as f:
@@ -404,7 +553,7 @@ class RowSource:
             except ValueError as e:  # a NUL byte or a lone surrogate (JSON escape) in the path
                 yield Skip(row.key, "missing_file", f"{_shown(row.path)}: {e}")
                 continue
-            yield Sample(row.key, data, ext, captions, {"path": row.path}, caption_issue=why)
+            yield Sample(row.key, data, ext, captions, {"path": row.path}, cut, caption_issue=why)
 
 
 def _undecodable(text: str) -> bool:
@@ -615,7 +764,8 @@ class FolderTree:
     def describe(self) -> dict:
         return {"kind": self.kind, "spec": str(self.root), "classes": len(self.classes), "files": len(self.files)}
 
-    def iter_unit(self, unit):
+    def iter_unit(self, unit, exclude=frozenset()):
+        """Keys are paths under the root: never twice."""
         for path, label in self.files:
             key = os.path.relpath(path, self.root)
             try:

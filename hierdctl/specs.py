@@ -149,6 +149,8 @@ def create_open_clip(spec: ModelSpec, device: str = "cpu", where: str = "--model
         if not name.startswith("hf-hub:") and name not in open_clip.list_models():
             raise UserError(f"unknown open_clip architecture {name!r} (see open_clip.list_models())", where)
     check_hub_weights(spec, _hub_files(open_clip, spec, name, pretrained), where)
+    if spec.kind == "local-dir":
+        check_export_digests(Path(spec.path), where)
     try:
         with _weights_only_loading(random_init=spec.is_random_init):
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
@@ -156,11 +158,51 @@ def create_open_clip(spec: ModelSpec, device: str = "cpu", where: str = "--model
     except Exception as e:
         if isinstance(e, pickle.UnpicklingError) or _raised_while_unpickling(e):
             raise UserError(_refused(spec, e), where) from None
-        if not isinstance(e, (RuntimeError, FileNotFoundError, ValueError, OSError)):
+        damaged = type(e).__name__ == "SafetensorError" or "zip archive" in str(e) or isinstance(e, EOFError)
+        if not (damaged or isinstance(e, (RuntimeError, FileNotFoundError, ValueError, OSError))):
             raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"cannot load {spec.raw}: {msg}", where) from e
+        file = _weights_file(spec)
+        if damaged and file is not None:  # a cut, emptied or overwritten weights file: name it
+            raise UserError(f"cannot load {spec.raw}: {file} is not a complete weights file ({msg[:160]}); it "
+                            "may be truncated or damaged: copy or export it again", where) from None
+        raise UserError(f"cannot load {spec.raw}: {msg}" + (f" ({file})" if file else ""), where) from None
     return model, preprocess, tokenizer, name
+
+
+def _weights_file(spec: ModelSpec) -> Path | None:
+    """The local weights file a spec loads, when there is one."""
+    if spec.kind == "local-dir":
+        for n in LOCAL_DIR_WEIGHTS:
+            if (Path(spec.path) / n).is_file():
+                return Path(spec.path) / n
+        return None
+    return Path(spec.weights) if spec.weights and Path(spec.weights).is_file() else None
+
+
+LOCAL_DIR_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+EXPORT_SCHEMA = "hierdctl.export/1"  # stages/export.py's export.json (the digests of what it wrote)
+
+
+def check_export_digests(folder: Path, where: str) -> None:
+    """A local dir exported by hierdctl records the sha256 of every file in its export.json: the
+    files a loader reads (config and weights) must still have it, so a cut, emptied or zeroed
+    file (one that keeps its size, too) is one line naming it, not a traceback or silent
+    garbage. A folder without that record is loaded as it is."""
+    try:
+        record = json.loads((folder / "export.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return
+    if not isinstance(record, dict) or record.get("schema") != EXPORT_SCHEMA or not isinstance(record.get("sha256"),
+                                                                                                dict):
+        return
+    from .atomic import sha256_file
+
+    for name in ("open_clip_config.json", *LOCAL_DIR_WEIGHTS):
+        want, p = record["sha256"].get(name), folder / name
+        if want and p.is_file() and sha256_file(p) != want:
+            raise UserError(f"{p} is not the file hierdctl exported: its sha256 differs from the one export.json "
+                            "recorded (it was cut, zeroed or changed after export); export or copy it again", where)
 
 
 # ----------------------------------------------------------------------------------

@@ -40,11 +40,14 @@ from hierdctl.sources import open_source
 class _UnitStream:
     """Iterable over the units of this rank; each DataLoader worker takes every W-th unit."""
 
-    def __init__(self, source, units, cfg: CacheTeacherConfig, preps: list[dict], caption_transform=None):
+    def __init__(self, source, units, cfg: CacheTeacherConfig, preps: list[dict], caption_transform=None,
+                 duplicates: dict | None = None):
         """preps: each teacher's preprocessing {image_size, mean, std, eval_transform, tokenize}, teacher 0 first;
-        caption_transform: the captioner's eval transform (--captioner), else None."""
+        caption_transform: the captioner's eval transform (--captioner), else None; duplicates: unit index ->
+        {key: where it was first} for the keys an earlier unit has (skipped as duplicate_key)."""
         self.source, self.units, self.cfg, self.preps = source, units, cfg, preps
         self.caption_transform = caption_transform
+        self.duplicates = duplicates or {}
 
     def __iter__(self):
         from torch.utils.data import get_worker_info
@@ -57,7 +60,7 @@ class _UnitStream:
         chunker = make_chunker(cfg)
         for unit in units:
             pos = 0
-            for rec in self.source.iter_unit(unit):
+            for rec in self.source.iter_unit(unit, self.duplicates.get(unit.index, {})):
                 if not hasattr(rec, "image"):  # a Skip from the source
                     yield {"type": "skip", "unit": unit.index, "key": rec.key, "reason": rec.reason, "detail": rec.detail}
                     continue
@@ -88,7 +91,8 @@ class _UnitStream:
                         "views": [v.to_json() for v in views],
                         "converted_from": converted,
                         "image_ext": rec.image_ext,
-                    } | ({"perturbations": negs} if cfg.perturbations > 0 else {}),
+                    } | ({"perturbations": negs} if cfg.perturbations > 0 else {})
+                      | ({"captions_cut": rec.captions_cut} if rec.captions_cut else {}),
                     "image": rec.image if cfg.store_images else None,
                     "pixels": pixels[0],  # (V,3,S,S)
                     "cap_tok": first["tokenize"](rec.captions),  # (C,L) or (C,2,L)
@@ -152,6 +156,10 @@ class _Teacher:
                 f"teacher {cfg.teacher} exposes no patch tokens (not a plain ViT): use --clusters 0 and --store clusters",
                 "--clusters",
             )
+        if parts and enc.patch_grid is not None and cfg.clusters > enc.patch_grid[0] * enc.patch_grid[1]:
+            gh, gw = enc.patch_grid
+            raise UserError(f"{cfg.clusters} clusters but teacher {cfg.teacher} sees {gh * gw} patches per view "
+                            f"({gh}x{gw}): use at most {gh * gw}", "--clusters")
         prec = distributed.resolve_precision(cfg.precision, device)
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
         self.precision = prec
@@ -451,8 +459,11 @@ def _stream(cfg: CacheTeacherConfig, env, source, todo: list, preps: list[dict],
     from hierdctl.loader import workers_for
 
     workers = min(workers_for(cfg.workers), len(todo))
+    # Duplicate keys: the first copy in unit order is kept, whichever worker, rank or run reads it.
+    duplicates = source.later_duplicates() if hasattr(source, "later_duplicates") and todo else {}
     loader = DataLoader(
-        _Iterable(_UnitStream(source, todo, cfg, preps, captioner.eval_transform if captioner else None)),
+        _Iterable(_UnitStream(source, todo, cfg, preps, captioner.eval_transform if captioner else None,
+                              duplicates)),
         batch_size=None,
         num_workers=workers,
         collate_fn=_identity_collate,

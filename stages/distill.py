@@ -21,6 +21,7 @@ import dataclasses
 import io
 import json
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from hierdctl import __version__, atomic, cache_format, checkpoint, distributed,
 from hierdctl.loader import batch_bytes, prefetch_for, workers_for
 from hierdctl.configs import DistillConfig, SourceOptions
 from hierdctl.console import console, progress
-from hierdctl.errors import UserError, require
+from hierdctl.errors import Interrupted, UserError, require
 from hierdctl.losses.features import STUDENT_BATCH_FIELDS, TEACHER_BATCH_FIELDS
 
 if TYPE_CHECKING:
@@ -279,6 +280,7 @@ class Trainer:
     warmup: int  # resolved: cfg.warmup, or auto = min(10,000, 10% of total)
     notes: list = field(default_factory=list)
     decoder: object = None  # gpu_decode.BatchDecoder with --decode gpu: the batch's JPEGs are decoded in to_device
+    position: tuple = (0, None)  # (steps taken, step of the last checkpoint or None), for an interrupt's message
 
     @property
     def teacher(self) -> dict:
@@ -524,17 +526,9 @@ def _data(cfg: DistillConfig, cache, recipe, env, wrapper, student: Student, not
 
 def _log_line(out: Path, mf, rec: dict) -> None:
     """Append one metrics row; a full disk is one clear message, not a traceback."""
-    try:
+    with atomic.write_guard(out, str(out), checkpoint.METRICS):
         mf.write(json.dumps(rec) + "\n")
         mf.flush()
-    except OSError as e:
-        import errno
-
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise atomic.DiskFull(f"no space left on the device of {out} while appending to {checkpoint.METRICS}; "
-                                  "free some space and rerun with --resume: the last checkpoint is kept",
-                                  str(out)) from None
-        raise
 
 
 def run(cfg: DistillConfig) -> dict:
@@ -558,6 +552,8 @@ def run(cfg: DistillConfig) -> dict:
         runtime = settings.keys(DistillConfig, settings.RUNTIME)  # never recorded; free to change at a resume
         resolved = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in runtime}
         has_ckpt = checkpoint.check_run_target(out, cfg.resume, cfg.overwrite)
+        cache_digest = cache_format.identity_digest(cache.manifest)
+        terms = [{"name": t.name, "weight": t.weight, "args": dict(t.args)} for t in recipe.terms]
         old = (checkpoint.read_config(out) or {}) if cfg.resume and has_ckpt else {}
         # One W&B run across resumes: its id is kept with the run (a run started without W&B gets one now).
         wandb_id = old.get("wandb_run_id") or (reporting.new_run_id() if "wandb" in cfg.reporters else None)
@@ -566,6 +562,7 @@ def run(cfg: DistillConfig) -> dict:
             if diff:
                 raise UserError("cannot resume with changed settings: " + ", ".join(
                     f"{k} {old.get(k)!r} → {resolved.get(k)!r}" for k in diff), "--resume")
+            _check_checkpoint_record(out, resolved, terms, cache_digest, old, cfg.cache)
         lock = atomic.FolderLock(out, "--out") if env.is_main else contextlib.nullcontext()
         with lock:
             notes = [f"took over the lock of a run that is gone ({o})" for o in getattr(lock, "took_over", [])]
@@ -587,11 +584,19 @@ def run(cfg: DistillConfig) -> dict:
             if env.is_main:
                 checkpoint.write_config(out, resolved | {
                     "warmup_steps": tr.warmup, "total_steps": tr.total, "stream_readers": readers,
-                    "hierdctl": __version__,
-                    "recipe_terms": [{"name": t.name, "weight": t.weight, "args": dict(t.args)} for t in recipe.terms]}
+                    "hierdctl": __version__, "recipe_terms": terms, "cache_digest": cache_digest}
                     | ({"wandb_run_id": wandb_id} if wandb_id else {}))
             distributed.barrier(env)
-            return _train(cfg, out, cache, recipe, tr, env, resume, notes, started)
+            identity = {k: resolved[k] for k in settings.keys(DistillConfig, settings.IDENTITY)}
+            try:
+                return _train(cfg, out, cache, recipe, tr, env, resume, notes, started,
+                              {"identity": identity, "recipe_terms_full": terms, "cache_digest": cache_digest})
+            except KeyboardInterrupt as e:  # SIGINT, or SIGTERM (the CLI raises Interrupted for it)
+                step, saved = tr.position
+                since = (f"from step {saved}, its last checkpoint" if saved is not None else
+                         "from the start: no checkpoint was written yet")
+                raise Interrupted(getattr(e, "signum", signal.SIGINT), f"interrupted at step {step}; rerun with "
+                                  f"--resume to continue ({since})") from None
     except cache_format.CorruptShard as e:  # re-raised from a loader worker
         raise UserError(f"{e}; rerun cache-teacher on {cfg.cache} with the same options to redo damaged shards",
                         "CACHE") from None
@@ -599,8 +604,41 @@ def run(cfg: DistillConfig) -> dict:
         distributed.destroy(env)
 
 
+def _check_checkpoint_record(out: Path, resolved: dict, terms: list[dict], cache_digest: str, config: dict,
+                             cache_spec: str) -> None:
+    """--resume: the newest checkpoint's own record (its .json) must match this run, whatever
+    config.resolved.yaml says (an edited record must not resume a run as another recipe), and the
+    cache must be the one it trained on (its manifest digest: a cache rebuilt in place from
+    another source is not)."""
+    got = checkpoint.latest_meta(out)
+    if got is None:
+        return  # load_training_state names what is wrong with the checkpoint
+    path, meta = got
+    edited = f"; {checkpoint.CONFIG} was edited to match: resume with the checkpoint's settings, or start a new run"
+    recorded = meta.get("identity") if isinstance(meta.get("identity"), dict) else {}
+    if not recorded:  # a checkpoint of an older hierdctl: its recipe is what it recorded
+        recorded = {k: meta[k] for k in ("recipe",) if k in meta} | (
+            {"student": meta["student_spec"]} if "student_spec" in meta else {})
+    diff = [k for k, v in recorded.items() if k in resolved and resolved[k] != v]
+    if diff:
+        raise UserError(f"cannot resume: {path} was trained with " + ", ".join(
+            f"{k} {recorded[k]!r}" for k in diff) + ", this run has " + ", ".join(
+            f"{k} {resolved[k]!r}" for k in diff) + edited, "--resume")
+    mine = meta.get("recipe_terms_full")
+    if mine is None and isinstance(meta.get("recipe_terms"), list):  # older: name and weight only
+        mine, terms = meta["recipe_terms"], [{"name": t["name"], "weight": t["weight"]} for t in terms]
+    if mine is not None and mine != terms:
+        raise UserError(f"cannot resume: {path} was trained with the recipe terms {mine}, this run's recipe has "
+                        f"{terms}" + edited, "--resume")
+    want = meta.get("cache_digest") or config.get("cache_digest")
+    if want and want != cache_digest:
+        raise UserError(f"cannot resume: the cache {cache_spec} is not the one this run trained on (its manifest "
+                        f"digest is {cache_digest[:12]}…, {path.name} recorded {want[:12]}…): it was rebuilt or "
+                        "changed since; give the run its own cache, or start over with --overwrite", "--resume")
+
+
 def _train(cfg: DistillConfig, out: Path, cache, recipe, tr: "Trainer", env, resume: bool, notes: list,
-           started: float) -> dict:
+           started: float, record: dict) -> dict:
     wrapper, total = tr.wrapper, tr.total
     start = 0
     if resume:
@@ -612,7 +650,7 @@ def _train(cfg: DistillConfig, out: Path, cache, recipe, tr: "Trainer", env, res
             notes.append(f"{checkpoint.METRICS}: dropped {torn} unreadable line(s) (torn by a crash mid-write)")
     ckpt_meta = {"model_cfg": tr.student.model_cfg, "preprocess_cfg": tr.student.pp_cfg, "teacher": tr.teacher,
                  "recipe": recipe.name, "recipe_terms": [{"name": t.name, "weight": t.weight} for t in recipe.terms],
-                 "data": str(cfg.cache), "student_spec": cfg.student, "hierdctl": __version__}
+                 "data": str(cfg.cache), "student_spec": cfg.student, "hierdctl": __version__} | record
     if env.is_main and not cfg.quiet:
         for n in notes:
             console.print(f"[dim]distill:[/] {n}")
@@ -623,6 +661,7 @@ def _train(cfg: DistillConfig, out: Path, cache, recipe, tr: "Trainer", env, res
 
     # --- the loop -----------------------------------------------------------------
     step, last_saved, last = start, (start if resume else None), {}
+    tr.position = (step, last_saved)
     skipped, skipped_examples = 0, []
     t_log, n_log = time.time(), 0
     wrapper.train()
@@ -646,10 +685,11 @@ def _train(cfg: DistillConfig, out: Path, cache, recipe, tr: "Trainer", env, res
                             if last_saved is not None else "no checkpoint was written yet")
                     raise TrainingDiverged(f"{e}; {kept}") from None
                 step += 1
+                tr.position = (step, last_saved)  # where an interrupt finds the run
                 faults.point(f"distill:step:{step}")
                 n_log += cfg.batch_size
                 last = {k: float(v.detach()) for k, v in terms.items()} | {"loss": float(total_loss.detach())}
-                if step % cfg.log_every == 0 or step == total or step == start + 1:
+                if step % cfg.log_every == 0 or step == total or step == 1:  # a resumed run logs the same rows
                     n_skipped = _sum_over_ranks(skipped, env)
                     if env.is_main:
                         now = time.time()
@@ -667,6 +707,7 @@ def _train(cfg: DistillConfig, out: Path, cache, recipe, tr: "Trainer", env, res
                     if env.is_main:
                         checkpoint.save(out, step, wrapper, tr.optimizer, tr.scaler, ckpt_meta, cfg.keep_checkpoints)
                     last_saved = step
+                    tr.position = (step, last_saved)
                     distributed.barrier(env)
     finally:  # a run stopped by an error still closes its reporters (W&B's run, TensorBoard's file)
         if reporters is not None:

@@ -28,7 +28,7 @@ from hierdctl.configs import EvalRetrievalConfig
 from hierdctl.embedding import check_joint_space, encode_images, encode_texts
 from hierdctl.reports import finish_report, retention, versions
 from hierdctl.retrieval import build_index, check_ks, hardneg_accuracy, index_to_cpu, recall_from_ranked, search
-from hierdctl.sources import open_source
+from hierdctl.sources import bound_caption, open_source
 from hierdctl.specs import load_encoder
 
 from hierdctl.reports import INDEX_MARKER
@@ -52,24 +52,32 @@ class Embedded:
     skipped: Counter
     timing: dict
     captions: list[str] = field(default_factory=list)  # (Nt,) the caption texts (the --html report shows some)
+    captions_cut: int = 0  # captions and hard negatives cut to sources.MAX_CAPTION_CHARS
 
 
-def _captions_and_negatives(s) -> tuple[str, list[str], list[tuple[str, str]]]:
-    """What eval-retrieval keeps of a sample: key, captions, (kind, hard negative) pairs."""
+def _captions_and_negatives(s) -> tuple[str, list[str], list[tuple[str, str]], int]:
+    """What eval-retrieval keeps of a sample: key, captions, (kind, hard negative) pairs (bounded
+    like captions), and how many of them were cut to sources.MAX_CAPTION_CHARS."""
     hn = s.meta.get("hard_negatives") if isinstance(s.meta, dict) else None
-    negs = [(str(kind), " ".join(c.split())) for kind, items in (hn.items() if isinstance(hn, dict) else ())
-            for c in (items if isinstance(items, list) else []) if isinstance(c, str) and c.strip()]
-    return s.key, list(s.captions), negs
+    negs, cut = [], s.captions_cut
+    for kind, items in (hn.items() if isinstance(hn, dict) else ()):
+        for c in (items if isinstance(items, list) else []):
+            if isinstance(c, str):
+                c, was_cut = bound_caption(c)
+                if c:
+                    negs.append((str(kind), c))
+                    cut += was_cut
+    return s.key, list(s.captions), negs, cut
 
 
 def embed_source(encoder, source, cfg: EvalRetrievalConfig, label: str) -> Embedded:
     kept, img, skipped, t_img = encode_images(
         encoder, source, batch_size=cfg.batch_size, workers=cfg.workers, max_pixels=cfg.max_pixels, label=label,
         quiet=cfg.quiet, keep=_captions_and_negatives, what="image–caption pair", where_source=cfg.source)
-    keys = [k for k, _, _ in kept]
-    captions = [c for _, caps, _ in kept for c in caps]
-    owner = [i for i, (_, caps, _) in enumerate(kept) for _ in caps]
-    negs = [(i, kind, c) for i, (_, _, ns) in enumerate(kept) for kind, c in ns]
+    keys = [k for k, _, _, _ in kept]
+    captions = [c for _, caps, _, _ in kept for c in caps]
+    owner = [i for i, (_, caps, _, _) in enumerate(kept) for _ in caps]
+    negs = [(i, kind, c) for i, (_, _, ns, _) in enumerate(kept) for kind, c in ns]
     t0 = time.perf_counter()
     txt = encode_texts(encoder, captions, cfg.batch_size)
     neg = encode_texts(encoder, [c for _, _, c in negs], cfg.batch_size) if negs else np.zeros((0, txt.shape[1]),
@@ -80,7 +88,7 @@ def embed_source(encoder, source, cfg: EvalRetrievalConfig, label: str) -> Embed
     timing = {"encode_images_s": round(t_img, 3), "encode_texts_s": round(t_txt, 3),
               "images_per_s": round(len(keys) / max(t_img, 1e-9), 1), "texts_per_s": round(n_txt / max(t_txt, 1e-9), 1)}
     return Embedded(keys, img, txt, np.asarray(owner, np.int64), neg, np.asarray([i for i, _, _ in negs], np.int64),
-                    [k for _, k, _ in negs], skipped, timing, captions)
+                    [k for _, k, _ in negs], skipped, timing, captions, sum(cut for _, _, _, cut in kept))
 
 
 # ----------------------------------------------------------------------------------
@@ -96,6 +104,7 @@ def _counts(e: Embedded) -> dict:
         "hard_negatives": dict(sorted(Counter(e.neg_kind).items())),
         "images_with_hard_negatives": int(len(set(e.neg_image.tolist()))),
         "skipped": dict(sorted(e.skipped.items())), "skipped_total": int(sum(e.skipped.values())),
+        "caption_truncated": e.captions_cut,
     }
 
 
@@ -229,7 +238,7 @@ def _write_html(cfg: EvalRetrievalConfig, source, report: dict, keys: list[str],
     """Thumbnails of every image the page shows (a second pass over the source, decoding only
     those), every export's loss curves, then the page, written atomically."""
     from hierdctl import html_report
-    from hierdctl.atomic import write_text_atomic
+    from hierdctl.atomic import remove_dead_leftovers, write_text_atomic
     from hierdctl.embedding import iter_samples
 
     shown = {int(i) for i in q["images"]} | {i for per_model in ranked for row in per_model for i, _ in row}
@@ -246,4 +255,5 @@ def _write_html(cfg: EvalRetrievalConfig, source, report: dict, keys: list[str],
     curves = {spec: c for spec in dict.fromkeys(cfg.models) if (c := html_report.loss_curves(spec))}
     queries = [{"caption": cap, "image": int(img), "results": [per_model[j] for per_model in ranked]}
                for j, (cap, img) in enumerate(zip(q["captions"], q["images"]))]
+    remove_dead_leftovers(Path(cfg.html))  # what a killed evaluation's write of this page left
     write_text_atomic(Path(cfg.html), html_report.render(report, queries, thumbs, curves, keys))

@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 
 from hierdctl import cache_format, checkpoint, hf_export
-from hierdctl.atomic import check_dir_target, publish_dir, sha256_file
+from hierdctl.atomic import check_dir_target, check_writable, publish_dir, sha256_file, write_errno
 from hierdctl.checkpoint import StudentCheckpoint
 from hierdctl.configs import ExportConfig
 from hierdctl.console import console
@@ -125,14 +125,26 @@ def _max_diff(a, b) -> float:
 # ----------------------------------------------------------------------------------
 
 
-def write_open_clip(ck: StudentCheckpoint, d: Path) -> None:
-    from safetensors.torch import save_file
+def canonical_safetensors(tensors: dict, metadata: dict) -> bytes:
+    """safetensors bytes whose header is the same for the same tensors and metadata: safetensors
+    writes its metadata map in hash order (a sha256 that changed from one export to the next);
+    the header is re-serialised with sorted keys and padded to 8 bytes as the format asks (the
+    data offsets are relative to the data: unchanged)."""
+    from safetensors.torch import save
 
+    raw = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + raw[8 + n :]
+
+
+def write_open_clip(ck: StudentCheckpoint, d: Path) -> None:
     pp = dict(ck.meta.get("preprocess_cfg") or {})
     (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": ck.meta["model_cfg"], "preprocess_cfg": pp},
                                                         indent=2) + "\n")
-    save_file({k: v.contiguous() for k, v in ck.student.items()}, str(d / "open_clip_model.safetensors"),
-              metadata={"format": "pt", "source": ck.path.name})
+    (d / "open_clip_model.safetensors").write_bytes(
+        canonical_safetensors(ck.student, {"format": "pt", "source": ck.path.name}))
 
 
 def write_onnx(model, d: Path, opset: int, atol: float, tokenizer) -> dict:
@@ -172,9 +184,16 @@ def write_onnx(model, d: Path, opset: int, atol: float, tokenizer) -> dict:
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
                 # The TorchScript exporter: the dynamo one needs onnxscript, which the onnx extra does not pull.
-                torch.onnx.export(module, (trace,), str(path), input_names=[inp], output_names=[outp],
-                                  dynamic_axes={inp: {0: "batch"}, outp: {0: "batch"}}, opset_version=opset,
-                                  dynamo=False)
+                try:
+                    torch.onnx.export(module, (trace,), str(path), input_names=[inp], output_names=[outp],
+                                      dynamic_axes={inp: {0: "batch"}, outp: {0: "batch"}}, opset_version=opset,
+                                      dynamo=False)
+                except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
+                    if isinstance(e, OSError) or write_errno(e) is not None:
+                        raise  # a full or read-only file system: publish_dir says so
+                    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                    raise UserError(f"torch.onnx.export cannot write the {name} encoder at opset {opset}: {first}",
+                                    "--opset") from None
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
         onnx.checker.check_model(str(path))
@@ -460,6 +479,7 @@ def run(cfg: ExportConfig) -> dict:
                 f"{cfg.report} is not an eval-retrieval / eval-zeroshot report (no 'models' list)", "--report")
     out = Path(cfg.out)
     check_dir_target(out, MARKER, SCHEMA, "--out", cfg.overwrite, "an export")  # before any work
+    check_writable(out, "--out")  # DIR is filled beside itself, then renamed into place
 
     t0 = time.time()
     ck = checkpoint.load_student(cfg.source)
@@ -502,7 +522,7 @@ def run(cfg: ExportConfig) -> dict:
             "schema": SCHEMA,
             "layout": LAYOUT,
             "formats": list(cfg.formats),
-            "checkpoint": {"path": str(ck.path.resolve()), "sha256": sha256_file(ck.path), "step": ck.meta.get("step")},
+            "checkpoint": {"path": str(ck.path.resolve()), "sha256": ck.sha256, "step": ck.meta.get("step")},
             "model_cfg": ck.meta["model_cfg"],
             "preprocess_cfg": dict(model.visual.preprocess_cfg),
             "embed_dim": int(ri.shape[1]),
@@ -522,6 +542,9 @@ def run(cfg: ExportConfig) -> dict:
             "open_clip": open_clip.__version__,
         }
         manifest["files"] = sorted([p.name for p in tmp.iterdir()] + ["README.md", MARKER])
+        # The digest of every file written so far (not README.md and export.json, written next): a
+        # loader of this folder checks those it reads (hierdctl.specs), so a zeroed or cut file is found.
+        manifest["sha256"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / "README.md").write_text(model_card(ck, manifest, report, out, cfg.license))
         (tmp / MARKER).write_text(json.dumps(manifest, indent=2, default=str) + "\n")  # last: the done-marker
         summary.update(manifest)

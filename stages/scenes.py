@@ -936,6 +936,9 @@ def _written_by_scenes(manifest: Path) -> bool:
 def _write_split(cfg: ScenesConfig, split: str, n: int, folder: Path, cb_folder: Path | None = None) -> dict:
     """Write one split's shards and stats.json; with `cb_folder`, also its CLIP_benchmark
     copy there: shard k as k.tar, each sample's image and all its captions in KEY.txt."""
+    for d in (folder, cb_folder):  # a link in the output folder is removed as a link, never written through
+        if d is not None and d.is_symlink():
+            d.unlink()
     folder.mkdir(parents=True, exist_ok=True)
     n_shards = math.ceil(n / cfg.shard_size)
     shard_names = [f"{k:05d}.tar" for k in range(n_shards)]
@@ -1037,9 +1040,14 @@ def run(cfg: ScenesConfig) -> dict:
     if out.is_dir() and any(out.iterdir()) and not _written_by_scenes(out / "scenes.json"):
         raise UserError(f"{out} is not empty and holds no scenes.json of hierdctl scenes: pick a new or empty folder",
                         where="--out")
+    from hierdctl.atomic import check_writable
+
+    check_writable(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
 
     cb = out / CLIP_BENCHMARK_DIR
+    if cb.is_symlink():  # removed as a link: what it points to is not ours
+        cb.unlink()
     if not cfg.clip_benchmark and cb.is_dir() and _written_by_scenes(cb / "scenes.json"):
         shutil.rmtree(cb)  # an earlier run's copy of a test split that is about to change
     stats = {

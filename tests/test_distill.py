@@ -737,6 +737,13 @@ def test_a_schema_1_cache_still_trains_and_another_version_is_refused(cache, tmp
     for s in m["shards"]:
         s.pop("sha256", None)
     (old / "manifest.json").write_text(json.dumps(m))
+    # ... as version 1 wrote its own records too: its config and done-markers (the manifest is checked against them)
+    c = json.loads((old / "cache-config.json").read_text())
+    (old / "cache-config.json").write_text(json.dumps(c | {"schema_version": 1}))
+    for p in old.glob("shard-*.done.json"):
+        d = json.loads(p.read_text())
+        d.pop("sha256", None)
+        p.write_text(json.dumps(d))
     assert S.run(_cfg(old, tmp_path / "run", steps=2))["steps"] == 2
     r = _cli("cache-info", str(old), "--verify")
     assert r.exit_code == 0 and "verified" in r.output, r.output
