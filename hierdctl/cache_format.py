@@ -48,7 +48,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import re
 import tarfile
 from dataclasses import dataclass, field

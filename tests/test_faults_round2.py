@@ -24,9 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tarfile
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
