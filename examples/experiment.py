@@ -236,7 +236,18 @@ def ground(source: Path, models: list[tuple[str, str]], out: Path, device: str, 
             args += ["--model", spec]
         hierdctl(*args, times=times, key="eval-grounding")
     report = json.loads(out.read_text())
-    return {name: m.get("metrics", {}) for (name, _), m in zip(models, report["models"])}
+    return {name: headline(m.get("metrics", {})) for (name, _), m in zip(models, report["models"])}
+
+
+def headline(metrics: dict) -> dict:
+    """eval-grounding's metrics plus the names the tables read: pointing_acc, box_mass (over all
+    regions), chance/… and control/… of each."""
+    out = dict(metrics)
+    for k in GROUNDING:
+        for prefix, suffix in (("", ""), ("chance/", "_chance"), ("control/", "_control")):
+            if f"{k}{suffix}/all" in metrics:
+                out[f"{prefix}{k}"] = metrics[f"{k}{suffix}/all"]
+    return out
 
 
 def distill_export(w: Path, cache: Path, name: str, recipe: str, lr: float, seed: int, p: dict, device: str,
@@ -471,7 +482,8 @@ def final_phase(flavour: str, root: Path, p: dict, device: str) -> dict:
     grounding = ground(test, models, w / "test-grounding.json", device, times)
     return {"flavour": flavour, "teacher": teacher, "seeds": list(seeds), "recipes": list(names),
             "lr": {r: recipes[r][1] for r in names}, "table": table(scores, names, seeds),
-            "grounding": table(grounding, names, seeds, GROUNDING + tuple(f"chance/{k}" for k in GROUNDING)),
+            "grounding": table(grounding, names, seeds, GROUNDING + tuple(f"{c}/{k}" for c in ("chance", "control")
+                                                                          for k in GROUNDING)),
             "wall_seconds": times}
 
 
@@ -569,7 +581,7 @@ def search_markdown(s: dict, chosen: dict | None) -> str:
             ms = [m for k, m in x["metrics"].items() if k.startswith(f + "/")]
             cells.append(f"{100 * statistics.mean(m[R1[0]] for m in ms):.1f} / "
                          f"{100 * statistics.mean(m[R1[1]] for m in ms):.1f}" if ms else "–")
-        g = x.get("grounding") or {}
+        g = {f: headline(v) for f, v in (x.get("grounding") or {}).items()}
         point = ", ".join(pct(g[f], "pointing_acc") if g.get(f, {}).get("pointing_acc") is not None else "–"
                           for f in FLAVOURS)
         return f"| {r} | {x['config']}{mark} | {x['lr']:g} | {100 * x['score']:.2f} | " + " | ".join(cells) + f" | {point} |"
@@ -593,15 +605,19 @@ def markdown(results: list[dict]) -> str:
     for res in results:
         lrs = ", ".join(f"{r} {lr:g}" for r, lr in res["lr"].items())
         lines += [f"### {res['flavour']} (seeds {', '.join(map(str, res['seeds']))}; lr: {lrs})", "",
-                  "| model | I→T R@1 | T→I R@1 | swap attr | swap rel | replace obj | all hard neg | pointing | box mass |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| model | I→T R@1 | T→I R@1 | swap attr | swap rel | replace obj | all hard neg | pointing | box mass "
+                  "| pointing (control) | box mass (control) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         g = res.get("grounding", {})
         for name, row in res["table"].items():
             gr = g.get(name, {})
             lines.append(f"| {name} | " + " | ".join(fmt(row[k]) for k in METRICS) + " | "
-                         + " | ".join(fmt(gr.get(k, [None])) for k in GROUNDING) + " |")
+                         + " | ".join(fmt(gr.get(k, [None])) for k in GROUNDING + tuple(f"control/{k}" for k in GROUNDING))
+                         + " |")
         if g.get("teacher"):
-            lines += ["", "Chance (the box's share of the image as the model sees it): pointing "
+            lines += ["", "Grounding (eval-grounding, the test split): control = the image's mean phrase instead of the "
+                      "region's (no phrase-specific information). Chance (the box's share of the image as the model "
+                      "sees it): pointing "
                       + fmt(g["teacher"].get("chance/pointing_acc", [None])) + ", box mass "
                       + fmt(g["teacher"].get("chance/box_mass", [None])) + "."]
         t = res["table"]

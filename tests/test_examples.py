@@ -200,3 +200,11 @@ def test_a_final_student_equal_to_a_search_student_is_that_student():
     assert experiment._same_student(a, b)
     assert not experiment._same_student(a, b | {"seed": 1})
     assert not experiment._same_student(a, a | {"recipe": "terms:\n- {name: clip, weight: 2.0}\n"})
+
+
+def test_grounding_headlines_are_eval_groundings_all_region_metrics():
+    m = {"pointing_acc/all": 0.2, "box_mass/all": 0.1, "pointing_acc_chance/all": 0.08, "box_mass_chance/all": 0.07,
+         "pointing_acc_control/all": 0.25, "box_mass_control/all": 0.11, "pointing_acc/kind:object": 0.3}
+    h = experiment.headline(m)
+    assert (h["pointing_acc"], h["box_mass"], h["chance/pointing_acc"], h["control/box_mass"]) == (0.2, 0.1, 0.08, 0.11)
+    assert h["pointing_acc/kind:object"] == 0.3 and experiment.headline({}) == {}
